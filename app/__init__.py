@@ -1,0 +1,1 @@
+"""Orchestration: flags, the experiment registry, Horovod glue, callbacks and entry points."""

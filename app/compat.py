@@ -1,0 +1,35 @@
+"""The one place the project imports TensorFlow's Keras and Horovod; import `hvd` from here.
+
+Why this module exists (BUILD.md has the whole story):
+- Horovod 0.28.1's Keras layer needs the Keras 2 API. Under TensorFlow 2.21, `tf.keras` is
+  Keras 3 unless TF_USE_LEGACY_KERAS=1 is set before TensorFlow is first imported, in which
+  case `tf.keras` is tf_keras (Keras 2). This module sets it and refuses to go on if TensorFlow
+  was already imported without it.
+- `horovod.tensorflow.keras` and its `callbacks` module do `from keras import backend as K`,
+  which is Keras 3's backend even when `tf.keras` is tf_keras; the callbacks then set the
+  learning rate and broadcast through the wrong Keras. Rebinding `K` in both modules to
+  `tf.keras.backend` makes them work on the Keras that builds the models.
+- LearningRateWarmupCallback's momentum correction assigns to `optimizer.momentum`, which
+  only the `tf.keras.optimizers.legacy.*` optimizers hold as a variable; app.optimizers
+  builds those.
+"""
+import os
+import sys
+
+if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+    raise ImportError(
+        "TensorFlow was imported before app.compat without TF_USE_LEGACY_KERAS=1; "
+        "import app.compat first or export TF_USE_LEGACY_KERAS=1")
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines, one per rank
+
+import tensorflow as tf  # noqa: E402  (must follow the environment variable)
+import horovod.tensorflow.keras as hvd  # noqa: E402
+import horovod.tensorflow.keras.callbacks as _hvd_keras_callbacks  # noqa: E402
+
+tf.get_logger().setLevel("WARNING")
+
+hvd.K = tf.keras.backend
+_hvd_keras_callbacks.K = tf.keras.backend
+
+__all__ = ["hvd", "tf"]

@@ -1,0 +1,52 @@
+"""The experiment registry: each entry is a name, what it is, and its flag defaults.
+
+The TF Model Garden order applies: these defaults, then the flagfile, then the command line.
+Each experiment has a flagfile `configs/NAME.cfg`.
+"""
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    description: str
+    defaults: dict
+
+
+_TFDS_NOTE = "needs --data_dir holding the TFDS data set, prepared once on a login node"
+
+EXPERIMENTS = {
+    "digits_cnn": Experiment(
+        "small CNN on scikit-learn's bundled 8x8 digits (offline default)",
+        dict(model="cnn", dataset="digits", batch_size=32, reference_batch_size=64,
+             learning_rate=0.05, lr_scaling="linear", optimizer="momentum", momentum=0.9,
+             epochs=12, warmup_epochs=2, lr_schedule="cosine", shuffle_buffer=2048,
+             cache="memory")),
+    "fashion_mnist_wrn": Experiment(
+        "WideResNet-16-10 on Fashion-MNIST, as in the DLI multi-GPU labs; " + _TFDS_NOTE,
+        dict(model="wrn16_10", dataset="fashion_mnist", batch_size=32, reference_batch_size=32,
+             learning_rate=0.01, lr_scaling="linear", optimizer="momentum", momentum=0.9,
+             weight_decay=5e-6, epochs=40, warmup_epochs=5, lr_schedule="constant",
+             cache="memory")),
+    "cifar10_resnet20": Experiment(
+        "ResNet-20 on CIFAR-10 with pad-crop-flip augmentation; " + _TFDS_NOTE,
+        dict(model="resnet20", dataset="cifar10", batch_size=128, reference_batch_size=128,
+             learning_rate=0.1, lr_scaling="linear", optimizer="momentum", momentum=0.9,
+             weight_decay=1e-4, epochs=160, warmup_epochs=0, lr_schedule="step",
+             lr_decay_epochs=["80", "120"], lr_decay_factor=0.1, cache="memory")),
+    "imagenet_resnet50": Experiment(
+        "ResNet-50 on ImageNet TFRecord shards (train-*/validation-* in --data_dir), the "
+        "Goyal et al. recipe: LR 0.1 per 256 images, 5 warmup epochs, steps at 30/60/80",
+        dict(model="resnet50", dataset="imagenet", batch_size=64, reference_batch_size=256,
+             learning_rate=0.1, lr_scaling="linear", optimizer="momentum", momentum=0.9,
+             weight_decay=1e-4, epochs=90, warmup_epochs=5, lr_schedule="step",
+             lr_decay_epochs=["30", "60", "80"], lr_decay_factor=0.1, image_size=224)),
+    "synthetic_resnet50": Experiment(
+        "ResNet-50 on generated 224x224 images, for throughput benchmarks",
+        dict(model="resnet50", dataset="synthetic", batch_size=32, reference_batch_size=256,
+             learning_rate=0.1, lr_scaling="linear", optimizer="momentum", momentum=0.9,
+             epochs=1, steps_per_epoch=20, validation_steps=1, image_size=224)),
+    "linear_regression": Experiment(
+        "the neuron y = w*x + b of Lab 1, fitted with minibatch SGD and MSE",
+        dict(model="linear", dataset="linear", batch_size=32, reference_batch_size=32,
+             learning_rate=0.1, lr_scaling="none", optimizer="sgd", epochs=10)),
+}

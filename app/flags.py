@@ -1,0 +1,185 @@
+"""Every flag of app.train, how they are resolved and how they are checked.
+
+Resolution follows the TF Model Garden: the experiment's registry defaults, then the
+flagfile, then the command line (absl expands --flagfile in place, so a later command-line
+flag overrides it). Everything is checked before Horovod starts or any data is read; a bad
+value ends the process with one line naming the flag and the reason, and exit code 2. Every
+rank parses the same arguments, so every rank exits the same way and nothing hangs.
+"""
+import math
+import os
+import sys
+
+from absl import flags
+
+import input_pipeline
+import models
+from app.experiments import EXPERIMENTS
+
+FLAGS = flags.FLAGS
+USAGE_ERROR = 2
+
+flags.DEFINE_enum("experiment", "digits_cnn", sorted(EXPERIMENTS),
+                  "Registry entry whose defaults the flagfile and command line override.")
+flags.DEFINE_enum("model", None, sorted(models.BUILDERS), "Model to build.")
+flags.DEFINE_enum("dataset", None, input_pipeline.DATASETS, "Data set to train on.")
+flags.DEFINE_string("data_dir", None,
+                    "Prepared data (TFDS data_dir, or the folder of TFRecord shards); on a "
+                    "cluster, a shared filesystem. Nothing is downloaded at training time.")
+flags.DEFINE_string("model_dir", None,
+                    "Where every output of the run goes (default: runs/EXPERIMENT); a run "
+                    "resumes from the latest checkpoint found here.")
+flags.DEFINE_integer("batch_size", None, "Examples per process per step.", lower_bound=1)
+flags.DEFINE_integer("global_batch_size", None,
+                     "Examples per step over all processes (batch_size x processes); give "
+                     "this or --batch_size, not both.", lower_bound=1)
+flags.DEFINE_integer("epochs", None, "Epochs to train.", lower_bound=1)
+flags.DEFINE_integer("steps_per_epoch", None,
+                     "Steps per epoch (default: one pass over the training split at the "
+                     "global batch).", lower_bound=1)
+flags.DEFINE_integer("validation_steps", None,
+                     "Validation batches per process (default: each process's whole share "
+                     "of the validation split).", lower_bound=1)
+flags.DEFINE_integer("image_size", None, "Image side in pixels, for image data sets that "
+                     "resize.", lower_bound=8)
+flags.DEFINE_float("learning_rate", None,
+                   "Base learning rate, at --reference_batch_size.", lower_bound=0.0)
+flags.DEFINE_enum("lr_scaling", "linear", ["none", "linear", "sqrt"],
+                  "Scales the base LR by global batch / reference batch (linear, Goyal et "
+                  "al.) or its square root.")
+flags.DEFINE_integer("reference_batch_size", 256,
+                     "Global batch at which --learning_rate is the right LR.", lower_bound=1)
+flags.DEFINE_integer("warmup_epochs", 0,
+                     "Epochs of Horovod's gradual warmup from LR / processes to the scaled "
+                     "LR (Goyal et al.).", lower_bound=0)
+flags.DEFINE_enum("lr_schedule", "constant", ["constant", "step", "cosine"],
+                  "LR after warmup: constant; step (x --lr_decay_factor at each of "
+                  "--lr_decay_epochs); cosine (to 0 at the last epoch).")
+flags.DEFINE_list("lr_decay_epochs", [], "Epochs at which the step schedule decays the LR.")
+flags.DEFINE_float("lr_decay_factor", 0.1, "Step schedule's LR multiplier.",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum("optimizer", "momentum", ["sgd", "momentum", "adam"], "Optimizer.")
+flags.DEFINE_float("momentum", 0.9, "Momentum of --optimizer=momentum.",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("weight_decay", 0.0, "L2 weight decay on kernels.", lower_bound=0.0)
+flags.DEFINE_integer("seed", 42, "Seed of initialization, shuffling and augmentation.")
+flags.DEFINE_integer("threads_per_process", 0,
+                     "TensorFlow intra-op and tf.data threads per process (0: the cores "
+                     "divided among the processes on the node).", lower_bound=0)
+flags.DEFINE_string("cache", "none",
+                    "Cache of the (sharded) raw records: none, memory, or a file path prefix.")
+flags.DEFINE_integer("shuffle_buffer", 10_000, "Shuffle buffer, in examples.", lower_bound=1)
+flags.DEFINE_bool("deterministic", False,
+                  "Deterministic ops and data order; every global batch holds the same "
+                  "examples at any number of processes, so results do not depend on it.")
+
+NEEDS_DATA_DIR = ("fashion_mnist", "cifar10", "imagenet")
+_BATCH_FLAGS = ("batch_size", "global_batch_size")
+
+
+class FlagError(ValueError):
+    """A flag value that cannot run, named by its flag."""
+
+    def __init__(self, flag, reason):
+        super().__init__(f"--{flag}={FLAGS[flag].value}: {reason}")
+
+
+def fail(message):
+    """Ends this process with one line on stderr and the usage-error exit code."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_ERROR)
+
+
+def parse(argv):
+    """absl's flags_parser for app.run: parse, apply the experiment's defaults, validate."""
+    try:
+        remaining = FLAGS(argv)
+        if len(remaining) > 1:
+            raise flags.Error(f"unexpected arguments: {' '.join(remaining[1:])}")
+        _apply_experiment_defaults()
+        validate(world_size_from_environment())
+    except (flags.Error, FlagError) as error:
+        fail(error)
+    return remaining
+
+
+def _apply_experiment_defaults():
+    """Registry defaults for every flag neither the flagfile nor the command line set; the
+    two batch flags go together, since exactly one of them may be set."""
+    batch_given = any(FLAGS[name].present for name in _BATCH_FLAGS)
+    for name, value in EXPERIMENTS[FLAGS.experiment].defaults.items():
+        if FLAGS[name].present or (name in _BATCH_FLAGS and batch_given):
+            continue
+        FLAGS.set_default(name, value)
+    if FLAGS.model_dir is None:
+        FLAGS.set_default("model_dir", os.path.join("runs", FLAGS.experiment))
+
+
+def validate(world_size):
+    """Raises FlagError for the first flag that cannot run with `world_size` processes."""
+    for name in ("model", "dataset", "epochs", "learning_rate"):
+        if FLAGS[name].value is None:
+            raise FlagError(name, "is required (the experiment sets no default)")
+    batch_sizes(world_size)
+    if FLAGS.warmup_epochs and FLAGS.warmup_epochs >= FLAGS.epochs:
+        raise FlagError("warmup_epochs", f"must be shorter than --epochs={FLAGS.epochs}")
+    if FLAGS.lr_schedule == "step":
+        decay_epochs(FLAGS.lr_decay_epochs)
+    if FLAGS.dataset in NEEDS_DATA_DIR:
+        if not FLAGS.data_dir:
+            raise FlagError("data_dir", f"is required by --dataset={FLAGS.dataset}")
+        if not os.path.isdir(FLAGS.data_dir):
+            raise FlagError("data_dir", "is not a directory")
+    if FLAGS.cache not in ("none", "memory"):
+        folder = os.path.dirname(os.path.abspath(FLAGS.cache))
+        if not os.path.isdir(folder):
+            raise FlagError("cache", f"folder {folder} does not exist")
+
+
+def batch_sizes(world_size):
+    """(per-process batch, global batch) for `world_size` processes."""
+    if (FLAGS.batch_size is None) == (FLAGS.global_batch_size is None):
+        raise FlagError("global_batch_size" if FLAGS.global_batch_size else "batch_size",
+                        "give exactly one of --batch_size and --global_batch_size")
+    if FLAGS.batch_size is not None:
+        return FLAGS.batch_size, FLAGS.batch_size * world_size
+    if FLAGS.global_batch_size % world_size:
+        raise FlagError("global_batch_size", f"is not divisible by {world_size} processes")
+    return FLAGS.global_batch_size // world_size, FLAGS.global_batch_size
+
+
+def decay_epochs(values):
+    """The step schedule's decay epochs as increasing integers inside the training."""
+    try:
+        epochs = [int(value) for value in values]
+    except ValueError:
+        raise FlagError("lr_decay_epochs", "must be whole epoch numbers") from None
+    if not epochs or epochs != sorted(set(epochs)) or not 0 < epochs[0] <= epochs[-1] < FLAGS.epochs:
+        raise FlagError("lr_decay_epochs",
+                        f"must be increasing epochs between 1 and {FLAGS.epochs - 1}")
+    return epochs
+
+
+def scaled_learning_rate(global_batch):
+    """The base LR scaled from --reference_batch_size to `global_batch`."""
+    ratio = global_batch / FLAGS.reference_batch_size
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[FLAGS.lr_scaling]
+    return FLAGS.learning_rate * factor
+
+
+def world_size_from_environment():
+    """The number of processes the launcher started (mpirun, horovodrun, srun, MPICH's
+    hydra), read from its environment so that flags are checked before Horovod starts."""
+    for variable in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    if "SLURM_STEP_ID" in os.environ and os.environ.get("SLURM_NTASKS", "").isdigit():
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
+
+
+def resolved_flagfile():
+    """A flagfile of every app.train flag that has a value: it reproduces the run."""
+    lines = [flag.serialize() for flag in FLAGS.get_flags_for_module(__name__)
+             if flag.value is not None and flag.serialize()]
+    return "\n".join(sorted(lines)) + "\n"

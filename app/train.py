@@ -1,0 +1,152 @@
+"""Trains an experiment on one process or many, with Horovod.
+
+    python -m app.train --flagfile=configs/digits_cnn.cfg                # one process
+    mpirun -np 4 python -m app.train --flagfile=configs/digits_cnn.cfg   # or horovodrun, srun
+    python -m app.launch -np 4 --flagfile=configs/digits_cnn.cfg         # the tuned launcher
+
+The Horovod recipe reads top to bottom in main(): init; pin a GPU per local rank; shard the
+data by rank; scale the learning rate with the global batch; wrap the optimizer in
+hvd.DistributedOptimizer; resume; callbacks in Horovod's order; outputs from rank 0 only.
+"""
+import json
+import os
+import sys
+import time
+
+from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
+
+from absl import app
+
+import input_pipeline
+import models
+from app import callbacks, checkpoints, devices, optimizers
+from app import flags as app_flags
+
+FLAGS = app_flags.FLAGS
+
+
+def main(_):
+    started = time.perf_counter()
+
+    # 1. Horovod, then this process's devices: one GPU per local rank, its share of the cores.
+    hvd.init()
+    devices.pin_gpu(hvd.local_rank())
+    threads = devices.cpu_threads(hvd.local_size(), FLAGS.threads_per_process)
+    devices.set_cpu_threads(threads)
+    if FLAGS.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    is_chief = hvd.rank() == 0
+
+    # 2. Batch sizes: the per-process batch times the number of processes is the global batch.
+    try:
+        batch, global_batch = app_flags.batch_sizes(hvd.size())
+    except app_flags.FlagError as error:
+        app_flags.fail(error)
+
+    # 3. Data: each rank reads its own disjoint shard; every rank runs the same steps.
+    try:
+        train_source, validation_source = (
+            input_pipeline.load(FLAGS.dataset, split, data_dir=FLAGS.data_dir,
+                                image_size=FLAGS.image_size, seed=FLAGS.seed)
+            for split in input_pipeline.SPLITS)
+    except (FileNotFoundError, ValueError) as error:
+        app_flags.fail(f"--dataset={FLAGS.dataset}: {error}")
+    steps_per_epoch = FLAGS.steps_per_epoch or train_source.num_examples // global_batch
+    if steps_per_epoch == 0:
+        app_flags.fail(f"--{'global_batch_size' if FLAGS.global_batch_size else 'batch_size'}: "
+                       f"the global batch of {global_batch} is larger than the "
+                       f"{train_source.num_examples} training examples")
+    # The same seed on every rank: identical initial weights and, with --deterministic,
+    # the identical shuffle from which each rank takes its slice of every global batch.
+    tf.keras.utils.set_random_seed(FLAGS.seed)
+    train_data = input_pipeline.training_dataset(
+        train_source, rank=hvd.rank(), size=hvd.size(), batch_size=batch,
+        seed=FLAGS.seed if FLAGS.deterministic else FLAGS.seed + hvd.rank(),
+        shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache,
+        deterministic=FLAGS.deterministic, threads=threads)
+    validation_data = input_pipeline.evaluation_dataset(
+        validation_source, rank=hvd.rank(), size=hvd.size(), batch_size=batch,
+        cache=FLAGS.cache, repeat=FLAGS.validation_steps is not None, threads=threads)
+
+    # 4. Model, learning rate scaled to the global batch, Horovod's distributed optimizer.
+    model = models.build(FLAGS.model, train_source.feature_shape, train_source.num_outputs)
+    models.add_weight_decay(model, FLAGS.weight_decay)
+    scaled_lr = app_flags.scaled_learning_rate(global_batch)
+    optimizer = hvd.DistributedOptimizer(
+        optimizers.build(FLAGS.optimizer, scaled_lr, FLAGS.momentum))
+    if train_source.task == "regression":
+        model.compile(optimizer, loss="mse", metrics=["mae"])
+    else:
+        model.compile(optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    tf.random.set_seed(FLAGS.seed + hvd.rank())  # per-rank randomness from here on
+
+    # 5. Resume: rank 0 finds the latest checkpoint, every rank restores that epoch.
+    checkpoint_manager = checkpoints.manager(model, optimizer, FLAGS.model_dir)
+    initial_epoch = int(hvd.broadcast(
+        tf.constant(checkpoints.completed_epochs(checkpoint_manager) if is_chief else 0),
+        root_rank=0, name="initial_epoch"))
+    if initial_epoch:
+        checkpoints.restore(checkpoint_manager, initial_epoch)
+    if initial_epoch >= FLAGS.epochs:
+        if is_chief:
+            print(f"{FLAGS.model_dir} already holds {initial_epoch} epochs; nothing to train")
+        return
+
+    # 6. Callbacks, in Horovod's order: broadcast rank 0's state, average the metrics over
+    #    the ranks, warm up and schedule the LR; then the outputs, on rank 0 only.
+    training_callbacks = [
+        hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+        hvd.callbacks.MetricAverageCallback(),
+        *callbacks.learning_rate_schedule(
+            hvd, scaled_lr, warmup_epochs=FLAGS.warmup_epochs, schedule=FLAGS.lr_schedule,
+            epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
+            decay_epochs=app_flags.decay_epochs(FLAGS.lr_decay_epochs)
+            if FLAGS.lr_schedule == "step" else (),
+            decay_factor=FLAGS.lr_decay_factor),
+    ]
+    throughput = callbacks.Throughput(global_batch, steps_per_epoch)
+    if is_chief:
+        os.makedirs(FLAGS.model_dir, exist_ok=True)
+        with open(os.path.join(FLAGS.model_dir, "flags.cfg"), "w") as flagfile:
+            flagfile.write(app_flags.resolved_flagfile())
+        training_callbacks += [
+            checkpoints.SaveEveryEpoch(checkpoint_manager),
+            throughput,
+            tf.keras.callbacks.TensorBoard(os.path.join(FLAGS.model_dir, "tensorboard")),
+            tf.keras.callbacks.CSVLogger(os.path.join(FLAGS.model_dir, "training_log.csv"),
+                                         append=initial_epoch > 0),
+        ]
+
+    history = model.fit(
+        train_data, steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs,
+        initial_epoch=initial_epoch, validation_data=validation_data,
+        validation_steps=FLAGS.validation_steps, callbacks=training_callbacks,
+        verbose=(1 if sys.stdout.isatty() else 2) if is_chief else 0)
+
+    if is_chief:
+        final = {name: float(values[-1]) for name, values in history.history.items()}
+        results = {
+            "experiment": FLAGS.experiment,
+            "world_size": hvd.size(),
+            "batch_size": batch,
+            "global_batch_size": global_batch,
+            "learning_rate": scaled_lr,
+            "epochs_completed": initial_epoch + len(history.epoch),
+            **{key: final.get(key) for key in ("loss", "accuracy", "val_loss", "val_accuracy")},
+            "final_metrics": final,
+            "wall_seconds": time.perf_counter() - started,
+            "images_per_sec": throughput.mean(),
+        }
+        with open(os.path.join(FLAGS.model_dir, "results.json"), "w") as results_file:
+            json.dump(results, results_file, indent=2)
+        print(json.dumps({key: results[key] for key in
+                          ("world_size", "global_batch_size", "epochs_completed", "val_accuracy",
+                           "wall_seconds", "images_per_sec")}))
+
+
+def run():
+    app.run(main, flags_parser=app_flags.parse)
+
+
+if __name__ == "__main__":
+    run()

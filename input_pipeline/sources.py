@@ -1,0 +1,144 @@
+"""Where examples come from: one `Source` per split of a data set.
+
+A source knows how many examples the split holds and how to read its raw records, either as
+one dataset of the whole split (in-memory and generated data, TFDS) or as a list of files with
+a reader per file (TFRecord shards, which the pipeline can shard by file). `decode` turns a
+raw record into (features, label), `augment` adds training-only randomness, and `task` says
+whether labels are classes or regression targets.
+"""
+import dataclasses
+import glob
+import os
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    name: str
+    num_examples: int
+    feature_shape: tuple
+    num_outputs: int
+    records: Optional[Callable[[], tf.data.Dataset]] = None
+    files: tuple = ()
+    read_file: Optional[Callable[[tf.Tensor], tf.data.Dataset]] = None
+    decode: Callable = lambda *record: record
+    augment: Optional[Callable] = None
+    task: str = "classification"  # or "regression"
+
+    def all_records(self):
+        """The whole split, in a fixed order."""
+        if self.records is not None:
+            return self.records()
+        return tf.data.Dataset.from_tensor_slices(list(self.files)).flat_map(self.read_file)
+
+
+def digits(split):
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images), scaled to [0, 1].
+
+    The split is fixed: a stratified 80/20 cut with a constant seed, 1437 train and 360
+    validation images, identical on every rank and every run."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    data = load_digits()
+    images = (data.images / 16.0).astype("float32")[..., np.newaxis]
+    labels = data.target.astype("int64")
+    train_x, val_x, train_y, val_y = train_test_split(
+        images, labels, test_size=0.2, random_state=0, stratify=labels)
+    x, y = (train_x, train_y) if split == "train" else (val_x, val_y)
+    return _in_memory(f"digits-{split}", x, y, num_outputs=10)
+
+
+def linear(split, weight=2.0, bias=1.0, noise=0.1, num_examples=1024, seed=0):
+    """y = weight * x + bias + N(0, noise^2) with x ~ U(-1, 1): the neuron of Lab 1."""
+    rng = np.random.default_rng(seed + (0 if split == "train" else 1))
+    x = rng.uniform(-1.0, 1.0, size=(num_examples, 1)).astype("float32")
+    y = (weight * x + bias + rng.normal(0.0, noise, size=x.shape)).astype("float32")
+    return dataclasses.replace(_in_memory(f"linear-{split}", x, y, num_outputs=1),
+                               task="regression")
+
+
+def synthetic(split, shape, num_classes, num_examples, seed=0):
+    """Random images generated on the fly from their index (nothing held in memory), so any
+    shape costs only the time to generate it; for benchmarks."""
+    shape = tuple(shape)
+    split_seed = seed * 2 + (0 if split == "train" else 1)
+
+    def generate(index):
+        image = tf.random.stateless_uniform(shape, seed=tf.stack([split_seed, index]))
+        return image, index % num_classes
+    return Source(f"synthetic-{split}", num_examples, shape, num_classes,
+                  records=lambda: tf.data.Dataset.range(num_examples), decode=generate)
+
+
+def tfds_dataset(name, split, data_dir, image_size=None, augment=None):
+    """A TensorFlow Datasets split read from `data_dir`, where it must already be prepared
+    (nothing is downloaded here); images are scaled to [0, 1]."""
+    import tensorflow_datasets as tfds
+    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        records = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    except AssertionError:  # what TFDS raises for data that is not prepared
+        raise FileNotFoundError(
+            f"{name} is not prepared in {data_dir}; prepare it once on a machine with "
+            f"internet (a login node): python -c \"import tensorflow_datasets as tfds; "
+            f"tfds.builder('{name}', data_dir='{data_dir}').download_and_prepare()\"") from None
+    image_spec = builder.info.features["image"]
+    shape = tuple(image_spec.shape) if image_size is None else (image_size, image_size,
+                                                                  image_spec.shape[-1])
+
+    def decode(image, label):
+        image = tf.image.convert_image_dtype(image, tf.float32)
+        if image_size is not None:
+            image = tf.image.resize(image, shape[:2])
+        return image, label
+    return Source(f"{name}-{split}", int(records.cardinality()), shape,
+                  builder.info.features["label"].num_classes, records=lambda: records,
+                  decode=decode, augment=augment)
+
+
+IMAGENET_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
+                    num_examples=None, augment=None):
+    """Shards in the standard ImageNet TFRecord layout: `{data_dir}/{split}-NNNNN-of-NNNNN`,
+    each record holding `image/encoded` (JPEG or PNG) and a 1-based `image/class/label`."""
+    pattern = os.path.join(data_dir, f"{split}-*")
+    files = tuple(sorted(glob.glob(pattern)))
+    if not files:
+        raise FileNotFoundError(f"no TFRecord files match {pattern}")
+    if num_examples is None:
+        num_examples = int(tf.data.TFRecordDataset(list(files)).reduce(
+            np.int64(0), lambda count, _: count + 1))
+    shape = (image_size, image_size, channels)
+
+    def decode(record):
+        example = tf.io.parse_single_example(record, IMAGENET_FEATURES)
+        image = tf.io.decode_image(example["image/encoded"], channels=channels,
+                                   expand_animations=False)
+        image = tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), shape[:2])
+        return image, example["image/class/label"] - 1
+    return Source(f"tfrecord-{split}", num_examples, shape, num_outputs, files=files,
+                  read_file=tf.data.TFRecordDataset, decode=decode, augment=augment)
+
+
+def flip_and_crop(padding):
+    """CIFAR-style augmentation: pad by `padding` pixels, random crop back, random flip."""
+    def augment(image, label):
+        size = tf.shape(image)
+        image = tf.image.pad_to_bounding_box(image, padding, padding,
+                                             size[0] + 2 * padding, size[1] + 2 * padding)
+        image = tf.image.random_crop(image, size)
+        return tf.image.random_flip_left_right(image), label
+    return augment
+
+
+def _in_memory(name, features, labels, num_outputs):
+    return Source(name, len(features), features.shape[1:], num_outputs,
+                  records=lambda: tf.data.Dataset.from_tensor_slices((features, labels)))

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Builds the whole stack into .venv from nothing, and does nothing on a ready machine.
+#
+#   1. system tools: MPI (runtime and headers), cmake, g++; installed with apt when root or
+#      passwordless sudo allows it, otherwise named exactly (e.g. for `module load`);
+#   2. .venv with everything in requirements.txt except Horovod;
+#   3. Horovod built from source against that TensorFlow (TensorFlow, MPI, Gloo; NCCL when
+#      HOROVOD_GPU_OPERATIONS=NCCL), cached as a wheel keyed by what it was built against;
+#   4. the project itself, editable, for its console scripts;
+#   5. `horovodrun --check-build` must list TensorFlow, MPI and Gloo as built.
+# BUILD.md explains each step and the two fixes Horovod 0.28.1 needs on TensorFlow 2.21.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3.11}
+WHEEL_CACHE=${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvd-keras/wheels}
+GPU_OPERATIONS=${HOROVOD_GPU_OPERATIONS:-}
+STAMP=$VENV/.bootstrap-stamp
+
+say() { echo "bootstrap: $*"; }
+die() { echo "bootstrap: error: $*" >&2; exit 1; }
+
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 10))' \
+  || die "Python >= 3.10 is needed (found $("$PYTHON" --version 2>&1)); set PYTHON=/path/to/python3.11"
+
+# Everything the result depends on; when it is unchanged the machine is ready.
+stamp_key=$(cat "$ROOT/requirements.txt" "$ROOT/setup.cfg" "$ROOT/scripts/bootstrap.sh" "$ROOT"/scripts/compat_include/tensorflow/compiler/xla/client/xla_builder.h \
+  | { cat; echo "gpu=$GPU_OPERATIONS python=$("$PYTHON" --version 2>&1)"; } | sha256sum | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$stamp_key" ] && [ -x "$VENV/bin/horovodrun" ]; then
+  say "ready ($VENV)"; exit 0
+fi
+
+# --- 1. system tools ---------------------------------------------------------------------
+missing_packages=()
+command -v mpirun >/dev/null || missing_packages+=(openmpi-bin)
+command -v mpicxx >/dev/null || missing_packages+=(libopenmpi-dev)
+command -v cmake >/dev/null || missing_packages+=(cmake)
+command -v g++ >/dev/null || missing_packages+=(g++)
+if [ ${#missing_packages[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
+  if [ "$SUDO" = none ] || ! command -v apt-get >/dev/null; then
+    die "missing system packages: ${missing_packages[*]} (on a cluster: module load an MPI with its mpicxx, cmake >= 3.13 and a C++17 g++; see BUILD.md)"
+  fi
+  say "installing ${missing_packages[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing_packages[@]}" >/dev/null
+fi
+
+# --- 2. the Python environment -------------------------------------------------------------
+[ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip setuptools wheel
+say "installing requirements.txt (without Horovod)"
+grep -v '^horovod' "$ROOT/requirements.txt" > "$VENV/requirements-no-horovod.txt"
+"${PIP[@]}" install -r "$VENV/requirements-no-horovod.txt"
+
+# --- 3. Horovod from source ------------------------------------------------------------------
+horovod_pin=$(grep '^horovod==' "$ROOT/requirements.txt")
+tf_include=$("$VENV/bin/python" -c 'import tensorflow as tf; print(tf.sysconfig.get_include())' 2>/dev/null)
+tf_version=$("$VENV/bin/python" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null)
+# TensorFlow's public headers include farmhash.h and highwayhash/*.h, which the wheel ships
+# under include/external/ but not on the include path; the forwarding header restores the
+# pre-2.16 xla_builder.h location that Horovod 0.28.1 includes.
+export CPLUS_INCLUDE_PATH="$ROOT/scripts/compat_include:$tf_include/external/farmhash_archive/src:$tf_include/external/highwayhash${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}"
+export HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
+export HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
+if [ -n "$GPU_OPERATIONS" ]; then export HOROVOD_GPU_OPERATIONS=$GPU_OPERATIONS; fi
+export MAKEFLAGS="-j$(nproc)"
+
+mpi_version=$(mpirun --version 2>/dev/null | head -1)
+build_key=$(echo "$horovod_pin tf=$tf_version gpu=$GPU_OPERATIONS mpi=$mpi_version $("$VENV/bin/python" --version)" \
+  | cat - "$ROOT"/scripts/compat_include/tensorflow/compiler/xla/client/xla_builder.h | sha256sum | cut -c1-16)
+wheel_dir=$WHEEL_CACHE/$build_key
+if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+  say "building $horovod_pin against TensorFlow $tf_version (takes 10-20 minutes on 2 cores)"
+  mkdir -p "$wheel_dir"
+  # --no-build-isolation: Horovod's build must see the TensorFlow it will run with.
+  "${PIP[@]}" wheel --no-build-isolation --no-deps --no-binary horovod -w "$wheel_dir" "$horovod_pin" \
+    > "$wheel_dir/build.log" 2>&1 || { tail -40 "$wheel_dir/build.log" >&2; rm -f "$wheel_dir"/*.whl;
+      die "the Horovod build failed; full log: $wheel_dir/build.log"; }
+else
+  say "using the cached Horovod wheel in $wheel_dir"
+fi
+"${PIP[@]}" install --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
+# The project itself, editable: its console scripts (hvd-train, hvd-launch, ...) in .venv/bin.
+"${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
+
+# --- 5. check the build ----------------------------------------------------------------------
+check=$("$VENV/bin/horovodrun" --check-build 2>/dev/null)
+echo "$check"
+for part in TensorFlow MPI Gloo; do
+  echo "$check" | grep -q "\[X\] $part" || die "horovodrun --check-build does not list $part as built"
+done
+echo "$stamp_key" > "$STAMP"
+say "ready ($VENV)"
