@@ -15,9 +15,10 @@ def manager(model, optimizer, model_dir):
                                       max_to_keep=KEEP, checkpoint_name="epoch")
 
 
-def completed_epochs(checkpoint_manager):
-    """Epochs done by the latest checkpoint (saved as epoch-N after N epochs), 0 if none."""
-    latest = checkpoint_manager.latest_checkpoint
+def completed_epochs(model_dir):
+    """Epochs done by the latest checkpoint in `model_dir` (saved as epoch-N after N epochs),
+    0 if there is none."""
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     return int(latest.rsplit("-", 1)[1]) if latest else 0
 
 

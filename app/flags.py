@@ -86,7 +86,7 @@ class FlagError(ValueError):
 
 def fail(message):
     """Ends this process with one line on stderr and the usage-error exit code."""
-    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
+    print(f"app.train: error: {message}", file=sys.stderr, flush=True)
     sys.exit(USAGE_ERROR)
 
 
@@ -96,11 +96,21 @@ def parse(argv):
         remaining = FLAGS(argv)
         if len(remaining) > 1:
             raise flags.Error(f"unexpected arguments: {' '.join(remaining[1:])}")
+        _prefer_command_line_batch_flag(argv)
         _apply_experiment_defaults()
         validate(world_size_from_environment())
     except (flags.Error, FlagError) as error:
         fail(error)
     return remaining
+
+
+def _prefer_command_line_batch_flag(argv):
+    """When the flagfile gives one batch flag and the command line the other, the command
+    line wins, as for any flag; both on the same level stay an error."""
+    given = [name for name in _BATCH_FLAGS if FLAGS[name].present]
+    on_command_line = {arg[2:].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--")}
+    if len(given) == 2 and len(on_command_line.intersection(given)) == 1:
+        FLAGS[next(name for name in given if name not in on_command_line)].unparse()
 
 
 def _apply_experiment_defaults():

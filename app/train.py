@@ -43,7 +43,16 @@ def main(_):
     except app_flags.FlagError as error:
         app_flags.fail(error)
 
-    # 3. Data: each rank reads its own disjoint shard; every rank runs the same steps.
+    # 3. Resume: rank 0 finds the latest checkpoint and tells every rank its epoch.
+    initial_epoch = int(hvd.broadcast(
+        tf.constant(checkpoints.completed_epochs(FLAGS.model_dir) if is_chief else 0),
+        root_rank=0, name="initial_epoch"))
+    if initial_epoch >= FLAGS.epochs:
+        if is_chief:
+            print(f"{FLAGS.model_dir} already holds {initial_epoch} epochs; nothing to train")
+        return
+
+    # 4. Data: each rank reads its own disjoint shard; every rank runs the same steps.
     try:
         train_source, validation_source = (
             input_pipeline.load(FLAGS.dataset, split, data_dir=FLAGS.data_dir,
@@ -61,6 +70,7 @@ def main(_):
     tf.keras.utils.set_random_seed(FLAGS.seed)
     train_data = input_pipeline.training_dataset(
         train_source, rank=hvd.rank(), size=hvd.size(), batch_size=batch,
+        steps_per_epoch=steps_per_epoch, first_epoch=initial_epoch,
         seed=FLAGS.seed if FLAGS.deterministic else FLAGS.seed + hvd.rank(),
         shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache,
         deterministic=FLAGS.deterministic, threads=threads)
@@ -68,7 +78,7 @@ def main(_):
         validation_source, rank=hvd.rank(), size=hvd.size(), batch_size=batch,
         cache=FLAGS.cache, repeat=FLAGS.validation_steps is not None, threads=threads)
 
-    # 4. Model, learning rate scaled to the global batch, Horovod's distributed optimizer.
+    # 5. Model, learning rate scaled to the global batch, Horovod's distributed optimizer.
     model = models.build(FLAGS.model, train_source.feature_shape, train_source.num_outputs)
     models.add_weight_decay(model, FLAGS.weight_decay)
     scaled_lr = app_flags.scaled_learning_rate(global_batch)
@@ -80,19 +90,12 @@ def main(_):
         model.compile(optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     tf.random.set_seed(FLAGS.seed + hvd.rank())  # per-rank randomness from here on
 
-    # 5. Resume: rank 0 finds the latest checkpoint, every rank restores that epoch.
+    # 6. Every rank restores the checkpoint of that epoch: weights and optimizer state.
     checkpoint_manager = checkpoints.manager(model, optimizer, FLAGS.model_dir)
-    initial_epoch = int(hvd.broadcast(
-        tf.constant(checkpoints.completed_epochs(checkpoint_manager) if is_chief else 0),
-        root_rank=0, name="initial_epoch"))
     if initial_epoch:
         checkpoints.restore(checkpoint_manager, initial_epoch)
-    if initial_epoch >= FLAGS.epochs:
-        if is_chief:
-            print(f"{FLAGS.model_dir} already holds {initial_epoch} epochs; nothing to train")
-        return
 
-    # 6. Callbacks, in Horovod's order: broadcast rank 0's state, average the metrics over
+    # 7. Callbacks, in Horovod's order: broadcast rank 0's state, average the metrics over
     #    the ranks, warm up and schedule the LR; then the outputs, on rank 0 only.
     training_callbacks = [
         hvd.callbacks.BroadcastGlobalVariablesCallback(0),

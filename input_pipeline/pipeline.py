@@ -1,8 +1,10 @@
 """tf.data pipelines for one process of `size`: pure TensorFlow, rank and size are arguments.
 
 Training: shard -> cache -> shuffle (seeded, reshuffled each epoch) -> repeat -> parallel map
--> batch (drop_remainder) -> prefetch. The dataset repeats forever, so every rank runs exactly
-the steps it is asked for, whatever the size of its shard.
+-> batch (drop_remainder) -> prefetch. Epoch e is the shard shuffled with a seed made of
+(`seed`, e), repeated as needed and cut to exactly steps_per_epoch batches, so every rank runs
+the same number of steps whatever the size of its shard, and a run resumed at epoch e reads
+what an uninterrupted run would have read, with nothing skipped.
 
 Sharding is by file (with interleave) when there are at least as many files as processes,
 otherwise by example. With `deterministic`, every rank shuffles the whole split identically
@@ -12,22 +14,33 @@ examples at any number of processes.
 import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
+_EPOCH_SEED_STRIDE = 1_000_003  # a prime: seeds (seed, epoch) do not collide across seeds
 
 
-def training_dataset(source, *, rank, size, batch_size, seed, shuffle_buffer=10_000,
-                     cache="none", deterministic=False, threads=None):
-    """Batches of `batch_size` (per process) for rank `rank` of `size`, forever."""
+def training_dataset(source, *, rank, size, batch_size, steps_per_epoch, seed, first_epoch=0,
+                     shuffle_buffer=10_000, cache="none", deterministic=False, threads=None):
+    """Batches of `batch_size` (per process) for rank `rank` of `size`, epoch after epoch
+    from `first_epoch` on, each epoch exactly `steps_per_epoch` batches."""
     if deterministic:
         records = _cached(source.all_records(), cache, f"{source.name}-unsharded", rank, size)
-        records = records.shuffle(min(shuffle_buffer, source.num_examples), seed=seed,
-                                  reshuffle_each_iteration=True).repeat()
-        slice_of_rank = _global_batch_slice(rank, size, batch_size)
-        records = records.enumerate().filter(slice_of_rank).map(lambda _, record: record)
+        examples_per_epoch = steps_per_epoch * batch_size * size
     else:
         records = _cached(_shard(source, rank, size), cache, source.name, rank, size)
-        records = records.shuffle(min(shuffle_buffer, source.num_examples), seed=seed,
-                                  reshuffle_each_iteration=True).repeat()
-    examples = records.map(_decoder(source, training=True), num_parallel_calls=AUTOTUNE)
+        examples_per_epoch = steps_per_epoch * batch_size
+    buffer = min(shuffle_buffer, source.num_examples)
+
+    def epoch(number):
+        shuffled = records.shuffle(buffer, seed=seed * _EPOCH_SEED_STRIDE + number,
+                                   reshuffle_each_iteration=True)
+        epoch_records = shuffled.repeat().take(examples_per_epoch)
+        if deterministic:
+            slice_of_rank = _global_batch_slice(rank, size, batch_size)
+            epoch_records = epoch_records.enumerate().filter(slice_of_rank).map(
+                lambda _, record: record)
+        return epoch_records
+
+    epochs = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch)
+    examples = epochs.map(_decoder(source, training=True), num_parallel_calls=AUTOTUNE)
     batches = examples.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
     return batches.with_options(_options(deterministic, threads))
 

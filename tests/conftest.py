@@ -1,0 +1,42 @@
+"""Shared helpers. TF_USE_LEGACY_KERAS must be set before TensorFlow is first imported, in this
+process and in every process a test starts, so it is set here, before any test module loads."""
+import os
+import subprocess
+import sys
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+HOROVODRUN = os.path.join(os.path.dirname(PYTHON), "horovodrun")
+TIMEOUT = 600
+
+
+def mpirun(num_processes):
+    """mpirun's prefix for `num_processes` local processes, as root too."""
+    command = ["mpirun", "-np", str(num_processes), "--oversubscribe", "--bind-to", "none",
+               "--mca", "mpi_yield_when_idle", "1"]
+    if os.geteuid() == 0:
+        command.append("--allow-run-as-root")
+    return command
+
+
+def horovodrun(num_processes):
+    return [HOROVODRUN, "-np", str(num_processes), "--gloo"]
+
+
+def run(command, timeout=TIMEOUT, check=True):
+    """Runs `command` from the repository root; fails the test with its output if it fails."""
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}\n"
+                    f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}")
+    return result
+
+
+def train_command(*flags):
+    return [PYTHON, "-m", "app.train", *flags]

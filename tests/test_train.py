@@ -1,0 +1,160 @@
+"""app.train end to end: the default experiment, loss integrity across process counts, resume,
+every experiment from its flagfile, and flag errors."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import input_pipeline
+from conftest import PYTHON, REPO, mpirun, run, train_command
+from input_pipeline.to_tfrecord import write_split
+
+SHORT = ["--epochs=1", "--steps_per_epoch=2", "--validation_steps=1"]
+
+
+def checkpoint_values(model_dir, epoch, prefix=""):
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints", f"epoch-{epoch}"))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name.startswith(prefix) and not name.startswith("_CHECKPOINTABLE")}
+
+
+def read_log(model_dir):
+    with open(os.path.join(model_dir, "training_log.csv")) as log:
+        return list(csv.DictReader(log))
+
+
+@pytest.mark.distributed
+def test_default_experiment_trains_on_two_processes_and_leaves_its_outputs(tmp_path):
+    """What `make train` runs: digits_cnn on 2 processes through app.launch."""
+    model_dir = tmp_path / "digits"
+    result = run([PYTHON, "-m", "app.launch", "-np", "2", "--flagfile=configs/digits_cnn.cfg",
+                  f"--model_dir={model_dir}"])
+    assert result.stdout.splitlines()[0].startswith("mpirun -np 2 ")
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["global_batch_size"] == 64
+    assert results["epochs_completed"] == 12
+    assert results["val_accuracy"] >= 0.97
+    assert results["loss"] < results["final_metrics"]["loss"] * 1.0001
+    assert results["images_per_sec"] > 0 and results["wall_seconds"] > 0
+    assert {"epoch-12.index", "checkpoint"} <= set(os.listdir(model_dir / "checkpoints"))
+    for phase in ("train", "validation"):
+        assert list((model_dir / "tensorboard" / phase).glob("events.out.tfevents.*"))
+    assert len(read_log(model_dir)) == 12
+    flagfile = (model_dir / "flags.cfg").read_text().splitlines()
+    assert {"--experiment=digits_cnn", "--batch_size=32", "--model=cnn",
+            f"--model_dir={model_dir}"} <= set(flagfile)
+
+
+@pytest.mark.distributed
+def test_same_global_batch_gives_the_same_weights_on_one_and_two_processes(tmp_path):
+    """With --deterministic, np=1 and np=2 see the same global batches; the gradients differ
+    only by float32 summation order (one mean over 32 examples against the average of two
+    means over 16), about 1e-7 relative a step, so after 30 momentum steps weights and momentum
+    agree to 1e-5, while the last 20 steps alone move them by more than 1e-3."""
+    flags = ["--flagfile=configs/digits_cnn.cfg", "--global_batch_size=32", "--deterministic",
+             "--lr_scaling=none", "--warmup_epochs=0", "--lr_schedule=constant", "--epochs=3",
+             "--steps_per_epoch=10", "--validation_steps=1"]
+    run(train_command(*flags, f"--model_dir={tmp_path / 'np1'}"))
+    run([*mpirun(2), *train_command(*flags, f"--model_dir={tmp_path / 'np2'}")])
+    one, two = (checkpoint_values(tmp_path / name, 3, "model/") for name in ("np1", "np2"))
+    after_one_epoch = checkpoint_values(tmp_path / "np1", 1, "model/")
+    assert one.keys() == two.keys() and len(one) == 16  # 8 weights and their momentum slots
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=0, atol=1e-5, err_msg=name)
+    assert max(np.abs(one[n] - after_one_epoch[n]).max() for n in one) > 1e-3
+
+
+@pytest.mark.distributed
+def test_resume_continues_epoch_learning_rate_and_optimizer_state(tmp_path):
+    """2 epochs, then the same command with --epochs=4, against 4 epochs straight. The LR is
+    Horovod's warmup (over epoch 0, from LR/2 on 2 processes) then constant, so it does not
+    depend on --epochs and the two runs must agree on everything."""
+    flags = ["--flagfile=configs/digits_cnn.cfg", "--deterministic", "--steps_per_epoch=8",
+             "--validation_steps=1", "--warmup_epochs=1", "--lr_schedule=constant"]
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    run([*mpirun(2), *train_command(*flags, "--epochs=4", f"--model_dir={straight}")])
+    run([*mpirun(2), *train_command(*flags, "--epochs=2", f"--model_dir={resumed}")])
+    assert json.loads((resumed / "results.json").read_text())["epochs_completed"] == 2
+    run([*mpirun(2), *train_command(*flags, "--epochs=4", f"--model_dir={resumed}")])
+
+    resumed_log, straight_log = read_log(resumed), read_log(straight)
+    assert [row["epoch"] for row in resumed_log] == ["0", "1", "2", "3"]
+    for resumed_row, straight_row in zip(resumed_log, straight_log):
+        for key in ("lr", "loss", "val_loss"):
+            assert float(resumed_row[key]) == pytest.approx(float(straight_row[key]), rel=1e-5)
+    final_resumed, final_straight = (checkpoint_values(d, 4) for d in (resumed, straight))
+    assert final_resumed["optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE"] == 4 * 8
+    assert final_resumed.keys() == final_straight.keys()
+    for name, value in final_straight.items():
+        np.testing.assert_allclose(final_resumed[name], value, rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+    assert json.loads((resumed / "results.json").read_text())["epochs_completed"] == 4
+
+
+@pytest.fixture(scope="module")
+def tfrecord_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imagenet_layout")
+    for split in input_pipeline.SPLITS:
+        write_split(input_pipeline.load("digits", split), split, str(folder), num_shards=2)
+    return folder
+
+
+@pytest.mark.parametrize("experiment, extra", [
+    ("digits_cnn", []),
+    ("linear_regression", []),
+    ("synthetic_resnet50", ["--image_size=32", "--batch_size=4"]),
+    ("imagenet_resnet50", ["--image_size=32", "--batch_size=4"]),
+    ("fashion_mnist_wrn", ["--batch_size=4"]),
+    ("cifar10_resnet20", ["--batch_size=8"]),
+])
+def test_every_experiment_runs_from_its_flagfile(experiment, extra, tmp_path, tfrecord_dir):
+    flags = [f"--flagfile=configs/{experiment}.cfg", *SHORT, *extra,
+             f"--model_dir={tmp_path}"]
+    if experiment == "imagenet_resnet50":
+        flags.append(f"--data_dir={tfrecord_dir}")
+    if experiment in ("fashion_mnist_wrn", "cifar10_resnet20"):
+        command = [PYTHON, "tests/workers/train_with_mock_tfds.py", *flags,
+                   f"--data_dir={tmp_path}"]
+    else:
+        command = train_command(*flags)
+    run(command)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["experiment"] == experiment and results["epochs_completed"] == 1
+    assert np.isfinite(results["loss"]) and np.isfinite(results["val_loss"])
+    if experiment == "linear_regression":
+        assert results["accuracy"] is None and "mae" in results["final_metrics"]
+
+
+@pytest.mark.parametrize("experiment, flags, named", [
+    ("digits_cnn", ["--batch_size=0"], "--batch_size=0"),
+    ("digits_cnn", ["--batch_size=16", "--global_batch_size=64"], "--global_batch_size"),
+    ("digits_cnn", ["--warmup_epochs=12"], "--warmup_epochs=12"),
+    ("digits_cnn", ["--experiment=nope"], "--experiment"),
+    ("digits_cnn", ["--no_such_flag=1"], "no_such_flag"),
+    ("digits_cnn", ["--lr_schedule=step", "--lr_decay_epochs=5,3"], "--lr_decay_epochs"),
+    ("digits_cnn", ["--batch_size=2000"], "--batch_size"),
+    ("cifar10_resnet20", ["--data_dir=/does/not/exist"], "--data_dir"),
+    ("cifar10_resnet20", ["--data_dir="], "--data_dir"),
+    ("cifar10_resnet20", [], "--dataset=cifar10: cifar10 is not prepared"),
+])
+def test_bad_flags_end_with_one_line_naming_the_flag(experiment, flags, named, tmp_path):
+    if experiment == "cifar10_resnet20" and not flags:
+        flags = [f"--data_dir={tmp_path}"]  # a folder without the prepared data set
+    result = run(train_command(f"--flagfile=configs/{experiment}.cfg", *flags,
+                               f"--model_dir={tmp_path / 'run'}"), check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("app.train: error:")]
+    assert len(errors) == 1 and named in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.distributed
+def test_a_bad_flag_stops_every_rank_without_a_hang(tmp_path):
+    result = run([*mpirun(2), *train_command(
+        "--flagfile=configs/digits_cnn.cfg", "--global_batch_size=33",
+        f"--model_dir={tmp_path}")], timeout=120, check=False)
+    assert result.returncode != 0
+    assert result.stderr.count("--global_batch_size=33: is not divisible by 2 processes") == 2
