@@ -12,7 +12,9 @@ import input_pipeline
 from conftest import PYTHON, REPO, mpirun, run, train_command
 from input_pipeline.to_tfrecord import write_split
 
-SHORT = ["--epochs=1", "--steps_per_epoch=2", "--validation_steps=1"]
+# A few steps: one short epoch, so no warmup and a schedule that fits in it.
+SHORT = ["--epochs=1", "--steps_per_epoch=2", "--validation_steps=1", "--warmup_epochs=0",
+         "--lr_schedule=constant"]
 
 
 def checkpoint_values(model_dir, epoch, prefix=""):

@@ -1,0 +1,61 @@
+"""LR scaling and the schedules app.train builds from Horovod's callbacks (one process)."""
+import math
+
+import numpy as np
+import pytest
+
+from app.compat import hvd, tf
+from app import callbacks, optimizers
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def horovod():
+    hvd.init()
+
+
+def learning_rates(schedule, epochs=5, warmup_epochs=0, **kwargs):
+    """The LR applied at every step of a run with `schedule`, read at each batch's start."""
+    model = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])
+    model.compile(hvd.DistributedOptimizer(optimizers.build("momentum", 0.4, 0.9)), "mse")
+    seen = []
+    recorder = tf.keras.callbacks.LambdaCallback(on_train_batch_begin=lambda batch, logs: seen.append(
+        float(tf.keras.backend.get_value(model.optimizer.lr))))
+    schedule_callbacks = callbacks.learning_rate_schedule(
+        hvd, 0.4, warmup_epochs=warmup_epochs, schedule=schedule, epochs=epochs,
+        steps_per_epoch=STEPS, **kwargs)
+    data = tf.data.Dataset.from_tensors((tf.zeros((2, 1)), tf.zeros((2, 1)))).repeat()
+    model.fit(data, epochs=epochs, steps_per_epoch=STEPS, verbose=0,
+              callbacks=[*schedule_callbacks, recorder])
+    return np.array(seen).reshape(epochs, STEPS)
+
+
+def test_step_schedule_decays_at_the_given_epochs():
+    rates = learning_rates("step", decay_epochs=[2, 4], decay_factor=0.1)
+    np.testing.assert_allclose(rates[:, 0], [0.4, 0.4, 0.04, 0.04, 0.004], rtol=1e-6)
+    assert (rates == rates[:, :1]).all()  # staircase: constant within an epoch
+
+
+def test_cosine_schedule_falls_every_step_towards_zero():
+    rates = learning_rates("cosine").ravel()
+    assert rates[0] == pytest.approx(0.4)
+    assert (np.diff(rates) < 0).all() and rates[-1] < 0.4 * 0.01
+    assert rates[10] == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 10 / 20)), rel=1e-5)
+
+
+def test_constant_schedule_after_warmup_holds_the_scaled_rate():
+    rates = learning_rates("constant", warmup_epochs=1)
+    # On one process Horovod's warmup starts at LR / 1, so the LR never changes.
+    np.testing.assert_allclose(rates, 0.4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scaling, expected", [("none", 0.1), ("linear", 0.4), ("sqrt", 0.2)])
+def test_learning_rate_scales_with_the_global_batch(scaling, expected):
+    from app import flags as app_flags
+    app_flags.FLAGS(["test", "--learning_rate=0.1", "--reference_batch_size=64",
+                     f"--lr_scaling={scaling}"])
+    try:
+        assert app_flags.scaled_learning_rate(256) == pytest.approx(expected)
+    finally:
+        app_flags.FLAGS.unparse_flags()
