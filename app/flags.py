@@ -164,7 +164,8 @@ def decay_epochs(values):
         epochs = [int(value) for value in values]
     except ValueError:
         raise FlagError("lr_decay_epochs", "must be whole epoch numbers") from None
-    if not epochs or epochs != sorted(set(epochs)) or not 0 < epochs[0] <= epochs[-1] < FLAGS.epochs:
+    increasing = epochs == sorted(set(epochs))
+    if not epochs or not increasing or not 0 < epochs[0] <= epochs[-1] < FLAGS.epochs:
         raise FlagError("lr_decay_epochs",
                         f"must be increasing epochs between 1 and {FLAGS.epochs - 1}")
     return epochs

@@ -4,6 +4,9 @@ Nothing here imports Horovod or reads flags; app/ passes in what it knows."""
 from input_pipeline import sources
 from input_pipeline.pipeline import evaluation_dataset, shard_by_file, training_dataset
 
+__all__ = ["DATASETS", "SPLITS", "evaluation_dataset", "load", "shard_by_file", "sources",
+           "training_dataset"]
+
 DATASETS = ("digits", "linear", "synthetic", "fashion_mnist", "cifar10", "imagenet")
 SPLITS = ("train", "validation")
 _TFDS_SPLITS = {"train": "train", "validation": "test"}

@@ -15,6 +15,17 @@ HOROVODRUN = os.path.join(os.path.dirname(PYTHON), "horovodrun")
 TIMEOUT = 600
 
 
+@pytest.fixture(scope="session")
+def digits_tfrecords(tmp_path_factory):
+    """The digits written as 4 TFRecord shards per split in the ImageNet layout."""
+    import input_pipeline
+    from input_pipeline.to_tfrecord import write_split
+    folder = tmp_path_factory.mktemp("digits_tfrecords")
+    for split in input_pipeline.SPLITS:
+        write_split(input_pipeline.load("digits", split), split, str(folder), num_shards=4)
+    return folder
+
+
 def mpirun(num_processes):
     """mpirun's prefix for `num_processes` local processes, as root too."""
     command = ["mpirun", "-np", str(num_processes), "--oversubscribe", "--bind-to", "none",

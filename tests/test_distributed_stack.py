@@ -2,7 +2,6 @@
 from different weights and see different data end with identical weights and identical
 averaged metrics, and the warmup raised the LR to its target."""
 import json
-import os
 
 import numpy as np
 import pytest

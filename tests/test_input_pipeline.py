@@ -5,7 +5,6 @@ import tensorflow as tf
 
 import input_pipeline
 from input_pipeline import sources
-from input_pipeline.to_tfrecord import write_split
 
 
 def indexed_source(num_examples, files=()):
@@ -111,14 +110,6 @@ def test_file_cache_is_one_per_rank(tmp_path):
         epoch_of(dataset, 4)
     assert {p.name.split(".")[2] for p in tmp_path.glob("cache.indexed.*.index")} == {
         "0-of-2", "1-of-2"}
-
-
-@pytest.fixture(scope="module")
-def digits_tfrecords(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tfrecords")
-    for split in input_pipeline.SPLITS:
-        write_split(input_pipeline.load("digits", split), split, str(folder), num_shards=4)
-    return folder
 
 
 def test_tfrecords_round_trip_the_digits(digits_tfrecords):

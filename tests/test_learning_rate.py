@@ -20,8 +20,9 @@ def learning_rates(schedule, epochs=5, warmup_epochs=0, **kwargs):
     model = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])
     model.compile(hvd.DistributedOptimizer(optimizers.build("momentum", 0.4, 0.9)), "mse")
     seen = []
-    recorder = tf.keras.callbacks.LambdaCallback(on_train_batch_begin=lambda batch, logs: seen.append(
-        float(tf.keras.backend.get_value(model.optimizer.lr))))
+    recorder = tf.keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: seen.append(
+            float(tf.keras.backend.get_value(model.optimizer.lr))))
     schedule_callbacks = callbacks.learning_rate_schedule(
         hvd, 0.4, warmup_epochs=warmup_epochs, schedule=schedule, epochs=epochs,
         steps_per_epoch=STEPS, **kwargs)

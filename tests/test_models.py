@@ -35,7 +35,8 @@ class MarkedBatchNorm(keras.layers.BatchNormalization):
 @pytest.mark.parametrize("name", ["resnet20", "wrn16_10", "resnet50"])
 def test_normalization_layers_are_the_ones_asked_for(name):
     model = models.build(name, (32, 32, 3), 10, normalization=MarkedBatchNorm)
-    norms = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    norms = [layer for layer in model.layers
+             if isinstance(layer, keras.layers.BatchNormalization)]
     assert norms and all(isinstance(layer, MarkedBatchNorm) for layer in norms)
 
 

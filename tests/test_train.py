@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import input_pipeline
-from conftest import PYTHON, REPO, mpirun, run, train_command
-from input_pipeline.to_tfrecord import write_split
+from conftest import PYTHON, mpirun, run, train_command
 
 # A few steps: one short epoch, so no warmup and a schedule that fits in it.
 SHORT = ["--epochs=1", "--steps_per_epoch=2", "--validation_steps=1", "--warmup_epochs=0",
@@ -96,14 +94,6 @@ def test_resume_continues_epoch_learning_rate_and_optimizer_state(tmp_path):
     assert json.loads((resumed / "results.json").read_text())["epochs_completed"] == 4
 
 
-@pytest.fixture(scope="module")
-def tfrecord_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("imagenet_layout")
-    for split in input_pipeline.SPLITS:
-        write_split(input_pipeline.load("digits", split), split, str(folder), num_shards=2)
-    return folder
-
-
 @pytest.mark.parametrize("experiment, extra", [
     ("digits_cnn", []),
     ("linear_regression", []),
@@ -112,11 +102,11 @@ def tfrecord_dir(tmp_path_factory):
     ("fashion_mnist_wrn", ["--batch_size=4"]),
     ("cifar10_resnet20", ["--batch_size=8"]),
 ])
-def test_every_experiment_runs_from_its_flagfile(experiment, extra, tmp_path, tfrecord_dir):
+def test_every_experiment_runs_from_its_flagfile(experiment, extra, tmp_path, digits_tfrecords):
     flags = [f"--flagfile=configs/{experiment}.cfg", *SHORT, *extra,
              f"--model_dir={tmp_path}"]
     if experiment == "imagenet_resnet50":
-        flags.append(f"--data_dir={tfrecord_dir}")
+        flags.append(f"--data_dir={digits_tfrecords}")
     if experiment in ("fashion_mnist_wrn", "cifar10_resnet20"):
         command = [PYTHON, "tests/workers/train_with_mock_tfds.py", *flags,
                    f"--data_dir={tmp_path}"]
