@@ -14,14 +14,6 @@ from absl import app, flags
 
 import input_pipeline
 
-flags.DEFINE_enum("dataset", "digits", [d for d in input_pipeline.DATASETS if d != "linear"],
-                  "Image data set to convert.")
-flags.DEFINE_multi_enum("split", list(input_pipeline.SPLITS), input_pipeline.SPLITS,
-                        "Splits to write.")
-flags.DEFINE_string("data_dir", None, "Where the data set is prepared, if it needs one.")
-flags.DEFINE_integer("image_size", None, "Resize images to this side first.", lower_bound=8)
-flags.DEFINE_string("output_dir", None, "Folder for the shards.", required=True)
-flags.DEFINE_integer("num_shards", 4, "Files per split.", lower_bound=1)
 FLAGS = flags.FLAGS
 
 
@@ -66,6 +58,18 @@ def main(_):
 
 
 def run():
+    """The command line; its flags are defined here, not on import, so that importing
+    write_split beside app.train's flags defines nothing twice."""
+    flags.DEFINE_enum("dataset", "digits",
+                      [d for d in input_pipeline.DATASETS if d != "linear"],
+                      "Image data set to convert.")
+    flags.DEFINE_multi_enum("split", list(input_pipeline.SPLITS), input_pipeline.SPLITS,
+                            "Splits to write.")
+    flags.DEFINE_string("data_dir", None, "Where the data set is prepared, if it needs one.")
+    flags.DEFINE_integer("image_size", None, "Resize images to this side first.",
+                         lower_bound=8)
+    flags.DEFINE_string("output_dir", None, "Folder for the shards.", required=True)
+    flags.DEFINE_integer("num_shards", 4, "Files per split.", lower_bound=1)
     app.run(main)
 
 
