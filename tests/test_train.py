@@ -49,6 +49,16 @@ def test_default_experiment_trains_on_two_processes_and_leaves_its_outputs(tmp_p
 
 
 @pytest.mark.distributed
+def test_launch_runs_horovodrun_with_gloo_on_a_host_list(tmp_path):
+    result = run([PYTHON, "-m", "app.launch", "-np", "2", "--launcher=horovodrun",
+                  "--hosts=localhost:2", "--flagfile=configs/linear_regression.cfg", *SHORT,
+                  f"--model_dir={tmp_path}"])
+    assert " -np 2 --gloo -H localhost:2 " in result.stdout.splitlines()[0]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2 and results["global_batch_size"] == 64
+
+
+@pytest.mark.distributed
 def test_same_global_batch_gives_the_same_weights_on_one_and_two_processes(tmp_path):
     """With --deterministic, np=1 and np=2 see the same global batches; the gradients differ
     only by float32 summation order (one mean over 32 examples against the average of two
