@@ -70,12 +70,14 @@ if [ -n "$GPU_OPERATIONS" ]; then export HOROVOD_GPU_OPERATIONS=$GPU_OPERATIONS;
 export MAKEFLAGS="-j$(nproc)"
 
 mpi_version=$(mpirun --version 2>/dev/null | head -1)
-build_key=$(echo "$horovod_pin tf=$tf_version gpu=$GPU_OPERATIONS mpi=$mpi_version $("$VENV/bin/python" --version)" \
+python_abi=$("$VENV/bin/python" -c 'import sys; print(sys.implementation.cache_tag)')
+build_key=$(echo "$horovod_pin tf=$tf_version gpu=$GPU_OPERATIONS mpi=$mpi_version $python_abi" \
   | cat - "$ROOT"/scripts/compat_include/tensorflow/compiler/xla/client/xla_builder.h | sha256sum | cut -c1-16)
 wheel_dir=$WHEEL_CACHE/$build_key
 if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
   say "building $horovod_pin against TensorFlow $tf_version (about 5 minutes on 2 cores)"
-  mkdir -p "$wheel_dir"
+  mkdir -p "$wheel_dir" 2>/dev/null \
+    || die "cannot write the wheel cache $WHEEL_CACHE; set HOROVOD_WHEEL_CACHE to a writable folder"
   # --no-build-isolation: Horovod's build must see the TensorFlow it will run with.
   # --no-cache-dir: pip's wheel cache is keyed by the source archive alone and would hand
   # back a wheel built against another TensorFlow or without NCCL; the cache above is keyed
