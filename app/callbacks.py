@@ -33,29 +33,60 @@ def learning_rate_schedule(hvd, scaled_lr, *, warmup_epochs, schedule, epochs, s
     return callbacks
 
 
-class Throughput(tf.keras.callbacks.Callback):
-    """Training images per second over all processes, per epoch (validation excluded), added
-    to the logs as `images_per_sec`; `mean()` leaves out the first epoch, which pays for
-    tracing and warm-up, when there is more than one."""
+def throughput_summary(rank_rates, rank_windows):
+    """Images/s in total and per process, with their spreads, from every process's mean rate
+    and its rates over the same windows of steps (aligned: all run the same steps)."""
+    rank_rates, rank_windows = np.asarray(rank_rates), np.asarray(rank_windows)
+    totals = rank_windows.sum(axis=0)
+    return {
+        "images_per_sec": float(rank_rates.sum()),
+        "images_per_sec_spread": float(totals.std()) if totals.size else None,
+        "images_per_sec_per_process": float(rank_rates.mean()),
+        "images_per_sec_per_process_spread": float(rank_windows.std())
+        if rank_windows.size else None,
+        "images_per_sec_by_rank": [float(rate) for rate in rank_rates],
+    }
 
-    def __init__(self, global_batch, steps_per_epoch):
+
+class Throughput(tf.keras.callbacks.Callback):
+    """Training images per second of this process, from the time between consecutive
+    training steps, so that validation, checkpoints and epoch ends are left out, after the
+    first `warmup_steps` steps (tracing, first allreduces, pipeline fill).
+
+    Each epoch adds `images_per_sec` to the logs: this process's rate times `world_size`."""
+
+    WINDOW = 10  # steps per window; the spread is that of the windows' rates
+
+    def __init__(self, batch_size, world_size, warmup_steps):
         super().__init__()
-        self.images_per_epoch = global_batch * steps_per_epoch
-        self.rates = []
-        self._started = self._training_ended = None
+        self.batch_size, self.world_size, self.warmup_steps = batch_size, world_size, warmup_steps
+        self.step_seconds = []
+        self._steps_done, self._last_step_end, self._epoch_start = 0, None, 0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._started, self._training_ended = time.perf_counter(), None
+        self._last_step_end, self._epoch_start = None, len(self.step_seconds)
 
-    def on_test_begin(self, logs=None):
-        self._training_ended = time.perf_counter()
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self._last_step_end is not None and self._steps_done >= self.warmup_steps:
+            self.step_seconds.append(now - self._last_step_end)
+        self._last_step_end = now
+        self._steps_done += 1
 
     def on_epoch_end(self, epoch, logs=None):
-        seconds = (self._training_ended or time.perf_counter()) - self._started
-        self.rates.append(self.images_per_epoch / seconds)
-        if logs is not None:
-            logs["images_per_sec"] = self.rates[-1]
+        epoch_seconds = self.step_seconds[self._epoch_start:]
+        if logs is not None and epoch_seconds:
+            logs["images_per_sec"] = (self.world_size * self.batch_size * len(epoch_seconds)
+                                      / sum(epoch_seconds))
 
-    def mean(self):
-        rates = self.rates[1:] if len(self.rates) > 1 else self.rates
-        return float(np.mean(rates)) if rates else None
+    def images_per_sec(self):
+        """Mean rate of this process over all measured steps, None if none was measured."""
+        if not self.step_seconds:
+            return None
+        return self.batch_size * len(self.step_seconds) / sum(self.step_seconds)
+
+    def window_rates(self):
+        """Rates over consecutive windows of WINDOW steps (the last partial one dropped)."""
+        windows = len(self.step_seconds) // self.WINDOW
+        seconds = np.array(self.step_seconds[:windows * self.WINDOW]).reshape(windows, self.WINDOW)
+        return self.batch_size * self.WINDOW / seconds.sum(axis=1)

@@ -18,8 +18,8 @@ EXPERIMENTS = {
     "digits_cnn": Experiment(
         "small CNN on scikit-learn's bundled 8x8 digits (offline default)",
         dict(model="cnn", dataset="digits", batch_size=32, reference_batch_size=64,
-             learning_rate=0.05, lr_scaling="linear", optimizer="momentum", momentum=0.9,
-             epochs=12, warmup_epochs=2, lr_schedule="cosine", shuffle_buffer=2048,
+             learning_rate=0.1, lr_scaling="linear", optimizer="momentum", momentum=0.9,
+             epochs=16, warmup_epochs=2, lr_schedule="cosine", shuffle_buffer=2048,
              cache="memory")),
     "fashion_mnist_wrn": Experiment(
         "WideResNet-16-10 on Fashion-MNIST, as in the DLI multi-GPU labs; " + _TFDS_NOTE,

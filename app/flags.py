@@ -73,6 +73,16 @@ flags.DEFINE_bool("deterministic", False,
                   "Deterministic ops and data order; every global batch holds the same "
                   "examples at any number of processes, so results do not depend on it.")
 
+flags.DEFINE_bool("benchmark", False,
+                  "Measure training throughput: no validation, checkpoints, resume or "
+                  "TensorBoard; images/s per process and in total on stdout and in "
+                  "results.json.")
+flags.DEFINE_integer("warmup_steps", 10,
+                     "Training steps left out of the throughput (tracing, first allreduces, "
+                     "pipeline fill).", lower_bound=0)
+flags.DEFINE_bool("timeline", False,
+                  "Write Horovod's timeline (chrome://tracing) to MODEL_DIR/timeline.json.")
+
 NEEDS_DATA_DIR = ("fashion_mnist", "cifar10", "imagenet")
 _BATCH_FLAGS = ("batch_size", "global_batch_size")
 

@@ -29,6 +29,9 @@ def main(_):
     started = time.perf_counter()
 
     # 1. Horovod, then this process's devices: one GPU per local rank, its share of the cores.
+    if FLAGS.timeline:  # Horovod's rank 0 opens it in hvd.init(), so it is named before
+        os.makedirs(FLAGS.model_dir, exist_ok=True)
+        os.environ["HOROVOD_TIMELINE"] = os.path.join(FLAGS.model_dir, "timeline.json")
     hvd.init()
     devices.pin_gpu(hvd.local_rank())
     threads = devices.cpu_threads(hvd.local_size(), FLAGS.threads_per_process)
@@ -44,8 +47,9 @@ def main(_):
         app_flags.fail(error)
 
     # 3. Resume: rank 0 finds the latest checkpoint and tells every rank its epoch.
+    resumable = is_chief and not FLAGS.benchmark
     initial_epoch = int(hvd.broadcast(
-        tf.constant(checkpoints.completed_epochs(FLAGS.model_dir) if is_chief else 0),
+        tf.constant(checkpoints.completed_epochs(FLAGS.model_dir) if resumable else 0),
         root_rank=0, name="initial_epoch"))
     if initial_epoch >= FLAGS.epochs:
         if is_chief:
@@ -96,7 +100,8 @@ def main(_):
         checkpoints.restore(checkpoint_manager, initial_epoch)
 
     # 7. Callbacks, in Horovod's order: broadcast rank 0's state, average the metrics over
-    #    the ranks, warm up and schedule the LR; then the outputs, on rank 0 only.
+    #    the ranks, warm up and schedule the LR, time the steps; then the outputs, on rank 0.
+    throughput = callbacks.Throughput(batch, hvd.size(), FLAGS.warmup_steps)
     training_callbacks = [
         hvd.callbacks.BroadcastGlobalVariablesCallback(0),
         hvd.callbacks.MetricAverageCallback(),
@@ -106,15 +111,15 @@ def main(_):
             decay_epochs=app_flags.decay_epochs(FLAGS.lr_decay_epochs)
             if FLAGS.lr_schedule == "step" else (),
             decay_factor=FLAGS.lr_decay_factor),
+        throughput,
     ]
-    throughput = callbacks.Throughput(global_batch, steps_per_epoch)
     if is_chief:
         os.makedirs(FLAGS.model_dir, exist_ok=True)
         with open(os.path.join(FLAGS.model_dir, "flags.cfg"), "w") as flagfile:
             flagfile.write(app_flags.resolved_flagfile())
+    if is_chief and not FLAGS.benchmark:
         training_callbacks += [
             checkpoints.SaveEveryEpoch(checkpoint_manager),
-            throughput,
             tf.keras.callbacks.TensorBoard(os.path.join(FLAGS.model_dir, "tensorboard")),
             tf.keras.callbacks.CSVLogger(os.path.join(FLAGS.model_dir, "training_log.csv"),
                                          append=initial_epoch > 0),
@@ -122,9 +127,17 @@ def main(_):
 
     history = model.fit(
         train_data, steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs,
-        initial_epoch=initial_epoch, validation_data=validation_data,
+        initial_epoch=initial_epoch,
+        validation_data=None if FLAGS.benchmark else validation_data,
         validation_steps=FLAGS.validation_steps, callbacks=training_callbacks,
         verbose=(1 if sys.stdout.isatty() else 2) if is_chief else 0)
+
+    # Every rank's throughput, gathered: every rank measured the same steps.
+    measured = {"images_per_sec": None}
+    if throughput.images_per_sec() is not None:
+        gathered = hvd.allgather(tf.constant(
+            [[throughput.images_per_sec(), *throughput.window_rates()]], tf.float64)).numpy()
+        measured = callbacks.throughput_summary(gathered[:, 0], gathered[:, 1:])
 
     if is_chief:
         final = {name: float(values[-1]) for name, values in history.history.items()}
@@ -138,13 +151,14 @@ def main(_):
             **{key: final.get(key) for key in ("loss", "accuracy", "val_loss", "val_accuracy")},
             "final_metrics": final,
             "wall_seconds": time.perf_counter() - started,
-            "images_per_sec": throughput.mean(),
+            **measured,
         }
         with open(os.path.join(FLAGS.model_dir, "results.json"), "w") as results_file:
             json.dump(results, results_file, indent=2)
-        print(json.dumps({key: results[key] for key in
+        print(json.dumps({key: results.get(key) for key in
                           ("world_size", "global_batch_size", "epochs_completed", "val_accuracy",
-                           "wall_seconds", "images_per_sec")}))
+                           "wall_seconds", "images_per_sec", "images_per_sec_spread",
+                           "images_per_sec_per_process", "images_per_sec_by_rank")}))
 
 
 def run():

@@ -35,14 +35,14 @@ def test_default_experiment_trains_on_two_processes_and_leaves_its_outputs(tmp_p
     assert result.stdout.splitlines()[0].startswith("mpirun -np 2 ")
     results = json.loads((model_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["global_batch_size"] == 64
-    assert results["epochs_completed"] == 12
+    assert results["epochs_completed"] == 16
     assert results["val_accuracy"] >= 0.97
     assert results["loss"] < results["final_metrics"]["loss"] * 1.0001
     assert results["images_per_sec"] > 0 and results["wall_seconds"] > 0
-    assert {"epoch-12.index", "checkpoint"} <= set(os.listdir(model_dir / "checkpoints"))
+    assert {"epoch-16.index", "checkpoint"} <= set(os.listdir(model_dir / "checkpoints"))
     for phase in ("train", "validation"):
         assert list((model_dir / "tensorboard" / phase).glob("events.out.tfevents.*"))
-    assert len(read_log(model_dir)) == 12
+    assert len(read_log(model_dir)) == 16
     flagfile = (model_dir / "flags.cfg").read_text().splitlines()
     assert {"--experiment=digits_cnn", "--batch_size=32", "--model=cnn",
             f"--model_dir={model_dir}"} <= set(flagfile)
@@ -133,7 +133,7 @@ def test_every_experiment_runs_from_its_flagfile(experiment, extra, tmp_path, di
 @pytest.mark.parametrize("experiment, flags, named", [
     ("digits_cnn", ["--batch_size=0"], "--batch_size=0"),
     ("digits_cnn", ["--batch_size=16", "--global_batch_size=64"], "--global_batch_size"),
-    ("digits_cnn", ["--warmup_epochs=12"], "--warmup_epochs=12"),
+    ("digits_cnn", ["--warmup_epochs=16"], "--warmup_epochs=16"),
     ("digits_cnn", ["--experiment=nope"], "--experiment"),
     ("digits_cnn", ["--no_such_flag=1"], "no_such_flag"),
     ("digits_cnn", ["--lr_schedule=step", "--lr_decay_epochs=5,3"], "--lr_decay_epochs"),

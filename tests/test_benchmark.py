@@ -1,0 +1,84 @@
+"""Benchmark mode, the timeline and the scaling study: the tools run, and every number they
+report is computed from the measured steps (no timing is asserted: this machine is noisy)."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from app import callbacks
+from conftest import PYTHON, mpirun, run, train_command
+
+
+def test_throughput_counts_only_steps_after_warmup_and_within_epochs(monkeypatch):
+    clock = iter([0.0, 1.0, 1.5, 1.7, 1.9,   # epoch 0: 5 step ends
+                  10.0, 10.25, 10.5])         # epoch 1: 3 step ends after validation
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    meter = callbacks.Throughput(batch_size=8, world_size=2, warmup_steps=2)
+    logs = [{}, {}]
+    for epoch, steps in ((0, 5), (1, 3)):
+        meter.on_epoch_begin(epoch)
+        for step in range(steps):
+            meter.on_train_batch_end(step)
+        meter.on_epoch_end(epoch, logs[epoch])
+    # Steps 0 and 1 warm up; steps 2-4 take 0.5, 0.2, 0.2 s; epoch 1's first step end only
+    # starts the clock again (validation came between), then 0.25 and 0.25 s.
+    np.testing.assert_allclose(meter.step_seconds, [0.5, 0.2, 0.2, 0.25, 0.25])
+    assert meter.images_per_sec() == pytest.approx(8 * 5 / 1.4)
+    assert logs[0]["images_per_sec"] == pytest.approx(2 * 8 * 3 / 0.9)
+    assert logs[1]["images_per_sec"] == pytest.approx(2 * 8 * 2 / 0.5)
+    assert meter.window_rates().size == 0  # fewer than WINDOW steps
+
+
+def test_throughput_summary_sums_ranks_and_spreads_over_windows():
+    summary = callbacks.throughput_summary([100.0, 110.0], [[90.0, 110.0], [100.0, 120.0]])
+    assert summary["images_per_sec"] == 210.0
+    assert summary["images_per_sec_per_process"] == 105.0
+    assert summary["images_per_sec_spread"] == pytest.approx(np.std([190.0, 230.0]))
+    assert summary["images_per_sec_by_rank"] == [100.0, 110.0]
+
+
+@pytest.mark.distributed
+def test_benchmark_mode_on_two_processes_reports_every_rank_and_writes_a_timeline(tmp_path):
+    result = run([*mpirun(2), *train_command(
+        "--flagfile=configs/digits_cnn.cfg", "--benchmark", "--timeline", "--epochs=1",
+        "--warmup_epochs=0", "--steps_per_epoch=25", "--warmup_steps=5",
+        f"--model_dir={tmp_path}")])
+    results = json.loads((tmp_path / "results.json").read_text())
+    by_rank = results["images_per_sec_by_rank"]
+    assert len(by_rank) == 2 and min(by_rank) > 0
+    assert results["images_per_sec"] == pytest.approx(sum(by_rank))
+    assert results["images_per_sec_per_process"] == pytest.approx(sum(by_rank) / 2)
+    assert results["images_per_sec_spread"] >= 0 and results["val_loss"] is None
+    assert json.loads(result.stdout.strip().splitlines()[-1])["images_per_sec"] == \
+        pytest.approx(results["images_per_sec"])
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tensorboard").exists()
+    events = (tmp_path / "timeline.json").read_text()
+    assert '"HorovodAllreduce' in events or "ALLREDUCE" in events
+
+
+@pytest.mark.distributed
+def test_scaling_study_tables_what_its_runs_measured(tmp_path):
+    run([PYTHON, "-m", "app.scaling", "-N", "2", "--flagfile=configs/digits_cnn.cfg",
+         "--steps_per_epoch=25", "--warmup_steps=5", f"--out_dir={tmp_path}"])
+    with open(tmp_path / "scaling.csv") as table:
+        rows = list(csv.DictReader(table))
+    assert [row["kind"] for row in rows] == [
+        "reference", "weak", "weak", "strong", "strong", "threads", "tf.distribute"]
+    measured = {
+        "weak-np1": rows[1], "weak-np2": rows[2], "strong-np1": rows[3]}
+    for name, row in measured.items():
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert float(row["images_per_sec"]) == pytest.approx(results["images_per_sec"])
+        assert int(row["global_batch"]) == results["global_batch_size"]
+    mwms = [json.loads((tmp_path / "mwms" / f"reference-{rank}.json").read_text())
+            for rank in (0, 1)]
+    assert {r["strategy"] for r in mwms} == {"multi_worker_mirrored"}
+    assert float(rows[6]["images_per_sec"]) == pytest.approx(
+        sum(r["images_per_sec"] for r in mwms))
+    weak_speedup = float(rows[2]["images_per_sec"]) / float(rows[1]["images_per_sec"])
+    assert float(rows[2]["speedup"]) == pytest.approx(weak_speedup)
+    assert f"Horovod np=2 / np=1: {weak_speedup:.2f}x" in (tmp_path / "scaling.md").read_text()
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(tmp_path / "scaling.png") > 10_000
