@@ -41,10 +41,9 @@ def main(_):
 
     with strategy.scope():
         model = models.build(FLAGS.model, source.feature_shape, source.num_outputs)
-        loss = "mse" if source.task == "regression" else "sparse_categorical_crossentropy"
-        model.compile(optimizers.build(FLAGS.optimizer,
-                                       app_flags.scaled_learning_rate(global_batch),
-                                       FLAGS.momentum), loss=loss)
+        optimizer = optimizers.build(FLAGS.optimizer,
+                                     app_flags.scaled_learning_rate(global_batch), FLAGS.momentum)
+        models.compile_for_task(model, optimizer, source.task)
     throughput = callbacks.Throughput(batch, size, FLAGS.warmup_steps)
     model.fit(data, steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs, verbose=0,
               callbacks=[throughput])

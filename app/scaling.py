@@ -18,21 +18,21 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
+
 from app import callbacks
 
 
-def run_horovod(out_dir, name, processes, train_args, launch_args):
-    model_dir = os.path.join(out_dir, name)
+def run_horovod(model_dir, processes, train_args, launch_args):
     _check([sys.executable, "-m", "app.launch", "-np", str(processes), *launch_args,
-            *train_args, "--benchmark", f"--model_dir={model_dir}"], name)
+            *train_args, "--benchmark", f"--model_dir={model_dir}"], model_dir)
     with open(os.path.join(model_dir, "results.json")) as results:
         return json.load(results)
 
 
-def run_reference(out_dir, name, workers, train_args):
+def run_reference(model_dir, workers, train_args):
     """app.keras_reference on `workers` local processes (MultiWorkerMirroredStrategy when
     more than one), summarized as app.train summarizes its ranks."""
-    model_dir = os.path.join(out_dir, name)
     addresses = [f"localhost:{_free_port()}" for _ in range(workers)]
     processes = []
     for index in range(workers):
@@ -47,7 +47,7 @@ def run_reference(out_dir, name, workers, train_args):
     for process in processes:
         output = process.communicate()[0]
         if process.returncode:
-            sys.exit(f"app.scaling: {name} failed:\n{output[-3000:]}")
+            sys.exit(f"app.scaling: {model_dir} failed:\n{output[-3000:]}")
     ranks = []
     for index in range(workers):
         with open(os.path.join(model_dir, f"reference-{index}.json")) as results:
@@ -56,52 +56,72 @@ def run_reference(out_dir, name, workers, train_args):
                                         [r["window_rates"] for r in ranks])
 
 
-def study(out_dir, max_processes, batch, threads, train_args, launch_args):
-    """Runs every configuration; returns the table's rows."""
+def study(out_dir, max_processes, batch, threads, train_args, launch_args, repeats=1):
+    """Runs every configuration `repeats` times, round-robin so that the machine's drifts
+    fall on all of them alike; returns the table's rows, each with the median images/s."""
     common = [*train_args, f"--threads_per_process={threads}"]
-    rows = []
-
-    def add(kind, name, processes, threads_each, per_process_batch, results):
-        rows.append(dict(kind=kind, run=name, processes=processes, threads=threads_each,
-                         batch=per_process_batch, global_batch=per_process_batch * processes,
-                         images_per_sec=results["images_per_sec"],
-                         spread=results["images_per_sec_spread"]))
-
-    add("reference", "plain Keras", 1, threads, batch,
-        run_reference(out_dir, "keras", 1, [*common, f"--batch_size={batch}"]))
+    global_batch = batch * max_processes
+    configurations = [dict(kind="reference", run="plain Keras", processes=1, threads=threads,
+                           batch=batch, measure=lambda d: run_reference(
+                               d, 1, [*common, f"--batch_size={batch}"]))]
     for processes in range(1, max_processes + 1):
-        add("weak", f"Horovod np={processes}", processes, threads, batch,
-            run_horovod(out_dir, f"weak-np{processes}", processes,
-                        [*common, f"--batch_size={batch}"], launch_args))
+        configurations.append(dict(
+            kind="weak", run=f"Horovod np={processes}", processes=processes, threads=threads,
+            batch=batch, measure=lambda d, p=processes: run_horovod(
+                d, p, [*common, f"--batch_size={batch}"], launch_args)))
     for processes in range(1, max_processes):
-        per_process = batch * max_processes // processes
-        add("strong", f"Horovod np={processes}, global batch {batch * max_processes}",
-            processes, threads, per_process,
-            run_horovod(out_dir, f"strong-np{processes}", processes,
-                        [*common, f"--batch_size={per_process}"], launch_args))
+        per_process = global_batch // processes
+        configurations.append(dict(
+            kind="strong", run=f"Horovod np={processes}, global batch {global_batch}",
+            processes=processes, threads=threads, batch=per_process,
+            measure=lambda d, p=processes, b=per_process: run_horovod(
+                d, p, [*common, f"--batch_size={b}"], launch_args)))
+    configurations.append(dict(
+        kind="threads", run=f"1 process, {threads * max_processes} threads", processes=1,
+        threads=threads * max_processes, batch=global_batch, measure=lambda d: run_reference(
+            d, 1, [*train_args, f"--threads_per_process={threads * max_processes}",
+                   f"--batch_size={global_batch}"])))
+    if max_processes > 1:
+        configurations.append(dict(
+            kind="tf.distribute", run=f"MultiWorkerMirrored {max_processes} workers",
+            processes=max_processes, threads=threads, batch=batch,
+            measure=lambda d: run_reference(d, max_processes, [*common, f"--batch_size={batch}"])))
+
+    measured = [[] for _ in configurations]
+    for repeat in range(repeats):
+        for index, configuration in enumerate(configurations):
+            model_dir = os.path.join(out_dir, f"run{index}-{configuration['kind']}-"
+                                              f"np{configuration['processes']}-r{repeat}")
+            measured[index].append(configuration["measure"](model_dir))
+    rows = []
+    for configuration, results in zip(configurations, measured):
+        rates = [result["images_per_sec"] for result in results]
+        rows.append(dict(
+            {k: v for k, v in configuration.items() if k != "measure"},
+            global_batch=configuration["batch"] * configuration["processes"],
+            images_per_sec=float(np.median(rates)),
+            spread=float(np.std(rates)) if repeats > 1 else results[0]["images_per_sec_spread"]))
     weak_largest = next(row for row in rows
                         if row["kind"] == "weak" and row["processes"] == max_processes)
-    rows.append(dict(weak_largest, kind="strong"))  # the same run: global batch batch * N
-    add("threads", f"1 process, {threads * max_processes} threads", 1,
-        threads * max_processes, batch * max_processes,
-        run_reference(out_dir, "threads", 1, [
-            *train_args, f"--threads_per_process={threads * max_processes}",
-            f"--batch_size={batch * max_processes}"]))
-    if max_processes > 1:
-        add("tf.distribute", f"MultiWorkerMirrored {max_processes} workers", max_processes,
-            threads, batch, run_reference(out_dir, "mwms", max_processes,
-                                          [*common, f"--batch_size={batch}"]))
+    rows.insert(rows.index(weak_largest) + max_processes,  # after the strong runs
+                dict(weak_largest, kind="strong"))  # the same runs: global batch batch * N
     _add_speedups(rows)
     return rows
 
 
+# Which Horovod np=1 run each kind is compared with: the one with the same global batch per
+# step (batch per process for weak scaling, batch x N for strong scaling and for threads).
+_BASELINE_KIND = {"reference": "weak", "weak": "weak", "tf.distribute": "weak",
+                  "strong": "strong", "threads": "strong"}
+
+
 def _add_speedups(rows):
-    """Speedup over the one-process run of the same kind (Horovod np=1 for the others), and
+    """Speedup over Horovod on one process at the same global batch per step, and
     efficiency = speedup / cores used."""
     base = {row["kind"]: row["images_per_sec"] for row in rows if row["processes"] == 1
             and row["kind"] in ("weak", "strong")}
     for row in rows:
-        reference = base.get(row["kind"], base["weak"])
+        reference = base[_BASELINE_KIND[row["kind"]]]
         row["speedup"] = row["images_per_sec"] / reference
         row["efficiency"] = row["speedup"] / (row["processes"] * row["threads"]
                                               / rows[0]["threads"])
@@ -188,15 +208,18 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=64, help="per process (weak scaling)")
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     parser.add_argument("--launcher", default="mpirun", choices=("mpirun", "horovodrun"))
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each configuration; the table holds their median")
     parser.add_argument("--out_dir", default="runs/scaling")
     args, train_args = parser.parse_known_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     rows = study(args.out_dir, args.max_processes, args.batch_size, args.threads,
                  [*train_args, "--epochs=1", "--warmup_epochs=0"],
-                 [f"--launcher={args.launcher}"])
+                 [f"--launcher={args.launcher}"], args.repeats)
     found = ratios(rows)
     title = (f"{' '.join(train_args) or 'digits_cnn'}: batch {args.batch_size}/process, "
-             f"{args.threads} thread(s)/process, {args.launcher}, {os.cpu_count()} cores")
+             f"{args.threads} thread(s)/process, {args.launcher}, {os.cpu_count()} cores, "
+             f"median of {args.repeats}")
     write_outputs(args.out_dir, rows, found, title)
     with open(os.path.join(args.out_dir, "scaling.md")) as markdown:
         print(markdown.read())

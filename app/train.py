@@ -88,10 +88,7 @@ def main(_):
     scaled_lr = app_flags.scaled_learning_rate(global_batch)
     optimizer = hvd.DistributedOptimizer(
         optimizers.build(FLAGS.optimizer, scaled_lr, FLAGS.momentum))
-    if train_source.task == "regression":
-        model.compile(optimizer, loss="mse", metrics=["mae"])
-    else:
-        model.compile(optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    models.compile_for_task(model, optimizer, train_source.task)
     tf.random.set_seed(FLAGS.seed + hvd.rank())  # per-rank randomness from here on
 
     # 6. Every rank restores the checkpoint of that epoch: weights and optimizer state.

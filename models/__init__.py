@@ -27,6 +27,15 @@ def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormal
     return BUILDERS[name](input_shape, num_outputs, normalization=normalization)
 
 
+def compile_for_task(model, optimizer, task):
+    """Compiles with the loss and metrics of `task`: classification (softmax outputs, integer
+    labels: cross-entropy and accuracy) or regression (MSE and MAE)."""
+    if task == "regression":
+        model.compile(optimizer, loss="mse", metrics=["mae"])
+    else:
+        model.compile(optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
 def add_weight_decay(model, weight_decay):
     """Adds L2 weight decay, weight_decay * sum(||w||^2) / 2 over the kernels (not biases or
     normalization parameters), as a model loss."""

@@ -60,19 +60,21 @@ def test_benchmark_mode_on_two_processes_reports_every_rank_and_writes_a_timelin
 
 @pytest.mark.distributed
 def test_scaling_study_tables_what_its_runs_measured(tmp_path):
-    run([PYTHON, "-m", "app.scaling", "-N", "2", "--flagfile=configs/digits_cnn.cfg",
-         "--steps_per_epoch=25", "--warmup_steps=5", f"--out_dir={tmp_path}"])
+    run([PYTHON, "-m", "app.scaling", "-N", "2", "--repeats=1",
+         "--flagfile=configs/digits_cnn.cfg", "--steps_per_epoch=25", "--warmup_steps=5",
+         f"--out_dir={tmp_path}"])
     with open(tmp_path / "scaling.csv") as table:
         rows = list(csv.DictReader(table))
     assert [row["kind"] for row in rows] == [
         "reference", "weak", "weak", "strong", "strong", "threads", "tf.distribute"]
-    measured = {
-        "weak-np1": rows[1], "weak-np2": rows[2], "strong-np1": rows[3]}
+    measured = {"run1-weak-np1-r0": rows[1], "run2-weak-np2-r0": rows[2],
+                "run3-strong-np1-r0": rows[3]}
     for name, row in measured.items():
         results = json.loads((tmp_path / name / "results.json").read_text())
         assert float(row["images_per_sec"]) == pytest.approx(results["images_per_sec"])
         assert int(row["global_batch"]) == results["global_batch_size"]
-    mwms = [json.loads((tmp_path / "mwms" / f"reference-{rank}.json").read_text())
+    mwms = [json.loads((tmp_path / "run5-tf.distribute-np2-r0" / f"reference-{rank}.json")
+                       .read_text())
             for rank in (0, 1)]
     assert {r["strategy"] for r in mwms} == {"multi_worker_mirrored"}
     assert float(rows[6]["images_per_sec"]) == pytest.approx(
