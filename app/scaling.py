@@ -214,7 +214,8 @@ def main(argv=None):
     args, train_args = parser.parse_known_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     rows = study(args.out_dir, args.max_processes, args.batch_size, args.threads,
-                 [*train_args, "--epochs=1", "--warmup_epochs=0"],
+                 # Like for like: the references have no LR warmup or per-step schedule.
+                 [*train_args, "--epochs=1", "--warmup_epochs=0", "--lr_schedule=constant"],
                  [f"--launcher={args.launcher}"], args.repeats)
     found = ratios(rows)
     title = (f"{' '.join(train_args) or 'digits_cnn'}: batch {args.batch_size}/process, "

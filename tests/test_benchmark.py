@@ -84,3 +84,17 @@ def test_scaling_study_tables_what_its_runs_measured(tmp_path):
     assert f"Horovod np=2 / np=1: {weak_speedup:.2f}x" in (tmp_path / "scaling.md").read_text()
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(tmp_path / "scaling.png") > 10_000
+
+
+def test_pipeline_check_compares_measured_rates(tmp_path):
+    run([PYTHON, "-m", "app.pipeline_check", "--flagfile=configs/digits_cnn.cfg",
+         "--steps_per_epoch=30", "--warmup_steps=5", f"--model_dir={tmp_path}"])
+    found = json.loads((tmp_path / "pipeline_check.json").read_text())
+    assert min(found.values()) > 0
+    assert found["pipeline_over_training"] == pytest.approx(
+        found["pipeline_images_per_sec"] / found["training_images_per_sec"])
+    assert found["tfrecord_over_raw_read"] == pytest.approx(
+        found["tfrecord_read_bytes_per_sec"] / found["raw_file_read_bytes_per_sec"])
+    trained = json.loads((tmp_path / "train_benchmark" / "results.json").read_text())
+    assert found["training_images_per_sec"] == pytest.approx(trained["images_per_sec"])
+    assert len(list((tmp_path / "tfrecords").glob("train-*-of-00004"))) == 4
