@@ -1,6 +1,9 @@
 """Pure tf.data input pipelines: sources by name, sharded for a given rank and size.
 
 Nothing here imports Horovod or reads flags; app/ passes in what it knows."""
+import glob
+import os
+
 from input_pipeline import sources
 from input_pipeline.pipeline import evaluation_dataset, shard_by_file, training_dataset
 
@@ -10,6 +13,9 @@ __all__ = ["DATASETS", "SPLITS", "evaluation_dataset", "load", "shard_by_file", 
 DATASETS = ("digits", "linear", "synthetic", "fashion_mnist", "cifar10", "imagenet")
 SPLITS = ("train", "validation")
 _TFDS_SPLITS = {"train": "train", "validation": "test"}
+# The full ImageNet in the standard layout: shards and examples per split. Its sizes are
+# known; any other set of shards is counted once, by reading it.
+_IMAGENET_SPLITS = {"train": (1024, 1_281_167), "validation": (128, 50_000)}
 
 
 def load(dataset, split, *, data_dir=None, image_size=None, seed=0):
@@ -33,16 +39,13 @@ def load(dataset, split, *, data_dir=None, image_size=None, seed=0):
     if dataset == "imagenet":
         return sources.tfrecord_images(
             split, data_dir, image_size or 224,
-            num_examples={"train": 1_281_167, "validation": 50_000}[split]
-            if _is_full_imagenet(data_dir, split) else None,
-            augment=sources.flip_and_crop(0) if split == "train" else None)
+            num_examples=_imagenet_examples(data_dir, split),
+            augment=sources.flip_and_crop(padding=0) if split == "train" else None)
     raise ValueError(f"unknown dataset {dataset!r}; one of {', '.join(DATASETS)}")
 
 
-def _is_full_imagenet(data_dir, split):
-    """The standard layout's full shard counts (1024 train, 128 validation) mean the full
-    ImageNet, whose sizes are known; anything else is counted once by reading it."""
-    import glob
-    import os
-    expected = {"train": 1024, "validation": 128}[split]
-    return len(glob.glob(os.path.join(data_dir, f"{split}-*-of-{expected:05d}"))) == expected
+def _imagenet_examples(data_dir, split):
+    """The known size of the split when `data_dir` holds the full ImageNet, else None."""
+    shards, examples = _IMAGENET_SPLITS[split]
+    found = glob.glob(os.path.join(data_dir, f"{split}-*-of-{shards:05d}"))
+    return examples if len(found) == shards else None

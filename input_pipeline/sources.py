@@ -129,7 +129,8 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
 
 
 def flip_and_crop(padding):
-    """CIFAR-style augmentation: pad by `padding` pixels, random crop back, random flip."""
+    """CIFAR-style augmentation: pad by `padding` pixels, random crop back, random flip
+    (with padding=0, a random flip only)."""
     def augment(image, label):
         size = tf.shape(image)
         image = tf.image.pad_to_bounding_box(image, padding, padding,
