@@ -168,6 +168,16 @@ def batch_sizes(world_size):
     return FLAGS.global_batch_size // world_size, FLAGS.global_batch_size
 
 
+def steps_per_epoch(num_examples, global_batch):
+    """--steps_per_epoch, or by default one pass over `num_examples` at the global batch."""
+    steps = FLAGS.steps_per_epoch or num_examples // global_batch
+    if steps == 0:
+        raise FlagError("global_batch_size" if FLAGS.global_batch_size else "batch_size",
+                        f"the global batch of {global_batch} is larger than the "
+                        f"{num_examples} training examples")
+    return steps
+
+
 def decay_epochs(values):
     """The step schedule's decay epochs as increasing integers inside the training."""
     try:

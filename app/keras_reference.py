@@ -31,7 +31,7 @@ def main(_):
     batch, global_batch = app_flags.batch_sizes(size)
     source = input_pipeline.load(FLAGS.dataset, "train", data_dir=FLAGS.data_dir,
                                  image_size=FLAGS.image_size, seed=FLAGS.seed)
-    steps_per_epoch = FLAGS.steps_per_epoch or source.num_examples // global_batch
+    steps_per_epoch = app_flags.steps_per_epoch(source.num_examples, global_batch)
     tf.keras.utils.set_random_seed(FLAGS.seed)
     dataset = input_pipeline.training_dataset(
         source, rank=rank, size=size, batch_size=batch, steps_per_epoch=steps_per_epoch,

@@ -64,11 +64,10 @@ def main(_):
             for split in input_pipeline.SPLITS)
     except (FileNotFoundError, ValueError) as error:
         app_flags.fail(f"--dataset={FLAGS.dataset}: {error}")
-    steps_per_epoch = FLAGS.steps_per_epoch or train_source.num_examples // global_batch
-    if steps_per_epoch == 0:
-        app_flags.fail(f"--{'global_batch_size' if FLAGS.global_batch_size else 'batch_size'}: "
-                       f"the global batch of {global_batch} is larger than the "
-                       f"{train_source.num_examples} training examples")
+    try:
+        steps_per_epoch = app_flags.steps_per_epoch(train_source.num_examples, global_batch)
+    except app_flags.FlagError as error:
+        app_flags.fail(error)
     # The same seed on every rank: identical initial weights and, with --deterministic,
     # the identical shuffle from which each rank takes its slice of every global batch.
     tf.keras.utils.set_random_seed(FLAGS.seed)
