@@ -53,6 +53,8 @@ class Throughput(tf.keras.callbacks.Callback):
     training steps, so that validation, checkpoints and epoch ends are left out, after the
     first `warmup_steps` steps (tracing, first allreduces, pipeline fill).
 
+    With steps_per_execution > 1 Keras calls it once per execution, with the index of the
+    execution's last step: the execution's time is shared among its steps.
     Each epoch adds `images_per_sec` to the logs: this process's rate times `world_size`."""
 
     WINDOW = 10  # steps per window; the spread is that of the windows' rates
@@ -61,17 +63,21 @@ class Throughput(tf.keras.callbacks.Callback):
         super().__init__()
         self.batch_size, self.world_size, self.warmup_steps = batch_size, world_size, warmup_steps
         self.step_seconds = []
-        self._steps_done, self._last_step_end, self._epoch_start = 0, None, 0
+        self._steps_done, self._epoch_steps, self._last_step_end = 0, 0, None
+        self._epoch_start = 0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._last_step_end, self._epoch_start = None, len(self.step_seconds)
+        self._last_step_end, self._epoch_steps = None, 0
+        self._epoch_start = len(self.step_seconds)
 
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
+        steps = batch + 1 - self._epoch_steps
         if self._last_step_end is not None and self._steps_done >= self.warmup_steps:
-            self.step_seconds.append(now - self._last_step_end)
+            self.step_seconds += [(now - self._last_step_end) / steps] * steps
         self._last_step_end = now
-        self._steps_done += 1
+        self._steps_done += steps
+        self._epoch_steps = batch + 1
 
     def on_epoch_end(self, epoch, logs=None):
         epoch_seconds = self.step_seconds[self._epoch_start:]

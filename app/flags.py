@@ -73,6 +73,11 @@ flags.DEFINE_bool("deterministic", False,
                   "Deterministic ops and data order; every global batch holds the same "
                   "examples at any number of processes, so results do not depend on it.")
 
+flags.DEFINE_integer("steps_per_execution", 1,
+                     "Training steps per call of Keras' compiled train function: fewer Python "
+                     "round trips per step, for small models; per-batch callbacks (LR warmup "
+                     "and schedule, throughput) then act once per call.", lower_bound=1)
+
 flags.DEFINE_bool("benchmark", False,
                   "Measure training throughput: no validation, checkpoints, resume or "
                   "TensorBoard; images/s per process and in total on stdout and in "

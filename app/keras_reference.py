@@ -43,7 +43,7 @@ def main(_):
         model = models.build(FLAGS.model, source.feature_shape, source.num_outputs)
         optimizer = optimizers.build(FLAGS.optimizer,
                                      app_flags.scaled_learning_rate(global_batch), FLAGS.momentum)
-        models.compile_for_task(model, optimizer, source.task)
+        models.compile_for_task(model, optimizer, source.task, FLAGS.steps_per_execution)
     throughput = callbacks.Throughput(batch, size, FLAGS.warmup_steps)
     model.fit(data, steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs, verbose=0,
               callbacks=[throughput])

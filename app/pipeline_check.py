@@ -11,7 +11,6 @@ Prints each rate and the ratios; writes pipeline_check.json to --model_dir.
 """
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -20,7 +19,7 @@ from app.compat import tf  # first: it sets TF_USE_LEGACY_KERAS
 from absl import app
 
 import input_pipeline
-from app import devices
+from app import devices, scaling
 from app import flags as app_flags
 from input_pipeline.to_tfrecord import write_split
 
@@ -48,12 +47,10 @@ def bytes_per_sec(dataset):
 
 def training_consumes(steps):
     """images/s of `app.train --benchmark` on one process with the same flags."""
-    model_dir = os.path.join(FLAGS.model_dir, "train_benchmark")
-    command = [sys.executable, "-m", "app.train", *sys.argv[1:], "--benchmark", "--epochs=1",
-               "--warmup_epochs=0", f"--steps_per_epoch={steps}", f"--model_dir={model_dir}"]
-    subprocess.run(command, check=True, capture_output=True)
-    with open(os.path.join(model_dir, "results.json")) as results:
-        return json.load(results)["images_per_sec"]
+    return scaling.run_horovod(
+        os.path.join(FLAGS.model_dir, "train_benchmark"), 1,
+        [*sys.argv[1:], "--epochs=1", "--warmup_epochs=0", f"--steps_per_epoch={steps}"],
+        launch_args=[])["images_per_sec"]
 
 
 def main(_):

@@ -87,7 +87,7 @@ def main(_):
     scaled_lr = app_flags.scaled_learning_rate(global_batch)
     optimizer = hvd.DistributedOptimizer(
         optimizers.build(FLAGS.optimizer, scaled_lr, FLAGS.momentum))
-    models.compile_for_task(model, optimizer, train_source.task)
+    models.compile_for_task(model, optimizer, train_source.task, FLAGS.steps_per_execution)
     tf.random.set_seed(FLAGS.seed + hvd.rank())  # per-rank randomness from here on
 
     # 6. Every rank restores the checkpoint of that epoch: weights and optimizer state.

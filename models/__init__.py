@@ -27,13 +27,12 @@ def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormal
     return BUILDERS[name](input_shape, num_outputs, normalization=normalization)
 
 
-def compile_for_task(model, optimizer, task):
+def compile_for_task(model, optimizer, task, steps_per_execution=1):
     """Compiles with the loss and metrics of `task`: classification (softmax outputs, integer
     labels: cross-entropy and accuracy) or regression (MSE and MAE)."""
-    if task == "regression":
-        model.compile(optimizer, loss="mse", metrics=["mae"])
-    else:
-        model.compile(optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    loss, metrics = (("mse", ["mae"]) if task == "regression"
+                     else ("sparse_categorical_crossentropy", ["accuracy"]))
+    model.compile(optimizer, loss=loss, metrics=metrics, steps_per_execution=steps_per_execution)
 
 
 def add_weight_decay(model, weight_decay):

@@ -31,6 +31,21 @@ def test_throughput_counts_only_steps_after_warmup_and_within_epochs(monkeypatch
     assert meter.window_rates().size == 0  # fewer than WINDOW steps
 
 
+def test_throughput_shares_an_execution_time_among_its_steps(monkeypatch):
+    """With steps_per_execution=4 Keras reports steps 3, 7, 11, 15: one call per 4 steps."""
+    clock = iter([0.0, 1.0, 1.4, 2.2])
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    meter = callbacks.Throughput(batch_size=8, world_size=1, warmup_steps=4)
+    logs = {}
+    meter.on_epoch_begin(0)
+    for last_step in (3, 7, 11, 15):
+        meter.on_train_batch_end(last_step)
+    meter.on_epoch_end(0, logs)
+    # Steps 0-3 warm up and start the clock; 4-7 took 1.0 s, 8-11 0.4 s, 12-15 0.8 s.
+    np.testing.assert_allclose(meter.step_seconds, [0.25] * 4 + [0.1] * 4 + [0.2] * 4)
+    assert logs["images_per_sec"] == pytest.approx(8 * 12 / 2.2)
+
+
 def test_throughput_summary_sums_ranks_and_spreads_over_windows():
     summary = callbacks.throughput_summary([100.0, 110.0], [[90.0, 110.0], [100.0, 120.0]])
     assert summary["images_per_sec"] == 210.0

@@ -1,0 +1,43 @@
+"""app.launch's command lines: binding, MPI's yielding and Horovod's cycle time follow the
+number of ranks per node and the number of nodes (the runs themselves are in test_train)."""
+import pytest
+
+from app import launch
+
+
+@pytest.fixture
+def four_cores(monkeypatch):
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
+
+
+def joined(num_processes, hosts=None, launcher="mpirun"):
+    return " ".join(launch.command(num_processes, launcher, hosts, ["--epochs=1"]))
+
+
+def test_one_node_binds_each_rank_to_its_cores_and_spins_the_cycle(four_cores):
+    line = joined(2)
+    assert "--map-by slot:PE=2 --bind-to core --mca mpi_yield_when_idle 1" in line
+    assert "-x HOROVOD_CYCLE_TIME=0.02 " in line and line.endswith("-m app.train --epochs=1")
+    assert "--cycle-time-ms 0.02 " in joined(4, launcher="horovodrun")
+
+
+def test_one_process_or_more_ranks_than_cores_keep_horovods_cycle(four_cores):
+    assert "HOROVOD_CYCLE_TIME" not in joined(1)
+    oversubscribed = joined(8)
+    assert "--bind-to none" in oversubscribed and "HOROVOD_CYCLE_TIME" not in oversubscribed
+
+
+def test_several_nodes_keep_horovods_cycle(four_cores):
+    line = joined(8, hosts="node1:4,node2:4")
+    assert "-H node1:4,node2:4" in line and "--map-by slot:PE=1 --bind-to core" in line
+    assert "HOROVOD_CYCLE_TIME" not in line
+    assert "--cycle-time-ms" not in joined(8, "node1:4,node2:4", "horovodrun")
+
+
+def test_the_users_horovod_settings_win_and_reach_every_rank(four_cores, monkeypatch):
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "2")
+    monkeypatch.setenv("HOROVOD_FUSION_THRESHOLD", "0")
+    line = joined(2)
+    assert "-x HOROVOD_CYCLE_TIME -x HOROVOD_FUSION_THRESHOLD" in line
+    assert "HOROVOD_CYCLE_TIME=0.02" not in line
