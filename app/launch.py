@@ -19,7 +19,7 @@ mpirun settings and why (measured in BENCHMARKS.md):
   loop, 0, measured the same as 0.02). Across nodes (a --hosts list of several), each cycle is a message over
   the network, so Horovod's default stays. An HOROVOD_CYCLE_TIME set by the user wins.
 `horovodrun` runs with Gloo, so the two launchers give the two controllers Horovod was built
-with. Every HOROVOD_* variable set by the user is passed on to the ranks.
+with. Every HOROVOD_* and NCCL_* variable set by the user is passed on to the ranks.
 """
 import argparse
 import os
@@ -45,7 +45,7 @@ def command(num_processes, launcher, hosts, train_args):
         mpirun.append("--allow-run-as-root")
     mpirun += ["-H", hosts] if hosts else ["--oversubscribe"]
     for name in sorted(os.environ):
-        if name in FORWARDED_ENVIRONMENT or name.startswith("HOROVOD_"):
+        if name in FORWARDED_ENVIRONMENT or name.startswith(("HOROVOD_", "NCCL_")):
             mpirun += ["-x", name]
     for name, value in tuned.items():
         mpirun += ["-x", f"{name}={value}"]

@@ -38,6 +38,8 @@ def test_several_nodes_keep_horovods_cycle(four_cores):
 def test_the_users_horovod_settings_win_and_reach_every_rank(four_cores, monkeypatch):
     monkeypatch.setenv("HOROVOD_CYCLE_TIME", "2")
     monkeypatch.setenv("HOROVOD_FUSION_THRESHOLD", "0")
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
     line = joined(2)
-    assert "-x HOROVOD_CYCLE_TIME -x HOROVOD_FUSION_THRESHOLD" in line
+    for name in ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "NCCL_DEBUG"):
+        assert f" -x {name} " in line
     assert "HOROVOD_CYCLE_TIME=0.02" not in line
