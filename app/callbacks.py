@@ -96,3 +96,39 @@ class Throughput(tf.keras.callbacks.Callback):
         windows = len(self.step_seconds) // self.WINDOW
         seconds = np.array(self.step_seconds[:windows * self.WINDOW]).reshape(windows, self.WINDOW)
         return self.batch_size * self.WINDOW / seconds.sum(axis=1)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
+    """Ends training at the end of the epoch whose loss (averaged over the ranks by
+    Horovod's MetricAverageCallback, which must come before this one) is not finite, by
+    raising NonFiniteLoss naming the first bad step over all ranks. Raising before the
+    checkpoint callback runs keeps the last good checkpoint the latest.
+
+    Deciding on the averaged epoch loss, not on each rank's batch loss, makes every rank stop
+    at the same point: a NaN on one rank reaches the others through the averaged gradients
+    one step later, so their own first bad steps can differ by one."""
+
+    def __init__(self, gather, steps_per_epoch):
+        super().__init__()
+        self.gather, self.steps_per_epoch = gather, steps_per_epoch
+        self._epoch, self._first_bad_step = 0, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._first_bad_step is None and not math.isfinite(float(logs["loss"])):
+            self._first_bad_step = self._epoch * self.steps_per_epoch + batch + 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if math.isfinite(float(logs["loss"])):
+            return
+        local = self._first_bad_step or (epoch + 1) * self.steps_per_epoch
+        first = int(np.min(self.gather(tf.constant([local], tf.int64))))
+        raise NonFiniteLoss(f"the loss became {float(logs['loss'])} at step {first} "
+                            f"(epoch {epoch + 1}, step {first - epoch * self.steps_per_epoch}); "
+                            f"the checkpoints keep the epochs before it")

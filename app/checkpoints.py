@@ -1,32 +1,58 @@
 """Checkpoints of model and optimizer after every epoch, and resume from the latest one.
 
 tf.train.CheckpointManager writes each checkpoint's files first and only then points its
-`checkpoint` index at them, so a run stopped mid-save still finds its last complete epoch."""
+`checkpoint` index at them (an atomic rename), so a run stopped at any moment, mid-save
+included, finds its last complete epoch. Each checkpoint also records the global batch it
+was trained with, so that a run resumed on another number of processes keeps it."""
 import os
 
 import tensorflow as tf
 
 KEEP = 3
+_GLOBAL_BATCH_KEY = "global_batch_size/.ATTRIBUTES/VARIABLE_VALUE"
 
 
-def manager(model, optimizer, model_dir):
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+class MismatchError(ValueError):
+    """A checkpoint that does not fit the model being built."""
+
+
+def manager(model, optimizer, model_dir, global_batch):
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                     global_batch_size=tf.Variable(global_batch, tf.int64))
     return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, "checkpoints"),
                                       max_to_keep=KEEP, checkpoint_name="epoch")
 
 
-def completed_epochs(model_dir):
-    """Epochs done by the latest checkpoint in `model_dir` (saved as epoch-N after N epochs),
-    0 if there is none."""
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    return int(latest.rsplit("-", 1)[1]) if latest else 0
+def latest(model_dir):
+    """(epochs done, global batch) of the latest checkpoint in `model_dir` (saved as epoch-N
+    after N epochs), (0, 0) if there is none."""
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    if not path:
+        return 0, 0
+    return int(path.rsplit("-", 1)[1]), int(tf.train.load_variable(path, _GLOBAL_BATCH_KEY))
 
 
 def restore(checkpoint_manager, epochs):
     """Restores the checkpoint taken after `epochs` epochs. The optimizer's slots do not exist
     until its first step; TensorFlow restores them when they are created."""
     path = os.path.join(checkpoint_manager.directory, f"epoch-{epochs}")
-    checkpoint_manager.checkpoint.restore(path).assert_existing_objects_matched()
+    _restore_matching(checkpoint_manager.checkpoint, path)
+
+
+def initialize_from(model, path):
+    """Starts `model` from the model weights of another run's checkpoint."""
+    _restore_matching(tf.train.Checkpoint(model=model), path, expect_partial=True)
+
+
+def _restore_matching(checkpoint, path, expect_partial=False):
+    try:
+        status = checkpoint.restore(path)
+        if expect_partial:
+            status.expect_partial()
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise MismatchError(f"{path} does not match this model: {first_line}") from None
 
 
 class SaveEveryEpoch(tf.keras.callbacks.Callback):

@@ -4,11 +4,13 @@ Resolution follows the TF Model Garden: the experiment's registry defaults, then
 flagfile, then the command line (absl expands --flagfile in place, so a later command-line
 flag overrides it). Everything is checked before Horovod starts or any data is read; a bad
 value ends the process with one line naming the flag and the reason, and exit code 2. Every
-rank parses the same arguments, so every rank exits the same way and nothing hangs.
+rank parses the same arguments, so every rank exits the same way and nothing hangs; only
+rank 0 prints the line.
 """
 import math
 import os
 import sys
+import tempfile
 
 from absl import flags
 
@@ -18,6 +20,7 @@ from app.experiments import EXPERIMENTS
 
 FLAGS = flags.FLAGS
 USAGE_ERROR = 2
+RUN_ERROR = 1
 
 flags.DEFINE_enum("experiment", "digits_cnn", sorted(EXPERIMENTS),
                   "Registry entry whose defaults the flagfile and command line override.")
@@ -29,6 +32,10 @@ flags.DEFINE_string("data_dir", None,
 flags.DEFINE_string("model_dir", None,
                     "Where every output of the run goes (default: runs/EXPERIMENT); a run "
                     "resumes from the latest checkpoint found here.")
+flags.DEFINE_string("init_checkpoint", None,
+                    "Checkpoint (path prefix, e.g. OTHER_RUN/checkpoints/epoch-10) whose model "
+                    "weights start a new run; the optimizer starts afresh. Ignored when "
+                    "--model_dir already holds a checkpoint to resume from.")
 flags.DEFINE_integer("batch_size", None, "Examples per process per step.", lower_bound=1)
 flags.DEFINE_integer("global_batch_size", None,
                      "Examples per step over all processes (batch_size x processes); give "
@@ -68,6 +75,9 @@ flags.DEFINE_integer("threads_per_process", 0,
                      "divided among the processes on the node).", lower_bound=0)
 flags.DEFINE_string("cache", "none",
                     "Cache of the (sharded) raw records: none, memory, or a file path prefix.")
+flags.DEFINE_bool("skip_corrupt", False,
+                  "Drop TFRecord records that cannot be read or decoded, and report how many, "
+                  "instead of stopping at the first one.")
 flags.DEFINE_integer("shuffle_buffer", 10_000, "Shuffle buffer, in examples.", lower_bound=1)
 flags.DEFINE_bool("deterministic", False,
                   "Deterministic ops and data order; every global batch holds the same "
@@ -99,10 +109,12 @@ class FlagError(ValueError):
         super().__init__(f"--{flag}={FLAGS[flag].value}: {reason}")
 
 
-def fail(message):
-    """Ends this process with one line on stderr and the usage-error exit code."""
-    print(f"app.train: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(USAGE_ERROR)
+def fail(message, code=USAGE_ERROR, this_rank_only=False):
+    """Ends this process with `code` after one line on stderr, printed by rank 0 for what
+    every rank finds alike, or by this rank for what only it met (`this_rank_only`)."""
+    if this_rank_only or rank_from_environment() == 0:
+        print(f"app.train: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def parse(argv):
@@ -155,22 +167,45 @@ def validate(world_size):
             raise FlagError("data_dir", f"is required by --dataset={FLAGS.dataset}")
         if not os.path.isdir(FLAGS.data_dir):
             raise FlagError("data_dir", "is not a directory")
+    _check_writable("model_dir", FLAGS.model_dir)
+    if FLAGS.init_checkpoint and not os.path.exists(FLAGS.init_checkpoint + ".index"):
+        raise FlagError("init_checkpoint", "no such checkpoint (no .index file at that prefix)")
     if FLAGS.cache not in ("none", "memory"):
         folder = os.path.dirname(os.path.abspath(FLAGS.cache))
         if not os.path.isdir(folder):
             raise FlagError("cache", f"folder {folder} does not exist")
 
 
-def batch_sizes(world_size):
-    """(per-process batch, global batch) for `world_size` processes."""
+def _check_writable(name, folder):
+    """A run that could not save its checkpoints must not start: `folder`, or the nearest
+    folder above it that exists, must take a file. Leaves nothing behind."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise FlagError(name, f"{existing} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise FlagError(name, f"{existing} is not writable ({error.strerror})") from None
+
+
+def batch_sizes(world_size, resumed_global_batch=0):
+    """(per-process batch, global batch) for `world_size` processes. A resumed run keeps the
+    global batch of its checkpoint (`resumed_global_batch`), whatever its number of processes,
+    so that its learning rate and steps mean what they meant."""
     if (FLAGS.batch_size is None) == (FLAGS.global_batch_size is None):
         raise FlagError("global_batch_size" if FLAGS.global_batch_size else "batch_size",
                         "give exactly one of --batch_size and --global_batch_size")
-    if FLAGS.batch_size is not None:
-        return FLAGS.batch_size, FLAGS.batch_size * world_size
-    if FLAGS.global_batch_size % world_size:
-        raise FlagError("global_batch_size", f"is not divisible by {world_size} processes")
-    return FLAGS.global_batch_size // world_size, FLAGS.global_batch_size
+    global_batch = FLAGS.global_batch_size or FLAGS.batch_size * world_size
+    name = "global_batch_size" if FLAGS.global_batch_size else "batch_size"
+    if resumed_global_batch:
+        global_batch = resumed_global_batch
+        name = "model_dir"
+    if global_batch % world_size:
+        raise FlagError(name, f"the global batch of {global_batch} is not divisible by "
+                              f"{world_size} processes")
+    return global_batch // world_size, global_batch
 
 
 def steps_per_epoch(num_examples, global_batch):
@@ -201,6 +236,14 @@ def scaled_learning_rate(global_batch):
     ratio = global_batch / FLAGS.reference_batch_size
     factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[FLAGS.lr_scaling]
     return FLAGS.learning_rate * factor
+
+
+def rank_from_environment():
+    """This process's rank as the launcher set it (0 for a lone process)."""
+    for variable in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    return 0
 
 
 def world_size_from_environment():

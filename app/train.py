@@ -40,30 +40,39 @@ def main(_):
         tf.config.experimental.enable_op_determinism()
     is_chief = hvd.rank() == 0
 
-    # 2. Batch sizes: the per-process batch times the number of processes is the global batch.
-    try:
-        batch, global_batch = app_flags.batch_sizes(hvd.size())
-    except app_flags.FlagError as error:
-        app_flags.fail(error)
-
-    # 3. Resume: rank 0 finds the latest checkpoint and tells every rank its epoch.
+    # 2. Resume: rank 0 finds the latest checkpoint and tells every rank its epoch and the
+    #    global batch it was trained with, which a resumed run keeps at any number of ranks.
     resumable = is_chief and not FLAGS.benchmark
-    initial_epoch = int(hvd.broadcast(
-        tf.constant(checkpoints.completed_epochs(FLAGS.model_dir) if resumable else 0),
-        root_rank=0, name="initial_epoch"))
+    initial_epoch, trained_global_batch = (int(value) for value in hvd.broadcast(
+        tf.constant(checkpoints.latest(FLAGS.model_dir) if resumable else (0, 0), tf.int64),
+        root_rank=0, name="resume_state"))
     if initial_epoch >= FLAGS.epochs:
         if is_chief:
             print(f"{FLAGS.model_dir} already holds {initial_epoch} epochs; nothing to train")
         return
 
+    # 3. Batch sizes: the per-process batch times the number of processes is the global batch.
+    try:
+        batch, global_batch = app_flags.batch_sizes(hvd.size(), trained_global_batch)
+    except app_flags.FlagError as error:
+        app_flags.fail(error)
+    if is_chief and trained_global_batch and batch != app_flags.batch_sizes(hvd.size())[0]:
+        print(f"app.train: warning: {FLAGS.model_dir} was trained at a global batch of "
+              f"{global_batch}; resuming on {hvd.size()} processes at {batch} each keeps it "
+              f"(start a new --model_dir to change it)", file=sys.stderr, flush=True)
+
     # 4. Data: each rank reads its own disjoint shard; every rank runs the same steps.
     try:
         train_source, validation_source = (
             input_pipeline.load(FLAGS.dataset, split, data_dir=FLAGS.data_dir,
-                                image_size=FLAGS.image_size, seed=FLAGS.seed)
+                                image_size=FLAGS.image_size, seed=FLAGS.seed,
+                                skip_corrupt=FLAGS.skip_corrupt)
             for split in input_pipeline.SPLITS)
     except (FileNotFoundError, ValueError) as error:
         app_flags.fail(f"--dataset={FLAGS.dataset}: {error}")
+    for damaged in (*train_source.damaged, *validation_source.damaged):
+        if is_chief:
+            print(f"app.train: warning: --skip_corrupt: {damaged}", file=sys.stderr, flush=True)
     try:
         steps_per_epoch = app_flags.steps_per_epoch(train_source.num_examples, global_batch)
     except app_flags.FlagError as error:
@@ -90,10 +99,16 @@ def main(_):
     models.compile_for_task(model, optimizer, train_source.task, FLAGS.steps_per_execution)
     tf.random.set_seed(FLAGS.seed + hvd.rank())  # per-rank randomness from here on
 
-    # 6. Every rank restores the checkpoint of that epoch: weights and optimizer state.
-    checkpoint_manager = checkpoints.manager(model, optimizer, FLAGS.model_dir)
-    if initial_epoch:
-        checkpoints.restore(checkpoint_manager, initial_epoch)
+    # 6. Every rank restores the checkpoint of that epoch (weights and optimizer state), or
+    #    starts a new run from --init_checkpoint's weights.
+    checkpoint_manager = checkpoints.manager(model, optimizer, FLAGS.model_dir, global_batch)
+    try:
+        if initial_epoch:
+            checkpoints.restore(checkpoint_manager, initial_epoch)
+        elif FLAGS.init_checkpoint:
+            checkpoints.initialize_from(model, FLAGS.init_checkpoint)
+    except checkpoints.MismatchError as error:
+        app_flags.fail(f"--model={FLAGS.model}: {error}", app_flags.RUN_ERROR)
 
     # 7. Callbacks, in Horovod's order: broadcast rank 0's state, average the metrics over
     #    the ranks, warm up and schedule the LR, time the steps; then the outputs, on rank 0.
@@ -101,6 +116,7 @@ def main(_):
     training_callbacks = [
         hvd.callbacks.BroadcastGlobalVariablesCallback(0),
         hvd.callbacks.MetricAverageCallback(),
+        callbacks.StopOnNonFiniteLoss(hvd.allgather, steps_per_epoch),
         *callbacks.learning_rate_schedule(
             hvd, scaled_lr, warmup_epochs=FLAGS.warmup_epochs, schedule=FLAGS.lr_schedule,
             epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
@@ -121,12 +137,19 @@ def main(_):
                                          append=initial_epoch > 0),
         ]
 
-    history = model.fit(
-        train_data, steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs,
-        initial_epoch=initial_epoch,
-        validation_data=None if FLAGS.benchmark else validation_data,
-        validation_steps=FLAGS.validation_steps, callbacks=training_callbacks,
-        verbose=(1 if sys.stdout.isatty() else 2) if is_chief else 0)
+    try:
+        history = model.fit(
+            train_data, steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs,
+            initial_epoch=initial_epoch,
+            validation_data=None if FLAGS.benchmark else validation_data,
+            validation_steps=FLAGS.validation_steps, callbacks=training_callbacks,
+            verbose=(1 if sys.stdout.isatty() else 2) if is_chief else 0)
+    except callbacks.NonFiniteLoss as error:
+        app_flags.fail(error, app_flags.RUN_ERROR)
+    except tf.errors.DataLossError as error:
+        damaged = input_pipeline.name_damaged_file((train_source, validation_source), error)
+        app_flags.fail(f"--data_dir={FLAGS.data_dir}: {damaged}", app_flags.RUN_ERROR,
+                       this_rank_only=True)
 
     # Every rank's throughput, gathered: every rank measured the same steps.
     measured = {"images_per_sec": None}

@@ -7,8 +7,8 @@ import os
 from input_pipeline import sources
 from input_pipeline.pipeline import evaluation_dataset, shard_by_file, training_dataset
 
-__all__ = ["DATASETS", "SPLITS", "evaluation_dataset", "load", "shard_by_file", "sources",
-           "training_dataset"]
+__all__ = ["DATASETS", "SPLITS", "evaluation_dataset", "load", "name_damaged_file",
+           "shard_by_file", "sources", "training_dataset"]
 
 DATASETS = ("digits", "linear", "synthetic", "fashion_mnist", "cifar10", "imagenet")
 SPLITS = ("train", "validation")
@@ -18,11 +18,12 @@ _TFDS_SPLITS = {"train": "train", "validation": "test"}
 _IMAGENET_SPLITS = {"train": (1024, 1_281_167), "validation": (128, 50_000)}
 
 
-def load(dataset, split, *, data_dir=None, image_size=None, seed=0):
+def load(dataset, split, *, data_dir=None, image_size=None, seed=0, skip_corrupt=False):
     """The `sources.Source` of `split` ("train" or "validation") of `dataset`.
 
     Raises FileNotFoundError, naming what is missing and how to prepare it, when the data is
-    not there; reads nothing else."""
+    not there, and ValueError naming a damaged TFRecord file found while counting records
+    (`skip_corrupt`: read such files up to the damage instead)."""
     if dataset == "digits":
         return sources.digits(split)
     if dataset == "linear":
@@ -40,8 +41,19 @@ def load(dataset, split, *, data_dir=None, image_size=None, seed=0):
         return sources.tfrecord_images(
             split, data_dir, image_size or 224,
             num_examples=_imagenet_examples(data_dir, split),
-            augment=sources.flip_and_crop(padding=0) if split == "train" else None)
+            augment=sources.flip_and_crop(padding=0) if split == "train" else None,
+            skip_corrupt=skip_corrupt)
     raise ValueError(f"unknown dataset {dataset!r}; one of {', '.join(DATASETS)}")
+
+
+def name_damaged_file(split_sources, error):
+    """One line for a DataLossError met while reading `split_sources`: the damaged file,
+    found by reading their TFRecord files again, else the error's own first line."""
+    files = [path for source in split_sources for path in source.files]
+    damaged = [count for count in sources.scan_tfrecords(files) if count.error]
+    if damaged:
+        return f"{damaged[0]} (--skip_corrupt reads up to the damage)"
+    return str(error).strip().splitlines()[0]
 
 
 def _imagenet_examples(data_dir, split):

@@ -40,7 +40,7 @@ def training_dataset(source, *, rank, size, batch_size, steps_per_epoch, seed, f
         return epoch_records
 
     epochs = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch)
-    examples = epochs.map(_decoder(source, training=True), num_parallel_calls=AUTOTUNE)
+    examples = _decoded(epochs, source, training=True)
     batches = examples.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
     return batches.with_options(_options(deterministic, threads))
 
@@ -52,7 +52,7 @@ def evaluation_dataset(source, *, rank, size, batch_size, cache="none", repeat=F
     records = _cached(_shard(source, rank, size), cache, source.name, rank, size)
     if repeat:
         records = records.repeat()
-    examples = records.map(_decoder(source, training=False), num_parallel_calls=AUTOTUNE)
+    examples = _decoded(records, source, training=False)
     batches = examples.batch(batch_size, drop_remainder=repeat).prefetch(AUTOTUNE)
     return batches.with_options(_options(True, threads))
 
@@ -90,10 +90,15 @@ def _cached(records, cache, name, rank, size):
     return records.cache(f"{cache}.{name}.{rank}-of-{size}")
 
 
-def _decoder(source, training):
+def _decoded(records, source, training):
+    """Records decoded in parallel (and augmented for training); undecodable ones dropped
+    when the source skips errors."""
+    decode = source.decode
     if training and source.augment is not None:
-        return lambda *record: source.augment(*source.decode(*record))
-    return source.decode
+        def decode(*record):
+            return source.augment(*source.decode(*record))
+    examples = records.map(decode, num_parallel_calls=AUTOTUNE)
+    return examples.ignore_errors() if source.skip_errors else examples
 
 
 def _options(deterministic, threads):

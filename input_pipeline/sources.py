@@ -27,6 +27,8 @@ class Source:
     decode: Callable = lambda *record: record
     augment: Optional[Callable] = None
     task: str = "classification"  # or "regression"
+    skip_errors: bool = False  # drop records that fail to read or decode
+    damaged: tuple = ()  # RecordCount of each file read only up to its damage
 
     def all_records(self):
         """The whole split, in a fixed order."""
@@ -106,16 +108,25 @@ IMAGENET_FEATURES = {
 
 
 def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
-                    num_examples=None, augment=None):
+                    num_examples=None, augment=None, skip_corrupt=False):
     """Shards in the standard ImageNet TFRecord layout: `{data_dir}/{split}-NNNNN-of-NNNNN`,
-    each record holding `image/encoded` (JPEG or PNG) and a 1-based `image/class/label`."""
+    each record holding `image/encoded` (JPEG or PNG) and a 1-based `image/class/label`.
+
+    Unless `num_examples` is given the shards are read once to count them, which also finds
+    damaged files: a ValueError names the first, or with `skip_corrupt` each damaged file is
+    read up to its damage (TFRecord framing cannot be resynchronized after it) and records
+    that do not decode are dropped; `Source.damaged` lists what was cut."""
     pattern = os.path.join(data_dir, f"{split}-*")
     files = tuple(sorted(glob.glob(pattern)))
     if not files:
         raise FileNotFoundError(f"no TFRecord files match {pattern}")
-    if num_examples is None:
-        num_examples = int(tf.data.TFRecordDataset(list(files)).reduce(
-            np.int64(0), lambda count, _: count + 1))
+    damaged = ()
+    if num_examples is None or skip_corrupt:
+        counts = scan_tfrecords(files)
+        damaged = tuple(count for count in counts if count.error)
+        if damaged and not skip_corrupt:
+            raise ValueError(f"{damaged[0]} (--skip_corrupt reads up to the damage)")
+        num_examples = sum(count.records for count in counts)
     shape = (image_size, image_size, channels)
 
     def decode(record):
@@ -124,8 +135,46 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
                                    expand_animations=False)
         image = tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), shape[:2])
         return image, example["image/class/label"] - 1
+
+    def read_file(path):
+        records = tf.data.TFRecordDataset(path)
+        return records.ignore_errors() if skip_corrupt else records
     return Source(f"tfrecord-{split}", num_examples, shape, num_outputs, files=files,
-                  read_file=tf.data.TFRecordDataset, decode=decode, augment=augment)
+                  read_file=read_file, decode=decode, augment=augment,
+                  skip_errors=skip_corrupt, damaged=damaged)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordCount:
+    """How many records of `path` can be read, and, if reading stopped early, why and how
+    many bytes of the file were left unread."""
+    path: str
+    records: int
+    error: str = ""
+    unread_bytes: int = 0
+
+    def __str__(self):
+        return (f"{self.path}: {self.error} after {self.records} good records "
+                f"({self.unread_bytes} bytes unread)")
+
+
+_RECORD_FRAMING = 16  # bytes around each TFRecord: length, its checksum, data checksum
+
+
+def scan_tfrecords(files):
+    """Reads every record of `files` once (checking TFRecord's length and data checksums)."""
+    counts = []
+    for path in files:
+        records, offset, error = 0, 0, ""
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                records += 1
+                offset += _RECORD_FRAMING + len(record.numpy())
+        except tf.errors.DataLossError as loss:
+            error = "corrupted record" if "corrupted record" in loss.message else "truncated"
+        unread = os.path.getsize(path) - offset if error else 0
+        counts.append(RecordCount(path, records, error, unread))
+    return counts
 
 
 def flip_and_crop(padding):

@@ -1,5 +1,6 @@
 """Shared helpers. TF_USE_LEGACY_KERAS must be set before TensorFlow is first imported, in this
 process and in every process a test starts, so it is set here, before any test module loads."""
+import csv
 import os
 import subprocess
 import sys
@@ -47,6 +48,12 @@ def run(command, timeout=TIMEOUT, check=True):
         pytest.fail(f"{' '.join(command)} exited {result.returncode}\n"
                     f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}")
     return result
+
+
+def read_log(model_dir):
+    """The rows of a run's training_log.csv (CSVLogger: one per epoch)."""
+    with open(os.path.join(model_dir, "training_log.csv")) as log:
+        return list(csv.DictReader(log))
 
 
 def train_command(*flags):

@@ -1,0 +1,89 @@
+"""Preemption and lost ranks: a job that loses a rank stops promptly instead of hanging, and
+the same command resumes it from its last complete checkpoint."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from conftest import PYTHON, REPO, read_log, run, train_command
+
+EPOCHS = 5
+# Long enough epochs (about 2 s at np=2) that a kill lands mid-epoch.
+FLAGS = ["--flagfile=configs/digits_cnn.cfg", f"--epochs={EPOCHS}", "--steps_per_epoch=150",
+         "--validation_steps=2"]
+
+
+def wait_for(path, job, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert job.poll() is None, f"the job ended before {path} appeared"
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.1)
+
+
+def rank_process(job, rank):
+    """The app.train process of `rank` among the launcher's descendants."""
+    for child in psutil.Process(job.pid).children(recursive=True):
+        try:
+            environment = child.environ()
+            is_train = "app.train" in child.cmdline()
+        except psutil.Error:
+            continue
+        ranks = {environment.get(name) for name in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK")}
+        if is_train and str(rank) in ranks:
+            return child
+    raise AssertionError(f"no app.train process of rank {rank}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
+def test_a_killed_rank_ends_the_job_within_a_minute_and_the_same_command_resumes(
+        launcher, tmp_path):
+    command = [PYTHON, "-m", "app.launch", "-np", "2", f"--launcher={launcher}", *FLAGS,
+               f"--model_dir={tmp_path}"]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True,
+                           env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        wait_for(tmp_path / "checkpoints" / "epoch-2.index", job)
+        time.sleep(0.5)  # into epoch 3
+        rank_process(job, 1).send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        job.communicate(timeout=60)
+        assert time.monotonic() - killed < 60
+        assert job.returncode != 0
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert not (tmp_path / "results.json").exists()
+
+    result = run(command)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["epochs_completed"] == EPOCHS
+    log = read_log(tmp_path)
+    assert [int(row["epoch"]) for row in log] == list(range(EPOCHS))  # no epoch run twice
+    assert "epoch 3/" in result.stdout.lower() or "Epoch 3/" in result.stdout
+
+
+def test_a_save_cut_short_leaves_the_last_complete_checkpoint_to_resume_from(tmp_path):
+    """A save killed midway leaves data files without their index, and the `checkpoint`
+    file (replaced atomically) still naming the previous epoch."""
+    flags = [*FLAGS, "--steps_per_epoch=5", f"--model_dir={tmp_path}"]
+    run(train_command(*flags, "--epochs=2"))
+    folder = tmp_path / "checkpoints"
+    for name in os.listdir(folder):
+        if name.startswith("epoch-2.data"):
+            partial = folder / name.replace("epoch-2", "epoch-3")
+            shutil.copyfile(folder / name, partial)
+            with open(partial, "r+b") as data:
+                data.truncate(os.path.getsize(partial) // 2)
+    run(train_command(*flags))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["epochs_completed"] == EPOCHS
+    assert (folder / f"epoch-{EPOCHS}.index").exists()
+    assert [int(row["epoch"]) for row in read_log(tmp_path)] == list(range(EPOCHS))
