@@ -16,8 +16,9 @@ mpirun settings and why (measured in BENCHMARKS.md):
   Horovod's background thread then coordinates the allreduces almost as soon as a rank has
   its gradients instead of once a millisecond, which cost the small CNN about 1 ms of every
   7 ms step at np=2 (np=2 over np=1: 1.76x with the default, 1.90x with 0.02; a busy
-  loop, 0, measured the same as 0.02). Across nodes (a --hosts list of several), each cycle is a message over
-  the network, so Horovod's default stays. An HOROVOD_CYCLE_TIME set by the user wins.
+  loop, 0, measured the same as 0.02). Across nodes (a --hosts list of several), each
+  cycle is a message over the network, so Horovod's default stays. An HOROVOD_CYCLE_TIME
+  set by the user wins.
 `horovodrun` runs with Gloo, so the two launchers give the two controllers Horovod was built
 with. Every HOROVOD_* and NCCL_* variable set by the user is passed on to the ranks.
 """

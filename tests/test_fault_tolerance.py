@@ -15,7 +15,7 @@ from conftest import PYTHON, REPO, read_log, run, train_command
 EPOCHS = 5
 # Long enough epochs (about 2 s at np=2) that a kill lands mid-epoch.
 FLAGS = ["--flagfile=configs/digits_cnn.cfg", f"--epochs={EPOCHS}", "--steps_per_epoch=150",
-         "--validation_steps=2"]
+         "--warmup_epochs=1", "--validation_steps=2"]
 
 
 def wait_for(path, job, timeout=240):

@@ -1,0 +1,122 @@
+"""Bad input at run time: each ends with one line saying what is wrong, a non-zero exit and
+the checkpoints intact (flag values checked before anything runs are in test_train)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import input_pipeline
+from conftest import mpirun, run, train_command
+from test_train import checkpoint_values
+
+DIGITS = ["--flagfile=configs/digits_cnn.cfg", "--steps_per_epoch=5", "--validation_steps=1",
+          "--warmup_epochs=0", "--lr_schedule=constant"]
+TFRECORDS = ["--flagfile=configs/imagenet_resnet50.cfg", "--model=cnn", "--image_size=8",
+             "--batch_size=16", "--epochs=1", "--steps_per_epoch=3", "--validation_steps=1",
+             "--warmup_epochs=0", "--lr_schedule=constant"]
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("app.train: error:")]
+
+
+def fails_with(command, code, *fragments):
+    result = run(command, check=False, timeout=300)
+    assert result.returncode == code, result.stderr[-3000:]
+    errors = error_lines(result)
+    assert len(errors) == 1 and all(f in errors[0] for f in fragments), result.stderr[-3000:]
+    return result
+
+
+def test_a_model_dir_that_cannot_be_written_is_refused_before_training(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    fails_with(train_command(*DIGITS, f"--model_dir={tmp_path / 'a_file' / 'run'}"), 2,
+               "--model_dir=", "is a file, not a folder")
+
+
+def test_a_pattern_matching_no_tfrecord_is_named(tmp_path):
+    fails_with(train_command(*TFRECORDS, f"--data_dir={tmp_path}",
+                             f"--model_dir={tmp_path / 'run'}"), 2,
+               "--dataset=imagenet: no TFRecord files match", str(tmp_path))
+
+
+def damage(folder, name, keep_bytes):
+    with open(folder / name, "r+b") as shard:
+        shard.seek(keep_bytes)
+        shard.write(b"\xff" * 8)
+
+
+def test_a_corrupt_tfrecord_is_named_and_skip_corrupt_trains_on_the_rest(digits_tfrecords,
+                                                                         tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(digits_tfrecords, data)
+    shard = sorted(name for name in os.listdir(data) if name.startswith("train-"))[1]
+    damage(data, shard, 1000)
+    fails_with(train_command(*TFRECORDS, f"--data_dir={data}", f"--model_dir={tmp_path / 'a'}"),
+               2, str(data / shard), "corrupted record after", "--skip_corrupt")
+
+    result = run(train_command(*TFRECORDS, f"--data_dir={data}", "--skip_corrupt",
+                               f"--model_dir={tmp_path / 'b'}"))
+    warnings = [line for line in result.stderr.splitlines() if "--skip_corrupt:" in line]
+    good = input_pipeline.sources.scan_tfrecords([str(data / shard)])[0]
+    assert good.error and 0 < good.records and good.unread_bytes > 0
+    assert len(warnings) == 1 and f"after {good.records} good records" in warnings[0]
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["epochs_completed"] == 1
+
+
+def test_a_data_loss_met_while_training_names_its_file(digits_tfrecords, tmp_path):
+    """For the full ImageNet nothing is read ahead of training; a damaged file surfaces as a
+    DataLossError in training, and is then found and named."""
+    data = tmp_path / "data"
+    shutil.copytree(digits_tfrecords, data)
+    shard = sorted(os.listdir(data))[-1]
+    damage(data, shard, 500)
+    source = input_pipeline.sources.tfrecord_images(
+        shard.split("-")[0], str(data), 8, channels=1, num_examples=100)
+    line = input_pipeline.name_damaged_file([source], RuntimeError("DataLoss"))
+    assert line.startswith(str(data / shard)) and "corrupted record after" in line
+
+
+def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run(train_command(*DIGITS, "--epochs=1", f"--model_dir={tmp_path}"))
+    before = checkpoint_values(tmp_path, 1, "model/")
+    result = fails_with(train_command(*DIGITS, "--epochs=3", "--learning_rate=1e12",
+                                      f"--model_dir={tmp_path}"),
+                        1, "the loss became", "at step", "epoch 2")
+    step = int(error_lines(result)[0].split("at step ")[1].split()[0])
+    assert 5 < step <= 10  # in epoch 2 of 5 steps
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [
+        "checkpoint", "epoch-1.data-00000-of-00001", "epoch-1.index"]
+    after = checkpoint_values(tmp_path, 1, "model/")
+    assert all(np.array_equal(before[name], after[name]) for name in before)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    run(train_command(*DIGITS, "--epochs=1", f"--model_dir={tmp_path}"))
+    fails_with(train_command(*DIGITS, "--epochs=2", "--model=mlp", f"--model_dir={tmp_path}"),
+               1, "--model=mlp", "epoch-1 does not match this model")
+    assert not (tmp_path / "checkpoints" / "epoch-2.index").exists()
+
+
+@pytest.mark.distributed
+def test_a_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path):
+    run([*mpirun(2), *train_command(*DIGITS, "--epochs=1", f"--model_dir={tmp_path}")])
+    result = run(train_command(*DIGITS, "--epochs=2", f"--model_dir={tmp_path}"))
+    assert "trained at a global batch of 64; resuming on 1 processes at 64 each" in result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 1 and results["batch_size"] == 64
+    assert results["global_batch_size"] == 64 and results["epochs_completed"] == 2
+
+
+def test_init_checkpoint_starts_a_new_run_from_another_runs_weights(tmp_path):
+    run(train_command(*DIGITS, "--epochs=1", f"--model_dir={tmp_path / 'a'}"))
+    start = str(tmp_path / "a" / "checkpoints" / "epoch-1")
+    run(train_command(*DIGITS, "--epochs=1", "--learning_rate=0", f"--init_checkpoint={start}",
+                      f"--model_dir={tmp_path / 'b'}"))
+    a, b = ({name: value for name, value in checkpoint_values(tmp_path / run, 1, "model/").items()
+             if "OPTIMIZER_SLOT" not in name} for run in ("a", "b"))  # a fresh optimizer
+    assert len(a) == 8 and a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+    fails_with(train_command(*DIGITS, "--epochs=1", f"--init_checkpoint={start}-missing",
+                             f"--model_dir={tmp_path / 'c'}"), 2, "--init_checkpoint=")
