@@ -240,21 +240,24 @@ def scaled_learning_rate(global_batch):
 
 def rank_from_environment():
     """This process's rank as the launcher set it (0 for a lone process)."""
-    for variable in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if os.environ.get(variable, "").isdigit():
-            return int(os.environ[variable])
-    return 0
+    rank = _set_by_launcher("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+    return 0 if rank is None else rank
 
 
 def world_size_from_environment():
     """The number of processes the launcher started (mpirun, horovodrun, srun, MPICH's
     hydra), read from its environment so that flags are checked before Horovod starts."""
-    for variable in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+    slurm_step = ("SLURM_NTASKS",) if "SLURM_STEP_ID" in os.environ else ()
+    size = _set_by_launcher("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", *slurm_step)
+    return 1 if size is None else size
+
+
+def _set_by_launcher(*variables):
+    """The first of the environment `variables` holding a whole number, None if none does."""
+    for variable in variables:
         if os.environ.get(variable, "").isdigit():
             return int(os.environ[variable])
-    if "SLURM_STEP_ID" in os.environ and os.environ.get("SLURM_NTASKS", "").isdigit():
-        return int(os.environ["SLURM_NTASKS"])
-    return 1
+    return None
 
 
 def resolved_flagfile():

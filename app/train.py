@@ -23,6 +23,7 @@ from app import callbacks, checkpoints, devices, optimizers
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
+SKIP_CORRUPT_HINT = "(--skip_corrupt reads up to the damage)"
 
 
 def main(_):
@@ -53,10 +54,11 @@ def main(_):
 
     # 3. Batch sizes: the per-process batch times the number of processes is the global batch.
     try:
+        requested_batch, _ = app_flags.batch_sizes(hvd.size())
         batch, global_batch = app_flags.batch_sizes(hvd.size(), trained_global_batch)
     except app_flags.FlagError as error:
         app_flags.fail(error)
-    if is_chief and trained_global_batch and batch != app_flags.batch_sizes(hvd.size())[0]:
+    if is_chief and batch != requested_batch:
         print(f"app.train: warning: {FLAGS.model_dir} was trained at a global batch of "
               f"{global_batch}; resuming on {hvd.size()} processes at {batch} each keeps it "
               f"(start a new --model_dir to change it)", file=sys.stderr, flush=True)
@@ -68,10 +70,12 @@ def main(_):
                                 image_size=FLAGS.image_size, seed=FLAGS.seed,
                                 skip_corrupt=FLAGS.skip_corrupt)
             for split in input_pipeline.SPLITS)
+    except input_pipeline.sources.DamagedFileError as error:
+        app_flags.fail(f"--dataset={FLAGS.dataset}: {error} {SKIP_CORRUPT_HINT}")
     except (FileNotFoundError, ValueError) as error:
         app_flags.fail(f"--dataset={FLAGS.dataset}: {error}")
-    for damaged in (*train_source.damaged, *validation_source.damaged):
-        if is_chief:
+    if is_chief:
+        for damaged in (*train_source.damaged, *validation_source.damaged):
             print(f"app.train: warning: --skip_corrupt: {damaged}", file=sys.stderr, flush=True)
     try:
         steps_per_epoch = app_flags.steps_per_epoch(train_source.num_examples, global_batch)
@@ -148,8 +152,8 @@ def main(_):
         app_flags.fail(error, app_flags.RUN_ERROR)
     except tf.errors.DataLossError as error:
         damaged = input_pipeline.name_damaged_file((train_source, validation_source), error)
-        app_flags.fail(f"--data_dir={FLAGS.data_dir}: {damaged}", app_flags.RUN_ERROR,
-                       this_rank_only=True)
+        app_flags.fail(f"--data_dir={FLAGS.data_dir}: {damaged} {SKIP_CORRUPT_HINT}",
+                       app_flags.RUN_ERROR, this_rank_only=True)
 
     # Every rank's throughput, gathered: every rank measured the same steps.
     measured = {"images_per_sec": None}

@@ -22,8 +22,8 @@ def load(dataset, split, *, data_dir=None, image_size=None, seed=0, skip_corrupt
     """The `sources.Source` of `split` ("train" or "validation") of `dataset`.
 
     Raises FileNotFoundError, naming what is missing and how to prepare it, when the data is
-    not there, and ValueError naming a damaged TFRecord file found while counting records
-    (`skip_corrupt`: read such files up to the damage instead)."""
+    not there, and sources.DamagedFileError naming a damaged TFRecord file found while
+    counting records (`skip_corrupt`: read such files up to the damage instead)."""
     if dataset == "digits":
         return sources.digits(split)
     if dataset == "linear":
@@ -51,9 +51,7 @@ def name_damaged_file(split_sources, error):
     found by reading their TFRecord files again, else the error's own first line."""
     files = [path for source in split_sources for path in source.files]
     damaged = [count for count in sources.scan_tfrecords(files) if count.error]
-    if damaged:
-        return f"{damaged[0]} (--skip_corrupt reads up to the damage)"
-    return str(error).strip().splitlines()[0]
+    return str(damaged[0]) if damaged else str(error).strip().splitlines()[0]
 
 
 def _imagenet_examples(data_dir, split):

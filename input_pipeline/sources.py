@@ -113,7 +113,7 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
     each record holding `image/encoded` (JPEG or PNG) and a 1-based `image/class/label`.
 
     Unless `num_examples` is given the shards are read once to count them, which also finds
-    damaged files: a ValueError names the first, or with `skip_corrupt` each damaged file is
+    damaged files: a DamagedFileError names the first, or with `skip_corrupt` each damaged file is
     read up to its damage (TFRecord framing cannot be resynchronized after it) and records
     that do not decode are dropped; `Source.damaged` lists what was cut."""
     pattern = os.path.join(data_dir, f"{split}-*")
@@ -125,7 +125,7 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
         counts = scan_tfrecords(files)
         damaged = tuple(count for count in counts if count.error)
         if damaged and not skip_corrupt:
-            raise ValueError(f"{damaged[0]} (--skip_corrupt reads up to the damage)")
+            raise DamagedFileError(str(damaged[0]))
         num_examples = sum(count.records for count in counts)
     shape = (image_size, image_size, channels)
 
@@ -142,6 +142,10 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
     return Source(f"tfrecord-{split}", num_examples, shape, num_outputs, files=files,
                   read_file=read_file, decode=decode, augment=augment,
                   skip_errors=skip_corrupt, damaged=damaged)
+
+
+class DamagedFileError(ValueError):
+    """A TFRecord file that cannot be read to its end."""
 
 
 @dataclasses.dataclass(frozen=True)

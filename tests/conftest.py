@@ -50,6 +50,11 @@ def run(command, timeout=TIMEOUT, check=True):
     return result
 
 
+def error_lines(result):
+    """The `app.train: error:` lines a finished command printed."""
+    return [line for line in result.stderr.splitlines() if line.startswith("app.train: error:")]
+
+
 def read_log(model_dir):
     """The rows of a run's training_log.csv (CSVLogger: one per epoch)."""
     with open(os.path.join(model_dir, "training_log.csv")) as log:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import input_pipeline
-from conftest import mpirun, run, train_command
+from conftest import error_lines, mpirun, run, train_command
 from test_train import checkpoint_values
 
 DIGITS = ["--flagfile=configs/digits_cnn.cfg", "--steps_per_epoch=5", "--validation_steps=1",
@@ -16,10 +16,6 @@ DIGITS = ["--flagfile=configs/digits_cnn.cfg", "--steps_per_epoch=5", "--validat
 TFRECORDS = ["--flagfile=configs/imagenet_resnet50.cfg", "--model=cnn", "--image_size=8",
              "--batch_size=16", "--epochs=1", "--steps_per_epoch=3", "--validation_steps=1",
              "--warmup_epochs=0", "--lr_schedule=constant"]
-
-
-def error_lines(result):
-    return [line for line in result.stderr.splitlines() if line.startswith("app.train: error:")]
 
 
 def fails_with(command, code, *fragments):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import PYTHON, mpirun, read_log, run, train_command
+from conftest import PYTHON, error_lines, mpirun, read_log, run, train_command
 
 # A few steps: one short epoch, so no warmup and a schedule that fits in it.
 SHORT = ["--epochs=1", "--steps_per_epoch=2", "--validation_steps=1", "--warmup_epochs=0",
@@ -143,7 +143,7 @@ def test_bad_flags_end_with_one_line_naming_the_flag(experiment, flags, named, t
     result = run(train_command(f"--flagfile=configs/{experiment}.cfg", *flags,
                                f"--model_dir={tmp_path / 'run'}"), check=False)
     assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("app.train: error:")]
+    errors = error_lines(result)
     assert len(errors) == 1 and named in errors[0], result.stderr[-2000:]
     assert not (tmp_path / "run").exists()  # nothing written
 
