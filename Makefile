@@ -1,11 +1,14 @@
 # make setup: build the stack into .venv (idempotent); make train: the default experiment on
-# NP processes; make test: the whole suite. BUILD.md explains the build.
+# NP processes; make test: the whole suite; make tensorboard: TensorBoard on LOGDIR, reachable
+# from this machine only (from elsewhere: an ssh tunnel). BUILD.md explains the build.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 NP ?= 2
 EXPERIMENT ?= digits_cnn
+LOGDIR ?= runs
+PORT ?= 6006
 
-.PHONY: setup train test clean
+.PHONY: setup train test tensorboard clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -15,6 +18,9 @@ train: setup
 
 test: setup
 	$(PYTHON) -m pytest
+
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host localhost --port $(PORT)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -132,3 +132,48 @@ class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
         raise NonFiniteLoss(f"the loss became {float(logs['loss'])} at step {first} "
                             f"(epoch {epoch + 1}, step {first - epoch * self.steps_per_epoch}); "
                             f"the checkpoints keep the epochs before it")
+
+
+class UpdateEpochState(tf.keras.callbacks.Callback):
+    """Records each finished epoch in Horovod's elastic state, for a run whose fit() is given
+    initial_epoch=state.epoch: Keras' epoch numbers are then those of the whole run, which
+    checkpoints, logs and LR schedules need. (hvd.elastic.UpdateEpochStateCallback counts
+    from 0 at every restart instead.) Put it just before CommitStateCallback, so that the
+    epoch end's commit holds the finished epoch."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.state.epoch = epoch + 1
+
+
+class TimeToAccuracy(tf.keras.callbacks.Callback):
+    """Adds `wall_seconds`, the training time so far, to every epoch's logs, and ends
+    training after the epoch whose validation accuracy reaches `target_accuracy` or in which
+    `time_budget` seconds ran out (either may be None).
+
+    Every rank must stop after the same epoch: the accuracy is the one averaged by Horovod's
+    MetricAverageCallback (which must come first), and the clock is rank 0's, sent to all
+    by `broadcast`. `reached` holds (epoch, seconds) of the first epoch at the target."""
+
+    def __init__(self, target_accuracy, time_budget, broadcast):
+        super().__init__()
+        self.target_accuracy, self.time_budget = target_accuracy, time_budget
+        self.broadcast = broadcast
+        self.reached, self._started = None, None
+
+    def on_train_begin(self, logs=None):
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["wall_seconds"] = time.perf_counter() - self._started
+        if self.time_budget is not None:
+            logs["wall_seconds"] = float(self.broadcast(tf.constant(logs["wall_seconds"])))
+        if (self.target_accuracy is not None and self.reached is None
+                and logs.get("val_accuracy", 0.0) >= self.target_accuracy):
+            self.reached = (epoch + 1, logs["wall_seconds"])
+            self.model.stop_training = True
+        if self.time_budget is not None and logs["wall_seconds"] >= self.time_budget:
+            self.model.stop_training = True

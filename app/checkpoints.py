@@ -16,11 +16,17 @@ class MismatchError(ValueError):
     """A checkpoint that does not fit the model being built."""
 
 
-def manager(model, optimizer, model_dir, global_batch):
+def manager(model, optimizer, model_dir):
+    """Saves model, optimizer and the global batch (see set_global_batch) under model_dir."""
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                     global_batch_size=tf.Variable(global_batch, tf.int64))
+                                     global_batch_size=tf.Variable(0, dtype=tf.int64))
     return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, "checkpoints"),
                                       max_to_keep=KEEP, checkpoint_name="epoch")
+
+
+def set_global_batch(checkpoint_manager, global_batch):
+    """The global batch the next checkpoints record (it changes when an elastic job resizes)."""
+    checkpoint_manager.checkpoint.global_batch_size.assign(global_batch)
 
 
 def latest(model_dir):
@@ -40,8 +46,12 @@ def restore(checkpoint_manager, epochs):
 
 
 def initialize_from(model, path):
-    """Starts `model` from the model weights of another run's checkpoint."""
-    _restore_matching(tf.train.Checkpoint(model=model), path, expect_partial=True)
+    """Starts `model` from the model weights of another run's checkpoint, and nothing else:
+    they are read into an uncompiled twin, whose weights are then copied (restoring into
+    `model` itself would also restore its optimizer's state, now or once it is created)."""
+    twin = tf.keras.models.clone_model(model)
+    _restore_matching(tf.train.Checkpoint(model=twin), path, expect_partial=True)
+    model.set_weights(twin.get_weights())
 
 
 def _restore_matching(checkpoint, path, expect_partial=False):

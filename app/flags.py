@@ -50,7 +50,8 @@ flags.DEFINE_integer("validation_steps", None,
 flags.DEFINE_integer("image_size", None, "Image side in pixels, for image data sets that "
                      "resize.", lower_bound=8)
 flags.DEFINE_float("learning_rate", None,
-                   "Base learning rate, at --reference_batch_size.", lower_bound=0.0)
+                   "Base learning rate (app.train: the LR at --reference_batch_size).",
+                   lower_bound=0.0)
 flags.DEFINE_enum("lr_scaling", "linear", ["none", "linear", "sqrt"],
                   "Scales the base LR by global batch / reference batch (linear, Goyal et "
                   "al.) or its square root.")
@@ -98,6 +99,23 @@ flags.DEFINE_integer("warmup_steps", 10,
 flags.DEFINE_bool("timeline", False,
                   "Write Horovod's timeline (chrome://tracing) to MODEL_DIR/timeline.json.")
 
+flags.DEFINE_float("target_accuracy", None,
+                   "End training after the first epoch whose validation accuracy (averaged "
+                   "over the ranks) reaches this.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("time_budget", None,
+                   "End training after the epoch in which this many seconds of training "
+                   "(rank 0's clock, from the first step) have passed.", lower_bound=0.0)
+
+flags.DEFINE_bool("elastic", False,
+                  "Elastic training: workers may leave and join while it runs (Horovod's "
+                  "elastic mode; start it with python -m app.launch --host_discovery_script). "
+                  "The per-process batch stays, so the global batch and the LR follow the "
+                  "number of workers.")
+flags.DEFINE_integer("commit_steps", 100,
+                     "Elastic: steps between commits of the training state (and at every "
+                     "epoch end); a failed worker costs at most these steps, and a change of "
+                     "workers takes effect at the next commit.", lower_bound=1)
+
 NEEDS_DATA_DIR = ("fashion_mnist", "cifar10", "imagenet")
 _BATCH_FLAGS = ("batch_size", "global_batch_size")
 
@@ -106,29 +124,48 @@ class FlagError(ValueError):
     """A flag value that cannot run, named by its flag."""
 
     def __init__(self, flag, reason):
-        super().__init__(f"--{flag}={FLAGS[flag].value}: {reason}")
+        value = FLAGS[flag].value
+        shown = ",".join(map(str, value)) if isinstance(value, list) else value
+        super().__init__(f"--{flag}={shown}: {reason}")
 
 
 def fail(message, code=USAGE_ERROR, this_rank_only=False):
     """Ends this process with `code` after one line on stderr, printed by rank 0 for what
     every rank finds alike, or by this rank for what only it met (`this_rank_only`)."""
     if this_rank_only or rank_from_environment() == 0:
-        print(f"app.train: error: {message}", file=sys.stderr, flush=True)
+        print(f"{_program()}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
-def parse(argv):
-    """absl's flags_parser for app.run: parse, apply the experiment's defaults, validate."""
-    try:
-        remaining = FLAGS(argv)
-        if len(remaining) > 1:
-            raise flags.Error(f"unexpected arguments: {' '.join(remaining[1:])}")
-        _prefer_command_line_batch_flag(argv)
-        _apply_experiment_defaults()
-        validate(world_size_from_environment())
-    except (flags.Error, FlagError) as error:
-        fail(error)
-    return remaining
+def _program():
+    """The running entry point as `python -m` names it (app.train for its console script)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec.name if spec else "app.train"
+
+
+def parser(check):
+    """An absl flags_parser for app.run: parses, then calls `check(argv)`, which raises
+    FlagError for a value that cannot run; any error ends the process with one line."""
+    def parse(argv):
+        try:
+            remaining = FLAGS(argv)
+            if len(remaining) > 1:
+                raise flags.Error(f"unexpected arguments: {' '.join(remaining[1:])}")
+            check(argv)
+        except (flags.Error, FlagError) as error:
+            fail(error)
+        return remaining
+    return parse
+
+
+def _check_training_flags(argv):
+    """app.train's: the experiment's defaults where nothing else was given, then validate."""
+    _prefer_command_line_batch_flag(argv)
+    _apply_experiment_defaults()
+    validate(world_size_from_environment())
+
+
+parse = parser(_check_training_flags)
 
 
 def _prefer_command_line_batch_flag(argv):
@@ -170,6 +207,11 @@ def validate(world_size):
     _check_writable("model_dir", FLAGS.model_dir)
     if FLAGS.init_checkpoint and not os.path.exists(FLAGS.init_checkpoint + ".index"):
         raise FlagError("init_checkpoint", "no such checkpoint (no .index file at that prefix)")
+    if FLAGS.target_accuracy is not None and FLAGS.benchmark:
+        raise FlagError("target_accuracy", "needs validation, which --benchmark leaves out")
+    if FLAGS.elastic and os.environ.get("HOROVOD_ELASTIC") != "1":
+        raise FlagError("elastic", "needs horovodrun's elastic mode (python -m app.launch "
+                                   "--host_discovery_script=SCRIPT ...)")
     if FLAGS.cache not in ("none", "memory"):
         folder = os.path.dirname(os.path.abspath(FLAGS.cache))
         if not os.path.isdir(folder):
@@ -265,3 +307,40 @@ def resolved_flagfile():
     lines = [flag.serialize() for flag in FLAGS.get_flags_for_module(__name__)
              if flag.value is not None and flag.serialize()]
     return "\n".join(sorted(lines)) + "\n"
+
+
+def define_gd_study_flags():
+    """The flags of app.gd_study besides --seed and --learning_rate (defined only when it
+    runs, so that app.train's flagfile and help stay its own)."""
+    flags.DEFINE_integer("num_examples", 1000, "Points (x, y) to generate.", lower_bound=2)
+    flags.DEFINE_float("true_w", 2.0, "Slope w of the line the data come from.")
+    flags.DEFINE_float("true_b", 1.0, "Intercept b of the line the data come from.")
+    flags.DEFINE_float("noise", 0.5, "Standard deviation of the noise added to y.",
+                       lower_bound=0.0)
+    flags.DEFINE_float("initial_w", -2.0, "Where every method starts: w.")
+    flags.DEFINE_float("initial_b", -2.0, "Where every method starts: b.")
+    # Shared with app.train: --seed (of the data and of every method's shuffles) and
+    # --learning_rate (the same for every method, not scaled).
+    FLAGS.set_default("seed", 0)
+    FLAGS.set_default("learning_rate", 0.1)
+    flags.DEFINE_list("minibatch_sizes", ["16", "32", "64", "128"],
+                      "Minibatch sizes trained besides full-batch GD and SGD (batch 1).")
+    flags.DEFINE_float("tolerance", 1e-6,
+                       "Convergence rule: stop when the full-data loss at an epoch's end "
+                       "changed by less than this fraction of the previous epoch's.",
+                       lower_bound=0.0)
+    flags.DEFINE_integer("max_epochs", 500, "Limit: epochs per method.", lower_bound=1)
+    flags.DEFINE_integer("max_updates", 20_000, "Limit: updates per method.", lower_bound=1)
+    flags.DEFINE_string("out_dir", "runs/gd_study", "Where figures and tables go.")
+
+
+def study_batch_sizes(values, num_examples):
+    """--minibatch_sizes as whole numbers between 2 and num_examples - 1."""
+    try:
+        sizes = [int(value) for value in values]
+    except ValueError:
+        raise FlagError("minibatch_sizes", "must be whole numbers") from None
+    if not all(1 < size < num_examples for size in sizes):
+        raise FlagError("minibatch_sizes", f"each must be between 2 and {num_examples - 1} "
+                                           f"(batch 1 and the full batch always run)")
+    return sorted(set(sizes))

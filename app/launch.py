@@ -21,6 +21,14 @@ mpirun settings and why (measured in BENCHMARKS.md):
   set by the user wins.
 `horovodrun` runs with Gloo, so the two launchers give the two controllers Horovod was built
 with. Every HOROVOD_* and NCCL_* variable set by the user is passed on to the ranks.
+
+Elastic training (`--host_discovery_script`, with `--min_np`/`--max_np`) runs horovodrun's
+elastic mode and app.train --elastic: the script prints the hosts available now, one
+`host:slots` per line, and Horovod polls it every second; workers leave and join at the
+next commit of the training state. Horovod finds the interface the workers talk over by
+probing two hosts at start, or takes `--network_interface` (on one machine: lo).
+
+    python -m app.launch -np 4 --min_np=2 --max_np=8 --host_discovery_script=./hosts.sh ...
 """
 import argparse
 import os
@@ -31,14 +39,21 @@ LAUNCHERS = ("mpirun", "horovodrun")
 FORWARDED_ENVIRONMENT = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "TF_USE_LEGACY_KERAS")
 
 
-def command(num_processes, launcher, hosts, train_args):
-    """The full command line that starts app.train on `num_processes` processes."""
+def command(num_processes, launcher, hosts, train_args, elastic=None):
+    """The full command line that starts app.train on `num_processes` processes; `elastic`:
+    (min processes, max processes, host discovery script, network interface or None) for
+    horovodrun's elastic mode."""
     train = [sys.executable, "-m", "app.train", *train_args]
     tuned = _tuned_horovod_environment(num_processes, hosts)
+    if elastic:
+        min_np, max_np, discovery_script, network_interface = elastic
+        interface = ["--network-interface", network_interface] if network_interface else []
+        return [_horovodrun(), "-np", str(num_processes), "--min-np", str(min_np),
+                "--max-np", str(max_np), "--host-discovery-script", discovery_script,
+                *interface, *train, *([] if "--elastic" in train_args else ["--elastic"])]
     if launcher == "horovodrun":
-        horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
         cycle = ["--cycle-time-ms", tuned["HOROVOD_CYCLE_TIME"]] if tuned else []
-        return [horovodrun, "-np", str(num_processes), "--gloo", *cycle,
+        return [_horovodrun(), "-np", str(num_processes), "--gloo", *cycle,
                 *(["-H", hosts] if hosts else []), *train]
     mpirun = ["mpirun", "-np", str(num_processes), *_binding(num_processes, hosts),
               "--mca", "mpi_yield_when_idle", "1"]
@@ -51,6 +66,10 @@ def command(num_processes, launcher, hosts, train_args):
     for name, value in tuned.items():
         mpirun += ["-x", f"{name}={value}"]
     return mpirun + train
+
+
+def _horovodrun():
+    return os.path.join(os.path.dirname(sys.executable), "horovodrun")
 
 
 def _ranks_per_node(num_processes, hosts):
@@ -83,11 +102,35 @@ def main(argv=None):
     parser.add_argument("-np", type=int, default=2, help="number of processes (default 2)")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="mpirun")
     parser.add_argument("--hosts", help="host:slots,... (default: this machine)")
+    parser.add_argument("--host_discovery_script",
+                        help="elastic training: executable printing the available host:slots")
+    parser.add_argument("--min_np", type=int, help="elastic: fewest processes (default -np)")
+    parser.add_argument("--max_np", type=int, help="elastic: most processes (default -np)")
+    parser.add_argument("--network_interface",
+                        help="elastic: the interface the workers talk over (e.g. ib0, or lo "
+                             "on one machine); without it Horovod needs two hosts at start "
+                             "to find a common one")
     args, train_args = parser.parse_known_args(argv)
     if args.np < 1:
         parser.error(f"-np={args.np}: needs at least one process")
+    elastic = None
+    if args.host_discovery_script:
+        min_np, max_np = args.min_np or args.np, args.max_np or args.np
+        if not 1 <= min_np <= args.np <= max_np:
+            parser.error(f"--min_np={min_np}, -np={args.np}, --max_np={max_np}: "
+                         f"needs 1 <= min_np <= np <= max_np")
+        if args.hosts:
+            parser.error("--hosts: the host discovery script gives the hosts of elastic runs")
+        if not os.access(args.host_discovery_script, os.X_OK):
+            parser.error(f"--host_discovery_script={args.host_discovery_script}: "
+                         f"not an executable file")
+        elastic = (min_np, max_np, os.path.abspath(args.host_discovery_script),
+                   args.network_interface)
+    elif args.min_np or args.max_np or args.network_interface:
+        parser.error("--min_np/--max_np/--network_interface: need --host_discovery_script "
+                     "(elastic training)")
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    launch = command(args.np, args.launcher, args.hosts, train_args)
+    launch = command(args.np, args.launcher, args.hosts, train_args, elastic)
     print(shlex.join(launch), flush=True)
     os.execvp(launch[0], launch)
 

@@ -13,3 +13,10 @@ def build(name, learning_rate, momentum=0.0):
     if name == "adam":
         return legacy.Adam(learning_rate)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def create_slots(optimizer, variables):
+    """Creates the optimizer's variables (iterations, momentum or moment slots) now, which
+    legacy Keras optimizers defer to their first step: Horovod's elastic sync broadcasts
+    them, so a worker that joins a running job must already hold the same ones."""
+    optimizer._create_all_weights(variables)

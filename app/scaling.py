@@ -23,17 +23,23 @@ import numpy as np
 from app import callbacks
 
 
-def run_horovod(model_dir, processes, train_args, launch_args):
-    _check([sys.executable, "-m", "app.launch", "-np", str(processes), *launch_args,
-            *train_args, "--benchmark", f"--model_dir={model_dir}"], model_dir)
+def run_app_train(model_dir, launch_args, train_args):
+    """app.train through app.launch, into `model_dir`; the results.json it wrote."""
+    _check([sys.executable, "-m", "app.launch", *launch_args, *train_args,
+            f"--model_dir={model_dir}"], model_dir)
     with open(os.path.join(model_dir, "results.json")) as results:
         return json.load(results)
+
+
+def run_horovod(model_dir, processes, train_args, launch_args):
+    return run_app_train(model_dir, ["-np", str(processes), *launch_args],
+                         [*train_args, "--benchmark"])
 
 
 def run_reference(model_dir, workers, train_args):
     """app.keras_reference on `workers` local processes (MultiWorkerMirroredStrategy when
     more than one), summarized as app.train summarizes its ranks."""
-    addresses = [f"localhost:{_free_port()}" for _ in range(workers)]
+    addresses = [f"localhost:{free_port()}" for _ in range(workers)]
     processes = []
     for index in range(workers):
         env = dict(os.environ)
@@ -188,7 +194,7 @@ def _cell(value):
     return "" if value is None else str(value)
 
 
-def _free_port():
+def free_port():
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         return probe.getsockname()[1]

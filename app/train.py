@@ -3,11 +3,16 @@
     python -m app.train --flagfile=configs/digits_cnn.cfg                # one process
     mpirun -np 4 python -m app.train --flagfile=configs/digits_cnn.cfg   # or horovodrun, srun
     python -m app.launch -np 4 --flagfile=configs/digits_cnn.cfg         # the tuned launcher
+    python -m app.launch -np 4 --min_np=2 --max_np=8 \\
+        --host_discovery_script=discover.sh --flagfile=...             # elastic (--elastic)
 
-The Horovod recipe reads top to bottom in main(): init; pin a GPU per local rank; shard the
-data by rank; scale the learning rate with the global batch; wrap the optimizer in
-hvd.DistributedOptimizer; resume; callbacks in Horovod's order; outputs from rank 0 only.
+The Horovod recipe reads top to bottom: main() inits Horovod, pins a GPU per local rank,
+resumes, builds the model and wraps its optimizer in hvd.DistributedOptimizer; train() then
+shards the data by rank, scales the learning rate with the global batch, adds the callbacks
+in Horovod's order and fits, with the outputs on rank 0 only. Under --elastic, train() runs
+again, with the new number of processes, each time workers leave or join.
 """
+import functools
 import json
 import os
 import sys
@@ -39,31 +44,25 @@ def main(_):
     devices.set_cpu_threads(threads)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
-    is_chief = hvd.rank() == 0
 
     # 2. Resume: rank 0 finds the latest checkpoint and tells every rank its epoch and the
     #    global batch it was trained with, which a resumed run keeps at any number of ranks.
-    resumable = is_chief and not FLAGS.benchmark
-    initial_epoch, trained_global_batch = (int(value) for value in hvd.broadcast(
-        tf.constant(checkpoints.latest(FLAGS.model_dir) if resumable else (0, 0), tf.int64),
-        root_rank=0, name="resume_state"))
+    #    Elastic workers make no collective call before hvd.elastic.run (one that joins later
+    #    would wait in it for ever): each reads the checkpoint, and the elastic state's sync
+    #    hands out rank 0's; the global batch then follows the number of workers.
+    if FLAGS.elastic:
+        initial_epoch, trained_global_batch = checkpoints.latest(FLAGS.model_dir)[0], 0
+    else:
+        initial_epoch, trained_global_batch = (int(value) for value in hvd.broadcast(
+            tf.constant(checkpoints.latest(FLAGS.model_dir)
+                        if hvd.rank() == 0 and not FLAGS.benchmark else (0, 0), tf.int64),
+            root_rank=0, name="resume_state"))
     if initial_epoch >= FLAGS.epochs:
-        if is_chief:
+        if hvd.rank() == 0:
             print(f"{FLAGS.model_dir} already holds {initial_epoch} epochs; nothing to train")
         return
 
-    # 3. Batch sizes: the per-process batch times the number of processes is the global batch.
-    try:
-        requested_batch, _ = app_flags.batch_sizes(hvd.size())
-        batch, global_batch = app_flags.batch_sizes(hvd.size(), trained_global_batch)
-    except app_flags.FlagError as error:
-        app_flags.fail(error)
-    if is_chief and batch != requested_batch:
-        print(f"app.train: warning: {FLAGS.model_dir} was trained at a global batch of "
-              f"{global_batch}; resuming on {hvd.size()} processes at {batch} each keeps it "
-              f"(start a new --model_dir to change it)", file=sys.stderr, flush=True)
-
-    # 4. Data: each rank reads its own disjoint shard; every rank runs the same steps.
+    # 3. Data sources, named and counted (each rank reads its shard of them in train()).
     try:
         train_source, validation_source = (
             input_pipeline.load(FLAGS.dataset, split, data_dir=FLAGS.data_dir,
@@ -74,16 +73,74 @@ def main(_):
         app_flags.fail(f"--dataset={FLAGS.dataset}: {error} {SKIP_CORRUPT_HINT}")
     except (FileNotFoundError, ValueError) as error:
         app_flags.fail(f"--dataset={FLAGS.dataset}: {error}")
-    if is_chief:
+    if hvd.rank() == 0:
         for damaged in (*train_source.damaged, *validation_source.damaged):
             print(f"app.train: warning: --skip_corrupt: {damaged}", file=sys.stderr, flush=True)
+
+    # 4. Model and Horovod's distributed optimizer (train() sets its LR for the global batch),
+    #    from the same seed on every rank: identical initial weights.
+    tf.keras.utils.set_random_seed(FLAGS.seed)
+    model = models.build(FLAGS.model, train_source.feature_shape, train_source.num_outputs)
+    models.add_weight_decay(model, FLAGS.weight_decay)
+    optimizer = hvd.DistributedOptimizer(
+        optimizers.build(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum))
+    models.compile_for_task(model, optimizer, train_source.task, FLAGS.steps_per_execution)
+
+    # Every rank restores the checkpoint of its epoch (weights and optimizer state), or a new
+    # run starts from --init_checkpoint's weights.
+    checkpoint_manager = checkpoints.manager(model, optimizer, FLAGS.model_dir)
+    if FLAGS.elastic:  # the slots exist on every worker, so that the elastic sync matches
+        optimizers.create_slots(optimizer, model.trainable_variables)
     try:
+        if initial_epoch:
+            checkpoints.restore(checkpoint_manager, initial_epoch)
+        elif FLAGS.init_checkpoint:
+            checkpoints.initialize_from(model, FLAGS.init_checkpoint)
+    except checkpoints.MismatchError as error:
+        app_flags.fail(f"--model={FLAGS.model}: {error}", app_flags.RUN_ERROR)
+
+    # 5. Train: on the processes there are, or elastically, from the last commit, on the
+    #    workers there are after each change (Horovod's KerasState holds model and optimizer).
+    train_from = functools.partial(train, model, checkpoint_manager, train_source,
+                                   validation_source, threads)
+    if FLAGS.elastic:
+        state = hvd.elastic.KerasState(model, optimizer, epoch=initial_epoch)
+        results = hvd.elastic.run(lambda state: train_from(state.epoch, 0, state))(state)
+    else:
+        results = train_from(initial_epoch, trained_global_batch)
+
+    if hvd.rank() == 0:
+        results["wall_seconds"] = time.perf_counter() - started
+        with open(os.path.join(FLAGS.model_dir, "results.json"), "w") as results_file:
+            json.dump(results, results_file, indent=2)
+        print(json.dumps({key: results.get(key) for key in
+                          ("world_size", "global_batch_size", "epochs_completed", "val_accuracy",
+                           "wall_seconds", "images_per_sec", "images_per_sec_spread",
+                           "images_per_sec_per_process", "images_per_sec_by_rank")}))
+
+
+def train(model, checkpoint_manager, train_source, validation_source, threads, initial_epoch,
+          trained_global_batch, elastic_state=None):
+    """Trains from `initial_epoch` to --epochs on hvd.size() processes; returns the results
+    (on every rank; rank 0 writes them)."""
+    is_chief = hvd.rank() == 0
+
+    # Batch sizes: the per-process batch times the number of processes is the global batch.
+    try:
+        requested_batch, _ = app_flags.batch_sizes(hvd.size())
+        batch, global_batch = app_flags.batch_sizes(hvd.size(), trained_global_batch)
         steps_per_epoch = app_flags.steps_per_epoch(train_source.num_examples, global_batch)
     except app_flags.FlagError as error:
         app_flags.fail(error)
-    # The same seed on every rank: identical initial weights and, with --deterministic,
-    # the identical shuffle from which each rank takes its slice of every global batch.
-    tf.keras.utils.set_random_seed(FLAGS.seed)
+    if is_chief and batch != requested_batch:
+        print(f"app.train: warning: {FLAGS.model_dir} was trained at a global batch of "
+              f"{global_batch}; resuming on {hvd.size()} processes at {batch} each keeps it "
+              f"(start a new --model_dir to change it)", file=sys.stderr, flush=True)
+
+    # Data: each rank reads its own disjoint shard; every rank runs the same steps. The same
+    # global seed on every rank: with --deterministic, the identical shuffle from which each
+    # rank takes its slice of every global batch.
+    tf.random.set_seed(FLAGS.seed)
     train_data = input_pipeline.training_dataset(
         train_source, rank=hvd.rank(), size=hvd.size(), batch_size=batch,
         steps_per_epoch=steps_per_epoch, first_epoch=initial_epoch,
@@ -93,32 +150,25 @@ def main(_):
     validation_data = input_pipeline.evaluation_dataset(
         validation_source, rank=hvd.rank(), size=hvd.size(), batch_size=batch,
         cache=FLAGS.cache, repeat=FLAGS.validation_steps is not None, threads=threads)
-
-    # 5. Model, learning rate scaled to the global batch, Horovod's distributed optimizer.
-    model = models.build(FLAGS.model, train_source.feature_shape, train_source.num_outputs)
-    models.add_weight_decay(model, FLAGS.weight_decay)
-    scaled_lr = app_flags.scaled_learning_rate(global_batch)
-    optimizer = hvd.DistributedOptimizer(
-        optimizers.build(FLAGS.optimizer, scaled_lr, FLAGS.momentum))
-    models.compile_for_task(model, optimizer, train_source.task, FLAGS.steps_per_execution)
     tf.random.set_seed(FLAGS.seed + hvd.rank())  # per-rank randomness from here on
 
-    # 6. Every rank restores the checkpoint of that epoch (weights and optimizer state), or
-    #    starts a new run from --init_checkpoint's weights.
-    checkpoint_manager = checkpoints.manager(model, optimizer, FLAGS.model_dir, global_batch)
-    try:
-        if initial_epoch:
-            checkpoints.restore(checkpoint_manager, initial_epoch)
-        elif FLAGS.init_checkpoint:
-            checkpoints.initialize_from(model, FLAGS.init_checkpoint)
-    except checkpoints.MismatchError as error:
-        app_flags.fail(f"--model={FLAGS.model}: {error}", app_flags.RUN_ERROR)
+    # The learning rate, scaled to the global batch.
+    scaled_lr = app_flags.scaled_learning_rate(global_batch)
+    tf.keras.backend.set_value(model.optimizer.lr, scaled_lr)
+    checkpoints.set_global_batch(checkpoint_manager, global_batch)
+    if is_chief and elastic_state is not None:
+        print(f"app.train: elastic: world size {hvd.size()} from epoch {initial_epoch + 1}, "
+              f"global batch {global_batch}, learning rate {scaled_lr:g}", flush=True)
 
-    # 7. Callbacks, in Horovod's order: broadcast rank 0's state, average the metrics over
-    #    the ranks, warm up and schedule the LR, time the steps; then the outputs, on rank 0.
+    # Callbacks, in Horovod's order: broadcast rank 0's state (elastic: the state's sync does
+    # it), average the metrics over the ranks, warm up and schedule the LR, time the steps
+    # and the epochs (and stop at a target accuracy or time budget); the outputs, on rank 0;
+    # elastic: record the finished epoch and commit.
     throughput = callbacks.Throughput(batch, hvd.size(), FLAGS.warmup_steps)
+    time_to_accuracy = callbacks.TimeToAccuracy(
+        FLAGS.target_accuracy, FLAGS.time_budget, lambda value: hvd.broadcast(value, 0))
     training_callbacks = [
-        hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+        *([] if elastic_state else [hvd.callbacks.BroadcastGlobalVariablesCallback(0)]),
         hvd.callbacks.MetricAverageCallback(),
         callbacks.StopOnNonFiniteLoss(hvd.allgather, steps_per_epoch),
         *callbacks.learning_rate_schedule(
@@ -128,6 +178,7 @@ def main(_):
             if FLAGS.lr_schedule == "step" else (),
             decay_factor=FLAGS.lr_decay_factor),
         throughput,
+        time_to_accuracy,
     ]
     if is_chief:
         os.makedirs(FLAGS.model_dir, exist_ok=True)
@@ -139,6 +190,11 @@ def main(_):
             tf.keras.callbacks.TensorBoard(os.path.join(FLAGS.model_dir, "tensorboard")),
             tf.keras.callbacks.CSVLogger(os.path.join(FLAGS.model_dir, "training_log.csv"),
                                          append=initial_epoch > 0),
+        ]
+    if elastic_state is not None:  # last: a commit that meets a change of workers ends fit()
+        training_callbacks += [
+            callbacks.UpdateEpochState(elastic_state),
+            hvd.elastic.CommitStateCallback(elastic_state, FLAGS.commit_steps),
         ]
 
     try:
@@ -162,26 +218,21 @@ def main(_):
             [[throughput.images_per_sec(), *throughput.window_rates()]], tf.float64)).numpy()
         measured = callbacks.throughput_summary(gathered[:, 0], gathered[:, 1:])
 
-    if is_chief:
-        final = {name: float(values[-1]) for name, values in history.history.items()}
-        results = {
-            "experiment": FLAGS.experiment,
-            "world_size": hvd.size(),
-            "batch_size": batch,
-            "global_batch_size": global_batch,
-            "learning_rate": scaled_lr,
-            "epochs_completed": initial_epoch + len(history.epoch),
-            **{key: final.get(key) for key in ("loss", "accuracy", "val_loss", "val_accuracy")},
-            "final_metrics": final,
-            "wall_seconds": time.perf_counter() - started,
-            **measured,
-        }
-        with open(os.path.join(FLAGS.model_dir, "results.json"), "w") as results_file:
-            json.dump(results, results_file, indent=2)
-        print(json.dumps({key: results.get(key) for key in
-                          ("world_size", "global_batch_size", "epochs_completed", "val_accuracy",
-                           "wall_seconds", "images_per_sec", "images_per_sec_spread",
-                           "images_per_sec_per_process", "images_per_sec_by_rank")}))
+    final = {name: float(values[-1]) for name, values in history.history.items()}
+    return {
+        "experiment": FLAGS.experiment,
+        "world_size": hvd.size(),
+        "batch_size": batch,
+        "global_batch_size": global_batch,
+        "learning_rate": scaled_lr,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs_completed": initial_epoch + len(history.epoch),
+        "target_reached": dict(zip(("epoch", "wall_seconds"), time_to_accuracy.reached))
+        if time_to_accuracy.reached else None,
+        **{key: final.get(key) for key in ("loss", "accuracy", "val_loss", "val_accuracy")},
+        "final_metrics": final,
+        **measured,
+    }
 
 
 def run():

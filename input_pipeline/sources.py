@@ -53,11 +53,17 @@ def digits(split):
     return _in_memory(f"digits-{split}", x, y, num_outputs=10)
 
 
-def linear(split, weight=2.0, bias=1.0, noise=0.1, num_examples=1024, seed=0):
-    """y = weight * x + bias + N(0, noise^2) with x ~ U(-1, 1): the neuron of Lab 1."""
-    rng = np.random.default_rng(seed + (0 if split == "train" else 1))
+def linear_arrays(num_examples, weight, bias, noise, seed):
+    """x ~ U(-1, 1) and y = weight * x + bias + N(0, noise^2), as float32 columns."""
+    rng = np.random.default_rng(seed)
     x = rng.uniform(-1.0, 1.0, size=(num_examples, 1)).astype("float32")
     y = (weight * x + bias + rng.normal(0.0, noise, size=x.shape)).astype("float32")
+    return x, y
+
+
+def linear(split, weight=2.0, bias=1.0, noise=0.1, num_examples=1024, seed=0):
+    """The neuron of Lab 1: linear_arrays, a different draw for each split."""
+    x, y = linear_arrays(num_examples, weight, bias, noise, seed + (0 if split == "train" else 1))
     return dataclasses.replace(_in_memory(f"linear-{split}", x, y, num_outputs=1),
                                task="regression")
 

@@ -3,12 +3,18 @@ the checkpoints intact (flag values checked before anything runs are in test_tra
 import json
 import os
 import shutil
+import signal
+import subprocess
+import time
+import urllib.request
 
 import numpy as np
+import psutil
 import pytest
 
 import input_pipeline
-from conftest import error_lines, mpirun, run, train_command
+from app.scaling import free_port
+from conftest import REPO, error_lines, mpirun, run, train_command
 from test_train import checkpoint_values
 
 DIGITS = ["--flagfile=configs/digits_cnn.cfg", "--steps_per_epoch=5", "--validation_steps=1",
@@ -109,10 +115,37 @@ def test_a_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path
 def test_init_checkpoint_starts_a_new_run_from_another_runs_weights(tmp_path):
     run(train_command(*DIGITS, "--epochs=1", f"--model_dir={tmp_path / 'a'}"))
     start = str(tmp_path / "a" / "checkpoints" / "epoch-1")
-    run(train_command(*DIGITS, "--epochs=1", "--learning_rate=0", f"--init_checkpoint={start}",
-                      f"--model_dir={tmp_path / 'b'}"))
+    # LR 0 leaves the weights as they start; plain SGD, as Horovod's momentum correction
+    # divides by the previous LR
+    run(train_command(*DIGITS, "--epochs=1", "--learning_rate=0", "--optimizer=sgd",
+                      f"--init_checkpoint={start}", f"--model_dir={tmp_path / 'b'}"))
     a, b = ({name: value for name, value in checkpoint_values(tmp_path / run, 1, "model/").items()
-             if "OPTIMIZER_SLOT" not in name} for run in ("a", "b"))  # a fresh optimizer
+             if "OPTIMIZER_SLOT" not in name} for run in ("a", "b"))
     assert len(a) == 8 and a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+    optimizer_b = checkpoint_values(tmp_path / "b", 1, "optimizer/")
+    assert optimizer_b["optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE"] == 5  # a fresh optimizer
     fails_with(train_command(*DIGITS, "--epochs=1", f"--init_checkpoint={start}-missing",
                              f"--model_dir={tmp_path / 'c'}"), 2, "--init_checkpoint=")
+
+
+def test_the_projects_tensorboard_listens_on_this_machine_only(tmp_path):
+    """`make tensorboard` serves on the loopback interface: nobody else on the cluster's
+    network can read the runs (they reach it through an ssh tunnel)."""
+    port = str(free_port())
+    server = subprocess.Popen(["make", "-s", "tensorboard", f"LOGDIR={tmp_path}", f"PORT={port}"],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        addresses, deadline = set(), time.monotonic() + 120
+        while not addresses:
+            assert server.poll() is None and time.monotonic() < deadline, "no server"
+            time.sleep(0.5)
+            for process in psutil.Process(server.pid).children(recursive=True):
+                addresses |= {c.laddr.ip for c in process.net_connections("inet")
+                              if c.status == psutil.CONN_LISTEN and c.laddr.port == int(port)}
+        assert addresses <= {"127.0.0.1", "::1"}, addresses
+        with urllib.request.urlopen(f"http://localhost:{port}/data/runs", timeout=30) as reply:
+            assert reply.status == 200
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -87,3 +87,42 @@ def test_a_save_cut_short_leaves_the_last_complete_checkpoint_to_resume_from(tmp
     assert results["epochs_completed"] == EPOCHS
     assert (folder / f"epoch-{EPOCHS}.index").exists()
     assert [int(row["epoch"]) for row in read_log(tmp_path)] == list(range(EPOCHS))
+
+
+@pytest.mark.distributed
+def test_elastic_training_goes_on_when_a_worker_is_removed(tmp_path):
+    """horovodrun's elastic mode with a host discovery script: 2 workers on localhost, then
+    the script offers 1 slot; the job finishes on one worker, at half the global batch and
+    half the learning rate, without losing or repeating an epoch."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:2\n")
+    discovery = tmp_path / "discover_hosts.sh"
+    discovery.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    discovery.chmod(0o755)
+    model_dir, epochs = tmp_path / "run", 30
+    command = [PYTHON, "-m", "app.launch", "-np", "2", "--min_np=1", "--max_np=2",
+               f"--host_discovery_script={discovery}", "--network_interface=lo",
+               "--flagfile=configs/digits_cnn.cfg",
+               f"--epochs={epochs}", "--warmup_epochs=0", "--lr_schedule=constant",
+               "--validation_steps=2", f"--model_dir={model_dir}"]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True,
+                           env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        wait_for(model_dir / "checkpoints" / "epoch-2.index", job)
+        hosts.write_text("localhost:1\n")
+        stdout, stderr = job.communicate(timeout=400)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, stderr[-4000:]
+    assert "elastic: world size 2 from epoch 1, global batch 64" in stdout
+    assert "elastic: world size 1 from epoch" in stdout
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results["world_size"] == 1 and results["global_batch_size"] == 32
+    assert results["epochs_completed"] == epochs
+    log = read_log(model_dir)
+    assert [int(row["epoch"]) for row in log] == list(range(epochs))
+    first_lr, last_lr = float(log[0]["lr"]), float(log[-1]["lr"])
+    assert last_lr == pytest.approx(first_lr / 2) and last_lr == pytest.approx(
+        results["learning_rate"])

@@ -133,6 +133,7 @@ def test_every_experiment_runs_from_its_flagfile(experiment, extra, tmp_path, di
     ("digits_cnn", ["--no_such_flag=1"], "no_such_flag"),
     ("digits_cnn", ["--lr_schedule=step", "--lr_decay_epochs=5,3"], "--lr_decay_epochs"),
     ("digits_cnn", ["--batch_size=2000"], "--batch_size"),
+    ("digits_cnn", ["--elastic"], "--elastic=True: needs horovodrun's elastic mode"),
     ("cifar10_resnet20", ["--data_dir=/does/not/exist"], "--data_dir"),
     ("cifar10_resnet20", ["--data_dir="], "--data_dir"),
     ("cifar10_resnet20", [], "--dataset=cifar10: cifar10 is not prepared"),
@@ -156,3 +157,21 @@ def test_a_bad_flag_stops_every_rank_without_a_hang(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("--global_batch_size=33: the global batch of 33 is not divisible "
                                "by 2 processes") == 1  # from rank 0 only
+
+
+@pytest.mark.distributed
+def test_training_ends_at_the_target_accuracy_or_the_time_budget_on_every_rank(tmp_path):
+    flags = ["--flagfile=configs/digits_cnn.cfg", "--epochs=60", "--validation_steps=2"]
+    for name, stop in (("target", "--target_accuracy=0.8"), ("budget", "--time_budget=4")):
+        run([*mpirun(2), *train_command(*flags, stop, f"--model_dir={tmp_path / name}")])
+    results = json.loads((tmp_path / "target" / "results.json").read_text())
+    log = read_log(tmp_path / "target")
+    assert results["epochs_completed"] == len(log) == results["target_reached"]["epoch"] < 60
+    assert float(log[-1]["val_accuracy"]) >= 0.8
+    assert all(float(row["val_accuracy"]) < 0.8 for row in log[:-1])
+
+    results = json.loads((tmp_path / "budget" / "results.json").read_text())
+    seconds = [float(row["wall_seconds"]) for row in read_log(tmp_path / "budget")]
+    assert results["epochs_completed"] == len(seconds) < 60 and results["target_reached"] is None
+    assert seconds[-1] >= 4 and all(second < 4 for second in seconds[:-1])
+    assert seconds == sorted(seconds)

@@ -1,0 +1,123 @@
+"""The studies' figures (matplotlib, PNG, no screen needed)."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
+import numpy as np  # noqa: E402
+
+_MAX_POINTS = 4000  # per drawn line: more is invisible and slow
+
+
+def _thinned(values):
+    """Every k-th row, so that a line has at most _MAX_POINTS points (the last one kept)."""
+    step = max(1, len(values) // _MAX_POINTS)
+    return np.concatenate([values[::step], values[-1:]])
+
+
+def _save(figure, path):
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def data(path, x, y, truth, solution):
+    """The generated points, the line they come from and the least-squares line."""
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    axes.scatter(x, y, s=6, alpha=0.4, label=f"data ({len(x)} points)")
+    line = np.array([x.min(), x.max()])
+    axes.plot(line, truth[0] * line + truth[1], "k--",
+              label=f"true line: y = {truth[0]:g}x + {truth[1]:g}")
+    axes.plot(line, solution[0] * line + solution[1], "tab:red",
+              label=f"least squares: y = {solution[0]:.3f}x + {solution[1]:.3f}")
+    axes.set_xlabel("x")
+    axes.set_ylabel("y")
+    axes.legend()
+    _save(figure, path)
+
+
+def loss_curves(path, fits, minimum):
+    """Full-data loss above its minimum (the least-squares loss), against updates and against
+    epochs, log-log, one line per method: the floor each method's noise leaves is visible."""
+    figure, (by_update, by_epoch) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for fit in fits:
+        points = _thinned(fit.trajectory)
+        by_update.plot(points[:, 0] + 1, points[:, 5] - minimum, label=fit.method)
+        by_epoch.plot(np.arange(len(fit.epoch_losses)) + 1,
+                      np.array(fit.epoch_losses) - minimum, marker=".", label=fit.method)
+    by_update.set_xlabel("updates + 1")
+    by_epoch.set_xlabel("epochs + 1")
+    for axes in (by_update, by_epoch):
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_ylabel("MSE on all the data - least-squares MSE")
+        axes.legend(fontsize=8)
+    _save(figure, path)
+
+
+def loss_surface(path, fits, full_loss, solution):
+    """Contours of the MSE over a (w, b) grid holding every trajectory, each drawn on it."""
+    all_w = np.concatenate([fit.trajectory[:, 2] for fit in fits] + [[solution[0]]])
+    all_b = np.concatenate([fit.trajectory[:, 3] for fit in fits] + [[solution[1]]])
+    margin_w, margin_b = 0.1 * np.ptp(all_w) + 0.1, 0.1 * np.ptp(all_b) + 0.1
+    w_grid, b_grid = np.meshgrid(
+        np.linspace(all_w.min() - margin_w, all_w.max() + margin_w, 200),
+        np.linspace(all_b.min() - margin_b, all_b.max() + margin_b, 200))
+    figure, axes = plt.subplots(figsize=(7.5, 6))
+    surface = full_loss(w_grid, b_grid)
+    contours = axes.contour(w_grid, b_grid, surface,
+                            levels=np.geomspace(surface.min() * 1.01, surface.max(), 15),
+                            cmap="viridis")
+    axes.clabel(contours, fontsize=7, fmt="%.2g")
+    for fit in sorted(fits, key=lambda fit: fit.batch_size):  # the noisiest drawn first
+        points = _thinned(fit.trajectory)
+        axes.plot(points[:, 2], points[:, 3], linewidth=1, alpha=0.8,
+                  label=f"{fit.method} ({fit.updates} updates)")
+    axes.plot(*fits[0].trajectory[0, 2:4], "ko", label="start")
+    axes.plot(*solution, "r*", markersize=14, label="least squares")
+    axes.set_xlabel("w")
+    axes.set_ylabel("b")
+    axes.legend(fontsize=8)
+    _save(figure, path)
+
+
+def batch_against_full_loss(path, fit, max_updates=500):
+    """SGD's loss on each update's own batch beside the loss on all the data, over the
+    first `max_updates` updates: the noise of the gradient estimate made visible."""
+    rows = fit.trajectory[1:max_updates + 1]
+    figure, axes = plt.subplots(figsize=(9, 4.5))
+    axes.plot(rows[:, 0], rows[:, 4], ".", markersize=2, alpha=0.4,
+              label=f"{fit.method}: loss on its batch")
+    axes.plot(rows[:, 0], rows[:, 5], "k", linewidth=1.5, label="loss on all the data")
+    axes.set_yscale("log")
+    axes.set_xlabel("update")
+    axes.set_ylabel("MSE")
+    axes.legend()
+    _save(figure, path)
+
+
+def throughput_bars(path, rows, title):
+    """Training images/s against batch size, one bar each."""
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    labels = [str(row["batch_size"]) for row in rows]
+    bars = axes.bar(labels, [row["images_per_sec"] for row in rows], color="tab:blue")
+    axes.bar_label(bars, fmt="%.0f", fontsize=8)
+    axes.set_xlabel("batch size per process")
+    axes.set_ylabel("training images/s")
+    axes.set_title(title, fontsize=9)
+    _save(figure, path)
+
+
+def accuracy_against_time(path, rows, title, target):
+    """Validation accuracy after each epoch against training time, one line per batch size,
+    with the target the runs were stopped at."""
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for row in rows:
+        seconds, accuracy = zip(*row["curve"])
+        axes.plot(seconds, accuracy, marker=".", label=f"batch {row['batch_size']}")
+    axes.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:.1%}")
+    axes.set_xlabel("training seconds")
+    axes.set_ylabel("validation accuracy")
+    axes.set_ylim(max(0.0, min(a for row in rows for _, a in row["curve"]) - 0.02), 1.0)
+    axes.set_title(title, fontsize=9)
+    axes.legend(fontsize=8)
+    _save(figure, path)
