@@ -16,6 +16,7 @@ from absl import flags
 
 import input_pipeline
 import models
+from app import optimizers
 from app.experiments import EXPERIMENTS
 
 FLAGS = flags.FLAGS
@@ -66,10 +67,14 @@ flags.DEFINE_enum("lr_schedule", "constant", ["constant", "step", "cosine"],
 flags.DEFINE_list("lr_decay_epochs", [], "Epochs at which the step schedule decays the LR.")
 flags.DEFINE_float("lr_decay_factor", 0.1, "Step schedule's LR multiplier.",
                    lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_enum("optimizer", "momentum", ["sgd", "momentum", "adam"], "Optimizer.")
-flags.DEFINE_float("momentum", 0.9, "Momentum of --optimizer=momentum.",
+flags.DEFINE_enum("optimizer", "momentum", list(optimizers.NAMES),
+                  "Optimizer: sgd, momentum, adam, or the large-batch LARS, LAMB and NovoGrad "
+                  "(app/large_batch_optimizers.py).")
+flags.DEFINE_float("momentum", 0.9, "Momentum of --optimizer=momentum and lars.",
                    lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_float("weight_decay", 0.0, "L2 weight decay on kernels.", lower_bound=0.0)
+flags.DEFINE_float("weight_decay", 0.0,
+                   "Weight decay on kernels: an L2 loss, or inside the update of lars, lamb "
+                   "and novograd.", lower_bound=0.0)
 flags.DEFINE_integer("seed", 42, "Seed of initialization, shuffling and augmentation.")
 flags.DEFINE_integer("threads_per_process", 0,
                      "TensorFlow intra-op and tf.data threads per process (0: the cores "

@@ -1,10 +1,17 @@
-"""Optimizers by name. They are the tf.keras legacy optimizers, which Horovod 0.28.1's Keras
-layer was written for: their LR and momentum are variables, so LearningRateWarmupCallback can
-apply its momentum correction."""
+"""Optimizers by name. They are tf.keras legacy optimizers, which Horovod 0.28.1's Keras layer
+was written for: their LR and momentum are variables, so LearningRateWarmupCallback can apply
+its momentum correction. The large-batch ones (app.large_batch_optimizers) apply weight
+decay inside their update, so the model gets no L2 loss for them."""
 import tensorflow as tf
 
+from app import large_batch_optimizers
 
-def build(name, learning_rate, momentum=0.0):
+NAMES = ("sgd", "momentum", "adam", "lars", "lamb", "novograd")
+DECAY_INSIDE = ("lars", "lamb", "novograd")  # weight decay is theirs, not an L2 loss
+
+
+def build(name, learning_rate, momentum=0.0, weight_decay=0.0):
+    """The optimizer `name`; `weight_decay` is used by those in DECAY_INSIDE only."""
     legacy = tf.keras.optimizers.legacy
     if name == "sgd":
         return legacy.SGD(learning_rate)
@@ -12,8 +19,14 @@ def build(name, learning_rate, momentum=0.0):
         return legacy.SGD(learning_rate, momentum=momentum)
     if name == "adam":
         return legacy.Adam(learning_rate)
+    if name == "lars":
+        return large_batch_optimizers.LARS(learning_rate, momentum=momentum,
+                                           weight_decay=weight_decay)
+    if name == "lamb":
+        return large_batch_optimizers.LAMB(learning_rate, weight_decay=weight_decay)
+    if name == "novograd":
+        return large_batch_optimizers.NovoGrad(learning_rate, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
-
 
 def create_slots(optimizer, variables):
     """Creates the optimizer's variables (iterations, momentum or moment slots) now, which

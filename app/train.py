@@ -81,9 +81,10 @@ def main(_):
     #    from the same seed on every rank: identical initial weights.
     tf.keras.utils.set_random_seed(FLAGS.seed)
     model = models.build(FLAGS.model, train_source.feature_shape, train_source.num_outputs)
-    models.add_weight_decay(model, FLAGS.weight_decay)
-    optimizer = hvd.DistributedOptimizer(
-        optimizers.build(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum))
+    models.add_weight_decay(
+        model, 0.0 if FLAGS.optimizer in optimizers.DECAY_INSIDE else FLAGS.weight_decay)
+    optimizer = hvd.DistributedOptimizer(optimizers.build(
+        FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum, FLAGS.weight_decay))
     models.compile_for_task(model, optimizer, train_source.task, FLAGS.steps_per_execution)
 
     # Every rank restores the checkpoint of its epoch (weights and optimizer state), or a new

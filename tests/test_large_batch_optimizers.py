@@ -1,0 +1,110 @@
+"""LARS, LAMB and NovoGrad against NumPy transcriptions of their papers' updates, several
+steps each, on a weight matrix (trust ratio and weight decay apply) and a bias (excluded);
+and the same optimizers wrapped in hvd.DistributedOptimizer."""
+import numpy as np
+import pytest
+
+from app.compat import hvd, tf
+from app import large_batch_optimizers as lbo
+from conftest import mpirun, read_log, run, train_command
+
+STEPS, LR, WD = 5, 0.1, 0.01
+
+
+def numpy_lars(w, grads, excluded, momentum=0.9, eta=0.001):
+    velocity = np.zeros_like(w)
+    for g in grads:
+        if excluded:
+            update = g
+        else:
+            ratio = np.linalg.norm(w) / (np.linalg.norm(g) + WD * np.linalg.norm(w))
+            update = eta * ratio * (g + WD * w)
+        velocity = momentum * velocity + LR * update
+        w = w - velocity
+    return w
+
+
+def numpy_lamb(w, grads, excluded, beta_1=0.9, beta_2=0.999, epsilon=1e-6):
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    for t, g in enumerate(grads, start=1):
+        m = beta_1 * m + (1 - beta_1) * g
+        v = beta_2 * v + (1 - beta_2) * g * g
+        r = (m / (1 - beta_1 ** t)) / (np.sqrt(v / (1 - beta_2 ** t)) + epsilon)
+        if not excluded:
+            r = r + WD * w
+            r = r * np.linalg.norm(w) / np.linalg.norm(r)
+        w = w - LR * r
+    return w
+
+
+def numpy_novograd(w, grads, excluded, beta_1=0.95, beta_2=0.98, epsilon=1e-8):
+    m, v = np.zeros_like(w), None
+    for g in grads:
+        squared_norm = np.sum(g * g)
+        v = squared_norm if v is None else beta_2 * v + (1 - beta_2) * squared_norm
+        update = g / (np.sqrt(v) + epsilon) + (0 if excluded else WD * w)
+        m = beta_1 * m + (1 - beta_1) * update
+        w = w - LR * m
+    return w
+
+
+CASES = {
+    "lars": (lambda: lbo.LARS(LR, momentum=0.9, eta=0.001, weight_decay=WD), numpy_lars),
+    "lamb": (lambda: lbo.LAMB(LR, weight_decay=WD), numpy_lamb),
+    "novograd": (lambda: lbo.NovoGrad(LR, weight_decay=WD), numpy_novograd),
+}
+
+
+def run_steps(optimizer, start, grads, name):
+    variable = tf.Variable(start, name=name)
+    for g in grads:
+        optimizer.apply_gradients([(tf.constant(g), variable)])
+    return variable.numpy()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("variable, excluded", [("kernel", False), ("bias", True)])
+def test_several_steps_follow_the_papers_update(name, variable, excluded):
+    make, reference = CASES[name]
+    rng = np.random.default_rng(0)
+    shape = (4, 3) if variable == "kernel" else (3,)
+    start = rng.normal(size=shape).astype(np.float32)
+    grads = [rng.normal(scale=0.5, size=shape).astype(np.float32) for _ in range(STEPS)]
+    found = run_steps(make(), start, grads, variable)
+    expected = reference(start.astype(np.float64), [g.astype(np.float64) for g in grads],
+                         excluded)
+    np.testing.assert_allclose(found, expected, rtol=2e-5, atol=1e-6)
+    assert np.abs(found - start).max() > 1e-4  # the steps moved the weights
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_horovods_distributed_optimizer_wraps_each_without_changing_its_steps(name):
+    hvd.init()
+    make, reference = CASES[name]
+    rng = np.random.default_rng(1)
+    start = rng.normal(size=(4, 3)).astype(np.float32)
+    grads = [rng.normal(size=(4, 3)).astype(np.float32) for _ in range(STEPS)]
+    wrapped = hvd.DistributedOptimizer(make())
+    assert isinstance(wrapped, type(make()))
+    np.testing.assert_allclose(run_steps(wrapped, start, grads, "kernel"),
+                               run_steps(make(), start, grads, "kernel"), rtol=1e-6)
+
+
+def test_a_zero_weight_gets_a_trust_ratio_of_one():
+    optimizer = lbo.LARS(LR, momentum=0.0, eta=1.0)
+    found = run_steps(optimizer, np.zeros((2, 2), np.float32), [np.ones((2, 2), np.float32)],
+                      "kernel")
+    np.testing.assert_allclose(found, -LR * np.ones((2, 2)))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name, learning_rate", [("lars", 1.0), ("lamb", 0.02),
+                                                 ("novograd", 0.05)])
+def test_each_trains_the_cnn_on_two_processes(name, learning_rate, tmp_path):
+    run([*mpirun(2), *train_command(
+        "--flagfile=configs/digits_cnn.cfg", f"--optimizer={name}",
+        f"--learning_rate={learning_rate}", "--weight_decay=1e-4", "--epochs=4",
+        f"--model_dir={tmp_path}")])
+    log = read_log(tmp_path)
+    assert float(log[-1]["loss"]) < 0.5 * float(log[0]["loss"])
+    assert float(log[-1]["val_accuracy"]) > 0.8
