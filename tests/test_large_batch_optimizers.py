@@ -98,7 +98,7 @@ def test_a_zero_weight_gets_a_trust_ratio_of_one():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name, learning_rate", [("lars", 1.0), ("lamb", 0.02),
+@pytest.mark.parametrize("name, learning_rate", [("lars", 2.0), ("lamb", 0.02),
                                                  ("novograd", 0.05)])
 def test_each_trains_the_cnn_on_two_processes(name, learning_rate, tmp_path):
     run([*mpirun(2), *train_command(
