@@ -72,6 +72,17 @@ flags.DEFINE_enum("optimizer", "momentum", list(optimizers.NAMES),
                   "(app/large_batch_optimizers.py).")
 flags.DEFINE_float("momentum", 0.9, "Momentum of --optimizer=momentum and lars.",
                    lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_integer("accumulation_steps", 1,
+                     "Batches whose gradients each process adds up before one allreduce and "
+                     "update (Horovod's backward_passes_per_step); counted in the global "
+                     "batch: batch_size x processes x accumulation_steps.", lower_bound=1)
+flags.DEFINE_bool("fp16_allreduce", False,
+                  "Allreduce the gradients in float16 (Horovod's fp16 compression): half the "
+                  "bytes on the wire, float16 rounding of the averaged gradients.")
+flags.DEFINE_bool("sync_batch_norm", False,
+                  "Batch normalization over the global batch: the models' BatchNormalization "
+                  "layers become SyncBatchNormalization (Horovod's, guarded against a "
+                  "negative variance), which allreduces their statistics at every step.")
 flags.DEFINE_float("weight_decay", 0.0,
                    "Weight decay on kernels: an L2 loss, or inside the update of lars, lamb "
                    "and novograd.", lower_bound=0.0)
@@ -238,30 +249,40 @@ def _check_writable(name, folder):
 
 
 def batch_sizes(world_size, resumed_global_batch=0):
-    """(per-process batch, global batch) for `world_size` processes. A resumed run keeps the
-    global batch of its checkpoint (`resumed_global_batch`), whatever its number of processes,
-    so that its learning rate and steps mean what they meant."""
+    """(per-process batch, global batch) for `world_size` processes: the global batch is the
+    per-process batch x processes x --accumulation_steps. A resumed run keeps the global
+    batch of its checkpoint (`resumed_global_batch`), whatever its number of processes, so
+    that its learning rate and steps mean what they meant."""
     if (FLAGS.batch_size is None) == (FLAGS.global_batch_size is None):
         raise FlagError("global_batch_size" if FLAGS.global_batch_size else "batch_size",
                         "give exactly one of --batch_size and --global_batch_size")
-    global_batch = FLAGS.global_batch_size or FLAGS.batch_size * world_size
+    accumulation = FLAGS.accumulation_steps
+    global_batch = FLAGS.global_batch_size or FLAGS.batch_size * world_size * accumulation
     name = "global_batch_size" if FLAGS.global_batch_size else "batch_size"
     if resumed_global_batch:
         global_batch = resumed_global_batch
         name = "model_dir"
-    if global_batch % world_size:
+    if global_batch % (world_size * accumulation):
         raise FlagError(name, f"the global batch of {global_batch} is not divisible by "
-                              f"{world_size} processes")
-    return global_batch // world_size, global_batch
+                              f"{world_size} processes" + (
+                                  f" x {accumulation} accumulation steps"
+                                  if accumulation > 1 else ""))
+    return global_batch // (world_size * accumulation), global_batch
 
 
 def steps_per_epoch(num_examples, global_batch):
-    """--steps_per_epoch, or by default one pass over `num_examples` at the global batch."""
-    steps = FLAGS.steps_per_epoch or num_examples // global_batch
+    """Training steps (batches per process) per epoch: --steps_per_epoch, or by default one
+    pass over `num_examples` at the global batch. With --accumulation_steps=k, a multiple of
+    k, so that every epoch ends with an update."""
+    accumulation = FLAGS.accumulation_steps
+    steps = FLAGS.steps_per_epoch or num_examples // global_batch * accumulation
     if steps == 0:
         raise FlagError("global_batch_size" if FLAGS.global_batch_size else "batch_size",
                         f"the global batch of {global_batch} is larger than the "
                         f"{num_examples} training examples")
+    if steps % accumulation:
+        raise FlagError("steps_per_epoch", f"must be a multiple of --accumulation_steps="
+                                           f"{accumulation}")
     return steps
 
 

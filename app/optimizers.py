@@ -2,6 +2,7 @@
 was written for: their LR and momentum are variables, so LearningRateWarmupCallback can apply
 its momentum correction. The large-batch ones (app.large_batch_optimizers) apply weight
 decay inside their update, so the model gets no L2 loss for them."""
+import horovod.tensorflow as horovod_tf
 import tensorflow as tf
 
 from app import large_batch_optimizers
@@ -27,6 +28,15 @@ def build(name, learning_rate, momentum=0.0, weight_decay=0.0):
     if name == "novograd":
         return large_batch_optimizers.NovoGrad(learning_rate, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
+
+def horovod_options(accumulation_steps=1, fp16_allreduce=False):
+    """hvd.DistributedOptimizer's keyword arguments for --accumulation_steps (the average of
+    k batches' gradients per update) and --fp16_allreduce."""
+    return dict(
+        compression=(horovod_tf.Compression.fp16 if fp16_allreduce
+                     else horovod_tf.Compression.none),
+        backward_passes_per_step=accumulation_steps, average_aggregated_gradients=True)
+
 
 def create_slots(optimizer, variables):
     """Creates the optimizer's variables (iterations, momentum or moment slots) now, which

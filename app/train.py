@@ -24,7 +24,7 @@ from absl import app
 
 import input_pipeline
 import models
-from app import callbacks, checkpoints, devices, optimizers
+from app import callbacks, checkpoints, devices, optimizers, sync_batch_norm
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
@@ -80,11 +80,16 @@ def main(_):
     # 4. Model and Horovod's distributed optimizer (train() sets its LR for the global batch),
     #    from the same seed on every rank: identical initial weights.
     tf.keras.utils.set_random_seed(FLAGS.seed)
-    model = models.build(FLAGS.model, train_source.feature_shape, train_source.num_outputs)
+    normalization = (sync_batch_norm.SyncBatchNormalization if FLAGS.sync_batch_norm
+                     else tf.keras.layers.BatchNormalization)
+    model = models.build(FLAGS.model, train_source.feature_shape, train_source.num_outputs,
+                         normalization)
     models.add_weight_decay(
         model, 0.0 if FLAGS.optimizer in optimizers.DECAY_INSIDE else FLAGS.weight_decay)
-    optimizer = hvd.DistributedOptimizer(optimizers.build(
-        FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum, FLAGS.weight_decay))
+    optimizer = hvd.DistributedOptimizer(
+        optimizers.build(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum,
+                         FLAGS.weight_decay),
+        **optimizers.horovod_options(FLAGS.accumulation_steps, FLAGS.fp16_allreduce))
     models.compile_for_task(model, optimizer, train_source.task, FLAGS.steps_per_execution)
 
     # Every rank restores the checkpoint of its epoch (weights and optimizer state), or a new
@@ -126,7 +131,7 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
     (on every rank; rank 0 writes them)."""
     is_chief = hvd.rank() == 0
 
-    # Batch sizes: the per-process batch times the number of processes is the global batch.
+    # Batch sizes: per-process batch x processes (x accumulation steps) is the global batch.
     try:
         requested_batch, _ = app_flags.batch_sizes(hvd.size())
         batch, global_batch = app_flags.batch_sizes(hvd.size(), trained_global_batch)

@@ -56,9 +56,13 @@ CASES = {
 
 
 def run_steps(optimizer, start, grads, name):
+    """Steps through minimize() (where hvd.DistributedOptimizer allreduces) on losses whose
+    gradients are `grads`."""
     variable = tf.Variable(start, name=name)
     for g in grads:
-        optimizer.apply_gradients([(tf.constant(g), variable)])
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.constant(g) * variable)
+        optimizer.minimize(loss, [variable], tape=tape)
     return variable.numpy()
 
 
