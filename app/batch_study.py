@@ -9,7 +9,6 @@ Writes to --out_dir: throughput.png (images/s against batch size), accuracy.png
 the table and what it shows. Other arguments go to every run (app.train flags); the
 learning rate follows the experiment's scaling rule (--lr_scaling) at each batch size.
 """
-import argparse
 import csv
 import os
 
@@ -98,8 +97,9 @@ def write_outputs(out_dir, rows, title, target):
 
     from app import study_plots  # matplotlib only once there is something to draw
     study_plots.throughput_bars(os.path.join(out_dir, "throughput.png"), rows, title)
-    study_plots.accuracy_against_time(os.path.join(out_dir, "accuracy.png"), rows, title,
-                                      target)
+    study_plots.accuracy_against_time(
+        os.path.join(out_dir, "accuracy.png"),
+        {f"batch {row['batch_size']}": row["curve"] for row in rows}, title, target)
     return "\n".join(lines) + "\n"
 
 
@@ -112,9 +112,7 @@ def _cell(value):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m app.batch_study", allow_abbrev=False,
-                                     description=__doc__.split("\n\n")[0],
-                                     epilog="Other arguments go to every run (app.train flags).")
+    parser = scaling.study_parser("app.batch_study", __doc__)
     parser.add_argument("--batch_sizes", default="8,16,32,64,128,256,512",
                         help="per-process batch sizes, comma-separated")
     parser.add_argument("--steps", type=int, default=100,

@@ -206,10 +206,16 @@ def _check(command, name):
         sys.exit(f"app.scaling: {name} failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
 
 
+def study_parser(module, doc):
+    """The command line of a study that runs app.train: its own options; every other argument
+    goes to each run."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", allow_abbrev=False,
+                                   description=doc.split("\n\n")[0],
+                                   epilog="Other arguments go to every run (app.train flags).")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m app.scaling", allow_abbrev=False,
-                                     description=__doc__.split("\n\n")[0],
-                                     epilog="Other arguments go to every run (app.train flags).")
+    parser = study_parser("app.scaling", __doc__)
     parser.add_argument("-N", "--max_processes", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=64, help="per process (weak scaling)")
     parser.add_argument("--threads", type=int, default=1, help="threads per process")

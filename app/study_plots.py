@@ -107,18 +107,21 @@ def throughput_bars(path, rows, title):
     _save(figure, path)
 
 
-def accuracy_against_time(path, rows, title, target):
-    """Validation accuracy after each epoch against training time, one line per batch size,
-    with the target the runs were stopped at."""
+def accuracy_against_time(path, curves, title, target=None):
+    """Validation accuracy after each epoch against training time, one line per run
+    (`curves`: label -> [(seconds, accuracy)]), with the target the runs stopped at."""
     figure, axes = plt.subplots(figsize=(8, 4.5))
-    for row in rows:
-        seconds, accuracy = zip(*row["curve"])
-        axes.plot(seconds, accuracy, marker=".", label=f"batch {row['batch_size']}")
-    axes.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:.1%}")
+    for label, curve in curves.items():
+        seconds, accuracy = zip(*curve)
+        axes.plot(seconds, accuracy, marker=".", label=label)
+    if target is not None:
+        axes.axhline(target, color="k", linestyle="--", linewidth=1,
+                     label=f"target {target:.1%}")
     axes.set_xscale("log")
     axes.set_xlabel("training seconds (log scale)")
     axes.set_ylabel("validation accuracy")
-    axes.set_ylim(max(0.0, min(a for row in rows for _, a in row["curve"]) - 0.02), 1.0)
+    lowest = min(accuracy for curve in curves.values() for _, accuracy in curve)
+    axes.set_ylim(max(0.0, lowest - 0.02), 1.0)
     axes.set_title(title, fontsize=9)
     axes.legend(fontsize=8)
     _save(figure, path)
