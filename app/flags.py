@@ -125,8 +125,8 @@ flags.DEFINE_float("time_budget", None,
 flags.DEFINE_bool("elastic", False,
                   "Elastic training: workers may leave and join while it runs (Horovod's "
                   "elastic mode; start it with python -m app.launch --host_discovery_script). "
-                  "The per-process batch stays, so the global batch and the LR follow the "
-                  "number of workers.")
+                  "With --batch_size the per-process batch stays, so the global batch and the "
+                  "LR follow the number of workers.")
 flags.DEFINE_integer("commit_steps", 100,
                      "Elastic: steps between commits of the training state (and at every "
                      "epoch end); a failed worker costs at most these steps, and a change of "
