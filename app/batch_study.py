@@ -83,24 +83,19 @@ def conclusions(rows, target):
 
 
 def write_outputs(out_dir, rows, title, target):
-    with open(os.path.join(out_dir, "batch_study.csv"), "w", newline="") as table:
-        writer = csv.DictWriter(table, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    header = ["batch", "LR", "images/s", "reached", "epochs to target", "steps to target",
-              "seconds to target", "best val accuracy", "seconds trained"]
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row[column]) for column in COLUMNS) + " |")
-    with open(os.path.join(out_dir, "batch_study.md"), "w") as markdown:
-        markdown.write("\n".join(lines) + "\n")
+    headers = ["batch", "LR", "images/s", "reached", "epochs to target", "steps to target",
+               "seconds to target", "best val accuracy", "seconds trained"]
+    markdown = scaling.write_table(
+        os.path.join(out_dir, "batch_study"), rows, COLUMNS,
+        [(header, lambda row, c=c: _cell(row[c])) for header, c in zip(headers, COLUMNS)],
+        title)
 
     from app import study_plots  # matplotlib only once there is something to draw
     study_plots.throughput_bars(os.path.join(out_dir, "throughput.png"), rows, title)
     study_plots.accuracy_against_time(
         os.path.join(out_dir, "accuracy.png"),
         {f"batch {row['batch_size']}": row["curve"] for row in rows}, title, target)
-    return "\n".join(lines) + "\n"
+    return markdown
 
 
 def _cell(value):

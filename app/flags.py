@@ -254,11 +254,10 @@ def batch_sizes(world_size, resumed_global_batch=0):
     batch of its checkpoint (`resumed_global_batch`), whatever its number of processes, so
     that its learning rate and steps mean what they meant."""
     if (FLAGS.batch_size is None) == (FLAGS.global_batch_size is None):
-        raise FlagError("global_batch_size" if FLAGS.global_batch_size else "batch_size",
-                        "give exactly one of --batch_size and --global_batch_size")
+        raise FlagError(_batch_flag(), "give exactly one of --batch_size and --global_batch_size")
     accumulation = FLAGS.accumulation_steps
     global_batch = FLAGS.global_batch_size or FLAGS.batch_size * world_size * accumulation
-    name = "global_batch_size" if FLAGS.global_batch_size else "batch_size"
+    name = _batch_flag()
     if resumed_global_batch:
         global_batch = resumed_global_batch
         name = "model_dir"
@@ -270,6 +269,11 @@ def batch_sizes(world_size, resumed_global_batch=0):
     return global_batch // (world_size * accumulation), global_batch
 
 
+def _batch_flag():
+    """The batch flag the run was given, to name in errors about the batch."""
+    return "global_batch_size" if FLAGS.global_batch_size else "batch_size"
+
+
 def steps_per_epoch(num_examples, global_batch):
     """Training steps (batches per process) per epoch: --steps_per_epoch, or by default one
     pass over `num_examples` at the global batch. With --accumulation_steps=k, a multiple of
@@ -277,9 +281,8 @@ def steps_per_epoch(num_examples, global_batch):
     accumulation = FLAGS.accumulation_steps
     steps = FLAGS.steps_per_epoch or num_examples // global_batch * accumulation
     if steps == 0:
-        raise FlagError("global_batch_size" if FLAGS.global_batch_size else "batch_size",
-                        f"the global batch of {global_batch} is larger than the "
-                        f"{num_examples} training examples")
+        raise FlagError(_batch_flag(), f"the global batch of {global_batch} is larger than "
+                                       f"the {num_examples} training examples")
     if steps % accumulation:
         raise FlagError("steps_per_epoch", f"must be a multiple of --accumulation_steps="
                                            f"{accumulation}")

@@ -25,6 +25,7 @@ from absl import app
 
 import models
 from app import flags as app_flags
+from app import scaling
 from input_pipeline import sources
 
 FLAGS = app_flags.FLAGS
@@ -188,23 +189,18 @@ def write_tables(out_dir, fits, rows):
             writer = csv.writer(table)
             writer.writerow(TRAJECTORY_COLUMNS)
             writer.writerows(fit.trajectory.tolist())
-    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as table:
-        writer = csv.DictWriter(table, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    header = ["method", "batch", "converged", "updates", "epochs", "w", "b", "|w - w*|",
-              "|b - b*|", "loss", "excess loss", "seconds", "updates/s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        lines.append(
-            f"| {row['method']} | {row['batch_size']} | {'yes' if row['converged'] else 'no'} "
-            f"| {row['updates']} | {row['epochs']} | {row['w']:.4f} | {row['b']:.4f} "
-            f"| {row['w_error']:.2e} | {row['b_error']:.2e} | {row['final_loss']:.5f} "
-            f"| {row['excess_loss']:.2e} | {row['seconds']:.2f} | {row['updates_per_sec']:.0f} |")
-    markdown = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "summary.md"), "w") as table:
-        table.write(markdown)
-    return markdown
+
+    def shown(key, spec=""):
+        return lambda row: format(row[key], spec)
+    columns = [("method", shown("method")), ("batch", shown("batch_size")),
+               ("converged", lambda row: "yes" if row["converged"] else "no"),
+               ("updates", shown("updates")), ("epochs", shown("epochs")),
+               ("w", shown("w", ".4f")), ("b", shown("b", ".4f")),
+               ("|w - w*|", shown("w_error", ".2e")), ("|b - b*|", shown("b_error", ".2e")),
+               ("loss", shown("final_loss", ".5f")), ("excess loss", shown("excess_loss", ".2e")),
+               ("seconds", shown("seconds", ".2f")),
+               ("updates/s", shown("updates_per_sec", ".0f"))]
+    return scaling.write_table(os.path.join(out_dir, "summary"), rows, list(rows[0]), columns)
 
 
 def trajectory_file(method):

@@ -29,6 +29,7 @@ def build(name, learning_rate, momentum=0.0, weight_decay=0.0):
         return large_batch_optimizers.NovoGrad(learning_rate, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
 
+
 def horovod_options(accumulation_steps=1, fp16_allreduce=False):
     """hvd.DistributedOptimizer's keyword arguments for --accumulation_steps (the average of
     k batches' gradients per update) and --fp16_allreduce."""

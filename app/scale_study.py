@@ -121,20 +121,14 @@ def warmup_reproduced(rows):
 
 
 def write_outputs(out_dir, rows, title):
-    with open(os.path.join(out_dir, "scale_study.csv"), "w", newline="") as table:
-        writer = csv.DictWriter(table, TABLE, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [f"# {title}", "", "| " + " | ".join(TABLE) + " |", "|" + "---|" * len(TABLE)]
-    for row in rows:
-        lines.append("| " + " | ".join(
-            f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in TABLE) + " |")
-    with open(os.path.join(out_dir, "scale_study.md"), "w") as markdown:
-        markdown.write("\n".join(lines) + "\n")
+    markdown = scaling.write_table(
+        os.path.join(out_dir, "scale_study"), rows, TABLE,
+        [(c, lambda row, c=c: f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]))
+         for c in TABLE], title)
     from app import study_plots  # matplotlib only once there is something to draw
     study_plots.accuracy_against_time(os.path.join(out_dir, "accuracy.png"),
                                       {row["run"]: row["curve"] for row in rows}, title)
-    return "\n".join(lines) + "\n"
+    return markdown
 
 
 def main(argv=None):

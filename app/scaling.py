@@ -150,18 +150,30 @@ def ratios(rows):
 def write_outputs(out_dir, rows, found, title):
     columns = ["kind", "run", "processes", "threads", "batch", "global_batch",
                "images_per_sec", "spread", "speedup", "efficiency"]
-    with open(os.path.join(out_dir, "scaling.csv"), "w", newline="") as table:
-        writer = csv.DictWriter(table, columns)
+    write_table(os.path.join(out_dir, "scaling"), rows, columns,
+                [(c, lambda row, c=c: _cell(row[c])) for c in columns[1:]], title,
+                notes=[f"- {name}: {value:.2f}x" for name, value in found.items()])
+    _chart(os.path.join(out_dir, "scaling.png"), rows, title)
+
+
+def write_table(stem, rows, csv_columns, markdown_columns, title=None, notes=()):
+    """Writes the studies' tables: `rows` (dicts) to STEM.csv, the values of `csv_columns` in
+    full, and to STEM.md, a markdown table under `# title` of `markdown_columns`, each
+    (header, cell(row) -> text), then the `notes` lines. Returns the markdown."""
+    with open(f"{stem}.csv", "w", newline="") as table:
+        writer = csv.DictWriter(table, csv_columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# {title}", "", "| " + " | ".join(columns[1:]) + " |",
-             "|" + "---|" * (len(columns) - 1)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row[c]) for c in columns[1:]) + " |")
-    lines += ["", *[f"- {name}: {value:.2f}x" for name, value in found.items()], ""]
-    with open(os.path.join(out_dir, "scaling.md"), "w") as markdown:
-        markdown.write("\n".join(lines))
-    _chart(os.path.join(out_dir, "scaling.png"), rows, title)
+    headers = [header for header, _ in markdown_columns]
+    lines = [*([f"# {title}", ""] if title else []),
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+             *("| " + " | ".join(cell(row) for _, cell in markdown_columns) + " |"
+               for row in rows),
+             *(["", *notes] if notes else [])]
+    markdown = "\n".join(lines) + "\n"
+    with open(f"{stem}.md", "w") as out:
+        out.write(markdown)
+    return markdown
 
 
 def _chart(path, rows, title):
