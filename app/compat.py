@@ -9,6 +9,12 @@ Why this module exists (BUILD.md has the whole story):
   which is Keras 3's backend even when `tf.keras` is tf_keras; the callbacks then set the
   learning rate and broadcast through the wrong Keras. Rebinding `K` in both modules to
   `tf.keras.backend` makes them work on the Keras that builds the models.
+- --jit_compile uses XLA's auto-clustering, which compiles the clusters of ops XLA can
+  compile and leaves Horovod's collectives between them (Horovod 0.28.1 can lower its ops to
+  XLA only in GPU builds, so Keras' compile(jit_compile=True) fails on CPUs). On CPUs TensorFlow
+  clusters only with --tf_xla_cpu_global_jit in TF_XLA_FLAGS, which it reads once, early
+  (set in main() under absl it was already ignored); this module adds it. It changes nothing
+  until tf.config.optimizer.set_jit turns auto-clustering on.
 - LearningRateWarmupCallback's momentum correction assigns to `optimizer.momentum`, which
   only the `tf.keras.optimizers.legacy.*` optimizers hold as a variable; app.optimizers
   builds those.
@@ -21,6 +27,8 @@ if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
         "TensorFlow was imported before app.compat without TF_USE_LEGACY_KERAS=1; "
         "import app.compat first or export TF_USE_LEGACY_KERAS=1")
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
+if "--tf_xla_cpu_global_jit" not in os.environ.get("TF_XLA_FLAGS", ""):
+    os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines, one per rank
 
 import tensorflow as tf  # noqa: E402  (must follow the environment variable)

@@ -79,6 +79,19 @@ flags.DEFINE_integer("accumulation_steps", 1,
 flags.DEFINE_bool("fp16_allreduce", False,
                   "Allreduce the gradients in float16 (Horovod's fp16 compression): half the "
                   "bytes on the wire, float16 rounding of the averaged gradients.")
+flags.DEFINE_bool("adasum", False,
+                  "Combine the ranks' gradients with Horovod's Adasum instead of averaging: "
+                  "what they share is averaged, what they do not is added up, so the LR "
+                  "scales with one process's batch (one node's on GPUs with NCCL). Needs "
+                  "Horovod's MPI controller and a power-of-2 number of processes.")
+flags.DEFINE_enum("mixed_precision", None, ["float16", "bfloat16"],
+                  "Compute in this type, keep the variables in float32 (Keras' mixed "
+                  "precision); float16 adds dynamic loss scaling around Horovod's optimizer.")
+flags.DEFINE_bool("jit_compile", False,
+                  "Compile the training step's ops with XLA around Horovod's collectives "
+                  "(TensorFlow's auto-clustering; on CPUs too), as NVIDIA's Horovod examples "
+                  "do: Horovod 0.28.1 cannot compile its own ops with Keras' jit_compile on "
+                  "CPUs.")
 flags.DEFINE_bool("sync_batch_norm", False,
                   "Batch normalization over the global batch: the models' BatchNormalization "
                   "layers become SyncBatchNormalization (Horovod's, guarded against a "
@@ -228,6 +241,9 @@ def validate(world_size):
     if FLAGS.elastic and os.environ.get("HOROVOD_ELASTIC") != "1":
         raise FlagError("elastic", "needs horovodrun's elastic mode (python -m app.launch "
                                    "--host_discovery_script=SCRIPT ...)")
+    if FLAGS.adasum and world_size & (world_size - 1):
+        raise FlagError("adasum", f"needs a power-of-2 number of processes (Horovod's "
+                                  f"Adasum), not {world_size}")
     if FLAGS.cache not in ("none", "memory"):
         folder = os.path.dirname(os.path.abspath(FLAGS.cache))
         if not os.path.isdir(folder):

@@ -1,7 +1,11 @@
 """Optimizers by name. They are tf.keras legacy optimizers, which Horovod 0.28.1's Keras layer
 was written for: their LR and momentum are variables, so LearningRateWarmupCallback can apply
 its momentum correction. The large-batch ones (app.large_batch_optimizers) apply weight
-decay inside their update, so the model gets no L2 loss for them."""
+decay inside their update, so the model gets no L2 loss for them.
+
+The wrappers around them, in this order: Horovod's distributed optimizer (allreduce, or
+Adasum), then, for float16, Keras' loss scaling."""
+import horovod._keras as horovod_keras_impl
 import horovod.tensorflow as horovod_tf
 import tensorflow as tf
 
@@ -37,6 +41,34 @@ def horovod_options(accumulation_steps=1, fp16_allreduce=False):
         compression=(horovod_tf.Compression.fp16 if fp16_allreduce
                      else horovod_tf.Compression.none),
         backward_passes_per_step=accumulation_steps, average_aggregated_gradients=True)
+
+
+def adasum_distributed_optimizer(optimizer, **options):
+    """hvd.DistributedOptimizer with the Adasum reduction (--adasum). Horovod 0.28.1's public
+    Keras function refuses any op but Average and Sum, although the Keras optimizer it builds
+    calls the same allreduce as horovod.tensorflow, which supports Adasum; this builds that
+    optimizer with op=Adasum (MPI only, a power-of-2 number of processes)."""
+    return horovod_keras_impl.create_distributed_optimizer(
+        keras=tf.keras, optimizer=optimizer, name=None, device_dense="", device_sparse="",
+        sparse_as_dense=False, gradient_predivide_factor=1.0, op=horovod_tf.Adasum, **options)
+
+
+def adasum_averaged_processes():
+    """How many processes' gradients Horovod averages before Adasum combines them: a node's
+    GPUs with NCCL (hierarchical Adasum), none on CPUs. With --adasum the LR scales with the
+    batch of those processes, not with the global batch (Horovod's Adasum guide)."""
+    on_gpus = bool(tf.config.list_logical_devices("GPU")) and horovod_tf.nccl_built()
+    return horovod_tf.local_size() if on_gpus else 1
+
+
+def loss_scaled(optimizer, mixed_precision):
+    """For --mixed_precision=float16, Keras' dynamic loss scaling around the distributed
+    optimizer: the ranks allreduce the scaled gradients, so an overflow on any rank reaches
+    every rank, and all of them skip that step and lower the scale alike. bfloat16 has
+    float32's range and needs none."""
+    if mixed_precision == "float16":
+        return tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def create_slots(optimizer, variables):

@@ -38,12 +38,17 @@ def main(_):
     if FLAGS.timeline:  # Horovod's rank 0 opens it in hvd.init(), so it is named before
         os.makedirs(FLAGS.model_dir, exist_ok=True)
         os.environ["HOROVOD_TIMELINE"] = os.path.join(FLAGS.model_dir, "timeline.json")
+    if FLAGS.jit_compile:  # XLA compiles the step's ops around Horovod's (app.compat)
+        tf.config.optimizer.set_jit("autoclustering")
     hvd.init()
     devices.pin_gpu(hvd.local_rank())
     threads = devices.cpu_threads(hvd.local_size(), FLAGS.threads_per_process)
     devices.set_cpu_threads(threads)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
+    if FLAGS.adasum and not hvd.mpi_enabled():
+        app_flags.fail("--adasum: needs Horovod's MPI controller (mpirun, srun, or horovodrun "
+                       "--mpi); this run uses Gloo")
 
     # 2. Resume: rank 0 finds the latest checkpoint and tells every rank its epoch and the
     #    global batch it was trained with, which a resumed run keeps at any number of ranks.
@@ -78,18 +83,24 @@ def main(_):
             print(f"app.train: warning: --skip_corrupt: {damaged}", file=sys.stderr, flush=True)
 
     # 4. Model and Horovod's distributed optimizer (train() sets its LR for the global batch),
-    #    from the same seed on every rank: identical initial weights.
+    #    from the same seed on every rank: identical initial weights. Mixed precision
+    #    computes in float16 or bfloat16 and keeps float32 variables; float16's loss scaling
+    #    wraps the distributed optimizer, so that every rank sees the same overflows.
     tf.keras.utils.set_random_seed(FLAGS.seed)
+    if FLAGS.mixed_precision:
+        tf.keras.mixed_precision.set_global_policy(f"mixed_{FLAGS.mixed_precision}")
     normalization = (sync_batch_norm.SyncBatchNormalization if FLAGS.sync_batch_norm
                      else tf.keras.layers.BatchNormalization)
     model = models.build(FLAGS.model, train_source.feature_shape, train_source.num_outputs,
                          normalization)
     models.add_weight_decay(
         model, 0.0 if FLAGS.optimizer in optimizers.DECAY_INSIDE else FLAGS.weight_decay)
-    optimizer = hvd.DistributedOptimizer(
-        optimizers.build(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum,
-                         FLAGS.weight_decay),
-        **optimizers.horovod_options(FLAGS.accumulation_steps, FLAGS.fp16_allreduce))
+    optimizer = optimizers.build(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum,
+                                 FLAGS.weight_decay)
+    horovod_options = optimizers.horovod_options(FLAGS.accumulation_steps, FLAGS.fp16_allreduce)
+    optimizer = (optimizers.adasum_distributed_optimizer(optimizer, **horovod_options)
+                 if FLAGS.adasum else hvd.DistributedOptimizer(optimizer, **horovod_options))
+    optimizer = optimizers.loss_scaled(optimizer, FLAGS.mixed_precision)
     models.compile_for_task(model, optimizer, train_source.task, FLAGS.steps_per_execution)
 
     # Every rank restores the checkpoint of its epoch (weights and optimizer state), or a new
@@ -158,8 +169,12 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         cache=FLAGS.cache, repeat=FLAGS.validation_steps is not None, threads=threads)
     tf.random.set_seed(FLAGS.seed + hvd.rank())  # per-rank randomness from here on
 
-    # The learning rate, scaled to the global batch.
-    scaled_lr = app_flags.scaled_learning_rate(global_batch)
+    # The learning rate, scaled to the batch whose gradients one update averages: the global
+    # batch; under --adasum, that of the processes whose gradients Horovod averages before
+    # Adasum combines the rest (one process on CPUs, a node on GPUs).
+    scaled_lr = app_flags.scaled_learning_rate(
+        global_batch // hvd.size() * optimizers.adasum_averaged_processes() if FLAGS.adasum
+        else global_batch)
     tf.keras.backend.set_value(model.optimizer.lr, scaled_lr)
     checkpoints.set_global_batch(checkpoint_manager, global_batch)
     if is_chief and elastic_state is not None:

@@ -40,10 +40,11 @@ def horovodrun(num_processes):
     return [HOROVODRUN, "-np", str(num_processes), "--gloo"]
 
 
-def run(command, timeout=TIMEOUT, check=True):
-    """Runs `command` from the repository root; fails the test with its output if it fails."""
+def run(command, timeout=TIMEOUT, check=True, env=None):
+    """Runs `command` from the repository root, with `env` added to the environment; fails
+    the test with its output if it fails."""
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "PYTHONPATH": REPO})
+                            env={**os.environ, **(env or {}), "PYTHONPATH": REPO})
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {result.returncode}\n"
                     f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}")

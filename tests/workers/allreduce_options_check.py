@@ -1,6 +1,7 @@
 """Run under mpirun -np 2: one SGD step (LR 1, from 0) with known, different gradients on each
-rank, through hvd.DistributedOptimizer built with app.optimizers.horovod_options, without and
-with --fp16_allreduce; writes the resulting weights (minus the combined gradient) to
+rank, through the distributed optimizers app.train builds: hvd.DistributedOptimizer without
+and with --fp16_allreduce, and the Adasum one of --adasum (three tensors in one step: Adasum
+combines each on its own). Writes the resulting weights (minus the combined gradient) to
 OUT_DIR/rank-R.json."""
 import json
 import sys
@@ -12,6 +13,22 @@ from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
 from app import optimizers
 
 GRADIENTS = ([1.0001, 0.1, 3.3333, 1e-5], [2.0003, 0.3, 1.1111, 3e-5])  # rank 0's, rank 1's
+ADASUM_GRADIENTS = {  # name: (rank 0's, rank 1's)
+    "orthogonal": ([1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]),
+    "identical": ([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]),
+    "general": GRADIENTS,
+}
+
+
+def step(optimizer, gradients):
+    """Minus the combined gradients of one step from zero weights: {name: [4 floats]}."""
+    weights = {name: tf.Variable(np.zeros(4, np.float32), name=name) for name in gradients}
+    with tf.GradientTape() as tape:  # a loss whose gradient is this rank's vector
+        loss = tf.add_n([tf.reduce_sum(tf.constant(gradients[name][hvd.rank()], tf.float32)
+                                       * weights[name]) for name in gradients])
+    optimizer.minimize(loss, list(weights.values()), tape=tape)  # Horovod reduces here
+    return {name: weight.numpy().tolist() for name, weight in weights.items()}
+
 
 hvd.init()
 found = {}
@@ -19,10 +36,9 @@ for fp16_allreduce in (False, True):
     optimizer = hvd.DistributedOptimizer(
         tf.keras.optimizers.legacy.SGD(1.0),
         **optimizers.horovod_options(fp16_allreduce=fp16_allreduce))
-    weights = tf.Variable(np.zeros(4, np.float32), name=f"kernel_{fp16_allreduce}")
-    with tf.GradientTape() as tape:  # a loss whose gradient is this rank's vector
-        loss = tf.reduce_sum(tf.constant(GRADIENTS[hvd.rank()], tf.float32) * weights)
-    optimizer.minimize(loss, [weights], tape=tape)  # Horovod allreduces in minimize
-    found["fp16" if fp16_allreduce else "fp32"] = weights.numpy().tolist()
+    found["fp16" if fp16_allreduce else "fp32"] = step(
+        optimizer, {f"kernel_{fp16_allreduce}": GRADIENTS})[f"kernel_{fp16_allreduce}"]
+found["adasum"] = step(optimizers.adasum_distributed_optimizer(
+    tf.keras.optimizers.legacy.SGD(1.0), **optimizers.horovod_options()), ADASUM_GRADIENTS)
 with open(f"{sys.argv[1]}/rank-{hvd.rank()}.json", "w") as out:
-    json.dump({"gradients": GRADIENTS, **found}, out)
+    json.dump({"gradients": GRADIENTS, "adasum_gradients": ADASUM_GRADIENTS, **found}, out)

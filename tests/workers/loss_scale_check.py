@@ -1,0 +1,31 @@
+"""Run under mpirun -np 2: the optimizer of --mixed_precision=float16 (Keras' dynamic loss
+scaling around hvd.DistributedOptimizer, SGD at LR 1) on a Dense layer that computes in
+float16. Step 1: rank 1's input overflows float16 once the loss is scaled, rank 0's does not;
+step 2: both are finite. Writes the kernel and the loss scale after each step, and the layer's
+dtypes, to OUT_DIR/rank-R.json."""
+import json
+import sys
+
+from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
+
+from app import optimizers
+
+INPUTS = ({0: [[1.0, 2.0]], 1: [[1000.0, 1.0]]},  # step 1: 1000 x 32768 > float16's 65504
+          {0: [[1.0, 2.0]], 1: [[3.0, 0.5]]})     # step 2
+
+hvd.init()
+tf.keras.mixed_precision.set_global_policy("mixed_float16")
+layer = tf.keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")
+layer.build((None, 2))
+optimizer = optimizers.loss_scaled(
+    hvd.DistributedOptimizer(tf.keras.optimizers.legacy.SGD(1.0)), "float16")
+steps = []
+for inputs in INPUTS:
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.cast(layer(tf.constant(inputs[hvd.rank()])), tf.float32))
+    optimizer.minimize(loss, layer.trainable_variables, tape=tape)
+    steps.append({"kernel": layer.kernel.numpy().ravel().tolist(),
+                  "loss_scale": float(optimizer.loss_scale)})
+with open(f"{sys.argv[1]}/rank-{hvd.rank()}.json", "w") as out:
+    json.dump({"steps": steps, "compute_dtype": layer.compute_dtype,
+               "variable_dtype": layer.kernel.dtype.name}, out)
