@@ -16,7 +16,8 @@ setup:
 train: setup
 	$(PYTHON) -m app.launch -np $(NP) --flagfile=configs/$(EXPERIMENT).cfg
 
-test: setup
+test:
+	@bash scripts/bootstrap.sh --test
 	$(PYTHON) -m pytest
 
 tensorboard: setup

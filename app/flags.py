@@ -128,6 +128,13 @@ flags.DEFINE_integer("warmup_steps", 10,
 flags.DEFINE_bool("timeline", False,
                   "Write Horovod's timeline (chrome://tracing) to MODEL_DIR/timeline.json.")
 
+flags.DEFINE_integer("summary_steps", 10,
+                     "Training steps between TensorBoard's per-step scalars (loss, accuracy, "
+                     "learning rate, images/s, global batch).", lower_bound=1)
+flags.DEFINE_list("profile_steps", [],
+                  "START,END: TensorFlow's profiler traces these training steps of the run "
+                  "(counted from 1) into TensorBoard's profile tab.")
+
 flags.DEFINE_float("target_accuracy", None,
                    "End training after the first epoch whose validation accuracy (averaged "
                    "over the ranks) reaches this.", lower_bound=0.0, upper_bound=1.0)
@@ -228,6 +235,7 @@ def validate(world_size):
         raise FlagError("warmup_epochs", f"must be shorter than --epochs={FLAGS.epochs}")
     if FLAGS.lr_schedule == "step":
         decay_epochs(FLAGS.lr_decay_epochs)
+    profile_steps(FLAGS.profile_steps)
     if FLAGS.dataset in NEEDS_DATA_DIR:
         if not FLAGS.data_dir:
             raise FlagError("data_dir", f"is required by --dataset={FLAGS.dataset}")
@@ -318,6 +326,20 @@ def decay_epochs(values):
     return epochs
 
 
+def profile_steps(values):
+    """--profile_steps as (first, last) step, () when not given."""
+    if not values:
+        return ()
+    try:
+        steps = tuple(int(value) for value in values)
+    except ValueError:
+        raise FlagError("profile_steps", "must be two step numbers: START,END") from None
+    if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+        raise FlagError("profile_steps", "must be two step numbers: START,END with "
+                                         "1 <= START <= END")
+    return steps
+
+
 def scaled_learning_rate(global_batch):
     """The base LR scaled from --reference_batch_size to `global_batch`."""
     ratio = global_batch / FLAGS.reference_batch_size
@@ -352,6 +374,11 @@ def resolved_flagfile():
     lines = [flag.serialize() for flag in FLAGS.get_flags_for_module(__name__)
              if flag.value is not None and flag.serialize()]
     return "\n".join(sorted(lines)) + "\n"
+
+
+def values():
+    """{name: value} of every app.train flag."""
+    return {flag.name: flag.value for flag in FLAGS.get_flags_for_module(__name__)}
 
 
 def define_gd_study_flags():

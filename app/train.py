@@ -24,7 +24,7 @@ from absl import app
 
 import input_pipeline
 import models
-from app import callbacks, checkpoints, devices, optimizers, sync_batch_norm
+from app import callbacks, checkpoints, devices, optimizers, summaries, sync_batch_norm
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
@@ -208,7 +208,11 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
     if is_chief and not FLAGS.benchmark:
         training_callbacks += [
             checkpoints.SaveEveryEpoch(checkpoint_manager),
-            tf.keras.callbacks.TensorBoard(os.path.join(FLAGS.model_dir, "tensorboard")),
+            *summaries.callbacks(
+                FLAGS.model_dir, flag_values=app_flags.values(),
+                every_steps=FLAGS.summary_steps, steps_per_epoch=steps_per_epoch,
+                global_batch=global_batch, throughput=throughput,
+                profile_steps=app_flags.profile_steps(FLAGS.profile_steps)),
             tf.keras.callbacks.CSVLogger(os.path.join(FLAGS.model_dir, "training_log.csv"),
                                          append=initial_epoch > 0),
         ]

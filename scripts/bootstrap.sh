@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the whole stack into .venv from nothing, and does nothing on a ready machine.
 #
-#   1. system tools: MPI (runtime and headers), cmake, g++; installed with apt when root or
-#      passwordless sudo allows it, otherwise named exactly (e.g. for `module load`);
+#   1. system tools: MPI (runtime and headers), cmake, g++, and with --test Chromium (the
+#      TensorBoard browser test); installed with apt when root or passwordless sudo allows
+#      it, otherwise named exactly (e.g. for `module load`);
 #   2. .venv with everything in requirements.txt except Horovod;
 #   3. Horovod built from source against that TensorFlow (TensorFlow, MPI, Gloo; NCCL when
 #      HOROVOD_GPU_OPERATIONS=NCCL), cached as a wheel keyed by what it was built against;
@@ -25,19 +26,13 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 10))' \
   || die "Python >= 3.10 is needed (found $("$PYTHON" --version 2>&1)); set PYTHON=/path/to/python3.11"
 
-# Everything the result depends on; when it is unchanged the machine is ready.
-stamp_key=$(cat "$ROOT/requirements.txt" "$ROOT/setup.cfg" "$ROOT/scripts/bootstrap.sh" "$ROOT"/scripts/compat_include/tensorflow/compiler/xla/client/xla_builder.h \
-  | { cat; echo "gpu=$GPU_OPERATIONS python=$("$PYTHON" --version 2>&1)"; } | sha256sum | cut -c1-16)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$stamp_key" ] && [ -x "$VENV/bin/horovodrun" ]; then
-  say "ready ($VENV)"; exit 0
-fi
-
 # --- 1. system tools ---------------------------------------------------------------------
 missing_packages=()
 command -v mpirun >/dev/null || missing_packages+=(openmpi-bin)
 command -v mpicxx >/dev/null || missing_packages+=(libopenmpi-dev)
 command -v cmake >/dev/null || missing_packages+=(cmake)
 command -v g++ >/dev/null || missing_packages+=(g++)
+if [ "${1:-}" = --test ]; then command -v chromium >/dev/null || missing_packages+=(chromium); fi
 if [ ${#missing_packages[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
   if [ "$SUDO" = none ] || ! command -v apt-get >/dev/null; then
@@ -46,6 +41,13 @@ if [ ${#missing_packages[@]} -gt 0 ]; then
   say "installing ${missing_packages[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing_packages[@]}" >/dev/null
+fi
+
+# Everything the result depends on; when it is unchanged the machine is ready.
+stamp_key=$(cat "$ROOT/requirements.txt" "$ROOT/setup.cfg" "$ROOT/scripts/bootstrap.sh" "$ROOT"/scripts/compat_include/tensorflow/compiler/xla/client/xla_builder.h \
+  | { cat; echo "gpu=$GPU_OPERATIONS python=$("$PYTHON" --version 2>&1)"; } | sha256sum | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$stamp_key" ] && [ -x "$VENV/bin/horovodrun" ]; then
+  say "ready ($VENV)"; exit 0
 fi
 
 # --- 2. the Python environment -------------------------------------------------------------

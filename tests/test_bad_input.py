@@ -3,18 +3,12 @@ the checkpoints intact (flag values checked before anything runs are in test_tra
 import json
 import os
 import shutil
-import signal
-import subprocess
-import time
-import urllib.request
 
 import numpy as np
-import psutil
 import pytest
 
 import input_pipeline
-from app.scaling import free_port
-from conftest import REPO, error_lines, mpirun, run, train_command
+from conftest import error_lines, mpirun, run, train_command
 from test_train import checkpoint_values
 
 DIGITS = ["--flagfile=configs/digits_cnn.cfg", "--steps_per_epoch=5", "--validation_steps=1",
@@ -126,26 +120,3 @@ def test_init_checkpoint_starts_a_new_run_from_another_runs_weights(tmp_path):
     assert optimizer_b["optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE"] == 5  # a fresh optimizer
     fails_with(train_command(*DIGITS, "--epochs=1", f"--init_checkpoint={start}-missing",
                              f"--model_dir={tmp_path / 'c'}"), 2, "--init_checkpoint=")
-
-
-def test_the_projects_tensorboard_listens_on_this_machine_only(tmp_path):
-    """`make tensorboard` serves on the loopback interface: nobody else on the cluster's
-    network can read the runs (they reach it through an ssh tunnel)."""
-    port = str(free_port())
-    server = subprocess.Popen(["make", "-s", "tensorboard", f"LOGDIR={tmp_path}", f"PORT={port}"],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
-        addresses, deadline = set(), time.monotonic() + 120
-        while not addresses:
-            assert server.poll() is None and time.monotonic() < deadline, "no server"
-            time.sleep(0.5)
-            for process in psutil.Process(server.pid).children(recursive=True):
-                addresses |= {c.laddr.ip for c in process.net_connections("inet")
-                              if c.status == psutil.CONN_LISTEN and c.laddr.port == int(port)}
-        assert addresses <= {"127.0.0.1", "::1"}, addresses
-        with urllib.request.urlopen(f"http://localhost:{port}/data/runs", timeout=30) as reply:
-            assert reply.status == 200
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)

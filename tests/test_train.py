@@ -134,6 +134,7 @@ def test_every_experiment_runs_from_its_flagfile(experiment, extra, tmp_path, di
     ("digits_cnn", ["--lr_schedule=step", "--lr_decay_epochs=5,3"], "--lr_decay_epochs"),
     ("digits_cnn", ["--batch_size=2000"], "--batch_size"),
     ("digits_cnn", ["--elastic"], "--elastic=True: needs horovodrun's elastic mode"),
+    ("digits_cnn", ["--profile_steps=5,3"], "--profile_steps=5,3: must be two step numbers"),
     ("digits_cnn", ["--accumulation_steps=2", "--steps_per_epoch=5"],
      "--steps_per_epoch=5: must be a multiple of --accumulation_steps=2"),
     ("cifar10_resnet20", ["--data_dir=/does/not/exist"], "--data_dir"),

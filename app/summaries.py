@@ -1,0 +1,83 @@
+"""What rank 0 writes for TensorBoard under MODEL_DIR/tensorboard: Keras' loss and metric
+scalars per step and per epoch (train/ and validation/), the LR as applied, images/s and the
+global batch per step, the run's flags as an hparams entry (its metrics: the last epoch's),
+and a profiler trace of --profile_steps."""
+import os
+
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
+
+# The hparams dashboard's metric columns: (tag, run group) of Keras' epoch scalars.
+HPARAMS_METRICS = [("epoch_loss", "train"), ("epoch_accuracy", "train"),
+                   ("epoch_loss", "validation"), ("epoch_accuracy", "validation")]
+
+
+def log_dir(model_dir):
+    return os.path.join(model_dir, "tensorboard")
+
+
+def callbacks(model_dir, *, flag_values, every_steps, steps_per_epoch, global_batch,
+              throughput, profile_steps=()):
+    """Rank 0's TensorBoard callbacks; `flag_values` ({name: value}) become the hparams
+    (written now: the dashboard's columns; at the start and end of training: this run's
+    entry), `throughput` (callbacks.Throughput, earlier in the list) times the steps."""
+    directory = log_dir(model_dir)
+    write_hparams_config(directory, flag_values)
+    return [
+        tf.keras.callbacks.TensorBoard(directory, update_freq=every_steps,
+                                       profile_batch=tuple(profile_steps) or 0),
+        StepScalars(os.path.join(directory, "train"), every_steps, steps_per_epoch,
+                    global_batch, throughput),
+        hparams_api.KerasCallback(directory, hparams(flag_values), trial_id=model_dir),
+    ]
+
+
+def hparams(flag_values):
+    """Flag values as hparams, which take bool, int, float and str: lists become strings,
+    unset flags are left out."""
+    return {name: ",".join(map(str, value)) if isinstance(value, list) else value
+            for name, value in sorted(flag_values.items()) if value is not None}
+
+
+def write_hparams_config(directory, flag_values):
+    """The hparams dashboard's columns: every flag of the run, and HPARAMS_METRICS."""
+    with tf.summary.create_file_writer(directory).as_default():
+        hparams_api.hparams_config(
+            hparams=[hparams_api.HParam(name) for name in hparams(flag_values)],
+            metrics=[hparams_api.Metric(tag, group=group, display_name=f"{group} {tag}")
+                     for tag, group in HPARAMS_METRICS])
+
+
+class StepScalars(tf.keras.callbacks.Callback):
+    """Every `every_steps` training steps: the learning rate the step used (after Horovod's
+    warmup and schedule callbacks, which set it before each step), images/s over those steps
+    on all ranks (this rank's rate times the ranks, as Throughput logs per epoch), and the
+    global batch (which --accumulation_steps spreads over several steps). Steps count from
+    the first epoch of the run, also after a resume."""
+
+    def __init__(self, train_log_dir, every_steps, steps_per_epoch, global_batch, throughput):
+        super().__init__()
+        self.every_steps, self.steps_per_epoch = every_steps, steps_per_epoch
+        self.global_batch, self.throughput = global_batch, throughput
+        self.images_per_step = throughput.batch_size * throughput.world_size
+        self.writer = tf.summary.create_file_writer(train_log_dir)
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._epoch * self.steps_per_epoch + batch + 1
+        if step % self.every_steps:
+            return
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("learning_rate",
+                              float(tf.keras.backend.get_value(self.model.optimizer.lr)))
+            tf.summary.scalar("global_batch_size", self.global_batch)
+            recent = self.throughput.step_seconds[-self.every_steps:]
+            if recent:
+                tf.summary.scalar("images_per_sec",
+                                  self.images_per_step * len(recent) / sum(recent))
+
+    def on_train_end(self, logs=None):
+        self.writer.flush()
