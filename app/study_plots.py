@@ -125,3 +125,25 @@ def accuracy_against_time(path, curves, title, target=None):
     axes.set_title(title, fontsize=9)
     axes.legend(fontsize=8)
     _save(figure, path)
+
+
+def runs_side_by_side(path, runs):
+    """app.plot's figure: loss, accuracy and learning rate against epochs, one colour per run
+    (training solid, validation dashed); `runs` as app.plot.read_run returns them."""
+    figure, (loss, accuracy, learning_rate) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for index, run in enumerate(runs):
+        colour, epochs = f"C{index % 10}", run["epochs"]
+        for axes, metric in ((loss, "loss"), (accuracy, "accuracy")):
+            for prefix, style, phase in (("", "-", "training"), ("val_", "--", "validation")):
+                values = epochs.get(prefix + metric)
+                if values and None not in values:
+                    axes.plot(epochs["epoch"], values, style, color=colour,
+                              label=f"{run['name']} ({phase})")
+        learning_rate.plot(*run["lr"], color=colour, label=run["name"])
+    for axes, title in ((loss, "loss"), (accuracy, "accuracy"),
+                        (learning_rate, "learning rate (as applied)")):
+        axes.set_title(title)
+        axes.set_xlabel("epoch")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    _save(figure, path)

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from app.scaling import free_port
-from conftest import REPO, mpirun, read_log, run, train_command
+from conftest import PYTHON, REPO, mpirun, read_log, run, train_command
 
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
 STEPS_PER_EPOCH = 22  # the digits' 1437 training examples at a global batch of 64
@@ -183,3 +183,35 @@ def test_profile_steps_trace_exactly_those_steps(served):
     steps = [event for line in host.lines for event in line.events
              if host.event_metadata[event.metadata_id].name == "train_function"]
     assert len(steps) == 3  # steps 3, 4 and 5
+
+
+@pytest.mark.distributed
+def test_plot_draws_several_runs_from_their_logs(served, tmp_path):
+    """app.plot reads the run's per-step LR from its TensorBoard events, a run without
+    events its CSV's per-epoch LR, and draws both side by side."""
+    from app import plot
+
+    url, model_dir, _ = served
+    csv_only = tmp_path / "csv_only"
+    csv_only.mkdir()
+    shutil.copy(model_dir / "training_log.csv", csv_only)
+    out = tmp_path / "comparison.png"
+    result = run([PYTHON, "-m", "app.plot", str(model_dir), str(csv_only), f"--out={out}"])
+    assert result.stdout.strip() == f"wrote {out}"
+    with open(out, "rb") as png:
+        assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    with_events, without = plot.read_run(model_dir), plot.read_run(csv_only)
+    per_step = scalars(url, "run_a/tensorboard/train", "learning_rate")
+    assert list(with_events["lr"][0]) == [step / STEPS_PER_EPOCH for step in sorted(per_step)]
+    assert list(with_events["lr"][1]) == pytest.approx([per_step[s] for s in sorted(per_step)])
+    log = read_log(model_dir)
+    assert without["lr"] == ([1, 2, 3, 4], [float(row["lr"]) for row in log])
+    assert with_events["epochs"]["val_accuracy"] == [float(row["val_accuracy"]) for row in log]
+
+    missing = run([PYTHON, "-m", "app.plot", str(model_dir), str(tmp_path / "nope")],
+                  check=False)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1] == (
+        f"app.plot: error: {tmp_path / 'nope'}: no training_log.csv (not an app.train "
+        f"MODEL_DIR)")
