@@ -112,13 +112,16 @@ def main(argv=None):
                         help="per-process batch sizes, comma-separated")
     parser.add_argument("--steps", type=int, default=100,
                         help="training steps of each throughput run")
-    parser.add_argument("--target_accuracy", type=float, default=0.97)
+    parser.add_argument("--target_accuracy", type=float, default=0.97,
+                        help="validation accuracy each accuracy run trains to")
     parser.add_argument("--time_budget", type=float, default=60.0,
                         help="seconds of training per batch size at most")
     parser.add_argument("--max_epochs", type=int, default=1000,
                         help="epochs per batch size at most")
-    parser.add_argument("-np", "--processes", type=int, default=1)
-    parser.add_argument("--out_dir", default="runs/batch_study")
+    parser.add_argument("-np", "--processes", type=int, default=1,
+                        help="processes of every run")
+    parser.add_argument("--out_dir", default="runs/batch_study",
+                        help="where the runs, the table and the figures go")
     args, train_args = parser.parse_known_args(argv)
     try:
         batch_sizes = sorted({int(size) for size in args.batch_sizes.split(",")})

@@ -174,9 +174,11 @@ def fail(message, code=USAGE_ERROR, this_rank_only=False):
 
 
 def _program():
-    """The running entry point as `python -m` names it (app.train for its console script)."""
+    """The running entry point as the user named it: `python -m`'s module, or the console
+    script (hvd-train, ...)."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
-    return spec.name if spec else "app.train"
+    return spec.name if spec else os.path.basename(sys.argv[0])
+
 
 
 def parser(check):

@@ -30,10 +30,11 @@ probing two hosts at start, or takes `--network_interface` (on one machine: lo).
 
     python -m app.launch -np 4 --min_np=2 --max_np=8 --host_discovery_script=./hosts.sh ...
 """
-import argparse
 import os
 import shlex
 import sys
+
+from app import cli
 
 LAUNCHERS = ("mpirun", "horovodrun")
 FORWARDED_ENVIRONMENT = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "TF_USE_LEGACY_KERAS")
@@ -95,17 +96,17 @@ def _binding(num_processes, hosts):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m app.launch", description=__doc__.split("\n")[0],
-        epilog="Other arguments go to app.train (see python -m app.train --helpfull).",
-        allow_abbrev=False)
-    parser.add_argument("-np", type=int, default=2, help="number of processes (default 2)")
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="mpirun")
-    parser.add_argument("--hosts", help="host:slots,... (default: this machine)")
+    parser = cli.argument_parser(
+        "app.launch", __doc__.split("\n")[0],
+        "Other arguments go to app.train (see python -m app.train --helpfull).")
+    parser.add_argument("-np", type=int, default=2, help="number of processes")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="mpirun",
+                        help="mpirun (tuned: binding, yielding) or horovodrun (Gloo)")
+    parser.add_argument("--hosts", help="host:slots,... (None: this machine)")
     parser.add_argument("--host_discovery_script",
                         help="elastic training: executable printing the available host:slots")
-    parser.add_argument("--min_np", type=int, help="elastic: fewest processes (default -np)")
-    parser.add_argument("--max_np", type=int, help="elastic: most processes (default -np)")
+    parser.add_argument("--min_np", type=int, help="elastic: fewest processes (None: -np)")
+    parser.add_argument("--max_np", type=int, help="elastic: most processes (None: -np)")
     parser.add_argument("--network_interface",
                         help="elastic: the interface the workers talk over (e.g. ib0, or lo "
                              "on one machine); without it Horovod needs two hosts at start "

@@ -91,5 +91,9 @@ def main(_):
         print(f"{name}: {value:,.2f}")
 
 
-if __name__ == "__main__":
+def run():
     app.run(main, flags_parser=app_flags.parse)
+
+
+if __name__ == "__main__":
+    run()

@@ -7,7 +7,6 @@ training solid, validation dashed) and, for the learning rate, TensorBoard's per
 `learning_rate` (warmup and schedule as applied), or the CSV's per-epoch `lr` when the run
 wrote no TensorBoard summaries. The x axis is epochs for all three.
 """
-import argparse
 import csv
 import json
 import os
@@ -16,7 +15,7 @@ import sys
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from app import study_plots
+from app import cli, study_plots
 
 
 class RunError(ValueError):
@@ -64,8 +63,7 @@ def _steps_per_epoch(model_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m app.plot", description=__doc__.split(
-        "\n\n")[0])
+    parser = cli.argument_parser("app.plot", __doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="MODEL_DIR of an app.train run")
     parser.add_argument("--out", default="comparison.png", help="the PNG to write")

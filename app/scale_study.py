@@ -133,20 +133,24 @@ def write_outputs(out_dir, rows, title):
 
 def main(argv=None):
     parser = scaling.study_parser("app.scale_study", __doc__)
-    parser.add_argument("-np", "--processes", type=int, default=2)
+    parser.add_argument("-np", "--processes", type=int, default=2,
+                        help="processes of every run")
     parser.add_argument("--time_budget", type=float, default=60.0, help="seconds per run")
     parser.add_argument("--small_batch", type=int, default=16, help="per process")
     parser.add_argument("--large_batch", type=int, default=256, help="per process")
     parser.add_argument("--learning_rate", type=float, default=0.05,
                         help="SGD's LR at the small global batch (scaled linearly)")
-    parser.add_argument("--warmup_epochs", type=int, default=5)
+    parser.add_argument("--warmup_epochs", type=int, default=5,
+                        help="LR warmup of the runs with warmup")
     parser.add_argument("--novograd_lr", type=float, default=0.05, help="at the large batch")
     parser.add_argument("--lamb_lr", type=float, default=0.01, help="at the large batch")
     parser.add_argument("--lars_lr", type=float, default=2.0, help="at the large batch")
-    parser.add_argument("--max_epochs", type=int, default=10_000)
+    parser.add_argument("--max_epochs", type=int, default=10_000,
+                        help="epochs per run at most (the time budget ends it first)")
     parser.add_argument("--runs", default=None,
-                        help="comma-separated subset of the runs (default: all)")
-    parser.add_argument("--out_dir", default="runs/scale_study")
+                        help="comma-separated subset of the runs (None: all)")
+    parser.add_argument("--out_dir", default="runs/scale_study",
+                        help="where the runs, the table and the figure go")
     args, train_args = parser.parse_known_args(argv)
     planned = runs(args)
     chosen = args.runs.split(",") if args.runs else list(planned)

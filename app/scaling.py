@@ -10,7 +10,6 @@ Every run is `app.train --benchmark` started through app.launch (so with the pro
 launcher settings), or app.keras_reference for the two non-Horovod ones; every number in
 the outputs is read from the results those runs wrote.
 """
-import argparse
 import csv
 import json
 import os
@@ -20,7 +19,7 @@ import sys
 
 import numpy as np
 
-from app import callbacks
+from app import callbacks, cli
 
 
 def run_app_train(model_dir, launch_args, train_args):
@@ -221,20 +220,23 @@ def _check(command, name):
 def study_parser(module, doc):
     """The command line of a study that runs app.train: its own options; every other argument
     goes to each run."""
-    return argparse.ArgumentParser(prog=f"python -m {module}", allow_abbrev=False,
-                                   description=doc.split("\n\n")[0],
-                                   epilog="Other arguments go to every run (app.train flags).")
+    return cli.argument_parser(
+        module, doc.split("\n\n")[0],
+        "Other arguments go to every run (app.train flags: python -m app.train --helpfull).")
 
 
 def main(argv=None):
     parser = study_parser("app.scaling", __doc__)
-    parser.add_argument("-N", "--max_processes", type=int, default=2)
+    parser.add_argument("-N", "--max_processes", type=int, default=2,
+                        help="Horovod runs at 1..N processes")
     parser.add_argument("--batch_size", type=int, default=64, help="per process (weak scaling)")
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
-    parser.add_argument("--launcher", default="mpirun", choices=("mpirun", "horovodrun"))
+    parser.add_argument("--launcher", default="mpirun", choices=("mpirun", "horovodrun"),
+                        help="app.launch's launcher of the Horovod runs")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each configuration; the table holds their median")
-    parser.add_argument("--out_dir", default="runs/scaling")
+    parser.add_argument("--out_dir", default="runs/scaling",
+                        help="where the runs, the table and the chart go")
     args, train_args = parser.parse_known_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     rows = study(args.out_dir, args.max_processes, args.batch_size, args.threads,
