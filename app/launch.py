@@ -9,7 +9,9 @@ mpirun settings and why (measured in BENCHMARKS.md):
 - `--map-by slot:PE=C --bind-to core`: each rank gets its own C = cores / ranks-per-node
   cores (app.train sizes its thread pools to them), so the ranks' TensorFlow, tf.data and
   Horovod threads do not migrate and compete across cores. With more ranks than cores it
-  falls back to `--bind-to none`. Nodes are assumed to have as many cores as this one.
+  falls back to `--bind-to none`. Nodes are assumed to have as many cores as this process
+  may use here. Inside a SLURM allocation (scripts/slurm/train_mpirun.sbatch) the hosts
+  and their slots come from it.
 - `--mca mpi_yield_when_idle 1`: a rank waiting in MPI yields its core instead of busy
   polling it away from TensorFlow; without it np=2 ran at 1.1x np=1 on 2 cores.
 - `HOROVOD_CYCLE_TIME=0.02` (ms) when every rank runs on one node with a core of its own:
@@ -32,6 +34,7 @@ probing two hosts at start, or takes `--network_interface` (on one machine: lo).
 """
 import os
 import shlex
+import subprocess
 import sys
 
 from app import cli
@@ -69,6 +72,21 @@ def command(num_processes, launcher, hosts, train_args, elastic=None):
     return mpirun + train
 
 
+def slurm_hosts(environ):
+    """The nodes of the SLURM allocation this runs in with their tasks, as host:slots,...
+    (None outside an allocation): mpirun then places the ranks as SLURM allotted them, and
+    the binding and cycle time follow the ranks per node."""
+    if not {"SLURM_JOB_NODELIST", "SLURM_TASKS_PER_NODE"} <= environ.keys():
+        return None
+    nodes = subprocess.run(["scontrol", "show", "hostnames", environ["SLURM_JOB_NODELIST"]],
+                           capture_output=True, text=True, check=True).stdout.split()
+    tasks = []
+    for entry in environ["SLURM_TASKS_PER_NODE"].split(","):  # e.g. 4(x2),2
+        count, _, repeat = entry.partition("(x")
+        tasks += [int(count)] * int(repeat.rstrip(")") or 1)
+    return ",".join(f"{node}:{count}" for node, count in zip(nodes, tasks))
+
+
 def _horovodrun():
     return os.path.join(os.path.dirname(sys.executable), "horovodrun")
 
@@ -81,15 +99,16 @@ def _ranks_per_node(num_processes, hosts):
 def _tuned_horovod_environment(num_processes, hosts):
     """Horovod settings measured to be faster here (see the module docstring), unless set."""
     one_node = not hosts or "," not in hosts
-    own_cores = (os.cpu_count() or 1) >= _ranks_per_node(num_processes, hosts)
+    own_cores = len(os.sched_getaffinity(0)) >= _ranks_per_node(num_processes, hosts)
     if num_processes > 1 and one_node and own_cores and "HOROVOD_CYCLE_TIME" not in os.environ:
         return {"HOROVOD_CYCLE_TIME": "0.02"}
     return {}
 
 
 def _binding(num_processes, hosts):
-    """Each rank bound to its share of a node's cores, or unbound when oversubscribed."""
-    cores_per_rank = (os.cpu_count() or 1) // _ranks_per_node(num_processes, hosts)
+    """Each rank bound to its share of the node's cores this may use (a SLURM job's, say),
+    or unbound when oversubscribed."""
+    cores_per_rank = len(os.sched_getaffinity(0)) // _ranks_per_node(num_processes, hosts)
     if cores_per_rank < 1:
         return ["--bind-to", "none", "--map-by", "slot"]
     return ["--map-by", f"slot:PE={cores_per_rank}", "--bind-to", "core"]
@@ -102,7 +121,8 @@ def main(argv=None):
     parser.add_argument("-np", type=int, default=2, help="number of processes")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="mpirun",
                         help="mpirun (tuned: binding, yielding) or horovodrun (Gloo)")
-    parser.add_argument("--hosts", help="host:slots,... (None: this machine)")
+    parser.add_argument("--hosts", help="host:slots,... (None: the SLURM allocation this "
+                                          "runs in, or else this machine)")
     parser.add_argument("--host_discovery_script",
                         help="elastic training: executable printing the available host:slots")
     parser.add_argument("--min_np", type=int, help="elastic: fewest processes (None: -np)")
@@ -131,7 +151,8 @@ def main(argv=None):
         parser.error("--min_np/--max_np/--network_interface: need --host_discovery_script "
                      "(elastic training)")
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    launch = command(args.np, args.launcher, args.hosts, train_args, elastic)
+    hosts = args.hosts or (None if elastic else slurm_hosts(os.environ))
+    launch = command(args.np, args.launcher, hosts, train_args, elastic)
     print(shlex.join(launch), flush=True)
     os.execvp(launch[0], launch)
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds the whole stack into .venv from nothing, and does nothing on a ready machine.
 #
-#   1. system tools: MPI (runtime and headers), cmake, g++, and with --test Chromium (the
-#      TensorBoard browser test); installed with apt when root or passwordless sudo allows
-#      it, otherwise named exactly (e.g. for `module load`);
+#   1. system tools: MPI (runtime and headers), cmake, g++, and with --test Chromium and
+#      SLURM with munge (the TensorBoard browser test, the sbatch recipes' test); installed
+#      with apt when root or passwordless sudo allows it, otherwise named exactly;
 #   2. .venv with everything in requirements.txt except Horovod;
 #   3. Horovod built from source against that TensorFlow (TensorFlow, MPI, Gloo; NCCL when
 #      HOROVOD_GPU_OPERATIONS=NCCL), cached as a wheel keyed by what it was built against;
@@ -32,7 +32,11 @@ command -v mpirun >/dev/null || missing_packages+=(openmpi-bin)
 command -v mpicxx >/dev/null || missing_packages+=(libopenmpi-dev)
 command -v cmake >/dev/null || missing_packages+=(cmake)
 command -v g++ >/dev/null || missing_packages+=(g++)
-if [ "${1:-}" = --test ]; then command -v chromium >/dev/null || missing_packages+=(chromium); fi
+if [ "${1:-}" = --test ]; then  # the TensorBoard browser test; the one-node SLURM cluster
+  command -v chromium >/dev/null || missing_packages+=(chromium)
+  command -v slurmctld >/dev/null || missing_packages+=(slurm-wlm)
+  command -v munged >/dev/null || missing_packages+=(munge)
+fi
 if [ ${#missing_packages[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
   if [ "$SUDO" = none ] || ! command -v apt-get >/dev/null; then

@@ -1,0 +1,99 @@
+"""The SLURM recipes on a real one-node SLURM cluster (Debian's slurm-wlm and munge, which
+`make test` installs, started here as root): both sbatch scripts train the default
+experiment on 2 tasks, through srun with PMIx and through app.launch's mpirun, and app.launch
+reads the allocation's hosts."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, run
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The environment of a running one-node cluster (SLURM_CONF), stopped afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("starting SLURM's daemons needs root (CI runs as root)")
+    missing = [daemon for daemon in DAEMONS if not shutil.which(daemon)]
+    assert not missing, f"{missing} missing: `make test` installs slurm-wlm and munge"
+    home = tmp_path_factory.mktemp("slurm")
+    node = socket.gethostname().split(".")[0]
+    conf = home / "slurm.conf"
+    conf.write_text("\n".join([
+        "ClusterName=test", f"SlurmctldHost={node}(127.0.0.1)", "SlurmUser=root",
+        "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+        "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "MpiDefault=none",
+        "ReturnToService=2", "JobAcctGatherType=jobacct_gather/none",
+        f"SlurmctldPidFile={home}/slurmctld.pid", f"SlurmdPidFile={home}/slurmd.pid",
+        f"SlurmdSpoolDir={home}/spool", f"StateSaveLocation={home}/state",
+        f"SlurmctldLogFile={home}/slurmctld.log", f"SlurmdLogFile={home}/slurmd.log",
+        f"NodeName={node} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN",
+        f"PartitionName=test Nodes={node} Default=YES MaxTime=INFINITE State=UP "
+        f"OverSubscribe=YES", ""]))
+    env = {"SLURM_CONF": str(conf)}
+    started_munge = subprocess.run(["munge", "-n"], capture_output=True).returncode != 0
+    if started_munge:  # not answering yet
+        os.makedirs("/run/munge", exist_ok=True)
+        subprocess.run(["munged", "--force"], check=True)
+    for daemon in ("slurmctld", "slurmd"):
+        subprocess.run([daemon], env={**os.environ, **env}, check=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "idle" not in run(["sinfo", "-h", "-o", "%t"], env=env, check=False).stdout:
+            assert time.monotonic() < deadline, (home / "slurmctld.log").read_text()[-3000:]
+            time.sleep(1)
+        yield env
+    finally:
+        run(["scontrol", "shutdown"], env=env, check=False)
+        if started_munge:
+            subprocess.run(["pkill", "-x", "munged"])
+
+
+def sbatch(env, script, model_dir, out):
+    """Runs a recipe to its end on 2 tasks of the node; its output file's text. (Polls the
+    job itself: sbatch --wait notices the end only up to half a minute late.)"""
+    job = run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={out}",
+               f"--chdir={REPO}", script, "--flagfile=configs/digits_cnn.cfg", "--epochs=3",
+               f"--model_dir={model_dir}"], env=env).stdout.strip()
+    deadline = time.monotonic() + 600
+    while True:
+        state = run(["scontrol", "show", "job", "-o", job], env=env).stdout
+        job_state = re.search(r"JobState=(\S+)", state)[1]
+        if job_state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(1)
+    output = out.read_text() if out.exists() else ""
+    assert job_state == "COMPLETED", f"{state}\n--- job output\n{output[-4000:]}"
+    return output
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("recipe", ["train_srun", "train_mpirun"])
+def test_the_sbatch_recipe_trains_on_two_tasks(slurm, recipe, tmp_path):
+    output = sbatch(slurm, f"scripts/slurm/{recipe}.sbatch", tmp_path / "run",
+                    tmp_path / "job.out")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["epochs_completed"] == 3, output[-3000:]
+    assert results["val_accuracy"] > 0.9
+    if recipe == "train_mpirun":  # app.launch took the hosts from the allocation
+        node = socket.gethostname().split(".")[0]
+        assert f" -H {node}:2 " in output.splitlines()[0], output[:2000]
+
+
+def test_launch_reads_the_hosts_of_an_allocation(slurm, monkeypatch):
+    from app import launch
+
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])  # for scontrol's node list
+    assert launch.slurm_hosts({"SLURM_JOB_NODELIST": "gpu[07-09]",
+                               "SLURM_TASKS_PER_NODE": "4(x2),2"}) == "gpu07:4,gpu08:4,gpu09:2"
+    assert launch.slurm_hosts({"SLURM_TASKS_PER_NODE": "4"}) is None
