@@ -187,6 +187,8 @@ def parser(check):
     def parse(argv):
         try:
             remaining = FLAGS(argv)
+            if FLAGS["verbosity"].using_default_value:  # else absl.app makes it INFO, and
+                FLAGS.verbosity = -1  # TensorFlow logs each checkpoint's sharding on rank 0
             if len(remaining) > 1:
                 raise flags.Error(f"unexpected arguments: {' '.join(remaining[1:])}")
             check(argv)
