@@ -99,16 +99,22 @@ def _ranks_per_node(num_processes, hosts):
 def _tuned_horovod_environment(num_processes, hosts):
     """Horovod settings measured to be faster here (see the module docstring), unless set."""
     one_node = not hosts or "," not in hosts
-    own_cores = len(os.sched_getaffinity(0)) >= _ranks_per_node(num_processes, hosts)
+    own_cores = usable_cores() >= _ranks_per_node(num_processes, hosts)
     if num_processes > 1 and one_node and own_cores and "HOROVOD_CYCLE_TIME" not in os.environ:
         return {"HOROVOD_CYCLE_TIME": "0.02"}
     return {}
 
 
+def usable_cores():
+    """The cores this process may run on (a SLURM job's, or the machine's); the nodes are
+    assumed to offer each rank as many."""
+    return len(os.sched_getaffinity(0))
+
+
 def _binding(num_processes, hosts):
     """Each rank bound to its share of the node's cores this may use (a SLURM job's, say),
     or unbound when oversubscribed."""
-    cores_per_rank = len(os.sched_getaffinity(0)) // _ranks_per_node(num_processes, hosts)
+    cores_per_rank = usable_cores() // _ranks_per_node(num_processes, hosts)
     if cores_per_rank < 1:
         return ["--bind-to", "none", "--map-by", "slot"]
     return ["--map-by", f"slot:PE={cores_per_rank}", "--bind-to", "core"]

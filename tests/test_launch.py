@@ -7,7 +7,7 @@ from app import launch
 
 @pytest.fixture
 def four_cores(monkeypatch):
-    monkeypatch.setattr(launch.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(launch, "usable_cores", lambda: 4)
     monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
 
 
