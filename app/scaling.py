@@ -1,16 +1,19 @@
 """Scaling study of one experiment: training images/s at 1..N processes with Horovod (weak
 scaling: fixed per-process batch; strong scaling: fixed global batch), against plain Keras,
-one process with N times the threads, and tf.distribute.MultiWorkerMirroredStrategy with N
-workers, all on the same model, data and global batch per step. Writes scaling.md,
+one process with N times the threads, tf.distribute.MultiWorkerMirroredStrategy with N
+workers, and N plain Keras processes that train side by side without communicating (what the
+machine gives N processes at all: Horovod np=N over it is the share communication leaves),
+all on the same model, data and batch per process. Writes scaling.md,
 scaling.csv and scaling.png to --out_dir and prints the ratios that matter.
 
     python -m app.scaling -N 2 --flagfile=configs/digits_cnn.cfg
 
 Every run is `app.train --benchmark` started through app.launch (so with the project's
-launcher settings), or app.keras_reference for the two non-Horovod ones; every number in
+launcher settings), or app.keras_reference for the non-Horovod ones; every number in
 the outputs is read from the results those runs wrote.
 """
 import csv
+import functools
 import json
 import os
 import socket
@@ -35,27 +38,36 @@ def run_horovod(model_dir, processes, train_args, launch_args):
                          [*train_args, "--benchmark"])
 
 
-def run_reference(model_dir, workers, train_args):
-    """app.keras_reference on `workers` local processes (MultiWorkerMirroredStrategy when
-    more than one), summarized as app.train summarizes its ranks."""
+def run_reference(model_dir, workers, train_args, independent=False):
+    """app.keras_reference on `workers` local processes: MultiWorkerMirroredStrategy when
+    more than one, or with `independent` plain Keras in each, at the same time, each on a
+    core of its own when there are enough (in MODEL_DIR/copy-I); summarized as app.train
+    summarizes its ranks."""
     addresses = [f"localhost:{free_port()}" for _ in range(workers)]
-    processes = []
+    cores = sorted(os.sched_getaffinity(0))
+    processes, result_files = [], []
     for index in range(workers):
-        env = dict(os.environ)
-        if workers > 1:
+        env, directory, preexec = dict(os.environ), model_dir, None
+        if independent:
+            directory = os.path.join(model_dir, f"copy-{index}")
+            if len(cores) >= workers:
+                preexec = functools.partial(os.sched_setaffinity, 0, {cores[index]})
+        elif workers > 1:
             env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses},
                                            "task": {"type": "worker", "index": index}})
+        result_files.append(os.path.join(
+            directory, f"reference-{0 if independent else index}.json"))
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "app.keras_reference", *train_args,
-             f"--model_dir={model_dir}"], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True))
+             f"--model_dir={directory}"], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, preexec_fn=preexec))
     for process in processes:
         output = process.communicate()[0]
         if process.returncode:
             sys.exit(f"app.scaling: {model_dir} failed:\n{output[-3000:]}")
     ranks = []
-    for index in range(workers):
-        with open(os.path.join(model_dir, f"reference-{index}.json")) as results:
+    for path in result_files:
+        with open(path) as results:
             ranks.append(json.load(results))
     return callbacks.throughput_summary([r["images_per_sec"] for r in ranks],
                                         [r["window_rates"] for r in ranks])
@@ -91,6 +103,11 @@ def study(out_dir, max_processes, batch, threads, train_args, launch_args, repea
             kind="tf.distribute", run=f"MultiWorkerMirrored {max_processes} workers",
             processes=max_processes, threads=threads, batch=batch,
             measure=lambda d: run_reference(d, max_processes, [*common, f"--batch_size={batch}"])))
+        configurations.append(dict(
+            kind="independent", run=f"{max_processes} plain Keras, no communication",
+            processes=max_processes, threads=threads, batch=batch,
+            measure=lambda d: run_reference(d, max_processes, [*common, f"--batch_size={batch}"],
+                                            independent=True)))
 
     measured = [[] for _ in configurations]
     for repeat in range(repeats):
@@ -117,7 +134,7 @@ def study(out_dir, max_processes, batch, threads, train_args, launch_args, repea
 # Which Horovod np=1 run each kind is compared with: the one with the same global batch per
 # step (batch per process for weak scaling, batch x N for strong scaling and for threads).
 _BASELINE_KIND = {"reference": "weak", "weak": "weak", "tf.distribute": "weak",
-                  "strong": "strong", "threads": "strong"}
+                  "independent": "weak", "strong": "strong", "threads": "strong"}
 
 
 def _add_speedups(rows):
@@ -143,6 +160,10 @@ def ratios(rows):
             by_run[("weak", largest)] / by_run[("threads", 1)])
         found[f"Horovod np={largest} / MultiWorkerMirrored np={largest}"] = (
             by_run[("weak", largest)] / by_run[("tf.distribute", largest)])
+        found[f"{largest} independent processes / one (the machine's ceiling)"] = (
+            by_run[("independent", largest)] / by_run[("reference", 1)])
+        found[f"Horovod np={largest} / {largest} independent processes"] = (
+            by_run[("weak", largest)] / by_run[("independent", largest)])
     return found
 
 

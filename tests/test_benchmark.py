@@ -81,7 +81,8 @@ def test_scaling_study_tables_what_its_runs_measured(tmp_path):
     with open(tmp_path / "scaling.csv") as table:
         rows = list(csv.DictReader(table))
     assert [row["kind"] for row in rows] == [
-        "reference", "weak", "weak", "strong", "strong", "threads", "tf.distribute"]
+        "reference", "weak", "weak", "strong", "strong", "threads", "tf.distribute",
+        "independent"]
     measured = {"run1-weak-np1-r0": rows[1], "run2-weak-np2-r0": rows[2],
                 "run3-strong-np1-r0": rows[3]}
     for name, row in measured.items():
@@ -94,9 +95,17 @@ def test_scaling_study_tables_what_its_runs_measured(tmp_path):
     assert {r["strategy"] for r in mwms} == {"multi_worker_mirrored"}
     assert float(rows[6]["images_per_sec"]) == pytest.approx(
         sum(r["images_per_sec"] for r in mwms))
+    copies = [json.loads((tmp_path / "run6-independent-np2-r0" / f"copy-{index}" /
+                          "reference-0.json").read_text()) for index in (0, 1)]
+    assert {(r["strategy"], r["world_size"]) for r in copies} == {("none", 1)}
+    assert float(rows[7]["images_per_sec"]) == pytest.approx(
+        sum(r["images_per_sec"] for r in copies))
     weak_speedup = float(rows[2]["images_per_sec"]) / float(rows[1]["images_per_sec"])
     assert float(rows[2]["speedup"]) == pytest.approx(weak_speedup)
-    assert f"Horovod np=2 / np=1: {weak_speedup:.2f}x" in (tmp_path / "scaling.md").read_text()
+    markdown = (tmp_path / "scaling.md").read_text()
+    assert f"Horovod np=2 / np=1: {weak_speedup:.2f}x" in markdown
+    communication = float(rows[2]["images_per_sec"]) / float(rows[7]["images_per_sec"])
+    assert f"Horovod np=2 / 2 independent processes: {communication:.2f}x" in markdown
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(tmp_path / "scaling.png") > 10_000
 
