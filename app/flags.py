@@ -180,7 +180,6 @@ def _program():
     return spec.name if spec else os.path.basename(sys.argv[0])
 
 
-
 def parser(check):
     """An absl flags_parser for app.run: parses, then calls `check(argv)`, which raises
     FlagError for a value that cannot run; any error ends the process with one line."""
