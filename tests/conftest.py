@@ -51,6 +51,14 @@ def run(command, timeout=TIMEOUT, check=True, env=None):
     return result
 
 
+def run_study(out_dir, module, table, *args):
+    """Runs the study `python -m module` with `args` into `out_dir`; (its stdout, the rows
+    of the table it wrote there, OUT_DIR/TABLE)."""
+    result = run([PYTHON, "-m", module, *args, f"--out_dir={out_dir}"])
+    with open(os.path.join(out_dir, table)) as rows:
+        return result.stdout, list(csv.DictReader(rows))
+
+
 def error_lines(result):
     """The `app.train: error:` lines a finished command printed."""
     return [line for line in result.stderr.splitlines() if line.startswith("app.train: error:")]

@@ -1,12 +1,11 @@
 """app.batch_study: every number of its table comes from its runs' own results and logs, each
 accuracy run stops at the target, and the figures are PNG images."""
-import csv
 import json
 
 import pytest
 from matplotlib import image
 
-from conftest import PYTHON, read_log, run
+from conftest import read_log, run_study
 
 TARGET = 0.9
 
@@ -14,12 +13,11 @@ TARGET = 0.9
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("batch_study")
-    result = run([PYTHON, "-m", "app.batch_study", "--batch_sizes=128,16", "--steps=30",
-                  f"--target_accuracy={TARGET}", "--time_budget=60", f"--out_dir={out_dir}",
-                  "--flagfile=configs/digits_cnn.cfg", "--validation_steps=4"])
-    with open(out_dir / "batch_study.csv") as table:
-        rows = list(csv.DictReader(table))
-    return out_dir, rows, result.stdout
+    stdout, rows = run_study(out_dir, "app.batch_study", "batch_study.csv",
+                             "--batch_sizes=128,16", "--steps=30",
+                             f"--target_accuracy={TARGET}", "--time_budget=60",
+                             "--flagfile=configs/digits_cnn.cfg", "--validation_steps=4")
+    return out_dir, rows, stdout
 
 
 def test_the_table_holds_each_runs_own_numbers(study):

@@ -1,12 +1,11 @@
 """app.gd_study: GD reaches the least-squares solution without its loss ever rising, the
 figures are PNG images, and the table and conclusions hold the run's own numbers."""
-import csv
 
 import numpy as np
 import pytest
 from matplotlib import image
 
-from conftest import PYTHON, error_lines, run
+from conftest import PYTHON, error_lines, run, run_study
 from input_pipeline.sources import linear_arrays
 
 DATA = dict(num_examples=200, true_w=2.0, true_b=1.0, noise=0.5, seed=3)
@@ -16,13 +15,12 @@ FIGURES = ("data.png", "loss_curves.png", "loss_surface.png", "sgd_batch_loss.pn
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("gd_study")
-    result = run([PYTHON, "-m", "app.gd_study", "--flagfile=configs/gd_study.cfg",
-                  *[f"--{name}={value}" for name, value in DATA.items()],
-                  "--minibatch_sizes=16,64", "--tolerance=1e-9", "--max_updates=3000",
-                  f"--out_dir={out_dir}"])
-    with open(out_dir / "summary.csv") as table:
-        rows = {row["method"]: row for row in csv.DictReader(table)}
-    return out_dir, rows, result.stdout
+    stdout, rows = run_study(out_dir, "app.gd_study", "summary.csv",
+                             "--flagfile=configs/gd_study.cfg",
+                             *[f"--{name}={value}" for name, value in DATA.items()],
+                             "--minibatch_sizes=16,64", "--tolerance=1e-9",
+                             "--max_updates=3000")
+    return out_dir, {row["method"]: row for row in rows}, stdout
 
 
 def trajectory(out_dir, row):

@@ -5,7 +5,7 @@ import csv
 import pytest
 from matplotlib import image
 
-from conftest import PYTHON, read_log, run
+from conftest import read_log, run_study
 
 pytestmark = pytest.mark.distributed
 NAMES = {"baseline": "2ranks-32bs-0.05lr-0m-0w.csv", "momentum": "2ranks-32bs-0.05lr-0.9m-0w.csv",
@@ -15,12 +15,10 @@ NAMES = {"baseline": "2ranks-32bs-0.05lr-0m-0w.csv", "momentum": "2ranks-32bs-0.
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("scale_study")
-    result = run([PYTHON, "-m", "app.scale_study", "--flagfile=configs/digits_cnn.cfg",
-                  "--time_budget=4", "--runs=baseline,momentum,lamb", "--validation_steps=2",
-                  f"--out_dir={out_dir}"])
-    with open(out_dir / "scale_study.csv") as table:
-        rows = {row["run"]: row for row in csv.DictReader(table)}
-    return out_dir, rows, result.stdout
+    stdout, rows = run_study(out_dir, "app.scale_study", "scale_study.csv",
+                             "--flagfile=configs/digits_cnn.cfg", "--time_budget=4",
+                             "--runs=baseline,momentum,lamb", "--validation_steps=2")
+    return out_dir, {row["run"]: row for row in rows}, stdout
 
 
 def test_each_run_has_its_csv_named_after_its_settings(study):
