@@ -43,7 +43,8 @@ def run_reference(model_dir, workers, train_args, independent=False):
     more than one, or with `independent` plain Keras in each, at the same time, each on a
     core of its own when there are enough (in MODEL_DIR/copy-I); summarized as app.train
     summarizes its ranks."""
-    addresses = [f"localhost:{free_port()}" for _ in range(workers)]
+    mirrored = workers > 1 and not independent
+    addresses = [f"localhost:{free_port()}" for _ in range(workers)] if mirrored else []
     cores = sorted(os.sched_getaffinity(0))
     processes, result_files = [], []
     for index in range(workers):
@@ -52,7 +53,7 @@ def run_reference(model_dir, workers, train_args, independent=False):
             directory = os.path.join(model_dir, f"copy-{index}")
             if len(cores) >= workers:
                 preexec = functools.partial(os.sched_setaffinity, 0, {cores[index]})
-        elif workers > 1:
+        elif mirrored:
             env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses},
                                            "task": {"type": "worker", "index": index}})
         result_files.append(os.path.join(
