@@ -216,6 +216,11 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
             tf.keras.callbacks.CSVLogger(os.path.join(FLAGS.model_dir, "training_log.csv"),
                                          append=initial_epoch > 0),
         ]
+    # Keras' progress bar only for one process on a terminal (mpirun gives every rank one):
+    # its per-step work would hold up the other ranks, and would be timed in benchmarks.
+    progress_bar = hvd.size() == 1 and sys.stdout.isatty() and not FLAGS.benchmark
+    if is_chief and not progress_bar:
+        training_callbacks.append(callbacks.EpochLine())
     if elastic_state is not None:  # last: a commit that meets a change of workers ends fit()
         training_callbacks += [
             callbacks.UpdateEpochState(elastic_state),
@@ -228,7 +233,7 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
             initial_epoch=initial_epoch,
             validation_data=None if FLAGS.benchmark else validation_data,
             validation_steps=FLAGS.validation_steps, callbacks=training_callbacks,
-            verbose=(1 if sys.stdout.isatty() else 2) if is_chief else 0)
+            verbose=1 if progress_bar else 0)
     except callbacks.NonFiniteLoss as error:
         app_flags.fail(error, app_flags.RUN_ERROR)
     except tf.errors.DataLossError as error:

@@ -36,7 +36,14 @@ def test_default_experiment_trains_on_two_processes_and_leaves_its_outputs(tmp_p
     assert {"epoch-16.index", "checkpoint"} <= set(os.listdir(model_dir / "checkpoints"))
     for phase in ("train", "validation"):
         assert list((model_dir / "tensorboard" / phase).glob("events.out.tfevents.*"))
-    assert len(read_log(model_dir)) == 16
+    log = read_log(model_dir)
+    assert len(log) == 16
+    # Rank 0 alone writes one line per epoch with its logs, and no per-step progress bar.
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(" - ")[0] for line in epoch_lines] == [f"Epoch {e}/16" for e in range(1, 17)]
+    for line, row in zip(epoch_lines, log):
+        assert f" - val_accuracy: {float(row['val_accuracy']):.4f}" in line
+    assert "ETA" not in result.stdout
     flagfile = (model_dir / "flags.cfg").read_text().splitlines()
     assert {"--experiment=digits_cnn", "--batch_size=32", "--model=cnn",
             f"--model_dir={model_dir}"} <= set(flagfile)
