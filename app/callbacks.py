@@ -1,5 +1,4 @@
-"""Callbacks of app.train beside Horovod's own: the LR schedule, a throughput meter, the
-stops, and the epoch lines."""
+"""Callbacks of app.train beside Horovod's own: the LR schedule and a throughput meter."""
 import math
 import time
 
@@ -178,25 +177,3 @@ class TimeToAccuracy(tf.keras.callbacks.Callback):
             self.model.stop_training = True
         if self.time_budget is not None and logs["wall_seconds"] >= self.time_budget:
             self.model.stop_training = True
-
-
-class EpochLine(tf.keras.callbacks.Callback):
-    """One line per epoch on stdout: the epoch, its seconds and its logs (rank 0, instead of
-    Keras' progress bar). Keras' bar, and its verbose=2 line too, converts and accumulates
-    every step's logs: about 0.1 ms of a 6 ms step on rank 0 alone, for which every other rank
-    then waited in the next allreduce (BENCHMARKS.md)."""
-
-    def __init__(self):
-        super().__init__()
-        self._epoch_start = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        fields = [f"Epoch {epoch + 1}/{self.params['epochs']}",
-                  f"{time.perf_counter() - self._epoch_start:.1f}s"]
-        for name, value in (logs or {}).items():  # as Keras' progress bar writes them
-            value = float(value)
-            fields.append(f"{name}: {value:.4f}" if abs(value) > 1e-3 else f"{name}: {value:.4e}")
-        print(" - ".join(fields), flush=True)

@@ -216,24 +216,23 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
             tf.keras.callbacks.CSVLogger(os.path.join(FLAGS.model_dir, "training_log.csv"),
                                          append=initial_epoch > 0),
         ]
-    # Keras' progress bar only for one process on a terminal (mpirun gives every rank one):
-    # its per-step work would hold up the other ranks, and would be timed in benchmarks.
-    progress_bar = hvd.size() == 1 and sys.stdout.isatty() and not FLAGS.benchmark
-    if is_chief and not progress_bar:
-        training_callbacks.append(callbacks.EpochLine())
     if elastic_state is not None:  # last: a commit that meets a change of workers ends fit()
         training_callbacks += [
             callbacks.UpdateEpochState(elastic_state),
             hvd.elastic.CommitStateCallback(elastic_state, FLAGS.commit_steps),
         ]
 
+    # Rank 0 prints: Keras' progress bar for one process on a terminal, else one line per
+    # epoch (verbose=2, which skips the bar's per-step work: the other ranks waited for it at
+    # every allreduce, and mpirun gives every rank a terminal).
+    progress_bar = hvd.size() == 1 and sys.stdout.isatty() and not FLAGS.benchmark
     try:
         history = model.fit(
             train_data, steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs,
             initial_epoch=initial_epoch,
             validation_data=None if FLAGS.benchmark else validation_data,
             validation_steps=FLAGS.validation_steps, callbacks=training_callbacks,
-            verbose=1 if progress_bar else 0)
+            verbose=(1 if progress_bar else 2) if is_chief else 0)
     except callbacks.NonFiniteLoss as error:
         app_flags.fail(error, app_flags.RUN_ERROR)
     except tf.errors.DataLossError as error:
