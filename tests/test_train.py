@@ -2,12 +2,15 @@
 every experiment from its flagfile, and flag errors."""
 import json
 import os
+import pty
+import subprocess
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import PYTHON, error_lines, mpirun, read_log, run, train_command
+from conftest import (PYTHON, REPO, TIMEOUT, error_lines, mpirun, read_log, run,
+                      train_command)
 
 # A few steps: one short epoch, so no warmup and a schedule that fits in it.
 SHORT = ["--epochs=1", "--steps_per_epoch=2", "--validation_steps=1", "--warmup_epochs=0",
@@ -48,6 +51,41 @@ def test_default_experiment_trains_on_two_processes_and_leaves_its_outputs(tmp_p
     flagfile = (model_dir / "flags.cfg").read_text().splitlines()
     assert {"--experiment=digits_cnn", "--batch_size=32", "--model=cnn",
             f"--model_dir={model_dir}"} <= set(flagfile)
+
+
+def terminal_output(command):
+    """What `command`, run from the repository root, writes to its stdout when that is a
+    terminal (a pseudo-terminal here)."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(command, cwd=REPO, stdout=follower, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONPATH": REPO})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(timeout=TIMEOUT) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("benchmark", [False, True])
+def test_one_process_on_a_terminal_shows_keras_progress_bar_unless_benchmarking(benchmark,
+                                                                                tmp_path):
+    """One process on a terminal gets Keras' bar; a benchmark gets the epoch lines (as rank 0
+    of several processes does, tested above), so that the bar's per-step work is not timed."""
+    output = terminal_output(train_command(
+        "--flagfile=configs/digits_cnn.cfg", "--epochs=2", "--steps_per_epoch=2",
+        "--validation_steps=1", "--warmup_epochs=0", "--lr_schedule=constant",
+        f"--model_dir={tmp_path}", *(["--benchmark"] if benchmark else [])))
+    assert "Epoch 2/2" in output
+    assert ("2/2 [==============================]" in output) is not benchmark
+    assert ("2/2 - " in output) is benchmark
 
 
 @pytest.mark.distributed
