@@ -80,9 +80,8 @@ def test_one_process_on_a_terminal_shows_keras_progress_bar_unless_benchmarking(
     """One process on a terminal gets Keras' bar; a benchmark gets the epoch lines (as rank 0
     of several processes does, tested above), so that the bar's per-step work is not timed."""
     output = terminal_output(train_command(
-        "--flagfile=configs/digits_cnn.cfg", "--epochs=2", "--steps_per_epoch=2",
-        "--validation_steps=1", "--warmup_epochs=0", "--lr_schedule=constant",
-        f"--model_dir={tmp_path}", *(["--benchmark"] if benchmark else [])))
+        "--flagfile=configs/digits_cnn.cfg", *SHORT, "--epochs=2", f"--model_dir={tmp_path}",
+        *(["--benchmark"] if benchmark else [])))
     assert "Epoch 2/2" in output
     assert ("2/2 [==============================]" in output) is not benchmark
     assert ("2/2 - " in output) is benchmark
