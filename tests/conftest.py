@@ -2,6 +2,7 @@
 process and in every process a test starts, so it is set here, before any test module loads."""
 import csv
 import os
+import pty
 import subprocess
 import sys
 
@@ -40,15 +41,41 @@ def horovodrun(num_processes):
     return [HOROVODRUN, "-np", str(num_processes), "--gloo"]
 
 
+def _environment(env=None):
+    """This process's environment, with `env` added and the repository on the Python path."""
+    return {**os.environ, **(env or {}), "PYTHONPATH": REPO}
+
+
 def run(command, timeout=TIMEOUT, check=True, env=None):
     """Runs `command` from the repository root, with `env` added to the environment; fails
     the test with its output if it fails."""
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **(env or {}), "PYTHONPATH": REPO})
+                            env=_environment(env))
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {result.returncode}\n"
                     f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}")
     return result
+
+
+def terminal_output(command):
+    """What `command`, run as `run` runs it, writes to its stdout when that is a terminal (a
+    pseudo-terminal here); the test fails if the command fails."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(command, cwd=REPO, stdout=follower, stderr=subprocess.DEVNULL,
+                               env=_environment())
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(timeout=TIMEOUT) == 0
+    return b"".join(chunks).decode(errors="replace")
 
 
 def run_study(out_dir, module, table, *args):

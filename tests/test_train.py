@@ -2,14 +2,12 @@
 every experiment from its flagfile, and flag errors."""
 import json
 import os
-import pty
-import subprocess
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (PYTHON, REPO, TIMEOUT, error_lines, mpirun, read_log, run,
+from conftest import (PYTHON, error_lines, mpirun, read_log, run, terminal_output,
                       train_command)
 
 # A few steps: one short epoch, so no warmup and a schedule that fits in it.
@@ -51,27 +49,6 @@ def test_default_experiment_trains_on_two_processes_and_leaves_its_outputs(tmp_p
     flagfile = (model_dir / "flags.cfg").read_text().splitlines()
     assert {"--experiment=digits_cnn", "--batch_size=32", "--model=cnn",
             f"--model_dir={model_dir}"} <= set(flagfile)
-
-
-def terminal_output(command):
-    """What `command`, run from the repository root, writes to its stdout when that is a
-    terminal (a pseudo-terminal here)."""
-    leader, follower = pty.openpty()
-    process = subprocess.Popen(command, cwd=REPO, stdout=follower, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "PYTHONPATH": REPO})
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:  # EIO: every writer closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    assert process.wait(timeout=TIMEOUT) == 0
-    return b"".join(chunks).decode(errors="replace")
 
 
 @pytest.mark.parametrize("benchmark", [False, True])
