@@ -1,6 +1,8 @@
 # make setup: build the stack into .venv (idempotent); make train: the default experiment on
-# NP processes; make test: the whole suite; make tensorboard: TensorBoard on LOGDIR, reachable
-# from this machine only (from elsewhere: an ssh tunnel). BUILD.md explains the build.
+# NP processes; make test: the whole suite; make test-fast: the tests that start no MPI,
+# horovodrun or SLURM job, for quick feedback; make tensorboard: TensorBoard on LOGDIR,
+# reachable from this machine only (from elsewhere: an ssh tunnel). BUILD.md explains the
+# build.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 NP ?= 2
@@ -8,7 +10,7 @@ EXPERIMENT ?= digits_cnn
 LOGDIR ?= runs
 PORT ?= 6006
 
-.PHONY: setup train test tensorboard clean
+.PHONY: setup train test test-fast tensorboard clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -19,6 +21,9 @@ train: setup
 test:
 	@bash scripts/bootstrap.sh --test
 	$(PYTHON) -m pytest
+
+test-fast: setup
+	$(PYTHON) -m pytest -m "not distributed"
 
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host localhost --port $(PORT)

@@ -33,21 +33,6 @@ def learning_rate_schedule(hvd, scaled_lr, *, warmup_epochs, schedule, epochs, s
     return callbacks
 
 
-def throughput_summary(rank_rates, rank_windows):
-    """Images/s in total and per process, with their spreads, from every process's mean rate
-    and its rates over the same windows of steps (aligned: all run the same steps)."""
-    rank_rates, rank_windows = np.asarray(rank_rates), np.asarray(rank_windows)
-    totals = rank_windows.sum(axis=0)
-    return {
-        "images_per_sec": float(rank_rates.sum()),
-        "images_per_sec_spread": float(totals.std()) if totals.size else None,
-        "images_per_sec_per_process": float(rank_rates.mean()),
-        "images_per_sec_per_process_spread": float(rank_windows.std())
-        if rank_windows.size else None,
-        "images_per_sec_by_rank": [float(rate) for rate in rank_rates],
-    }
-
-
 class Throughput(tf.keras.callbacks.Callback):
     """Training images per second of this process, from the time between consecutive
     training steps, so that validation, checkpoints and epoch ends are left out, after the

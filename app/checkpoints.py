@@ -38,6 +38,14 @@ def latest(model_dir):
     return int(path.rsplit("-", 1)[1]), int(tf.train.load_variable(path, _GLOBAL_BATCH_KEY))
 
 
+def broadcast_latest(model_dir, hvd):
+    """latest() of rank 0, on every rank (Horovod's broadcast: every rank calls it), so that
+    all resume from the same checkpoint."""
+    state = latest(model_dir) if hvd.rank() == 0 else (0, 0)
+    return tuple(int(value) for value in hvd.broadcast(
+        tf.constant(state, tf.int64), root_rank=0, name="resume_state"))
+
+
 def restore(checkpoint_manager, epochs):
     """Restores the checkpoint taken after `epochs` epochs. The optimizer's slots do not exist
     until its first step; TensorFlow restores them when they are created."""

@@ -13,7 +13,7 @@ Why this module exists (BUILD.md has the whole story):
   compile and leaves Horovod's collectives between them (Horovod 0.28.1 can lower its ops to
   XLA only in GPU builds, so Keras' compile(jit_compile=True) fails on CPUs). On CPUs TensorFlow
   clusters only with --tf_xla_cpu_global_jit in TF_XLA_FLAGS, which it reads once, early
-  (measured: set in main() under absl.app.run, it was too late); this module adds it. It
+  (set in main() under absl.app.run, it is too late); this module adds it. It
   changes nothing until tf.config.optimizer.set_jit turns auto-clustering on.
 - LearningRateWarmupCallback's momentum correction assigns to `optimizer.momentum`, which
   only the `tf.keras.optimizers.legacy.*` optimizers hold as a variable; app.optimizers

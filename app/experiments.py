@@ -1,7 +1,8 @@
 """The experiment registry: each entry is a name, what it is, and its flag defaults.
 
 The TF Model Garden order applies: these defaults, then the flagfile, then the command line.
-Each experiment has a flagfile `configs/NAME.cfg`.
+Each experiment has a flagfile `configs/NAME.cfg` that names it and sets only what depends
+on the machine (--data_dir, --model_dir): every other default lives here, once.
 """
 import dataclasses
 

@@ -13,14 +13,12 @@ mpirun settings and why (measured in BENCHMARKS.md):
   may use here. Inside a SLURM allocation (scripts/slurm/train_mpirun.sbatch) the hosts
   and their slots come from it.
 - `--mca mpi_yield_when_idle 1`: a rank waiting in MPI yields its core instead of busy
-  polling it away from TensorFlow; without it np=2 ran at 1.1x np=1 on 2 cores.
+  polling it away from TensorFlow.
 - `HOROVOD_CYCLE_TIME=0.02` (ms) when every rank runs on one node with a core of its own:
   Horovod's background thread then coordinates the allreduces almost as soon as a rank has
-  its gradients instead of once a millisecond, which cost the small CNN about 1 ms of every
-  7 ms step at np=2 (np=2 over np=1: 1.76x with the default, 1.90x with 0.02; a busy
-  loop, 0, measured the same as 0.02). Across nodes (a --hosts list of several), each
-  cycle is a message over the network, so Horovod's default stays. An HOROVOD_CYCLE_TIME
-  set by the user wins.
+  its gradients instead of once a millisecond, a large share of a small model's step.
+  Across nodes (a --hosts list of several), each cycle is a message over the network, so
+  Horovod's default stays. An HOROVOD_CYCLE_TIME set by the user wins.
 `horovodrun` runs with Gloo, so the two launchers give the two controllers Horovod was built
 with. Every HOROVOD_* and NCCL_* variable set by the user is passed on to the ranks.
 

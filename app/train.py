@@ -13,7 +13,6 @@ in Horovod's order and fits, with the outputs on rank 0 only. Under --elastic, t
 again, with the new number of processes, each time workers leave or join.
 """
 import functools
-import json
 import os
 import sys
 import time
@@ -24,7 +23,8 @@ from absl import app
 
 import input_pipeline
 import models
-from app import callbacks, checkpoints, devices, optimizers, summaries, sync_batch_norm
+from app import arithmetic, callbacks, checkpoints, devices, optimizers, results, summaries
+from app import sync_batch_norm
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
@@ -55,13 +55,13 @@ def main(_):
     #    Elastic workers make no collective call before hvd.elastic.run (one that joins later
     #    would wait in it for ever): each reads the checkpoint, and the elastic state's sync
     #    hands out rank 0's; the global batch then follows the number of workers.
+    #    A benchmark starts afresh.
     if FLAGS.elastic:
         initial_epoch, trained_global_batch = checkpoints.latest(FLAGS.model_dir)[0], 0
+    elif FLAGS.benchmark:
+        initial_epoch, trained_global_batch = 0, 0
     else:
-        initial_epoch, trained_global_batch = (int(value) for value in hvd.broadcast(
-            tf.constant(checkpoints.latest(FLAGS.model_dir)
-                        if hvd.rank() == 0 and not FLAGS.benchmark else (0, 0), tf.int64),
-            root_rank=0, name="resume_state"))
+        initial_epoch, trained_global_batch = checkpoints.broadcast_latest(FLAGS.model_dir, hvd)
     if initial_epoch >= FLAGS.epochs:
         if hvd.rank() == 0:
             print(f"{FLAGS.model_dir} already holds {initial_epoch} epochs; nothing to train")
@@ -122,18 +122,13 @@ def main(_):
                                    validation_source, threads)
     if FLAGS.elastic:
         state = hvd.elastic.KerasState(model, optimizer, epoch=initial_epoch)
-        results = hvd.elastic.run(lambda state: train_from(state.epoch, 0, state))(state)
+        run_results = hvd.elastic.run(lambda state: train_from(state.epoch, 0, state))(state)
     else:
-        results = train_from(initial_epoch, trained_global_batch)
+        run_results = train_from(initial_epoch, trained_global_batch)
 
     if hvd.rank() == 0:
-        results["wall_seconds"] = time.perf_counter() - started
-        with open(os.path.join(FLAGS.model_dir, "results.json"), "w") as results_file:
-            json.dump(results, results_file, indent=2)
-        print(json.dumps({key: results.get(key) for key in
-                          ("world_size", "global_batch_size", "epochs_completed", "val_accuracy",
-                           "wall_seconds", "images_per_sec", "images_per_sec_spread",
-                           "images_per_sec_per_process", "images_per_sec_by_rank")}))
+        results.write(FLAGS.model_dir,
+                      {**run_results, "wall_seconds": time.perf_counter() - started})
 
 
 def train(model, checkpoint_manager, train_source, validation_source, threads, initial_epoch,
@@ -143,10 +138,14 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
     is_chief = hvd.rank() == 0
 
     # Batch sizes: per-process batch x processes (x accumulation steps) is the global batch.
+    request = app_flags.batch_request()
     try:
-        requested_batch, _ = app_flags.batch_sizes(hvd.size())
-        batch, global_batch = app_flags.batch_sizes(hvd.size(), trained_global_batch)
-        steps_per_epoch = app_flags.steps_per_epoch(train_source.num_examples, global_batch)
+        requested_batch, _ = arithmetic.batch_sizes(request, hvd.size())
+        batch, global_batch = arithmetic.batch_sizes(
+            request, hvd.size(),
+            resumed=(FLAGS.model_dir, trained_global_batch) if trained_global_batch else None)
+        steps_per_epoch = arithmetic.steps_per_epoch(
+            request, train_source.num_examples, global_batch, FLAGS.steps_per_epoch)
     except app_flags.FlagError as error:
         app_flags.fail(error)
     if is_chief and batch != requested_batch:
@@ -195,9 +194,7 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         *callbacks.learning_rate_schedule(
             hvd, scaled_lr, warmup_epochs=FLAGS.warmup_epochs, schedule=FLAGS.lr_schedule,
             epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
-            decay_epochs=app_flags.decay_epochs(FLAGS.lr_decay_epochs)
-            if FLAGS.lr_schedule == "step" else (),
-            decay_factor=FLAGS.lr_decay_factor),
+            decay_epochs=app_flags.decay_epochs(), decay_factor=FLAGS.lr_decay_factor),
         throughput,
         time_to_accuracy,
     ]
@@ -212,7 +209,7 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
                 FLAGS.model_dir, flag_values=app_flags.values(),
                 every_steps=FLAGS.summary_steps, steps_per_epoch=steps_per_epoch,
                 global_batch=global_batch, throughput=throughput,
-                profile_steps=app_flags.profile_steps(FLAGS.profile_steps)),
+                profile_steps=arithmetic.profile_steps(FLAGS.profile_steps)),
             tf.keras.callbacks.CSVLogger(os.path.join(FLAGS.model_dir, "training_log.csv"),
                                          append=initial_epoch > 0),
         ]
@@ -240,31 +237,16 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         app_flags.fail(f"--data_dir={FLAGS.data_dir}: {damaged} {SKIP_CORRUPT_HINT}",
                        app_flags.RUN_ERROR, this_rank_only=True)
 
-    # Every rank's throughput, gathered: every rank measured the same steps.
-    measured = {"images_per_sec": None}
-    if throughput.images_per_sec() is not None:
-        gathered = hvd.allgather(tf.constant(
-            [[throughput.images_per_sec(), *throughput.window_rates()]], tf.float64)).numpy()
-        measured = callbacks.throughput_summary(gathered[:, 0], gathered[:, 1:])
-
-    final = {name: float(values[-1]) for name, values in history.history.items()}
-    return {
-        "experiment": FLAGS.experiment,
-        "world_size": hvd.size(),
-        "batch_size": batch,
-        "global_batch_size": global_batch,
-        "learning_rate": scaled_lr,
-        "steps_per_epoch": steps_per_epoch,
-        "epochs_completed": initial_epoch + len(history.epoch),
-        "target_reached": dict(zip(("epoch", "wall_seconds"), time_to_accuracy.reached))
-        if time_to_accuracy.reached else None,
-        **{key: final.get(key) for key in ("loss", "accuracy", "val_loss", "val_accuracy")},
-        "final_metrics": final,
-        **measured,
-    }
+    return results.summary(
+        history, initial_epoch, time_to_accuracy.reached,
+        results.gathered_throughput(throughput, hvd.allgather),
+        experiment=FLAGS.experiment, world_size=hvd.size(), batch_size=batch,
+        global_batch_size=global_batch, learning_rate=scaled_lr,
+        steps_per_epoch=steps_per_epoch)
 
 
 def run():
+    app_flags.define_training_flags()
     app.run(main, flags_parser=app_flags.parse)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from app import callbacks
+from app.results import throughput_summary
 from conftest import PYTHON, mpirun, run, train_command
 
 
@@ -47,7 +48,7 @@ def test_throughput_shares_an_execution_time_among_its_steps(monkeypatch):
 
 
 def test_throughput_summary_sums_ranks_and_spreads_over_windows():
-    summary = callbacks.throughput_summary([100.0, 110.0], [[90.0, 110.0], [100.0, 120.0]])
+    summary = throughput_summary([100.0, 110.0], [[90.0, 110.0], [100.0, 120.0]])
     assert summary["images_per_sec"] == 210.0
     assert summary["images_per_sec_per_process"] == 105.0
     assert summary["images_per_sec_spread"] == pytest.approx(np.std([190.0, 230.0]))
@@ -75,7 +76,7 @@ def test_benchmark_mode_on_two_processes_reports_every_rank_and_writes_a_timelin
 
 @pytest.mark.distributed
 def test_scaling_study_tables_what_its_runs_measured(tmp_path):
-    run([PYTHON, "-m", "app.scaling", "-N", "2", "--repeats=1",
+    run([PYTHON, "-m", "app.studies.throughput_scaling", "-N", "2", "--repeats=1",
          "--flagfile=configs/digits_cnn.cfg", "--steps_per_epoch=25", "--warmup_steps=5",
          f"--out_dir={tmp_path}"])
     with open(tmp_path / "scaling.csv") as table:
@@ -110,8 +111,9 @@ def test_scaling_study_tables_what_its_runs_measured(tmp_path):
     assert os.path.getsize(tmp_path / "scaling.png") > 10_000
 
 
+@pytest.mark.distributed  # the training run it compares with goes through app.launch (mpirun)
 def test_pipeline_check_compares_measured_rates(tmp_path):
-    run([PYTHON, "-m", "app.pipeline_check", "--flagfile=configs/digits_cnn.cfg",
+    run([PYTHON, "-m", "app.studies.pipeline_check", "--flagfile=configs/digits_cnn.cfg",
          "--steps_per_epoch=30", "--warmup_steps=5", f"--model_dir={tmp_path}"])
     found = json.loads((tmp_path / "pipeline_check.json").read_text())
     assert min(found.values()) > 0

@@ -49,14 +49,3 @@ def test_constant_schedule_after_warmup_holds_the_scaled_rate():
     rates = learning_rates("constant", warmup_epochs=1)
     # On one process Horovod's warmup starts at LR / 1, so the LR never changes.
     np.testing.assert_allclose(rates, 0.4, rtol=1e-6)
-
-
-@pytest.mark.parametrize("scaling, expected", [("none", 0.1), ("linear", 0.4), ("sqrt", 0.2)])
-def test_learning_rate_scales_with_the_global_batch(scaling, expected):
-    from app import flags as app_flags
-    app_flags.FLAGS(["test", "--learning_rate=0.1", "--reference_batch_size=64",
-                     f"--lr_scaling={scaling}"])
-    try:
-        assert app_flags.scaled_learning_rate(256) == pytest.approx(expected)
-    finally:
-        app_flags.FLAGS.unparse_flags()

@@ -16,7 +16,7 @@ import urllib.request
 import psutil
 import pytest
 
-from app.scaling import free_port
+from app.studies.harness import free_port
 from conftest import PYTHON, REPO, mpirun, read_log, run, train_command
 
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
@@ -156,6 +156,7 @@ def test_the_scalars_dashboard_renders_in_headless_chromium(served, tmp_path):
     assert struct.unpack(">II", header[16:24]) == (1400, 1000)
 
 
+@pytest.mark.distributed
 def test_tensorboard_listens_on_this_machine_only(served):
     """`make tensorboard` serves on the loopback interface: nobody else on the cluster's
     network can read the runs (they reach it through an ssh tunnel)."""
@@ -187,16 +188,17 @@ def test_profile_steps_trace_exactly_those_steps(served):
 
 @pytest.mark.distributed
 def test_plot_draws_several_runs_from_their_logs(served, tmp_path):
-    """app.plot reads the run's per-step LR from its TensorBoard events, a run without
-    events its CSV's per-epoch LR, and draws both side by side."""
-    from app import plot
+    """app.studies.plot_runs reads the run's per-step LR from its TensorBoard events, a run
+    without events its CSV's per-epoch LR, and draws both side by side."""
+    from app.studies import plot_runs as plot
 
     url, model_dir, _ = served
     csv_only = tmp_path / "csv_only"
     csv_only.mkdir()
     shutil.copy(model_dir / "training_log.csv", csv_only)
     out = tmp_path / "comparison.png"
-    result = run([PYTHON, "-m", "app.plot", str(model_dir), str(csv_only), f"--out={out}"])
+    result = run([PYTHON, "-m", "app.studies.plot_runs", str(model_dir), str(csv_only),
+                  f"--out={out}"])
     assert result.stdout.strip() == f"wrote {out}"
     with open(out, "rb") as png:
         assert png.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -209,9 +211,9 @@ def test_plot_draws_several_runs_from_their_logs(served, tmp_path):
     assert without["lr"] == ([1, 2, 3, 4], [float(row["lr"]) for row in log])
     assert with_events["epochs"]["val_accuracy"] == [float(row["val_accuracy"]) for row in log]
 
-    missing = run([PYTHON, "-m", "app.plot", str(model_dir), str(tmp_path / "nope")],
+    missing = run([PYTHON, "-m", "app.studies.plot_runs", str(model_dir), str(tmp_path / "nope")],
                   check=False)
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines()[-1] == (
-        f"app.plot: error: {tmp_path / 'nope'}: no training_log.csv (not an app.train "
+        f"app.studies.plot_runs: error: {tmp_path / 'nope'}: no training_log.csv (not an app.train "
         f"MODEL_DIR)")

@@ -66,6 +66,7 @@ def test_helpfull_documents_every_flag(script):
                if module.startswith(PROJECT_MODULES) for name, text in flags.items()}
         assert own and all(text.strip() for text in own.values()), own
         if script == "hvd-train":
+            app_flags.define_training_flags()
             assert set(sections["app.flags"]) == set(app_flags.values())
     else:
         options = argparse_options(result.stdout)

@@ -5,7 +5,7 @@
 2. the same split written as TFRecord shards: reading the records, reading and decoding them
    (the imagenet pipeline), and reading the same files' bytes whole, without TFRecord.
 
-    python -m app.pipeline_check --flagfile=configs/digits_cnn.cfg --steps_per_epoch=200
+    python -m app.studies.pipeline_check --flagfile=configs/digits_cnn.cfg --steps_per_epoch=200
 
 Prints each rate and the ratios; writes pipeline_check.json to --model_dir.
 """
@@ -19,8 +19,9 @@ from app.compat import tf  # first: it sets TF_USE_LEGACY_KERAS
 from absl import app
 
 import input_pipeline
-from app import devices, scaling
+from app import arithmetic, devices
 from app import flags as app_flags
+from app.studies import harness
 from input_pipeline.to_tfrecord import write_split
 
 FLAGS = app_flags.FLAGS
@@ -47,7 +48,7 @@ def bytes_per_sec(dataset):
 
 def training_consumes(steps):
     """images/s of `app.train --benchmark` on one process with the same flags."""
-    return scaling.run_horovod(
+    return harness.run_benchmark(
         os.path.join(FLAGS.model_dir, "train_benchmark"), 1,
         [*sys.argv[1:], "--epochs=1", "--warmup_epochs=0", f"--steps_per_epoch={steps}"],
         launch_args=[])["images_per_sec"]
@@ -56,7 +57,7 @@ def training_consumes(steps):
 def main(_):
     threads = devices.cpu_threads(1, FLAGS.threads_per_process)
     devices.set_cpu_threads(threads)
-    batch, _ = app_flags.batch_sizes(1)
+    batch, _ = arithmetic.batch_sizes(app_flags.batch_request(), 1)
     steps = FLAGS.steps_per_epoch or 200
     source = input_pipeline.load(FLAGS.dataset, "train", data_dir=FLAGS.data_dir,
                                  image_size=FLAGS.image_size, seed=FLAGS.seed)
@@ -92,6 +93,7 @@ def main(_):
 
 
 def run():
+    app_flags.define_training_flags()
     app.run(main, flags_parser=app_flags.parse)
 
 

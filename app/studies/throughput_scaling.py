@@ -6,45 +6,32 @@ machine gives N processes at all: Horovod np=N over it is the share communicatio
 all on the same model, data and batch per process. Writes scaling.md,
 scaling.csv and scaling.png to --out_dir and prints the ratios that matter.
 
-    python -m app.scaling -N 2 --flagfile=configs/digits_cnn.cfg
+    python -m app.studies.throughput_scaling -N 2 --flagfile=configs/digits_cnn.cfg
 
 Every run is `app.train --benchmark` started through app.launch (so with the project's
-launcher settings), or app.keras_reference for the non-Horovod ones; every number in
+launcher settings), or app.studies.keras_reference for the non-Horovod ones; every number in
 the outputs is read from the results those runs wrote.
 """
-import csv
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
-from app import callbacks, cli
-
-
-def run_app_train(model_dir, launch_args, train_args):
-    """app.train through app.launch, into `model_dir`; the results.json it wrote."""
-    _check([sys.executable, "-m", "app.launch", *launch_args, *train_args,
-            f"--model_dir={model_dir}"], model_dir)
-    with open(os.path.join(model_dir, "results.json")) as results:
-        return json.load(results)
-
-
-def run_horovod(model_dir, processes, train_args, launch_args):
-    return run_app_train(model_dir, ["-np", str(processes), *launch_args],
-                         [*train_args, "--benchmark"])
+from app import cli
+from app.results import throughput_summary
+from app.studies import harness
 
 
 def run_reference(model_dir, workers, train_args, independent=False):
-    """app.keras_reference on `workers` local processes: MultiWorkerMirroredStrategy when
+    """app.studies.keras_reference on `workers` local processes: MultiWorkerMirroredStrategy when
     more than one, or with `independent` plain Keras in each, at the same time, each on a
     core of its own when there are enough (in MODEL_DIR/copy-I); summarized as app.train
     summarizes its ranks."""
     mirrored = workers > 1 and not independent
-    addresses = [f"localhost:{free_port()}" for _ in range(workers)] if mirrored else []
+    addresses = [f"localhost:{harness.free_port()}" for _ in range(workers)] if mirrored else []
     cores = sorted(os.sched_getaffinity(0))
     processes, result_files = [], []
     for index in range(workers):
@@ -59,19 +46,19 @@ def run_reference(model_dir, workers, train_args, independent=False):
         result_files.append(os.path.join(
             directory, f"reference-{0 if independent else index}.json"))
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "app.keras_reference", *train_args,
+            [sys.executable, "-m", "app.studies.keras_reference", *train_args,
              f"--model_dir={directory}"], env=env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, preexec_fn=preexec))
     for process in processes:
         output = process.communicate()[0]
         if process.returncode:
-            sys.exit(f"app.scaling: {model_dir} failed:\n{output[-3000:]}")
+            sys.exit(f"{cli.program()}: {model_dir} failed:\n{output[-3000:]}")
     ranks = []
     for path in result_files:
         with open(path) as results:
             ranks.append(json.load(results))
-    return callbacks.throughput_summary([r["images_per_sec"] for r in ranks],
-                                        [r["window_rates"] for r in ranks])
+    return throughput_summary([r["images_per_sec"] for r in ranks],
+                              [r["window_rates"] for r in ranks])
 
 
 def study(out_dir, max_processes, batch, threads, train_args, launch_args, repeats=1):
@@ -85,14 +72,14 @@ def study(out_dir, max_processes, batch, threads, train_args, launch_args, repea
     for processes in range(1, max_processes + 1):
         configurations.append(dict(
             kind="weak", run=f"Horovod np={processes}", processes=processes, threads=threads,
-            batch=batch, measure=lambda d, p=processes: run_horovod(
+            batch=batch, measure=lambda d, p=processes: harness.run_benchmark(
                 d, p, [*common, f"--batch_size={batch}"], launch_args)))
     for processes in range(1, max_processes):
         per_process = global_batch // processes
         configurations.append(dict(
             kind="strong", run=f"Horovod np={processes}, global batch {global_batch}",
             processes=processes, threads=threads, batch=per_process,
-            measure=lambda d, p=processes, b=per_process: run_horovod(
+            measure=lambda d, p=processes, b=per_process: harness.run_benchmark(
                 d, p, [*common, f"--batch_size={b}"], launch_args)))
     configurations.append(dict(
         kind="threads", run=f"1 process, {threads * max_processes} threads", processes=1,
@@ -171,30 +158,10 @@ def ratios(rows):
 def write_outputs(out_dir, rows, found, title):
     columns = ["kind", "run", "processes", "threads", "batch", "global_batch",
                "images_per_sec", "spread", "speedup", "efficiency"]
-    write_table(os.path.join(out_dir, "scaling"), rows, columns,
+    harness.write_table(os.path.join(out_dir, "scaling"), rows, columns,
                 [(c, lambda row, c=c: _cell(row[c])) for c in columns[1:]], title,
                 notes=[f"- {name}: {value:.2f}x" for name, value in found.items()])
     _chart(os.path.join(out_dir, "scaling.png"), rows, title)
-
-
-def write_table(stem, rows, csv_columns, markdown_columns, title=None, notes=()):
-    """Writes the studies' tables: `rows` (dicts) to STEM.csv, the values of `csv_columns` in
-    full, and to STEM.md, a markdown table under `# title` of `markdown_columns`, each
-    (header, cell(row) -> text), then the `notes` lines. Returns the markdown."""
-    with open(f"{stem}.csv", "w", newline="") as table:
-        writer = csv.DictWriter(table, csv_columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    headers = [header for header, _ in markdown_columns]
-    lines = [*([f"# {title}", ""] if title else []),
-             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
-             *("| " + " | ".join(cell(row) for _, cell in markdown_columns) + " |"
-               for row in rows),
-             *(["", *notes] if notes else [])]
-    markdown = "\n".join(lines) + "\n"
-    with open(f"{stem}.md", "w") as out:
-        out.write(markdown)
-    return markdown
 
 
 def _chart(path, rows, title):
@@ -227,28 +194,8 @@ def _cell(value):
     return "" if value is None else str(value)
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
-
-
-def _check(command, name):
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"app.scaling: {name} failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
-
-
-def study_parser(module, doc):
-    """The command line of a study that runs app.train: its own options; every other argument
-    goes to each run."""
-    return cli.argument_parser(
-        module, doc.split("\n\n")[0],
-        "Other arguments go to every run (app.train flags: python -m app.train --helpfull).")
-
-
 def main(argv=None):
-    parser = study_parser("app.scaling", __doc__)
+    parser = harness.study_parser("app.studies.throughput_scaling", __doc__)
     parser.add_argument("-N", "--max_processes", type=int, default=2,
                         help="Horovod runs at 1..N processes")
     parser.add_argument("--batch_size", type=int, default=64, help="per process (weak scaling)")

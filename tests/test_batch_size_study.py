@@ -1,5 +1,5 @@
-"""app.batch_study: every number of its table comes from its runs' own results and logs, each
-accuracy run stops at the target, and the figures are PNG images."""
+"""app.studies.batch_size_study: every number of its table comes from its runs' own results
+and logs, each accuracy run stops at the target, and the figures are PNG images."""
 import json
 
 import pytest
@@ -7,13 +7,14 @@ from matplotlib import image
 
 from conftest import read_log, run_study
 
+pytestmark = pytest.mark.distributed  # every run goes through app.launch (mpirun)
 TARGET = 0.9
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("batch_study")
-    stdout, rows = run_study(out_dir, "app.batch_study", "batch_study.csv",
+    stdout, rows = run_study(out_dir, "app.studies.batch_size_study", "batch_study.csv",
                              "--batch_sizes=128,16", "--steps=30",
                              f"--target_accuracy={TARGET}", "--time_budget=60",
                              "--flagfile=configs/digits_cnn.cfg", "--validation_steps=4")

@@ -2,7 +2,7 @@
 first for a fixed number of steps (images/s), then each trained until --target_accuracy or
 --time_budget (time to accuracy), every run an `app.train` through app.launch.
 
-    python -m app.batch_study --flagfile=configs/digits_cnn.cfg
+    python -m app.studies.batch_size_study --flagfile=configs/digits_cnn.cfg
 
 Writes to --out_dir: throughput.png (images/s against batch size), accuracy.png
 (validation accuracy against training time), batch_study.md and batch_study.csv; prints
@@ -12,7 +12,7 @@ learning rate follows the experiment's scaling rule (--lr_scaling) at each batch
 import csv
 import os
 
-from app import scaling
+from app.studies import harness
 
 COLUMNS = ("batch_size", "learning_rate", "images_per_sec", "reached", "epochs_to_target",
            "steps_to_target", "seconds_to_target", "best_val_accuracy", "seconds_trained")
@@ -21,12 +21,12 @@ COLUMNS = ("batch_size", "learning_rate", "images_per_sec", "reached", "epochs_t
 def measure(out_dir, batch_size, args, train_args):
     """The throughput run and the time-to-accuracy run of one batch size, as one row."""
     launch = ["-np", str(args.processes)]
-    speed = scaling.run_app_train(
+    speed = harness.run_app_train(
         os.path.join(out_dir, f"throughput-b{batch_size}"), launch,
         [*train_args, f"--batch_size={batch_size}", "--benchmark", "--epochs=1",
          f"--steps_per_epoch={args.steps}", "--warmup_epochs=0", "--lr_schedule=constant"])
     run_dir = os.path.join(out_dir, f"accuracy-b{batch_size}")
-    trained = scaling.run_app_train(
+    trained = harness.run_app_train(
         run_dir, launch,
         [*train_args, f"--batch_size={batch_size}", f"--epochs={args.max_epochs}",
          "--lr_schedule=constant", f"--target_accuracy={args.target_accuracy}",
@@ -85,14 +85,14 @@ def conclusions(rows, target):
 def write_outputs(out_dir, rows, title, target):
     headers = ["batch", "LR", "images/s", "reached", "epochs to target", "steps to target",
                "seconds to target", "best val accuracy", "seconds trained"]
-    markdown = scaling.write_table(
+    markdown = harness.write_table(
         os.path.join(out_dir, "batch_study"), rows, COLUMNS,
         [(header, lambda row, c=c: _cell(row[c])) for header, c in zip(headers, COLUMNS)],
         title)
 
-    from app import study_plots  # matplotlib only once there is something to draw
-    study_plots.throughput_bars(os.path.join(out_dir, "throughput.png"), rows, title)
-    study_plots.accuracy_against_time(
+    from app.studies import figures  # matplotlib only once there is something to draw
+    figures.throughput_bars(os.path.join(out_dir, "throughput.png"), rows, title)
+    figures.accuracy_against_time(
         os.path.join(out_dir, "accuracy.png"),
         {f"batch {row['batch_size']}": row["curve"] for row in rows}, title, target)
     return markdown
@@ -107,7 +107,7 @@ def _cell(value):
 
 
 def main(argv=None):
-    parser = scaling.study_parser("app.batch_study", __doc__)
+    parser = harness.study_parser("app.studies.batch_size_study", __doc__)
     parser.add_argument("--batch_sizes", default="8,16,32,64,128,256,512",
                         help="per-process batch sizes, comma-separated")
     parser.add_argument("--steps", type=int, default=100,

@@ -2,7 +2,7 @@
 start and with the same learning rate, by full-batch gradient descent, SGD (batch 1) and
 minibatches, each until its epoch loss settles (--tolerance) or a limit.
 
-    python -m app.gd_study --flagfile=configs/gd_study.cfg
+    python -m app.studies.gradient_descent_study --flagfile=configs/gd_study.cfg
 
 Writes to --out_dir: data.png, loss_curves.png, loss_surface.png, sgd_batch_loss.png,
 summary.md, summary.csv and trajectories/METHOD.csv (w, b and the losses after every
@@ -21,16 +21,53 @@ import time
 from app.compat import tf  # first: it sets TF_USE_LEGACY_KERAS
 
 import numpy as np
-from absl import app
+from absl import app, flags
 
 import models
 from app import flags as app_flags
-from app import scaling
+from app.arithmetic import FlagError
+from app.studies import harness
 from input_pipeline import sources
 
-FLAGS = app_flags.FLAGS
-app_flags.define_gd_study_flags()
+FLAGS = flags.FLAGS
 TRAJECTORY_COLUMNS = ("update", "epoch", "w", "b", "batch_loss", "full_loss")
+
+
+def define_flags():
+    """The study's flags (its own --seed and --learning_rate: the data's and shuffles' seed,
+    and one unscaled LR for every method)."""
+    flags.DEFINE_integer("num_examples", 1000, "Points (x, y) to generate.", lower_bound=2)
+    flags.DEFINE_float("true_w", 2.0, "Slope w of the line the data come from.")
+    flags.DEFINE_float("true_b", 1.0, "Intercept b of the line the data come from.")
+    flags.DEFINE_float("noise", 0.5, "Standard deviation of the noise added to y.",
+                       lower_bound=0.0)
+    flags.DEFINE_integer("seed", 0, "Seed of the data and of every method's shuffles.")
+    flags.DEFINE_float("initial_w", -2.0, "Where every method starts: w.")
+    flags.DEFINE_float("initial_b", -2.0, "Where every method starts: b.")
+    flags.DEFINE_float("learning_rate", 0.1, "The learning rate of every method (not scaled).",
+                       lower_bound=0.0)
+    flags.DEFINE_list("minibatch_sizes", ["16", "32", "64", "128"],
+                      "Minibatch sizes trained besides full-batch GD and SGD (batch 1).")
+    flags.DEFINE_float("tolerance", 1e-6,
+                       "Convergence rule: stop when the full-data loss at an epoch's end "
+                       "changed by less than this fraction of the previous epoch's.",
+                       lower_bound=0.0)
+    flags.DEFINE_integer("max_epochs", 500, "Limit: epochs per method.", lower_bound=1)
+    flags.DEFINE_integer("max_updates", 20_000, "Limit: updates per method.", lower_bound=1)
+    flags.DEFINE_string("out_dir", "runs/gd_study", "Where figures and tables go.")
+
+
+def minibatch_sizes(values, num_examples):
+    """--minibatch_sizes as whole numbers between 2 and num_examples - 1."""
+    try:
+        sizes = [int(value) for value in values]
+    except ValueError:
+        raise FlagError("minibatch_sizes", values, "must be whole numbers") from None
+    if not all(1 < size < num_examples for size in sizes):
+        raise FlagError("minibatch_sizes", values,
+                        f"each must be between 2 and {num_examples - 1} (batch 1 and the full "
+                        f"batch always run)")
+    return sorted(set(sizes))
 
 
 @dataclasses.dataclass
@@ -200,7 +237,7 @@ def write_tables(out_dir, fits, rows):
                ("loss", shown("final_loss", ".5f")), ("excess loss", shown("excess_loss", ".2e")),
                ("seconds", shown("seconds", ".2f")),
                ("updates/s", shown("updates_per_sec", ".0f"))]
-    return scaling.write_table(os.path.join(out_dir, "summary"), rows, list(rows[0]), columns)
+    return harness.write_table(os.path.join(out_dir, "summary"), rows, list(rows[0]), columns)
 
 
 def trajectory_file(method):
@@ -213,7 +250,7 @@ def trajectory_file(method):
 def main(_):
     x, y = sources.linear_arrays(FLAGS.num_examples, FLAGS.true_w, FLAGS.true_b, FLAGS.noise,
                                  FLAGS.seed)
-    batch_sizes = [FLAGS.num_examples, 1, *app_flags.study_batch_sizes(
+    batch_sizes = [FLAGS.num_examples, 1, *minibatch_sizes(
         FLAGS.minibatch_sizes, FLAGS.num_examples)]
     full_loss = MeanSquaredError(x, y)
     solution = least_squares(x, y)
@@ -222,14 +259,14 @@ def main(_):
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     markdown = write_tables(FLAGS.out_dir, fits, rows)
 
-    from app import study_plots  # matplotlib only once there is something to draw
-    study_plots.data(os.path.join(FLAGS.out_dir, "data.png"), x, y,
+    from app.studies import figures  # matplotlib only once there is something to draw
+    figures.data(os.path.join(FLAGS.out_dir, "data.png"), x, y,
                      (FLAGS.true_w, FLAGS.true_b), solution)
-    study_plots.loss_curves(os.path.join(FLAGS.out_dir, "loss_curves.png"), fits,
+    figures.loss_curves(os.path.join(FLAGS.out_dir, "loss_curves.png"), fits,
                             float(full_loss(*solution)))
-    study_plots.loss_surface(os.path.join(FLAGS.out_dir, "loss_surface.png"), fits,
+    figures.loss_surface(os.path.join(FLAGS.out_dir, "loss_surface.png"), fits,
                              full_loss, solution)
-    study_plots.batch_against_full_loss(os.path.join(FLAGS.out_dir, "sgd_batch_loss.png"),
+    figures.batch_against_full_loss(os.path.join(FLAGS.out_dir, "sgd_batch_loss.png"),
                                         next(fit for fit in fits if fit.batch_size == 1))
     print(markdown)
     print("\n".join(conclusions(rows, solution)))
@@ -238,7 +275,8 @@ def main(_):
 
 
 def run():
-    app.run(main, flags_parser=app_flags.parser(lambda argv: app_flags.study_batch_sizes(
+    define_flags()
+    app.run(main, flags_parser=app_flags.parser(lambda argv: minibatch_sizes(
         FLAGS.minibatch_sizes, FLAGS.num_examples)))
 
 

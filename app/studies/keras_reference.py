@@ -1,9 +1,9 @@
 """The same experiment without Horovod, to compare throughput against: plain Keras on one
 process, or tf.distribute.MultiWorkerMirroredStrategy on several when TF_CONFIG names a
-cluster (app.scaling starts those workers). Same flags, model, pipeline and throughput
-measurement as `app.train --benchmark`; writes MODEL_DIR/reference-RANK.json.
+cluster (app.studies.throughput_scaling starts those workers). Same flags, model, pipeline and
+throughput measurement as `app.train --benchmark`; writes MODEL_DIR/reference-RANK.json.
 
-    python -m app.keras_reference --flagfile=configs/digits_cnn.cfg --model_dir=/tmp/ref
+    python -m app.studies.keras_reference --flagfile=configs/digits_cnn.cfg --model_dir=/tmp/ref
 """
 import json
 import os
@@ -14,7 +14,7 @@ from absl import app
 
 import input_pipeline
 import models
-from app import callbacks, devices, optimizers
+from app import arithmetic, callbacks, devices, optimizers
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
@@ -28,10 +28,12 @@ def main(_):
     strategy = (tf.distribute.MultiWorkerMirroredStrategy() if cluster
                 else tf.distribute.get_strategy())
 
-    batch, global_batch = app_flags.batch_sizes(size)
+    request = app_flags.batch_request()
+    batch, global_batch = arithmetic.batch_sizes(request, size)
     source = input_pipeline.load(FLAGS.dataset, "train", data_dir=FLAGS.data_dir,
                                  image_size=FLAGS.image_size, seed=FLAGS.seed)
-    steps_per_epoch = app_flags.steps_per_epoch(source.num_examples, global_batch)
+    steps_per_epoch = arithmetic.steps_per_epoch(request, source.num_examples, global_batch,
+                                                 FLAGS.steps_per_epoch)
     tf.keras.utils.set_random_seed(FLAGS.seed)
     dataset = input_pipeline.training_dataset(
         source, rank=rank, size=size, batch_size=batch, steps_per_epoch=steps_per_epoch,
@@ -56,4 +58,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+    app_flags.define_training_flags()
     app.run(main, flags_parser=app_flags.parse)

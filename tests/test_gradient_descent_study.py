@@ -1,5 +1,6 @@
-"""app.gd_study: GD reaches the least-squares solution without its loss ever rising, the
-figures are PNG images, and the table and conclusions hold the run's own numbers."""
+"""app.studies.gradient_descent_study: GD reaches the least-squares solution without its loss
+ever rising, the figures are PNG images, and the table and conclusions hold the run's own
+numbers."""
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ FIGURES = ("data.png", "loss_curves.png", "loss_surface.png", "sgd_batch_loss.pn
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("gd_study")
-    stdout, rows = run_study(out_dir, "app.gd_study", "summary.csv",
+    stdout, rows = run_study(out_dir, "app.studies.gradient_descent_study", "summary.csv",
                              "--flagfile=configs/gd_study.cfg",
                              *[f"--{name}={value}" for name, value in DATA.items()],
                              "--minibatch_sizes=16,64", "--tolerance=1e-9",
@@ -89,10 +90,10 @@ def test_the_table_and_conclusions_hold_the_runs_numbers(study):
 
 
 def test_a_bad_minibatch_size_is_named(tmp_path):
-    result = run([PYTHON, "-m", "app.gd_study", "--minibatch_sizes=16,0",
+    result = run([PYTHON, "-m", "app.studies.gradient_descent_study", "--minibatch_sizes=16,0",
                   f"--out_dir={tmp_path}"], check=False)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert lines == ["app.gd_study: error: --minibatch_sizes=16,0: each must be between 2 "
-                     "and 999 (batch 1 and the full batch always run)"]
+    assert lines == ["app.studies.gradient_descent_study: error: --minibatch_sizes=16,0: each "
+                     "must be between 2 and 999 (batch 1 and the full batch always run)"]
     assert not error_lines(result)  # not reported as app.train

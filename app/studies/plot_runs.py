@@ -1,6 +1,6 @@
 """Loss, accuracy and learning-rate curves of several app.train runs side by side.
 
-    python -m app.plot runs/small_batch runs/large_batch [--out comparison.png]
+    python -m app.studies.plot_runs runs/small_batch runs/large_batch [--out comparison.png]
 
 Reads what each run leaves in its MODEL_DIR: training_log.csv (loss and accuracy per epoch,
 training solid, validation dashed) and, for the learning rate, TensorBoard's per-step
@@ -15,7 +15,8 @@ import sys
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from app import cli, study_plots
+from app import cli
+from app.studies import figures
 
 
 class RunError(ValueError):
@@ -63,7 +64,7 @@ def _steps_per_epoch(model_dir):
 
 
 def main(argv=None):
-    parser = cli.argument_parser("app.plot", __doc__.split("\n\n")[0])
+    parser = cli.argument_parser("app.studies.plot_runs", __doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="MODEL_DIR of an app.train run")
     parser.add_argument("--out", default="comparison.png", help="the PNG to write")
@@ -71,8 +72,8 @@ def main(argv=None):
     try:
         runs = [read_run(model_dir) for model_dir in args.run_dirs]
     except RunError as error:
-        sys.exit(f"app.plot: error: {error}")
-    study_plots.runs_side_by_side(args.out, runs)
+        sys.exit(f"{cli.program()}: error: {error}")
+    figures.runs_side_by_side(args.out, runs)
     print(f"wrote {args.out}")
 
 

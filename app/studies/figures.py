@@ -128,8 +128,9 @@ def accuracy_against_time(path, curves, title, target=None):
 
 
 def runs_side_by_side(path, runs):
-    """app.plot's figure: loss, accuracy and learning rate against epochs, one colour per run
-    (training solid, validation dashed); `runs` as app.plot.read_run returns them."""
+    """app.studies.plot_runs's figure: loss, accuracy and learning rate against epochs, one
+    colour per run (training solid, validation dashed); `runs` as plot_runs.read_run returns
+    them."""
     figure, (loss, accuracy, learning_rate) = plt.subplots(1, 3, figsize=(16, 4.5))
     for index, run in enumerate(runs):
         colour, epochs = f"C{index % 10}", run["epochs"]

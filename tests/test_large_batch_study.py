@@ -1,5 +1,5 @@
-"""app.scale_study: one CSV per run, named after its settings and holding its own log; a
-table and findings computed from those runs; a PNG."""
+"""app.studies.large_batch_study: one CSV per run, named after its settings and holding its own
+log; a table and findings computed from those runs; a PNG."""
 import csv
 
 import pytest
@@ -15,7 +15,7 @@ NAMES = {"baseline": "2ranks-32bs-0.05lr-0m-0w.csv", "momentum": "2ranks-32bs-0.
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("scale_study")
-    stdout, rows = run_study(out_dir, "app.scale_study", "scale_study.csv",
+    stdout, rows = run_study(out_dir, "app.studies.large_batch_study", "scale_study.csv",
                              "--flagfile=configs/digits_cnn.cfg", "--time_budget=4",
                              "--runs=baseline,momentum,lamb", "--validation_steps=2")
     return out_dir, {row["run"]: row for row in rows}, stdout

@@ -2,7 +2,7 @@
 the same time budget on the bundled digits (or any experiment: other arguments go to every
 run), then compared by validation accuracy against wall time.
 
-    python -m app.scale_study --flagfile=configs/digits_cnn.cfg
+    python -m app.studies.large_batch_study --flagfile=configs/digits_cnn.cfg
 
 The runs: the small-batch baseline (plain SGD); + momentum; the large batch with the LR
 scaled to it, without and with warmup; the large batch with NovoGrad, LAMB and LARS. Each is
@@ -17,7 +17,7 @@ import argparse
 import csv
 import os
 
-from app import scaling
+from app.studies import harness
 
 FINAL_EPOCHS = 5
 TABLE = ("run", "optimizer", "global_batch", "learning_rate", "momentum", "warmup_epochs",
@@ -51,7 +51,7 @@ def runs(args):
 def measure(out_dir, name, flags, args, train_args):
     """One run to the time budget; its row, its curve, and its CSV written."""
     run_dir = os.path.join(out_dir, name)
-    results = scaling.run_app_train(
+    results = harness.run_app_train(
         run_dir, ["-np", str(args.processes)],
         [*train_args, *flags, f"--epochs={args.max_epochs}", "--lr_schedule=constant",
          f"--time_budget={args.time_budget}"])
@@ -121,18 +121,18 @@ def warmup_reproduced(rows):
 
 
 def write_outputs(out_dir, rows, title):
-    markdown = scaling.write_table(
+    markdown = harness.write_table(
         os.path.join(out_dir, "scale_study"), rows, TABLE,
         [(c, lambda row, c=c: f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]))
          for c in TABLE], title)
-    from app import study_plots  # matplotlib only once there is something to draw
-    study_plots.accuracy_against_time(os.path.join(out_dir, "accuracy.png"),
+    from app.studies import figures  # matplotlib only once there is something to draw
+    figures.accuracy_against_time(os.path.join(out_dir, "accuracy.png"),
                                       {row["run"]: row["curve"] for row in rows}, title)
     return markdown
 
 
 def main(argv=None):
-    parser = scaling.study_parser("app.scale_study", __doc__)
+    parser = harness.study_parser("app.studies.large_batch_study", __doc__)
     parser.add_argument("-np", "--processes", type=int, default=2,
                         help="processes of every run")
     parser.add_argument("--time_budget", type=float, default=60.0, help="seconds per run")

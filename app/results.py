@@ -1,0 +1,57 @@
+"""What a run reports: results.json (rank 0) and the one-line summary it prints."""
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+_PRINTED = ("world_size", "global_batch_size", "epochs_completed", "val_accuracy",
+            "wall_seconds", "images_per_sec", "images_per_sec_spread",
+            "images_per_sec_per_process", "images_per_sec_by_rank")
+
+
+def throughput_summary(rank_rates, rank_windows):
+    """Images/s in total and per process, with their spreads, from every process's mean rate
+    and its rates over the same windows of steps (aligned: all run the same steps)."""
+    rank_rates, rank_windows = np.asarray(rank_rates), np.asarray(rank_windows)
+    totals = rank_windows.sum(axis=0)
+    return {
+        "images_per_sec": float(rank_rates.sum()),
+        "images_per_sec_spread": float(totals.std()) if totals.size else None,
+        "images_per_sec_per_process": float(rank_rates.mean()),
+        "images_per_sec_per_process_spread": float(rank_windows.std())
+        if rank_windows.size else None,
+        "images_per_sec_by_rank": [float(rate) for rate in rank_rates],
+    }
+
+
+def gathered_throughput(throughput, allgather):
+    """Every rank's measured rates (callbacks.Throughput), gathered with `allgather` (a
+    collective: every rank calls it) and summarized; every rank measured the same steps."""
+    if throughput.images_per_sec() is None:
+        return {"images_per_sec": None}
+    gathered = allgather(tf.constant(
+        [[throughput.images_per_sec(), *throughput.window_rates()]], tf.float64)).numpy()
+    return throughput_summary(gathered[:, 0], gathered[:, 1:])
+
+
+def summary(history, initial_epoch, reached, measured, **run):
+    """The results of a fit: `run`'s settings, the epochs completed, the last epoch's
+    metrics (`history`: Keras'), when the target accuracy was `reached` (epoch, seconds)
+    and the `measured` throughput."""
+    final = {name: float(values[-1]) for name, values in history.history.items()}
+    return {
+        **run,
+        "epochs_completed": initial_epoch + len(history.epoch),
+        "target_reached": dict(zip(("epoch", "wall_seconds"), reached)) if reached else None,
+        **{key: final.get(key) for key in ("loss", "accuracy", "val_loss", "val_accuracy")},
+        "final_metrics": final,
+        **measured,
+    }
+
+
+def write(model_dir, results):
+    """MODEL_DIR/results.json, and the main figures as one JSON line on stdout."""
+    with open(os.path.join(model_dir, "results.json"), "w") as results_file:
+        json.dump(results, results_file, indent=2)
+    print(json.dumps({key: results.get(key) for key in _PRINTED}))

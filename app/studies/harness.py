@@ -1,0 +1,67 @@
+"""What every study shares: running app.train (through app.launch) and reading its results,
+its command line, and writing its tables."""
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from app import cli
+
+
+def run_app_train(model_dir, launch_args, train_args):
+    """app.train through app.launch, into `model_dir`; the results.json it wrote."""
+    check([sys.executable, "-m", "app.launch", *launch_args, *train_args,
+           f"--model_dir={model_dir}"], model_dir)
+    with open(os.path.join(model_dir, "results.json")) as results:
+        return json.load(results)
+
+
+def run_benchmark(model_dir, processes, train_args, launch_args):
+    """`app.train --benchmark` on `processes` processes; its results."""
+    return run_app_train(model_dir, ["-np", str(processes), *launch_args],
+                         [*train_args, "--benchmark"])
+
+
+def check(command, name):
+    """Runs `command`; a failure ends the study with the command and the end of its stderr."""
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"{cli.program()}: {name} failed ({' '.join(command)}):\n"
+                 f"{result.stderr[-3000:]}")
+
+
+def study_parser(module, doc):
+    """The command line of a study that runs app.train: its own options; every other argument
+    goes to each run."""
+    return cli.argument_parser(
+        module, doc.split("\n\n")[0],
+        "Other arguments go to every run (app.train flags: python -m app.train --helpfull).")
+
+
+def write_table(stem, rows, csv_columns, markdown_columns, title=None, notes=()):
+    """Writes a study's table: `rows` (dicts) to STEM.csv, the values of `csv_columns` in
+    full, and to STEM.md, a markdown table under `# title` of `markdown_columns`, each
+    (header, cell(row) -> text), then the `notes` lines. Returns the markdown."""
+    with open(f"{stem}.csv", "w", newline="") as table:
+        writer = csv.DictWriter(table, csv_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    headers = [header for header, _ in markdown_columns]
+    lines = [*([f"# {title}", ""] if title else []),
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+             *("| " + " | ".join(cell(row) for _, cell in markdown_columns) + " |"
+               for row in rows),
+             *(["", *notes] if notes else [])]
+    markdown = "\n".join(lines) + "\n"
+    with open(f"{stem}.md", "w") as out:
+        out.write(markdown)
+    return markdown
+
+
+def free_port():
+    """A TCP port on localhost that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
