@@ -6,16 +6,23 @@ import numpy as np
 import tensorflow as tf
 
 
-def learning_rate_schedule(hvd, scaled_lr, *, warmup_epochs, schedule, epochs, steps_per_epoch,
-                           decay_epochs=(), decay_factor=0.1):
-    """Horovod's warmup (from scaled_lr / processes to scaled_lr over `warmup_epochs`), then
-    Horovod's schedule callback holding `schedule` from the end of warmup to the last epoch.
+def learning_rate_schedule(hvd, scaled_lr, *, reference_lr, warmup_epochs, schedule, epochs,
+                           steps_per_epoch, decay_epochs=(), decay_factor=0.1):
+    """Horovod's schedule callbacks: a gradual warmup from `reference_lr` (the LR at the
+    reference batch) to `scaled_lr` over `warmup_epochs` (Goyal et al.), then `schedule` from
+    the end of warmup to the last epoch.
 
-    Both are Horovod's callbacks, so the LR is set on every rank alike and logged as `lr`."""
+    Both depend on the global batch only, so that a run follows the same LR at every step on
+    any number of processes; Horovod's own LearningRateWarmupCallback starts at LR /
+    processes instead. Horovod's callbacks set the LR on every rank alike, correct the
+    momentum for its changes and log it as `lr`."""
     callbacks = []
     if warmup_epochs:
-        callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
-            initial_lr=scaled_lr, warmup_epochs=warmup_epochs, steps_per_epoch=steps_per_epoch))
+        callbacks.append(hvd.callbacks.LearningRateScheduleCallback(
+            initial_lr=scaled_lr, multiplier=warmup_multiplier(scaled_lr, reference_lr,
+                                                               warmup_epochs, steps_per_epoch),
+            start_epoch=0, end_epoch=warmup_epochs, staircase=False,
+            steps_per_epoch=steps_per_epoch))
     if schedule == "constant":
         multiplier, staircase = (lambda epoch: 1.0), True
     elif schedule == "step":
@@ -31,6 +38,19 @@ def learning_rate_schedule(hvd, scaled_lr, *, warmup_epochs, schedule, epochs, s
         initial_lr=scaled_lr, multiplier=multiplier, start_epoch=warmup_epochs,
         staircase=staircase, steps_per_epoch=steps_per_epoch))
     return callbacks
+
+
+def warmup_multiplier(scaled_lr, reference_lr, warmup_epochs, steps_per_epoch):
+    """The warmup's fraction of `scaled_lr` at a (fractional) epoch: linear from
+    reference_lr / scaled_lr at the first step to 1 at the last step of warmup, counting each
+    step as done (as Horovod's warmup does, so that it ends exactly at scaled_lr). Flat at 1
+    when the scaled LR is not above the reference's: there is nothing to warm up to."""
+    start = min(reference_lr / scaled_lr, 1.0) if scaled_lr > 0 else 1.0
+
+    def multiplier(epoch):
+        done = min((epoch + 1.0 / steps_per_epoch) / warmup_epochs, 1.0)
+        return start + (1.0 - start) * done
+    return multiplier
 
 
 class Throughput(tf.keras.callbacks.Callback):

@@ -95,8 +95,9 @@ def define_learning_rate_flags():
     flags.DEFINE_integer("reference_batch_size", 256,
                          "Global batch at which --learning_rate is the right LR.", lower_bound=1)
     flags.DEFINE_integer("warmup_epochs", 0,
-                         "Epochs of Horovod's gradual warmup from LR / processes to the scaled "
-                         "LR (Goyal et al.).", lower_bound=0)
+                         "Epochs of gradual warmup from the LR at --reference_batch_size to the "
+                         "scaled LR (Goyal et al.): none at the reference batch, and the same at "
+                         "any number of processes for the same global batch.", lower_bound=0)
     flags.DEFINE_enum("lr_schedule", "constant", ["constant", "step", "cosine"],
                       "LR after warmup: constant; step (x --lr_decay_factor at each of "
                       "--lr_decay_epochs); cosine (to 0 at the last epoch).")

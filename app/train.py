@@ -192,7 +192,8 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         hvd.callbacks.MetricAverageCallback(),
         callbacks.StopOnNonFiniteLoss(hvd.allgather, steps_per_epoch),
         *callbacks.learning_rate_schedule(
-            hvd, scaled_lr, warmup_epochs=FLAGS.warmup_epochs, schedule=FLAGS.lr_schedule,
+            hvd, scaled_lr, reference_lr=FLAGS.learning_rate,
+            warmup_epochs=FLAGS.warmup_epochs, schedule=FLAGS.lr_schedule,
             epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
             decay_epochs=app_flags.decay_epochs(), decay_factor=FLAGS.lr_decay_factor),
         throughput,

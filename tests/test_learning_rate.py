@@ -15,7 +15,7 @@ def horovod():
     hvd.init()
 
 
-def learning_rates(schedule, epochs=5, warmup_epochs=0, **kwargs):
+def learning_rates(schedule, epochs=5, warmup_epochs=0, reference_lr=0.4, **kwargs):
     """The LR applied at every step of a run with `schedule`, read at each batch's start."""
     model = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])
     model.compile(hvd.DistributedOptimizer(optimizers.build("momentum", 0.4, 0.9)), "mse")
@@ -24,7 +24,8 @@ def learning_rates(schedule, epochs=5, warmup_epochs=0, **kwargs):
         on_train_batch_begin=lambda batch, logs: seen.append(
             float(tf.keras.backend.get_value(model.optimizer.lr))))
     schedule_callbacks = callbacks.learning_rate_schedule(
-        hvd, 0.4, warmup_epochs=warmup_epochs, schedule=schedule, epochs=epochs,
+        hvd, 0.4, reference_lr=reference_lr, warmup_epochs=warmup_epochs, schedule=schedule,
+        epochs=epochs,
         steps_per_epoch=STEPS, **kwargs)
     data = tf.data.Dataset.from_tensors((tf.zeros((2, 1)), tf.zeros((2, 1)))).repeat()
     model.fit(data, epochs=epochs, steps_per_epoch=STEPS, verbose=0,
@@ -45,7 +46,15 @@ def test_cosine_schedule_falls_every_step_towards_zero():
     assert rates[10] == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 10 / 20)), rel=1e-5)
 
 
-def test_constant_schedule_after_warmup_holds_the_scaled_rate():
-    rates = learning_rates("constant", warmup_epochs=1)
-    # On one process Horovod's warmup starts at LR / 1, so the LR never changes.
-    np.testing.assert_allclose(rates, 0.4, rtol=1e-6)
+def test_warmup_rises_from_the_reference_lr_to_the_scaled_lr_then_holds_it():
+    """Goyal et al.'s warmup from the reference batch's LR (0.1) to the LR scaled to a 4x
+    larger global batch (0.4), linear over the steps of one epoch, ending on its last step."""
+    rates = learning_rates("constant", warmup_epochs=1, reference_lr=0.1)
+    np.testing.assert_allclose(rates[0], [0.175, 0.25, 0.325, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(rates[1:], 0.4, rtol=1e-6)
+
+
+def test_no_warmup_at_the_reference_batch_and_the_schedule_starts_after_its_epochs():
+    rates = learning_rates("cosine", warmup_epochs=1, reference_lr=0.4)
+    np.testing.assert_allclose(rates[0], 0.4, rtol=1e-6)  # nothing to warm up to
+    assert rates[1, 0] == pytest.approx(0.4) and (np.diff(rates[1:].ravel()) < 0).all()

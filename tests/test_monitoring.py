@@ -21,7 +21,7 @@ from conftest import PYTHON, REPO, mpirun, read_log, run, train_command
 
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
 STEPS_PER_EPOCH = 22  # the digits' 1437 training examples at a global batch of 64
-EPOCHS, WARMUP_EPOCHS, SUMMARY_STEPS = 4, 2, 5
+EPOCHS, WARMUP_EPOCHS, SUMMARY_STEPS, REFERENCE_BATCH = 4, 2, 5, 32
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
@@ -30,12 +30,14 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(TensorBoard's URL, the run's model_dir, the server's pid): digits_cnn on 2 processes
-    (warmup, then cosine), its logdir served by `make tensorboard`."""
+    (warmup from the LR at a reference batch of 32 to twice that, then cosine), its logdir
+    served by `make tensorboard`."""
     logdir = tmp_path_factory.mktemp("logdir")
     model_dir = logdir / "run_a"
     run([*mpirun(2), *train_command(
         "--flagfile=configs/digits_cnn.cfg", f"--epochs={EPOCHS}",
-        f"--warmup_epochs={WARMUP_EPOCHS}", f"--summary_steps={SUMMARY_STEPS}",
+        f"--warmup_epochs={WARMUP_EPOCHS}", f"--reference_batch_size={REFERENCE_BATCH}",
+        f"--summary_steps={SUMMARY_STEPS}",
         "--profile_steps=3,5", f"--model_dir={model_dir}")])
     port = free_port()
     server = subprocess.Popen(["make", "-s", "tensorboard", f"LOGDIR={logdir}", f"PORT={port}"],
@@ -71,12 +73,13 @@ def scalars(url, run_name, tag):
     return {step: value for _, step, value in series}
 
 
-def horovod_learning_rate(step, scaled_lr=0.1, size=2):
-    """The LR of training step `step` (from 1): Horovod's warmup from scaled_lr / size (it
-    adds one step's fraction, so the warmup ends exactly at scaled_lr), then its cosine."""
+def scheduled_learning_rate(step, reference_lr=0.1, scaled_lr=0.2):
+    """The LR of training step `step` (from 1): the warmup from the reference batch's LR to
+    the one scaled to the global batch of 64 (counting the step as done, so that the warmup
+    ends exactly at scaled_lr), then the cosine."""
     if step <= WARMUP_EPOCHS * STEPS_PER_EPOCH:
-        epoch = step / STEPS_PER_EPOCH
-        return scaled_lr / size * (epoch * (size - 1) / WARMUP_EPOCHS + 1)
+        done = step / STEPS_PER_EPOCH / WARMUP_EPOCHS
+        return reference_lr + (scaled_lr - reference_lr) * done
     epoch = (step - 1) / STEPS_PER_EPOCH
     progress = (epoch - WARMUP_EPOCHS) / (EPOCHS - WARMUP_EPOCHS)
     return scaled_lr * 0.5 * (1 + math.cos(math.pi * progress))
@@ -97,7 +100,7 @@ def test_tensorboard_serves_the_runs_scalars_per_step_and_per_epoch(served):
     learning_rate = scalars(url, "run_a/tensorboard/train", "learning_rate")
     assert sorted(learning_rate) == list(every_step)
     for step, value in learning_rate.items():  # the LR each step ran with
-        assert value == pytest.approx(horovod_learning_rate(step), rel=1e-5), step
+        assert value == pytest.approx(scheduled_learning_rate(step), rel=1e-5), step
     assert set(scalars(url, "run_a/tensorboard/train", "global_batch_size").values()) == {64}
     images_per_sec = scalars(url, "run_a/tensorboard/train", "images_per_sec")
     assert len(images_per_sec) >= len(every_step) - 3 and min(images_per_sec.values()) > 0

@@ -42,17 +42,25 @@ def read_run(model_dir):
 def _learning_rate(model_dir, epochs):
     """The per-step LR from TensorBoard's events, in epochs, or else the CSV's per epoch."""
     steps_per_epoch = _steps_per_epoch(model_dir)
-    events = os.path.join(model_dir, "tensorboard", "train")
-    if steps_per_epoch and os.path.isdir(events):
-        accumulator = event_accumulator.EventAccumulator(
-            events, size_guidance={event_accumulator.TENSORS: 0})  # 0: keep every step
-        accumulator.Reload()
-        if "learning_rate" in accumulator.Tags()["tensors"]:
-            points = [(event.step / steps_per_epoch,
-                       float(tensor_util.make_ndarray(event.tensor_proto)))
-                      for event in accumulator.Tensors("learning_rate")]
-            return tuple(zip(*sorted(points)))
+    rates = per_step_learning_rate(model_dir) if steps_per_epoch else {}
+    if rates:
+        return tuple(zip(*sorted((step / steps_per_epoch, rate) for step, rate in rates.items())))
     return epochs["epoch"], epochs.get("lr") or [None] * len(epochs["epoch"])
+
+
+def per_step_learning_rate(model_dir):
+    """{training step: the LR it ran with} of every step the run logged to TensorBoard (every
+    --summary_steps), {} for a run without those events."""
+    events = os.path.join(model_dir, "tensorboard", "train")
+    if not os.path.isdir(events):
+        return {}
+    accumulator = event_accumulator.EventAccumulator(
+        events, size_guidance={event_accumulator.TENSORS: 0})  # 0: keep every step
+    accumulator.Reload()
+    if "learning_rate" not in accumulator.Tags()["tensors"]:
+        return {}
+    return {event.step: float(tensor_util.make_ndarray(event.tensor_proto))
+            for event in accumulator.Tensors("learning_rate")}
 
 
 def _steps_per_epoch(model_dir):
