@@ -103,6 +103,36 @@ class Throughput(tf.keras.callbacks.Callback):
         return self.batch_size * self.WINDOW / seconds.sum(axis=1)
 
 
+class ExactValidationMetrics(tf.keras.callbacks.Callback):
+    """Makes each epoch's validation metrics those of all the examples the ranks evaluated:
+    every Keras metric that is a running mean (the loss, accuracy, MAE: a `total` and a
+    `count`) has its sums and counts added up over the ranks with `sum_over_ranks` (a
+    collective: every rank calls it), and its `val_` log becomes their quotient.
+
+    Horovod's MetricAverageCallback averages the ranks' means, which is the mean over the
+    whole split only when every rank evaluated as many examples; the ranks' shards of a
+    validation split differ when the split does not divide evenly (by example or by file).
+    Put it after MetricAverageCallback, which still averages the training metrics: every
+    rank runs the same steps at the same batch, so their mean is exact."""
+
+    def __init__(self, sum_over_ranks):
+        super().__init__()
+        self.sum_over_ranks = sum_over_ranks
+
+    def on_epoch_end(self, epoch, logs=None):
+        # After validation, Keras' metric objects hold the validation run's sums.
+        means = [metric for metric in self.model.metrics
+                 if f"val_{metric.name}" in (logs or {})
+                 and hasattr(metric, "total") and hasattr(metric, "count")]
+        if not means:
+            return
+        sums = self.sum_over_ranks(tf.stack(
+            [tf.cast(value, tf.float64) for metric in means
+             for value in (metric.total, metric.count)])).numpy()
+        for metric, total, count in zip(means, sums[0::2], sums[1::2]):
+            logs[f"val_{metric.name}"] = float(total / count) if count else float("nan")
+
+
 class NonFiniteLoss(RuntimeError):
     """Training diverged: the loss became NaN or infinite."""
 

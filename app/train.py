@@ -181,7 +181,8 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
               f"global batch {global_batch}, learning rate {scaled_lr:g}", flush=True)
 
     # Callbacks, in Horovod's order: broadcast rank 0's state (elastic: the state's sync does
-    # it), average the metrics over the ranks, warm up and schedule the LR, time the steps
+    # it), average the metrics over the ranks (validation: over all the examples evaluated,
+    # however unequal the ranks' shards), warm up and schedule the LR, time the steps
     # and the epochs (and stop at a target accuracy or time budget); the outputs, on rank 0;
     # elastic: record the finished epoch and commit.
     throughput = callbacks.Throughput(batch, hvd.size(), FLAGS.warmup_steps)
@@ -190,6 +191,8 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
     training_callbacks = [
         *([] if elastic_state else [hvd.callbacks.BroadcastGlobalVariablesCallback(0)]),
         hvd.callbacks.MetricAverageCallback(),
+        callbacks.ExactValidationMetrics(
+            lambda sums: hvd.allreduce(sums, op=hvd.Sum, name="validation_sums")),
         callbacks.StopOnNonFiniteLoss(hvd.allgather, steps_per_epoch),
         *callbacks.learning_rate_schedule(
             hvd, scaled_lr, reference_lr=FLAGS.learning_rate,

@@ -220,3 +220,50 @@ def test_training_ends_at_the_target_accuracy_or_the_time_budget_on_every_rank(t
     assert results["epochs_completed"] == len(seconds) < 60 and results["target_reached"] is None
     assert seconds[-1] >= 4 and all(second < 4 for second in seconds[:-1])
     assert seconds == sorted(seconds)
+
+
+def evaluate(model_dir, epoch, source, datasets):
+    """(loss, accuracy) of the cnn checkpointed after `epoch`, evaluated in this process on
+    the examples of all `datasets` (of `source`) together."""
+    import models
+    from app import optimizers
+    model = models.build("cnn", source.feature_shape, source.num_outputs)
+    tf.train.Checkpoint(model=model).restore(
+        os.path.join(model_dir, "checkpoints", f"epoch-{epoch}")).expect_partial()
+    models.compile_for_task(model, optimizers.build("sgd", 0.1), source.task)
+    examples = datasets[0]
+    for dataset in datasets[1:]:
+        examples = examples.concatenate(dataset)
+    return model.evaluate(examples, verbose=0)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("validation_steps", [None, 2])
+def test_validation_metrics_are_those_of_every_example_the_ranks_evaluated(
+        validation_steps, tmp_path, digits_tfrecords):
+    """3 processes on 4 validation files of 90 digits each: rank 0 evaluates 180 of them,
+    the others 90. The run's val_loss and val_accuracy are those of one process evaluating
+    the same weights on the examples the ranks evaluated: the whole split, or with
+    --validation_steps=2 each rank's first 2 batches. The mean of the ranks' means is not."""
+    import input_pipeline
+    flags = ["--flagfile=configs/imagenet_resnet50.cfg", "--model=cnn", "--image_size=8",
+             "--batch_size=16", "--epochs=1", "--steps_per_epoch=10", "--weight_decay=0",
+             "--warmup_epochs=0", "--lr_schedule=constant", f"--data_dir={digits_tfrecords}",
+             f"--model_dir={tmp_path}"]
+    if validation_steps:
+        flags.append(f"--validation_steps={validation_steps}")
+    run([*mpirun(3), *train_command(*flags)])
+    source = input_pipeline.load("imagenet", "validation", data_dir=str(digits_tfrecords),
+                                 image_size=8)
+    shards = [input_pipeline.evaluation_dataset(source, rank=rank, size=3, batch_size=16,
+                                                repeat=validation_steps is not None)
+              for rank in range(3)]
+    if validation_steps:
+        shards = [shard.take(validation_steps) for shard in shards]
+    loss, accuracy = evaluate(tmp_path, 1, source, shards)
+    logged = read_log(tmp_path)[-1]
+    assert float(logged["val_loss"]) == pytest.approx(loss, rel=1e-5)
+    assert float(logged["val_accuracy"]) == pytest.approx(accuracy, rel=1e-5)
+    if not validation_steps:
+        rank_means = [evaluate(tmp_path, 1, source, [shard])[0] for shard in shards]
+        assert abs(np.mean(rank_means) - loss) > 1e-4 * loss, (rank_means, loss)
