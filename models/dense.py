@@ -6,7 +6,8 @@ def linear(input_shape, num_outputs, normalization=None):
     """y = w*x + b: one Dense unit per output, no activation (a regression model)."""
     del normalization  # nothing to normalize in a linear neuron
     inputs = keras.Input(shape=input_shape)
-    outputs = keras.layers.Dense(num_outputs, name="neuron")(keras.layers.Flatten()(inputs))
+    outputs = keras.layers.Dense(num_outputs, name="neuron", dtype="float32")(
+        keras.layers.Flatten()(inputs))
     return keras.Model(inputs, outputs, name="linear")
 
 

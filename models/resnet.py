@@ -1,6 +1,6 @@
 """Residual networks: CIFAR ResNet-20/56 (He et al. 2016, v1 with projection shortcuts),
-WideResNet-16-10 (Zagoruyko and Komodakis 2016, pre-activation) and ImageNet ResNet-50 (the
-Keras Applications model, untrained)."""
+WideResNet-16-10 (Zagoruyko and Komodakis 2016, pre-activation) and ImageNet ResNet-50 v1.5
+(as Goyal et al. 2017 and NVIDIA's and the TF Model Garden's recipes train it)."""
 import tf_keras as keras
 
 _CONV = dict(padding="same", use_bias=False, kernel_initializer="he_normal")
@@ -57,17 +57,37 @@ def wide_resnet16_10(input_shape, num_outputs, normalization=keras.layers.BatchN
     return keras.Model(inputs, outputs, name="wrn16_10")
 
 
-def resnet50(input_shape, num_outputs, normalization=keras.layers.BatchNormalization):
-    """Keras Applications' ResNet-50 with random weights (nothing is downloaded); its batch
-    norm layers are replaced when another normalization is asked for."""
-    model = keras.applications.ResNet50(weights=None, input_shape=input_shape,
-                                        classes=num_outputs)
-    if normalization is keras.layers.BatchNormalization:
-        return model
+# ResNet-50 v1.5 batch norm: Goyal et al.'s and the TF Model Garden's momentum and epsilon
+# (Keras' defaults, 0.99 and 1e-3, average over ten times as many steps).
+_IMAGENET_BATCH_NORM = dict(momentum=0.9, epsilon=1e-5)
 
-    def swap_normalization(layer):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            config = layer.get_config()
-            return normalization(**{k: config[k] for k in ("axis", "momentum", "epsilon", "name")})
-        return layer.__class__.from_config(layer.get_config())
-    return keras.models.clone_model(model, clone_function=swap_normalization)
+
+def resnet50(input_shape, num_outputs, normalization=keras.layers.BatchNormalization):
+    """ResNet-50 v1.5: bottleneck blocks (3, 4, 6, 3) whose stride is on the 3x3 convolution
+    (v1 strides the first 1x1, which skips three quarters of its input), convolutions without
+    bias and He-normal initialized, and the last batch norm of every residual branch
+    initialized to gamma = 0, so that each block starts as the identity (Goyal et al.)."""
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Conv2D(64, 7, strides=2, **_CONV)(inputs)
+    x = keras.layers.ReLU()(normalization(**_IMAGENET_BATCH_NORM)(x))
+    x = keras.layers.MaxPooling2D(3, strides=2, padding="same")(x)
+    for stage, (filters, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+        for block in range(blocks):
+            x = _bottleneck(x, filters, 2 if stage > 0 and block == 0 else 1, normalization)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_outputs, activation="softmax", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="resnet50")
+
+
+def _bottleneck(x, filters, strides, normalization):
+    shortcut = x
+    y = keras.layers.Conv2D(filters, 1, **_CONV)(x)
+    y = keras.layers.ReLU()(normalization(**_IMAGENET_BATCH_NORM)(y))
+    y = keras.layers.Conv2D(filters, 3, strides=strides, **_CONV)(y)
+    y = keras.layers.ReLU()(normalization(**_IMAGENET_BATCH_NORM)(y))
+    y = keras.layers.Conv2D(4 * filters, 1, **_CONV)(y)
+    y = normalization(gamma_initializer="zeros", **_IMAGENET_BATCH_NORM)(y)
+    if strides != 1 or shortcut.shape[-1] != 4 * filters:
+        shortcut = keras.layers.Conv2D(4 * filters, 1, strides=strides, **_CONV)(shortcut)
+        shortcut = normalization(**_IMAGENET_BATCH_NORM)(shortcut)
+    return keras.layers.ReLU()(keras.layers.Add()([shortcut, y]))

@@ -46,3 +46,43 @@ def test_weight_decay_adds_half_the_squared_kernels():
     model.set_weights([np.full_like(kernel, 3.0), np.full_like(bias, 5.0)])
     models.add_weight_decay(model, 0.1)
     assert float(model.losses[0]) == pytest.approx(0.1 * 0.5 * 9.0)
+
+
+def test_resnet50_is_v1_5_as_goyal_et_al_train_it():
+    model = models.build("resnet50", (224, 224, 3), 1000)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert trainable == 25_557_032  # the published 25.6M
+    convolutions = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convolutions) == 53 and not any(layer.use_bias for layer in convolutions)
+    assert all(isinstance(layer.kernel_initializer, keras.initializers.HeNormal)
+               for layer in convolutions)
+    strided = [(layer.kernel_size, layer.strides) for layer in convolutions
+               if layer.strides != (1, 1)]
+    # the stem, then per downsampling stage the 3x3 convolution and the projection shortcut
+    assert strided == [((7, 7), (2, 2))] + [((3, 3), (2, 2)), ((1, 1), (2, 2))] * 3
+    norms = [layer for layer in model.layers
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert all(layer.momentum == 0.9 and layer.epsilon == 1e-5 for layer in norms)
+    zero_gamma = [layer for layer in norms
+                  if isinstance(layer.gamma_initializer, keras.initializers.Zeros)]
+    assert len(zero_gamma) == 16  # one per residual block: the last of its branch
+    for layer in zero_gamma:
+        branch_end = layer._outbound_nodes[0].outbound_layer
+        assert isinstance(branch_end, keras.layers.Add)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("name, input_shape", [
+    ("linear", (1,)), ("mlp", (8, 8, 1)), ("cnn", (8, 8, 1)), ("resnet20", (32, 32, 3)),
+    ("wrn16_10", (28, 28, 1)), ("resnet50", (32, 32, 3))])
+def test_outputs_are_float32_under_mixed_precision(policy, name, input_shape):
+    """The softmax (and so the loss) in float32, whatever the layers compute in."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = models.build(name, input_shape, 1 if name == "linear" else 10)
+        computing = {layer.compute_dtype for layer in model.layers[1:-1]}
+        assert computing <= {policy.split("_")[1]}
+        assert model.output.dtype == "float32"
+        assert model.layers[-1].compute_dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
