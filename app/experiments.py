@@ -29,14 +29,17 @@ EXPERIMENTS = {
              weight_decay=5e-6, epochs=40, warmup_epochs=5, lr_schedule="constant",
              cache="memory")),
     "cifar10_resnet20": Experiment(
-        "ResNet-20 on CIFAR-10 with pad-crop-flip augmentation; " + _TFDS_NOTE,
+        "ResNet-20 on CIFAR-10, He et al. 2016's recipe (LR 0.1 per 128 images, steps at "
+        "80/120 of 160 epochs, pad-crop-flip), with Goyal et al.'s warmup above batch 128; "
+        + _TFDS_NOTE,
         dict(model="resnet20", dataset="cifar10", batch_size=128, reference_batch_size=128,
              learning_rate=0.1, lr_scaling="linear", optimizer="momentum", momentum=0.9,
-             weight_decay=1e-4, epochs=160, warmup_epochs=0, lr_schedule="step",
+             weight_decay=1e-4, epochs=160, warmup_epochs=5, lr_schedule="step",
              lr_decay_epochs=["80", "120"], lr_decay_factor=0.1, cache="memory")),
     "imagenet_resnet50": Experiment(
-        "ResNet-50 on ImageNet TFRecord shards (train-*/validation-* in --data_dir), the "
-        "Goyal et al. recipe: LR 0.1 per 256 images, 5 warmup epochs, steps at 30/60/80",
+        "ResNet-50 v1.5 on ImageNet TFRecord shards (train-*/validation-* in --data_dir), "
+        "Goyal et al.'s recipe: LR 0.1 per 256 images, 5 warmup epochs, steps at 30/60/80 "
+        "of 90, random-resized crops for training, the 0.875 center crop for evaluation",
         dict(model="resnet50", dataset="imagenet", batch_size=64, reference_batch_size=256,
              learning_rate=0.1, lr_scaling="linear", optimizer="momentum", momentum=0.9,
              weight_decay=1e-4, epochs=90, warmup_epochs=5, lr_schedule="step",

@@ -122,7 +122,10 @@ def define_data_flags():
     """The input pipeline and the seed."""
     flags.DEFINE_integer("image_size", None, "Image side in pixels, for image data sets that "
                          "resize.", lower_bound=8)
-    flags.DEFINE_integer("seed", 42, "Seed of initialization, shuffling and augmentation.")
+    # At least 1: with TensorFlow's global seed at 0, tf.data's shuffle refuses the per-epoch
+    # seeds the pipeline computes (a tensor compared as a bool in random_seed.get_seed).
+    flags.DEFINE_integer("seed", 42, "Seed of initialization, shuffling and augmentation.",
+                         lower_bound=1)
     flags.DEFINE_string("cache", "none",
                         "Cache of the (sharded) raw records: none, memory, or a file path prefix.")
     flags.DEFINE_bool("skip_corrupt", False,

@@ -154,13 +154,12 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
               f"(start a new --model_dir to change it)", file=sys.stderr, flush=True)
 
     # Data: each rank reads its own disjoint shard; every rank runs the same steps. The same
-    # global seed on every rank: with --deterministic, the identical shuffle from which each
-    # rank takes its slice of every global batch.
+    # seed on every rank: the files are dealt out alike each epoch and, with --deterministic,
+    # shuffled alike, each rank taking its slice of every global batch.
     tf.random.set_seed(FLAGS.seed)
     train_data = input_pipeline.training_dataset(
         train_source, rank=hvd.rank(), size=hvd.size(), batch_size=batch,
-        steps_per_epoch=steps_per_epoch, first_epoch=initial_epoch,
-        seed=FLAGS.seed if FLAGS.deterministic else FLAGS.seed + hvd.rank(),
+        steps_per_epoch=steps_per_epoch, first_epoch=initial_epoch, seed=FLAGS.seed,
         shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache,
         deterministic=FLAGS.deterministic, threads=threads)
     validation_data = input_pipeline.evaluation_dataset(

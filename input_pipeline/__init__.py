@@ -4,7 +4,7 @@ Nothing here imports Horovod or reads flags; app/ passes in what it knows."""
 import glob
 import os
 
-from input_pipeline import sources
+from input_pipeline import imagenet_preprocessing, sources
 from input_pipeline.pipeline import evaluation_dataset, shard_by_file, training_dataset
 
 __all__ = ["DATASETS", "SPLITS", "evaluation_dataset", "load", "name_damaged_file",
@@ -41,7 +41,8 @@ def load(dataset, split, *, data_dir=None, image_size=None, seed=0, skip_corrupt
         return sources.tfrecord_images(
             split, data_dir, image_size or 224,
             num_examples=_imagenet_examples(data_dir, split),
-            augment=sources.flip_and_crop(padding=0) if split == "train" else None,
+            preprocess=(imagenet_preprocessing.training_image if split == "train"
+                        else imagenet_preprocessing.evaluation_image),
             skip_corrupt=skip_corrupt)
     raise ValueError(f"unknown dataset {dataset!r}; one of {', '.join(DATASETS)}")
 

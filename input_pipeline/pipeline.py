@@ -2,14 +2,17 @@
 
 Training: shard -> cache -> shuffle (seeded, reshuffled each epoch) -> repeat -> parallel map
 -> batch (drop_remainder) -> prefetch. Epoch e is the shard shuffled with a seed made of
-(`seed`, e), repeated as needed and cut to exactly steps_per_epoch batches, so every rank runs
-the same number of steps whatever the size of its shard, and a run resumed at epoch e reads
-what an uninterrupted run would have read, with nothing skipped.
+(`seed`, rank, e), repeated as needed and cut to exactly steps_per_epoch batches, so every
+rank runs the same number of steps whatever the size of its shard, and a run resumed at epoch
+e reads what an uninterrupted run would have read, with nothing skipped.
 
 Sharding is by file (with interleave) when there are at least as many files as processes,
-otherwise by example. With `deterministic`, every rank shuffles the whole split identically
-and takes its own slice of each global batch instead, so a global batch holds the same
-examples at any number of processes.
+otherwise by example. Files are dealt out anew every epoch: the file list is permuted by
+(`seed`, e) alike on every rank, then each rank takes its share, so that an epoch's records
+are not the same files' in the same order every time (with a cache, the first epoch's shard
+is kept). With `deterministic`, every rank reads the whole split (its files permuted by
+epoch the same way), shuffles it identically and takes its own slice of each global batch
+instead, so a global batch holds the same examples at any number of processes.
 """
 import tensorflow as tf
 
@@ -20,17 +23,28 @@ _EPOCH_SEED_STRIDE = 1_000_003  # a prime: seeds (seed, epoch) do not collide ac
 def training_dataset(source, *, rank, size, batch_size, steps_per_epoch, seed, first_epoch=0,
                      shuffle_buffer=10_000, cache="none", deterministic=False, threads=None):
     """Batches of `batch_size` (per process) for rank `rank` of `size`, epoch after epoch
-    from `first_epoch` on, each epoch exactly `steps_per_epoch` batches."""
+    from `first_epoch` on, each epoch exactly `steps_per_epoch` batches. `seed` is the same
+    on every rank."""
     if deterministic:
-        records = _cached(source.all_records(), cache, f"{source.name}-unsharded", rank, size)
         examples_per_epoch = steps_per_epoch * batch_size * size
+        shuffle_seed = seed
     else:
-        records = _cached(_shard(source, rank, size), cache, source.name, rank, size)
         examples_per_epoch = steps_per_epoch * batch_size
+        shuffle_seed = seed + rank  # every rank its own order of its own shard
     buffer = min(shuffle_buffer, source.num_examples)
+    fixed_records = None
+    if cache != "none" or not (source.files and (deterministic or shard_by_file(source, size))):
+        fixed_records = _cached(source.all_records() if deterministic
+                                else _shard(source, rank, size), cache,
+                                source.name + ("-unsharded" if deterministic else ""), rank, size)
 
     def epoch(number):
-        shuffled = records.shuffle(buffer, seed=seed * _EPOCH_SEED_STRIDE + number,
+        records = fixed_records
+        if records is None:
+            files = _permuted_files(source, seed, number)
+            records = (files.flat_map(source.read_file) if deterministic
+                       else _shard(source, rank, size, files))
+        shuffled = records.shuffle(buffer, seed=shuffle_seed * _EPOCH_SEED_STRIDE + number,
                                    reshuffle_each_iteration=True)
         epoch_records = shuffled.repeat().take(examples_per_epoch)
         if deterministic:
@@ -62,10 +76,22 @@ def shard_by_file(source, size):
     return len(source.files) >= size
 
 
-def _shard(source, rank, size):
+def _permuted_files(source, seed, epoch):
+    """The split's files in the order of epoch `epoch`: a permutation keyed by (seed, epoch)."""
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(len(source.files), dtype=tf.int64),
+        seed=tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)]))
+    return tf.data.Dataset.from_tensor_slices(tf.gather(list(source.files), order))
+
+
+def _shard(source, rank, size, files=None):
+    """Rank `rank`'s share of the split: of its files (in the order of `files`, a dataset of
+    paths, by default as listed) or, with fewer files than processes, of its examples."""
     if not shard_by_file(source, size):
         return source.all_records().shard(size, rank)
-    files = tf.data.Dataset.from_tensor_slices(list(source.files)).shard(size, rank)
+    if files is None:
+        files = tf.data.Dataset.from_tensor_slices(list(source.files))
+    files = files.shard(size, rank)
     files_per_rank = len(source.files) // size
     return files.interleave(source.read_file, cycle_length=min(files_per_rank, 8),
                             num_parallel_calls=AUTOTUNE, deterministic=True)

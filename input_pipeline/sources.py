@@ -114,9 +114,12 @@ IMAGENET_FEATURES = {
 
 
 def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
-                    num_examples=None, augment=None, skip_corrupt=False):
+                    num_examples=None, augment=None, skip_corrupt=False, preprocess=None):
     """Shards in the standard ImageNet TFRecord layout: `{data_dir}/{split}-NNNNN-of-NNNNN`,
     each record holding `image/encoded` (JPEG or PNG) and a 1-based `image/class/label`.
+    `preprocess(image bytes, image_size, channels)` makes the model's input from the
+    encoded image (input_pipeline.imagenet_preprocessing's crops); by default the whole
+    image is decoded, scaled to [0, 1] and resized.
 
     Unless `num_examples` is given the shards are read once to count them, which also finds
     damaged files: a DamagedFileError names the first, or with `skip_corrupt` each damaged file is
@@ -137,9 +140,12 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
 
     def decode(record):
         example = tf.io.parse_single_example(record, IMAGENET_FEATURES)
-        image = tf.io.decode_image(example["image/encoded"], channels=channels,
-                                   expand_animations=False)
-        image = tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), shape[:2])
+        if preprocess is not None:
+            image = preprocess(example["image/encoded"], image_size, channels)
+        else:
+            image = tf.io.decode_image(example["image/encoded"], channels=channels,
+                                       expand_animations=False)
+            image = tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), shape[:2])
         return image, example["image/class/label"] - 1
 
     def read_file(path):

@@ -169,6 +169,7 @@ def test_every_experiment_runs_from_its_flagfile(experiment, extra, tmp_path, di
 
 @pytest.mark.parametrize("experiment, flags, named", [
     ("digits_cnn", ["--batch_size=0"], "--batch_size=0"),
+    ("digits_cnn", ["--seed=0"], "--seed=0"),
     ("digits_cnn", ["--batch_size=16", "--global_batch_size=64"], "--global_batch_size"),
     ("digits_cnn", ["--warmup_epochs=16"], "--warmup_epochs=16"),
     ("digits_cnn", ["--experiment=nope"], "--experiment"),

@@ -37,7 +37,7 @@ def main(_):
     tf.keras.utils.set_random_seed(FLAGS.seed)
     dataset = input_pipeline.training_dataset(
         source, rank=rank, size=size, batch_size=batch, steps_per_epoch=steps_per_epoch,
-        seed=FLAGS.seed + rank, shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache)
+        seed=FLAGS.seed, shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache)
     # Each worker feeds its own shard at the per-worker batch, as each Horovod rank does.
     data = strategy.distribute_datasets_from_function(lambda _: dataset) if cluster else dataset
 

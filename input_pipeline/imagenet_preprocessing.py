@@ -1,0 +1,77 @@
+"""The ImageNet recipe's image preprocessing (Szegedy et al.'s scale and aspect augmentation,
+as the TF Model Garden, NVIDIA's DeepLearningExamples and Goyal et al. train ResNet-50).
+
+Training: a random crop of 8% to 100% of the image's area with an aspect ratio between 3/4
+and 4/3, decoded alone (a JPEG's other blocks are never decoded), flipped at random, resized
+to the model's input. Evaluation: the center crop that resizing the shorter side to 256 and
+cropping 224 would take (0.875 of the shorter side, whatever the input size), resized to the
+model's input. Both scale to [0, 1] and normalize each channel by ImageNet's mean and
+standard deviation. Images that are not JPEG (PNG, ...) are decoded whole, then cropped.
+"""
+import tensorflow as tf
+
+AREA_RANGE = (0.08, 1.0)
+ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+CROP_PADDING = 32  # evaluation: 224 of 256, the crop fraction 0.875
+MEAN_RGB = (0.485, 0.456, 0.406)
+STDDEV_RGB = (0.229, 0.224, 0.225)
+
+
+def training_image(image_bytes, image_size, channels=3):
+    """A randomly cropped, flipped, resized and normalized float32 image."""
+    image = _decode_window(image_bytes, channels, training_window)
+    return _resized_and_normalized(tf.image.random_flip_left_right(image), image_size,
+                                   channels)
+
+
+def training_window(shape):
+    """A random [offset_y, offset_x, height, width] of an image of `shape`: area and aspect
+    ratio within their ranges, or the whole image when 10 tries found none that fits."""
+    begin, size, _ = tf.image.sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+        min_object_covered=AREA_RANGE[0], aspect_ratio_range=ASPECT_RATIO_RANGE,
+        area_range=AREA_RANGE, max_attempts=10, use_image_if_no_bounding_boxes=True)
+    return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+def evaluation_image(image_bytes, image_size, channels=3):
+    """The center crop of 0.875 of the shorter side, resized and normalized; deterministic."""
+    return _resized_and_normalized(
+        _decode_window(image_bytes, channels, lambda shape: center_window(shape, image_size)),
+        image_size, channels)
+
+
+def center_window(shape, image_size):
+    """[offset_y, offset_x, height, width] of the evaluation's centered square crop."""
+    height, width = shape[0], shape[1]
+    side = tf.cast(image_size / (image_size + CROP_PADDING)
+                   * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+    return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+
+
+def normalize(image):
+    """[0, 1] pixels to zero mean and unit variance per channel (ImageNet's statistics; their
+    averages for images that are not RGB)."""
+    channels = image.shape[-1]
+    mean, stddev = ((MEAN_RGB, STDDEV_RGB) if channels == 3
+                    else ([sum(MEAN_RGB) / 3] * channels, [sum(STDDEV_RGB) / 3] * channels))
+    return (image - mean) / stddev
+
+
+def _decode_window(image_bytes, channels, window_of_shape):
+    """The window [y, x, height, width] = window_of_shape(image shape) of the encoded image,
+    as uint8: JPEG decodes only the window, other formats decode whole and are cropped."""
+    def jpeg():
+        window = window_of_shape(tf.image.extract_jpeg_shape(image_bytes))
+        return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=channels)
+
+    def other():
+        image = tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
+        window = window_of_shape(tf.shape(image))
+        return tf.image.crop_to_bounding_box(image, window[0], window[1], window[2], window[3])
+    return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+
+
+def _resized_and_normalized(image, image_size, channels):
+    image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, [image_size, image_size])
+    return normalize(tf.ensure_shape(image, [image_size, image_size, channels]))

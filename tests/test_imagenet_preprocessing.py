@@ -1,0 +1,93 @@
+"""The ImageNet recipe's preprocessing on a photograph scikit-learn ships (427x640): the
+training crops' area and aspect statistics, the evaluation's centered, deterministic crop,
+the normalization, and the TFRecord files dealt out anew every epoch and again on resume."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import input_pipeline
+from input_pipeline import imagenet_preprocessing as preprocessing
+
+
+@pytest.fixture(scope="module")
+def photograph():
+    from sklearn.datasets import load_sample_images
+    image = load_sample_images().images[0]
+    return image, tf.io.encode_jpeg(image).numpy(), tf.io.encode_png(image).numpy()
+
+
+def test_training_crops_cover_8_to_100_percent_at_aspect_3_4_to_4_3(photograph):
+    image, _, _ = photograph
+    height, width = image.shape[:2]
+    tf.random.set_seed(1)
+    windows = np.array([preprocessing.training_window(tf.constant(image.shape)).numpy()
+                        for _ in range(400)])
+    whole = (windows[:, 2] == height) & (windows[:, 3] == width)
+    crops = windows[~whole]
+    assert whole.mean() < 0.1 and len(crops) > 300  # the whole image only when no crop fits
+    area = crops[:, 2] * crops[:, 3] / (height * width)
+    aspect = crops[:, 3] / crops[:, 2]
+    assert area.min() >= 0.08 * 0.97 and area.max() <= 1.0
+    assert area.min() < 0.15 and area.max() > 0.6  # the whole range is used
+    assert aspect.min() >= 3 / 4 * 0.97 and aspect.max() <= 4 / 3 * 1.03
+    assert (crops[:, 0] + crops[:, 2] <= height).all()
+    assert (crops[:, 1] + crops[:, 3] <= width).all()
+    assert len({tuple(window) for window in crops}) > 0.9 * len(crops)  # not one crop
+
+
+def test_training_images_have_the_models_input_shape_from_jpeg_and_png(photograph):
+    _, jpeg, png = photograph
+    for encoded in (jpeg, png):
+        image = preprocessing.training_image(tf.constant(encoded), 224)
+        assert image.shape == (224, 224, 3) and image.dtype == tf.float32
+        assert np.isfinite(image.numpy()).all()
+
+
+def test_evaluation_takes_the_same_center_crop_every_time(photograph):
+    _, jpeg, png = photograph
+    # resize 256 / crop 224 of the shorter side, at any input size
+    np.testing.assert_array_equal(preprocessing.center_window([256, 256, 3], 224),
+                                  [16, 16, 224, 224])
+    np.testing.assert_array_equal(preprocessing.center_window([427, 640, 3], 224),
+                                  [27, 134, 373, 373])
+    first = preprocessing.evaluation_image(tf.constant(jpeg), 224).numpy()
+    np.testing.assert_array_equal(first, preprocessing.evaluation_image(tf.constant(jpeg),
+                                                                        224).numpy())
+    from_png = preprocessing.evaluation_image(tf.constant(png), 224).numpy()
+    assert np.abs(first - from_png).mean() < 0.05  # the same crop; JPEG's loss apart
+
+
+def test_normalization_gives_imagenets_mean_zero_and_its_stddev_one():
+    mean_color = tf.constant(preprocessing.MEAN_RGB, shape=[1, 1, 3]) * tf.ones([4, 4, 3])
+    np.testing.assert_allclose(preprocessing.normalize(mean_color), 0.0, atol=1e-6)
+    one_stddev_up = mean_color + tf.constant(preprocessing.STDDEV_RGB, shape=[1, 1, 3])
+    np.testing.assert_allclose(preprocessing.normalize(one_stddev_up), 1.0, atol=1e-6)
+
+
+def epoch_labels(data_dir, rank, size, first_epoch, epochs, steps):
+    """The labels rank `rank` trains on, per epoch: with a shuffle buffer of one they follow
+    the order of the files the rank was dealt."""
+    source = input_pipeline.load("imagenet", "train", data_dir=str(data_dir), image_size=8)
+    dataset = input_pipeline.training_dataset(
+        source, rank=rank, size=size, batch_size=30, steps_per_epoch=steps, seed=3,
+        first_epoch=first_epoch, shuffle_buffer=1)
+    labels = np.concatenate([y.numpy() for _, y in dataset.take(epochs * steps)])
+    return labels.reshape(epochs, steps * 30)
+
+
+def test_files_are_dealt_out_anew_every_epoch_and_again_on_resume(digits_tfrecords):
+    """4 training files of 359 or 360 digits, 2 ranks: each epoch every rank reads 2 files,
+    which change from epoch to epoch; a run resumed at epoch 2 reads what epoch 2 read."""
+    steps = 23  # 690 examples, fewer than the two files of a rank hold
+    ranks = [epoch_labels(digits_tfrecords, rank, 2, 0, 4, steps) for rank in (0, 1)]
+    source = input_pipeline.load("imagenet", "train", data_dir=str(digits_tfrecords),
+                                 image_size=8)
+    all_labels = np.array([y for _, y in source.all_records().map(source.decode)
+                           .as_numpy_iterator()])
+    for epoch in range(4):  # disjoint files: together almost the whole split
+        together = np.concatenate([ranks[0][epoch], ranks[1][epoch]])
+        assert len(together) == 1380
+        assert (np.bincount(together, minlength=10) <= np.bincount(all_labels)).all()
+    assert len({ranks[0][epoch].tobytes() for epoch in range(4)}) > 1  # dealt anew
+    resumed = epoch_labels(digits_tfrecords, 0, 2, 2, 2, steps)
+    np.testing.assert_array_equal(resumed, ranks[0][2:])
