@@ -81,6 +81,26 @@ def synthetic(split, shape, num_classes, num_examples, seed=0):
                   records=lambda: tf.data.Dataset.range(num_examples), decode=generate)
 
 
+def photographs(split, num_examples, shape=(375, 500, 3), num_classes=10, seed=0):
+    """Photograph-like images of `shape` (ImageNet's typical 500x375 by default): crops of
+    random size and place from the two photographs scikit-learn ships, resized to `shape`,
+    made from their index; for benchmarks of JPEG decoding and cropping."""
+    from sklearn.datasets import load_sample_images
+    photos = [tf.constant(photo) for photo in load_sample_images().images]
+    split_seed = seed * 2 + (0 if split == "train" else 1)
+
+    def generate(index):
+        photo = tf.gather(photos, index % len(photos))  # both are 427x640
+        window = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(photo), tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+            seed=tf.stack([split_seed, index]), area_range=(0.3, 1.0),
+            use_image_if_no_bounding_boxes=True)
+        image = tf.slice(photo, window[0], window[1])
+        return tf.image.resize(tf.cast(image, tf.float32) / 255.0, shape[:2]), index % num_classes
+    return Source(f"photographs-{split}", num_examples, tuple(shape), num_classes,
+                  records=lambda: tf.data.Dataset.range(num_examples), decode=generate)
+
+
 def tfds_dataset(name, split, data_dir, image_size=None, augment=None):
     """A TensorFlow Datasets split read from `data_dir`, where it must already be prepared
     (nothing is downloaded here); images are scaled to [0, 1]."""

@@ -4,7 +4,8 @@ standard ImageNet layout, which `--dataset=imagenet --data_dir=OUTPUT_DIR` then 
     python -m input_pipeline.to_tfrecord --dataset=digits --output_dir=/tmp/digits_tfr \
         --num_shards=4
 
-Each record holds `image/encoded` (PNG), `image/class/label` (1-based, as in ImageNet),
+Each record holds `image/encoded` (PNG, or JPEG as ImageNet's are), `image/class/label`
+(1-based, as in ImageNet),
 `image/height`, `image/width` and `image/channels`; split S goes to S-00000-of-0000N ...
 """
 import os
@@ -17,14 +18,17 @@ import input_pipeline
 FLAGS = flags.FLAGS
 
 
-def write_split(source, split, output_dir, num_shards):
-    """Writes `source` to `num_shards` files, consecutive examples in each; returns the paths."""
+def write_split(source, split, output_dir, num_shards, encoding="png"):
+    """Writes `source` to `num_shards` files, consecutive examples in each, each image
+    encoded as `encoding` (png or jpeg); returns the paths."""
+    encode = {"png": tf.io.encode_png,
+              "jpeg": lambda image: tf.io.encode_jpeg(image, quality=90)}[encoding]
     paths = [os.path.join(output_dir, f"{split}-{shard:05d}-of-{num_shards:05d}")
              for shard in range(num_shards)]
     writers = [tf.io.TFRecordWriter(path) for path in paths]
     examples = source.all_records().map(source.decode)
     for index, (image, label) in enumerate(examples.as_numpy_iterator()):
-        encoded = tf.io.encode_png(tf.image.convert_image_dtype(image, tf.uint8, saturate=True))
+        encoded = encode(tf.image.convert_image_dtype(image, tf.uint8, saturate=True))
         features = {
             "image/encoded": _bytes(encoded.numpy()),
             "image/class/label": _int(int(label) + 1),
@@ -52,7 +56,7 @@ def main(_):
     for split in FLAGS.split:
         source = input_pipeline.load(FLAGS.dataset, split, data_dir=FLAGS.data_dir,
                                      image_size=FLAGS.image_size)
-        paths = write_split(source, split, FLAGS.output_dir, FLAGS.num_shards)
+        paths = write_split(source, split, FLAGS.output_dir, FLAGS.num_shards, FLAGS.encoding)
         print(f"{source.num_examples} {split} examples -> {len(paths)} files in "
               f"{FLAGS.output_dir}")
 
@@ -70,6 +74,8 @@ def run():
                          lower_bound=8)
     flags.DEFINE_string("output_dir", None, "Folder for the shards.", required=True)
     flags.DEFINE_integer("num_shards", 4, "Files per split.", lower_bound=1)
+    flags.DEFINE_enum("encoding", "png", ["png", "jpeg"],
+                      "How each image is encoded (png: lossless; jpeg: as ImageNet's are).")
     app.run(main)
 
 

@@ -124,3 +124,23 @@ def test_pipeline_check_compares_measured_rates(tmp_path):
     trained = json.loads((tmp_path / "train_benchmark" / "results.json").read_text())
     assert found["training_images_per_sec"] == pytest.approx(trained["images_per_sec"])
     assert len(list((tmp_path / "tfrecords").glob("train-*-of-00004"))) == 4
+
+
+def test_imagenet_pipeline_benchmark_tables_its_own_measurements(tmp_path):
+    """The JPEG preprocessing benchmark writes its shards, measures every path, and its
+    table's ratios are computed from the rates it measured."""
+    run([PYTHON, "-m", "app.studies.imagenet_pipeline", "--num_images=8", "--repeats=1",
+         "--image_size=32", f"--out_dir={tmp_path}"])
+    found = json.loads((tmp_path / "imagenet_pipeline.json").read_text())["rows"]
+    assert [row["path"].split(":")[0] for row in found] == [
+        "decode only (the ceiling)", "training", "evaluation", "before"]
+    ceiling = found[0]
+    for row in found:
+        assert row["images_per_sec"] > 0 and row["cpu_ms_per_image"] > 0
+        assert row["of_decode_only"] == pytest.approx(
+            row["images_per_sec"] / ceiling["images_per_sec"])
+    with open(tmp_path / "imagenet_pipeline.csv") as table:
+        rows = list(csv.DictReader(table))
+    assert [float(row["images_per_sec"]) for row in rows] == pytest.approx(
+        [row["images_per_sec"] for row in found])
+    assert len(list((tmp_path / "shards").glob("train-*-of-00004"))) == 4

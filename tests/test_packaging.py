@@ -51,7 +51,7 @@ def test_every_tool_has_a_console_script():
     scripts = console_scripts()
     assert set(scripts) == {"hvd-train", "hvd-launch", "hvd-to-tfrecord", "hvd-plot",
                             "hvd-scaling", "hvd-pipeline-check", "hvd-gd-study",
-                            "hvd-batch-study", "hvd-scale-study"}
+                            "hvd-batch-study", "hvd-scale-study", "hvd-imagenet-pipeline"}
     for script in scripts:
         assert os.access(os.path.join(os.path.dirname(PYTHON), script), os.X_OK), script
 
