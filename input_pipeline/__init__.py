@@ -41,8 +41,8 @@ def load(dataset, split, *, data_dir=None, image_size=None, seed=0, skip_corrupt
         return sources.tfrecord_images(
             split, data_dir, image_size or 224,
             num_examples=_imagenet_examples(data_dir, split),
-            preprocess=(imagenet_preprocessing.training_image if split == "train"
-                        else imagenet_preprocessing.evaluation_image),
+            preprocess=imagenet_preprocessing.evaluation_image,
+            training_crop=imagenet_preprocessing.training_image if split == "train" else None,
             skip_corrupt=skip_corrupt)
     raise ValueError(f"unknown dataset {dataset!r}; one of {', '.join(DATASETS)}")
 

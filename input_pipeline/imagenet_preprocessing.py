@@ -18,17 +18,21 @@ MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
 
 
-def training_image(image_bytes, image_size, channels=3):
-    """A randomly cropped, flipped, resized and normalized float32 image."""
-    image = _decode_window(image_bytes, channels, training_window)
-    return tf.image.random_flip_left_right(_resized_and_normalized(image, image_size, channels))
+def training_image(image_bytes, image_size, channels, seed):
+    """A randomly cropped, flipped, resized and normalized float32 image; the randomness is
+    that of `seed` (shape [2]), so the same seed makes the same image."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = _decode_window(image_bytes, channels,
+                           lambda shape: training_window(shape, crop_seed))
+    return tf.image.stateless_random_flip_left_right(
+        _resized_and_normalized(image, image_size, channels), seed=flip_seed)
 
 
-def training_window(shape):
+def training_window(shape, seed):
     """A random [offset_y, offset_x, height, width] of an image of `shape`: area and aspect
     ratio within their ranges, or the whole image when 10 tries found none that fits."""
-    begin, size, _ = tf.image.sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=seed,
         min_object_covered=AREA_RANGE[0], aspect_ratio_range=ASPECT_RATIO_RANGE,
         area_range=AREA_RANGE, max_attempts=10, use_image_if_no_bounding_boxes=True)
     return tf.stack([begin[0], begin[1], size[0], size[1]])

@@ -13,6 +13,11 @@ are not the same files' in the same order every time (with a cache, the first ep
 is kept). With `deterministic`, every rank reads the whole split (its files permuted by
 epoch the same way), shuffles it identically and takes its own slice of each global batch
 instead, so a global batch holds the same examples at any number of processes.
+
+Augmentation draws its randomness from a seed per example, (epoch seed, the example's
+position in the epoch): with `deterministic` the position in the global epoch, so that an
+example is cropped and flipped alike at any number of processes; and a resumed run augments
+as the uninterrupted one would have.
 """
 import tensorflow as tf
 
@@ -46,12 +51,11 @@ def training_dataset(source, *, rank, size, batch_size, steps_per_epoch, seed, f
                        else _shard(source, rank, size, files))
         shuffled = records.shuffle(buffer, seed=shuffle_seed * _EPOCH_SEED_STRIDE + number,
                                    reshuffle_each_iteration=True)
-        epoch_records = shuffled.repeat().take(examples_per_epoch)
+        epoch_records = shuffled.repeat().take(examples_per_epoch).enumerate()
         if deterministic:
-            slice_of_rank = _global_batch_slice(rank, size, batch_size)
-            epoch_records = epoch_records.enumerate().filter(slice_of_rank).map(
-                lambda _, record: record)
-        return epoch_records
+            epoch_records = epoch_records.filter(_global_batch_slice(rank, size, batch_size))
+        epoch_seed = shuffle_seed * _EPOCH_SEED_STRIDE + number
+        return epoch_records.map(lambda index, record: (tf.stack([epoch_seed, index]), record))
 
     epochs = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch)
     examples = _decoded(epochs, source, training=True)
@@ -117,12 +121,13 @@ def _cached(records, cache, name, rank, size):
 
 
 def _decoded(records, source, training):
-    """Records decoded in parallel (and augmented for training); undecodable ones dropped
-    when the source skips errors."""
+    """Records decoded in parallel (training: (seed, record) pairs, augmented with the
+    seed); undecodable ones dropped when the source skips errors."""
     decode = source.decode
-    if training and source.augment is not None:
-        def decode(*record):
-            return source.augment(*source.decode(*record))
+    if training:
+        def decode(seed, record):
+            example = source.decode(*record) if isinstance(record, tuple) else source.decode(record)
+            return example if source.augment is None else source.augment(*example, seed)
     examples = records.map(decode, num_parallel_calls=AUTOTUNE)
     return examples.ignore_errors() if source.skip_errors else examples
 

@@ -3,7 +3,8 @@
 A source knows how many examples the split holds and how to read its raw records, either as
 one dataset of the whole split (in-memory and generated data, TFDS) or as a list of files with
 a reader per file (TFRecord shards, which the pipeline can shard by file). `decode` turns a
-raw record into (features, label), `augment` adds training-only randomness, and `task` says
+raw record into (features, label), `augment(features, label, seed)` adds training-only
+randomness drawn from a per-example `seed` (stateless random ops), and `task` says
 whether labels are classes or regression targets.
 """
 import dataclasses
@@ -134,12 +135,14 @@ IMAGENET_FEATURES = {
 
 
 def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
-                    num_examples=None, augment=None, skip_corrupt=False, preprocess=None):
+                    num_examples=None, skip_corrupt=False, preprocess=None, training_crop=None):
     """Shards in the standard ImageNet TFRecord layout: `{data_dir}/{split}-NNNNN-of-NNNNN`,
     each record holding `image/encoded` (JPEG or PNG) and a 1-based `image/class/label`.
     `preprocess(image bytes, image_size, channels)` makes the model's input from the
-    encoded image (input_pipeline.imagenet_preprocessing's crops); by default the whole
-    image is decoded, scaled to [0, 1] and resized.
+    encoded image (input_pipeline.imagenet_preprocessing's evaluation crop); by default the
+    whole image is decoded, scaled to [0, 1] and resized. `training_crop(image bytes,
+    image_size, channels, seed)` instead decodes to (image bytes, label) and makes the input
+    as the augmentation, for crops chosen before the image is decoded.
 
     Unless `num_examples` is given the shards are read once to count them, which also finds
     damaged files: a DamagedFileError names the first, or with `skip_corrupt` each damaged file is
@@ -160,6 +163,8 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
 
     def decode(record):
         example = tf.io.parse_single_example(record, IMAGENET_FEATURES)
+        if training_crop is not None:
+            return example["image/encoded"], example["image/class/label"] - 1
         if preprocess is not None:
             image = preprocess(example["image/encoded"], image_size, channels)
         else:
@@ -171,6 +176,11 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
     def read_file(path):
         records = tf.data.TFRecordDataset(path)
         return records.ignore_errors() if skip_corrupt else records
+
+    augment = None
+    if training_crop is not None:
+        def augment(image_bytes, label, seed):
+            return training_crop(image_bytes, image_size, channels, seed), label
     return Source(f"tfrecord-{split}", num_examples, shape, num_outputs, files=files,
                   read_file=read_file, decode=decode, augment=augment,
                   skip_errors=skip_corrupt, damaged=damaged)
@@ -214,14 +224,14 @@ def scan_tfrecords(files):
 
 
 def flip_and_crop(padding):
-    """CIFAR-style augmentation: pad by `padding` pixels, random crop back, random flip
-    (with padding=0, a random flip only)."""
-    def augment(image, label):
+    """CIFAR-style augmentation: pad by `padding` pixels, random crop back, random flip."""
+    def augment(image, label, seed):
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         size = tf.shape(image)
         image = tf.image.pad_to_bounding_box(image, padding, padding,
                                              size[0] + 2 * padding, size[1] + 2 * padding)
-        image = tf.image.random_crop(image, size)
-        return tf.image.random_flip_left_right(image), label
+        image = tf.image.stateless_random_crop(image, size, seed=crop_seed)
+        return tf.image.stateless_random_flip_left_right(image, seed=flip_seed), label
     return augment
 
 

@@ -19,9 +19,9 @@ def photograph():
 def test_training_crops_cover_8_to_100_percent_at_aspect_3_4_to_4_3(photograph):
     image, _, _ = photograph
     height, width = image.shape[:2]
-    tf.random.set_seed(1)
-    windows = np.array([preprocessing.training_window(tf.constant(image.shape)).numpy()
-                        for _ in range(400)])
+    windows = np.array([preprocessing.training_window(tf.constant(image.shape),
+                                                      tf.constant([7, index])).numpy()
+                        for index in range(400)])
     whole = (windows[:, 2] == height) & (windows[:, 3] == width)
     crops = windows[~whole]
     assert whole.mean() < 0.1 and len(crops) > 300  # the whole image only when no crop fits
@@ -38,9 +38,11 @@ def test_training_crops_cover_8_to_100_percent_at_aspect_3_4_to_4_3(photograph):
 def test_training_images_have_the_models_input_shape_from_jpeg_and_png(photograph):
     _, jpeg, png = photograph
     for encoded in (jpeg, png):
-        image = preprocessing.training_image(tf.constant(encoded), 224)
+        image = preprocessing.training_image(tf.constant(encoded), 224, 3, tf.constant([1, 2]))
         assert image.shape == (224, 224, 3) and image.dtype == tf.float32
         assert np.isfinite(image.numpy()).all()
+        again = preprocessing.training_image(tf.constant(encoded), 224, 3, tf.constant([1, 2]))
+        np.testing.assert_array_equal(again, image)  # the seed decides the crop and the flip
 
 
 def test_evaluation_takes_the_same_center_crop_every_time(photograph):
@@ -91,3 +93,22 @@ def test_files_are_dealt_out_anew_every_epoch_and_again_on_resume(digits_tfrecor
     assert len({ranks[0][epoch].tobytes() for epoch in range(4)}) > 1  # dealt anew
     resumed = epoch_labels(digits_tfrecords, 0, 2, 2, 2, steps)
     np.testing.assert_array_equal(resumed, ranks[0][2:])
+
+
+def global_batches(data_dir, size, first_epoch=0, epochs=2, steps=3, global_batch=16):
+    """The augmented global batches of `epochs` epochs on `size` processes, --deterministic."""
+    source = input_pipeline.load("imagenet", "train", data_dir=str(data_dir), image_size=8)
+    per_rank = [np.stack([images.numpy() for images, _ in input_pipeline.training_dataset(
+        source, rank=rank, size=size, batch_size=global_batch // size, steps_per_epoch=steps,
+        seed=5, first_epoch=first_epoch, deterministic=True).take(epochs * steps)])
+        for rank in range(size)]
+    return np.concatenate(per_rank, axis=1)  # [step, global batch, 8, 8, 3]
+
+
+def test_crops_and_flips_do_not_depend_on_the_number_of_processes_or_a_resume(
+        digits_tfrecords):
+    one = global_batches(digits_tfrecords, 1)
+    np.testing.assert_array_equal(global_batches(digits_tfrecords, 2), one)
+    np.testing.assert_array_equal(global_batches(digits_tfrecords, 1, first_epoch=1,
+                                                 epochs=1), one[3:])
+    assert len({image.tobytes() for image in one.reshape(-1, 8, 8, 3)}) > 0.9 * 6 * 16

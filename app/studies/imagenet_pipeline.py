@@ -40,8 +40,9 @@ def paths(image_size):
         return tf.image.random_flip_left_right(tf.image.resize(image, [image_size] * 2))
     return {
         "decode only (the ceiling)": decode_only,
-        "training: crop decoded alone, flip, resize, normalize":
-            lambda image_bytes: imagenet_preprocessing.training_image(image_bytes, image_size),
+        "training: crop decoded alone, flip, resize, normalize": lambda image_bytes: (
+            imagenet_preprocessing.training_image(image_bytes, image_size, 3, tf.random.uniform(
+                [2], maxval=2**31 - 1, dtype=tf.int64))),
         "evaluation: center crop, resize, normalize":
             lambda image_bytes: imagenet_preprocessing.evaluation_image(image_bytes, image_size),
         "before: whole image decoded, resized, flipped": whole_image,
