@@ -49,12 +49,11 @@ def training_dataset(source, *, rank, size, batch_size, steps_per_epoch, seed, f
             files = _permuted_files(source, seed, number)
             records = (files.flat_map(source.read_file) if deterministic
                        else _shard(source, rank, size, files))
-        shuffled = records.shuffle(buffer, seed=shuffle_seed * _EPOCH_SEED_STRIDE + number,
-                                   reshuffle_each_iteration=True)
+        epoch_seed = shuffle_seed * _EPOCH_SEED_STRIDE + number
+        shuffled = records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=True)
         epoch_records = shuffled.repeat().take(examples_per_epoch).enumerate()
         if deterministic:
             epoch_records = epoch_records.filter(_global_batch_slice(rank, size, batch_size))
-        epoch_seed = shuffle_seed * _EPOCH_SEED_STRIDE + number
         return epoch_records.map(lambda index, record: (tf.stack([epoch_seed, index]), record))
 
     epochs = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch)
