@@ -169,11 +169,18 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
 
     # The learning rate, scaled to the batch whose gradients one update averages: the global
     # batch; under --adasum, that of the processes whose gradients Horovod averages before
-    # Adasum combines the rest (one process on CPUs, a node on GPUs).
+    # Adasum combines the rest (one process on CPUs, a node on GPUs). Its schedule: a warmup
+    # from the reference batch's LR, then constant, step or cosine (Horovod's callbacks, which
+    # set it every step); a resumed run starts where the schedule left the optimizer.
     scaled_lr = app_flags.scaled_learning_rate(
         global_batch // hvd.size() * optimizers.adasum_averaged_processes() if FLAGS.adasum
         else global_batch)
-    tf.keras.backend.set_value(model.optimizer.lr, scaled_lr)
+    schedule = callbacks.learning_rate_schedule(
+        hvd, scaled_lr, reference_lr=FLAGS.learning_rate, warmup_epochs=FLAGS.warmup_epochs,
+        schedule=FLAGS.lr_schedule, epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
+        decay_epochs=app_flags.decay_epochs(), decay_factor=FLAGS.lr_decay_factor)
+    tf.keras.backend.set_value(model.optimizer.lr, callbacks.learning_rate_before(
+        schedule, initial_epoch, steps_per_epoch, scaled_lr))
     checkpoints.set_global_batch(checkpoint_manager, global_batch)
     if is_chief and elastic_state is not None:
         print(f"app.train: elastic: world size {hvd.size()} from epoch {initial_epoch + 1}, "
@@ -193,11 +200,7 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         callbacks.ExactValidationMetrics(
             lambda sums: hvd.allreduce(sums, op=hvd.Sum, name="validation_sums")),
         callbacks.StopOnNonFiniteLoss(hvd.allgather, steps_per_epoch),
-        *callbacks.learning_rate_schedule(
-            hvd, scaled_lr, reference_lr=FLAGS.learning_rate,
-            warmup_epochs=FLAGS.warmup_epochs, schedule=FLAGS.lr_schedule,
-            epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
-            decay_epochs=app_flags.decay_epochs(), decay_factor=FLAGS.lr_decay_factor),
+        *schedule,
         throughput,
         time_to_accuracy,
     ]

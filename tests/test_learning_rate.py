@@ -58,3 +58,18 @@ def test_no_warmup_at_the_reference_batch_and_the_schedule_starts_after_its_epoc
     rates = learning_rates("cosine", warmup_epochs=1, reference_lr=0.4)
     np.testing.assert_allclose(rates[0], 0.4, rtol=1e-6)  # nothing to warm up to
     assert rates[1, 0] == pytest.approx(0.4) and (np.diff(rates[1:].ravel()) < 0).all()
+
+
+@pytest.mark.parametrize("schedule, options", [
+    ("constant", {}), ("cosine", {}), ("step", {"decay_epochs": [3, 4]})])
+def test_a_resumed_run_starts_from_the_lr_its_schedule_left_at_the_epoch_before(schedule,
+                                                                              options):
+    """What app.train sets the optimizer's LR to when it resumes at epoch e: the LR of epoch
+    e - 1's last step (warmup, then the schedule), and the scaled LR at epoch 0."""
+    rates = learning_rates(schedule, warmup_epochs=2, reference_lr=0.1, **options)
+    built = callbacks.learning_rate_schedule(
+        hvd, 0.4, reference_lr=0.1, warmup_epochs=2, schedule=schedule, epochs=5,
+        steps_per_epoch=STEPS, **options)
+    before = [callbacks.learning_rate_before(built, epoch, STEPS, 0.4) for epoch in range(5)]
+    np.testing.assert_allclose(before, [0.4, *rates[:-1, -1]], rtol=1e-6)
+    assert len(set(np.round(before, 6))) > 1

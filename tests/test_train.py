@@ -141,6 +141,36 @@ def test_resume_continues_epoch_learning_rate_and_optimizer_state(tmp_path):
     assert json.loads((resumed / "results.json").read_text())["epochs_completed"] == 4
 
 
+@pytest.mark.distributed
+def test_a_resume_inside_the_warmup_and_the_cosine_continues_the_same_steps(tmp_path):
+    """digits_cnn's own schedule shape (warmup, then cosine) over 5 epochs of 8 steps, 4 of
+    them warmup: resumed from the straight run's checkpoint after epoch 3 (inside the warmup,
+    where the LR changes every step), the run ends with the straight run's weights and
+    momentum: its first step corrects the momentum by the same ratio of LRs."""
+    flags = ["--flagfile=configs/digits_cnn.cfg", "--global_batch_size=128", "--deterministic",
+             "--steps_per_epoch=8", "--validation_steps=1", "--epochs=5", "--warmup_epochs=4",
+             "--summary_steps=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run([*mpirun(2), *train_command(*flags, f"--model_dir={straight}")])
+    (resumed / "checkpoints").mkdir(parents=True)
+    for path in (straight / "checkpoints").glob("epoch-3.*"):
+        (resumed / "checkpoints" / path.name).write_bytes(path.read_bytes())
+    (resumed / "checkpoints" / "checkpoint").write_text(
+        'model_checkpoint_path: "epoch-3"\nall_model_checkpoint_paths: "epoch-3"\n')
+    run([*mpirun(2), *train_command(*flags, f"--model_dir={resumed}")])
+
+    rates = per_step_learning_rates(straight)
+    assert rates[3 * 8 + 1] < rates[4 * 8] == pytest.approx(rates[4 * 8 + 1])  # warmup's end
+    assert rates[5 * 8] < rates[4 * 8 + 1]  # the cosine
+    assert per_step_learning_rates(resumed) == {step: rate for step, rate in rates.items()
+                                                if step > 3 * 8}
+    final_resumed, final_straight = (checkpoint_values(d, 5) for d in (resumed, straight))
+    assert final_resumed.keys() == final_straight.keys()
+    for name, value in final_straight.items():
+        np.testing.assert_allclose(final_resumed[name], value, rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+
+
 @pytest.mark.parametrize("experiment, extra", [
     ("digits_cnn", []),
     ("linear_regression", []),
