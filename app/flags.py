@@ -24,7 +24,7 @@ from app.experiments import EXPERIMENTS
 FLAGS = flags.FLAGS
 USAGE_ERROR = 2
 RUN_ERROR = 1
-NEEDS_DATA_DIR = ("fashion_mnist", "cifar10", "imagenet")
+NEEDS_DATA_DIR = ("cifar10", "imagenet")
 _BATCH_FLAGS = ("batch_size", "global_batch_size")
 
 
@@ -48,8 +48,10 @@ def define_experiment_flags():
     flags.DEFINE_enum("model", None, sorted(models.BUILDERS), "Model to build.")
     flags.DEFINE_enum("dataset", None, input_pipeline.DATASETS, "Data set to train on.")
     flags.DEFINE_string("data_dir", None,
-                        "Prepared data (TFDS data_dir, or the folder of TFRecord shards); on a "
-                        "cluster, a shared filesystem. Nothing is downloaded at training time.")
+                        "Prepared data (TFDS data_dir, the folder of TFRecord shards, or of "
+                        "Fashion-MNIST's IDX files); on a cluster, a shared filesystem. "
+                        "Nothing is downloaded at training time. Without it, fashion_mnist "
+                        "reads Debian's dataset-fashion-mnist.")
     flags.DEFINE_string("model_dir", None,
                         "Where every output of the run goes (default: runs/EXPERIMENT); a run "
                         "resumes from the latest checkpoint found here.")
@@ -217,6 +219,11 @@ def define_stopping_flags():
     flags.DEFINE_float("time_budget", None,
                        "End training after the epoch in which this many seconds of training "
                        "(rank 0's clock, from the first step) have passed.", lower_bound=0.0)
+    flags.DEFINE_float("stall_timeout", 300.0,
+                       "End the job, naming the silent ranks, when a rank has made no training "
+                       "progress for this many seconds (a stopped or lost process, a read that "
+                       "never returns); 0: never. Longer than the slowest epoch-end save.",
+                       lower_bound=0.0)
 
 
 

@@ -32,7 +32,9 @@ def load(dataset, split, *, data_dir=None, image_size=None, seed=0, skip_corrupt
         size = image_size or 224
         return sources.synthetic(split, (size, size, 3), num_classes=1000,
                                  num_examples=1024 if split == "train" else 256, seed=seed)
-    if dataset == "fashion_mnist":
+    if dataset == "fashion_mnist":  # IDX files (Debian's by default), or TFDS's data_dir
+        if not data_dir or sources.has_idx_files(data_dir):
+            return sources.fashion_mnist_idx(split, data_dir or sources.DEBIAN_FASHION_MNIST)
         return sources.tfds_dataset("fashion_mnist", _TFDS_SPLITS[split], data_dir, image_size)
     if dataset == "cifar10":
         return sources.tfds_dataset("cifar10", _TFDS_SPLITS[split], data_dir, image_size,

@@ -102,6 +102,61 @@ def photographs(split, num_examples, shape=(375, 500, 3), num_classes=10, seed=0
                   records=lambda: tf.data.Dataset.range(num_examples), decode=generate)
 
 
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+_IDX_PREFIXES = {"train": "train", "validation": "t10k"}
+_IDX_EXAMPLES = {"train": 60_000, "validation": 10_000}
+_INSTALL_HINT = ("install Debian's dataset-fashion-mnist (apt install dataset-fashion-mnist) "
+                 "or point --data_dir at a folder holding the IDX files")
+
+
+def has_idx_files(folder):
+    """Whether `folder` holds Fashion-MNIST's IDX files (the training images' at least)."""
+    return os.path.exists(os.path.join(folder, "train-images-idx3-ubyte.gz"))
+
+
+def fashion_mnist_idx(split, folder=DEBIAN_FASHION_MNIST):
+    """Fashion-MNIST from its original IDX files (gzipped, as Debian's dataset-fashion-mnist
+    installs them under DEBIAN_FASHION_MNIST): 60,000 training and 10,000 test 28x28 uint8
+    images, scaled to [0, 1] as they are read. Raises FileNotFoundError for a missing file
+    and ValueError for one that is truncated or not what it should be, naming it."""
+    prefix, count = _IDX_PREFIXES[split], _IDX_EXAMPLES[split]
+    images = read_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), (count, 28, 28))
+    labels = read_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), (count,))
+    if labels.max() > 9:
+        raise ValueError(f"{folder}/{prefix}-labels-idx1-ubyte.gz: labels beyond 0-9 "
+                         f"({int(labels.max())}); {_INSTALL_HINT}")
+
+    def decode(image, label):
+        return tf.cast(image, tf.float32)[..., tf.newaxis] / 255.0, tf.cast(label, tf.int64)
+    return Source(f"fashion_mnist-{split}", count, (28, 28, 1), 10,
+                  records=lambda: tf.data.Dataset.from_tensor_slices((images, labels)),
+                  decode=decode)
+
+
+def read_idx(path, shape):
+    """The uint8 array of shape `shape` in the gzipped IDX file `path` (LeCun's format: magic
+    0x0000080N with N the number of dimensions, the sizes as big-endian int32, the bytes)."""
+    import gzip
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found; {_INSTALL_HINT}")
+    try:
+        with gzip.open(path, "rb") as idx:
+            data = idx.read()
+    except (OSError, EOFError) as error:
+        raise ValueError(f"{path}: not a complete gzip file ({error}); {_INSTALL_HINT}") from None
+    header = 4 * (1 + len(shape))
+    magic = 0x800 + len(shape)
+    found = tuple(int(value) for value in
+                  np.frombuffer(data[:min(header, len(data) // 4 * 4)], ">i4"))
+    if found != (magic, *shape):
+        raise ValueError(f"{path}: header {found} is not that of uint8 data of shape {shape} "
+                         f"(magic {magic:#010x}); {_INSTALL_HINT}")
+    if len(data) != header + int(np.prod(shape)):
+        raise ValueError(f"{path}: {len(data) - header} bytes of data for shape {shape} "
+                         f"({int(np.prod(shape))} expected); {_INSTALL_HINT}")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
 def tfds_dataset(name, split, data_dir, image_size=None, augment=None):
     """A TensorFlow Datasets split read from `data_dir`, where it must already be prepared
     (nothing is downloaded here); images are scaled to [0, 1]."""

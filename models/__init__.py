@@ -7,7 +7,7 @@ without this package knowing about Horovod.
 import tensorflow as tf
 import tf_keras as keras
 
-from models.cnn import small_cnn
+from models.cnn import pooled_cnn, small_cnn
 from models.dense import linear, mlp
 from models.resnet import resnet20, resnet50, resnet56, wide_resnet16_10
 
@@ -15,6 +15,7 @@ BUILDERS = {
     "linear": linear,
     "mlp": mlp,
     "cnn": small_cnn,
+    "pooled_cnn": pooled_cnn,
     "resnet20": resnet20,
     "resnet56": resnet56,
     "wrn16_10": wide_resnet16_10,

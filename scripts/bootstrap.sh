@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the whole stack into .venv from nothing, and does nothing on a ready machine.
 #
-#   1. system tools: MPI (runtime and headers), cmake, g++, and with --test Chromium and
-#      SLURM with munge (the TensorBoard browser test, the sbatch recipes' test); installed
-#      with apt when root or passwordless sudo allows it, otherwise named exactly;
+#   1. system tools: MPI (runtime and headers), cmake, g++, Fashion-MNIST's IDX files
+#      (dataset-fashion-mnist), and with --test Chromium and SLURM with munge (the
+#      TensorBoard browser test, the sbatch recipes' test); installed with apt when root or
+#      passwordless sudo allows it, otherwise named exactly;
 #   2. .venv with everything in requirements.txt except Horovod;
 #   3. Horovod built from source against that TensorFlow (TensorFlow, MPI, Gloo; NCCL when
 #      HOROVOD_GPU_OPERATIONS=NCCL), cached as a wheel keyed by what it was built against;
@@ -37,8 +38,20 @@ if [ "${1:-}" = --test ]; then  # the TensorBoard browser test; the one-node SLU
   command -v slurmctld >/dev/null || missing_packages+=(slurm-wlm)
   command -v munged >/dev/null || missing_packages+=(munge)
 fi
+if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
+# Fashion-MNIST's IDX files (the fashion_mnist experiments read them there): installed where
+# apt may be used, otherwise named; only the tests cannot do without them.
+FASHION_MNIST=/usr/share/datasets/fashion-mnist
+if [ ! -f "$FASHION_MNIST/train-images-idx3-ubyte.gz" ]; then
+  if [ "$SUDO" != none ] && command -v apt-get >/dev/null; then
+    missing_packages+=(dataset-fashion-mnist)
+  elif [ "${1:-}" = --test ]; then
+    die "missing $FASHION_MNIST: install Debian's dataset-fashion-mnist (as root: apt-get install dataset-fashion-mnist)"
+  else
+    say "note: no $FASHION_MNIST; the fashion_mnist experiments need Debian's dataset-fashion-mnist (as root: apt-get install dataset-fashion-mnist) or --data_dir=FOLDER with its IDX files"
+  fi
+fi
 if [ ${#missing_packages[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
   if [ "$SUDO" = none ] || ! command -v apt-get >/dev/null; then
     die "missing system packages: ${missing_packages[*]} (on a cluster: module load an MPI with its mpicxx, cmake >= 3.13 and a C++17 g++; see BUILD.md)"
   fi

@@ -176,6 +176,7 @@ def test_a_resume_inside_the_warmup_and_the_cosine_continues_the_same_steps(tmp_
     ("linear_regression", []),
     ("synthetic_resnet50", ["--image_size=32", "--batch_size=4"]),
     ("imagenet_resnet50", ["--image_size=32", "--batch_size=4"]),
+    ("fashion_mnist_cnn", []),
     ("fashion_mnist_wrn", ["--batch_size=4"]),
     ("cifar10_resnet20", ["--batch_size=8"]),
 ])
