@@ -3,13 +3,16 @@
 tf.train.CheckpointManager writes each checkpoint's files first and only then points its
 `checkpoint` index at them (an atomic rename), so a run stopped at any moment, mid-save
 included, finds its last complete epoch. Each checkpoint also records the global batch it
-was trained with, so that a run resumed on another number of processes keeps it."""
+was trained with, so that a run resumed on another number of processes keeps it. A run
+resumes from the newest checkpoint that reads whole, passing over damaged newer ones."""
 import os
+import re
 
 import tensorflow as tf
 
 KEEP = 3
 _GLOBAL_BATCH_KEY = "global_batch_size/.ATTRIBUTES/VARIABLE_VALUE"
+_INDEX_FILE = re.compile(r"epoch-(\d+)\.index")
 
 
 class MismatchError(ValueError):
@@ -29,21 +32,58 @@ def set_global_batch(checkpoint_manager, global_batch):
     checkpoint_manager.checkpoint.global_batch_size.assign(global_batch)
 
 
-def latest(model_dir):
-    """(epochs done, global batch) of the latest checkpoint in `model_dir` (saved as epoch-N
-    after N epochs), (0, 0) if there is none."""
-    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    if not path:
-        return 0, 0
-    return int(path.rsplit("-", 1)[1]), int(tf.train.load_variable(path, _GLOBAL_BATCH_KEY))
+class NoIntactCheckpointError(RuntimeError):
+    """Checkpoints exist, and every one is damaged."""
 
 
-def broadcast_latest(model_dir, hvd):
+def latest(model_dir, warn=None):
+    """(epochs done, global batch) of the newest intact checkpoint in `model_dir` (saved as
+    epoch-N after N epochs), (0, 0) if there is none. Each is read whole before it is
+    trusted: a newer one that is damaged (truncated or missing data, a bad index) is passed
+    over with one `warn` line naming it and the fallback. Raises NoIntactCheckpointError,
+    deleting nothing, when there are checkpoints and none is intact.
+
+    The files are listed rather than the `checkpoint` index read, as the index names a
+    checkpoint that was complete once, not one that is intact now."""
+    folder = os.path.join(model_dir, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    epochs = sorted((int(match[1]) for match in map(_INDEX_FILE.fullmatch, names) if match),
+                    reverse=True)
+    damaged = []
+    for epochs_done in epochs:
+        path = os.path.join(folder, f"epoch-{epochs_done}")
+        try:
+            reader = tf.train.load_checkpoint(path)
+            for name in reader.get_variable_to_shape_map():
+                reader.get_tensor(name)
+            global_batch = int(reader.get_tensor(_GLOBAL_BATCH_KEY))
+        except (tf.errors.OpError, ValueError) as error:
+            damaged.append(f"{path} ({str(error).strip().splitlines()[0]})")
+            continue
+        if damaged and warn:
+            warn(f"damaged checkpoint {'; '.join(damaged)}: resuming from {path} instead")
+        return epochs_done, global_batch
+    if damaged:
+        raise NoIntactCheckpointError(f"--model_dir={model_dir}: no intact checkpoint to resume "
+                                      f"from, none deleted: {'; '.join(damaged)}")
+    return 0, 0
+
+
+def broadcast_latest(model_dir, hvd, warn=None):
     """latest() of rank 0, on every rank (Horovod's broadcast: every rank calls it), so that
-    all resume from the same checkpoint."""
-    state = latest(model_dir) if hvd.rank() == 0 else (0, 0)
-    return tuple(int(value) for value in hvd.broadcast(
+    all resume from the same checkpoint; every rank raises NoIntactCheckpointError when rank
+    0 found none intact (rank 0 with the message), so that none waits for the others."""
+    message, state = "", (0, 0)
+    if hvd.rank() == 0:
+        try:
+            state = latest(model_dir, warn)
+        except NoIntactCheckpointError as error:
+            message, state = str(error), (-1, 0)
+    epochs_done, global_batch = (int(value) for value in hvd.broadcast(
         tf.constant(state, tf.int64), root_rank=0, name="resume_state"))
+    if epochs_done < 0:
+        raise NoIntactCheckpointError(message)
+    return epochs_done, global_batch
 
 
 def restore(checkpoint_manager, epochs):
@@ -73,10 +113,24 @@ def _restore_matching(checkpoint, path, expect_partial=False):
         raise MismatchError(f"{path} does not match this model: {first_line}") from None
 
 
+class SaveError(RuntimeError):
+    """A checkpoint that could not be written (a full disk, a lost filesystem)."""
+
+
 class SaveEveryEpoch(tf.keras.callbacks.Callback):
+    """Saves epoch-N after N epochs; raises SaveError naming the model_dir when the save
+    fails (the manager writes a checkpoint's files before it points its index at them, so
+    the checkpoints before stay intact)."""
+
     def __init__(self, checkpoint_manager):
         super().__init__()
         self.checkpoint_manager = checkpoint_manager
 
     def on_epoch_end(self, epoch, logs=None):
-        self.checkpoint_manager.save(checkpoint_number=epoch + 1)
+        try:
+            self.checkpoint_manager.save(checkpoint_number=epoch + 1)
+        except (OSError, tf.errors.OpError) as error:
+            model_dir = os.path.dirname(self.checkpoint_manager.directory)
+            raise SaveError(f"--model_dir={model_dir}: saving epoch-{epoch + 1} failed: "
+                            f"{str(error).strip().splitlines()[0]}; the checkpoints before it "
+                            f"are intact") from None

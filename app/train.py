@@ -24,7 +24,7 @@ from absl import app
 import input_pipeline
 import models
 from app import arithmetic, callbacks, checkpoints, devices, optimizers, results, summaries
-from app import sync_batch_norm
+from app import sync_batch_norm, watchdog
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
@@ -56,12 +56,18 @@ def main(_):
     #    would wait in it for ever): each reads the checkpoint, and the elastic state's sync
     #    hands out rank 0's; the global batch then follows the number of workers.
     #    A benchmark starts afresh.
-    if FLAGS.elastic:
-        initial_epoch, trained_global_batch = checkpoints.latest(FLAGS.model_dir)[0], 0
-    elif FLAGS.benchmark:
-        initial_epoch, trained_global_batch = 0, 0
-    else:
-        initial_epoch, trained_global_batch = checkpoints.broadcast_latest(FLAGS.model_dir, hvd)
+    #    A damaged newest checkpoint is passed over for the newest intact one.
+    warn = functools.partial(print, "app.train: warning:", file=sys.stderr, flush=True)
+    try:
+        if FLAGS.elastic:
+            initial_epoch, trained_global_batch = checkpoints.latest(FLAGS.model_dir, warn)[0], 0
+        elif FLAGS.benchmark:
+            initial_epoch, trained_global_batch = 0, 0
+        else:
+            initial_epoch, trained_global_batch = checkpoints.broadcast_latest(
+                FLAGS.model_dir, hvd, warn if hvd.rank() == 0 else None)
+    except checkpoints.NoIntactCheckpointError as error:
+        app_flags.fail(error, app_flags.RUN_ERROR)
     if initial_epoch >= FLAGS.epochs:
         if hvd.rank() == 0:
             print(f"{FLAGS.model_dir} already holds {initial_epoch} epochs; nothing to train")
@@ -127,8 +133,11 @@ def main(_):
         run_results = train_from(initial_epoch, trained_global_batch)
 
     if hvd.rank() == 0:
-        results.write(FLAGS.model_dir,
-                      {**run_results, "wall_seconds": time.perf_counter() - started})
+        try:
+            results.write(FLAGS.model_dir,
+                          {**run_results, "wall_seconds": time.perf_counter() - started})
+        except OSError as error:
+            app_flags.fail(f"--model_dir={FLAGS.model_dir}: {error}", app_flags.RUN_ERROR)
 
 
 def train(model, checkpoint_manager, train_source, validation_source, threads, initial_epoch,
@@ -186,15 +195,20 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         print(f"app.train: elastic: world size {hvd.size()} from epoch {initial_epoch + 1}, "
               f"global batch {global_batch}, learning rate {scaled_lr:g}", flush=True)
 
-    # Callbacks, in Horovod's order: broadcast rank 0's state (elastic: the state's sync does
-    # it), average the metrics over the ranks (validation: over all the examples evaluated,
-    # however unequal the ranks' shards), warm up and schedule the LR, time the steps
-    # and the epochs (and stop at a target accuracy or time budget); the outputs, on rank 0;
-    # elastic: record the finished epoch and commit.
+    # Callbacks: a watchdog that ends the job when a rank stalls; then, in Horovod's order:
+    # broadcast rank 0's state (elastic: the state's sync does it), average the metrics over
+    # the ranks (validation: over all the examples evaluated, however unequal the ranks'
+    # shards), warm up and schedule the LR, time the steps and the epochs (and stop at a
+    # target accuracy or time budget); the outputs, on rank 0; elastic: record the finished
+    # epoch and commit.
     throughput = callbacks.Throughput(batch, hvd.size(), FLAGS.warmup_steps)
     time_to_accuracy = callbacks.TimeToAccuracy(
         FLAGS.target_accuracy, FLAGS.time_budget, lambda value: hvd.broadcast(value, 0))
     training_callbacks = [
+        *([watchdog.StallWatchdog(FLAGS.stall_timeout,
+                                  os.path.join(FLAGS.model_dir, "heartbeats"), hvd.rank(),
+                                  hvd.size(), watchdog.exit_process(app_flags.RUN_ERROR))]
+          if FLAGS.stall_timeout else []),
         *([] if elastic_state else [hvd.callbacks.BroadcastGlobalVariablesCallback(0)]),
         hvd.callbacks.MetricAverageCallback(),
         callbacks.ExactValidationMetrics(
@@ -238,6 +252,11 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
             verbose=(1 if progress_bar else 2) if is_chief else 0)
     except callbacks.NonFiniteLoss as error:
         app_flags.fail(error, app_flags.RUN_ERROR)
+    except checkpoints.SaveError as error:  # rank 0's; mpirun then ends the other ranks
+        app_flags.fail(error, app_flags.RUN_ERROR, this_rank_only=True)
+    except OSError as error:  # rank 0's logs, on a full or lost filesystem
+        app_flags.fail(f"--model_dir={FLAGS.model_dir}: {error}", app_flags.RUN_ERROR,
+                       this_rank_only=True)
     except tf.errors.DataLossError as error:
         damaged = input_pipeline.name_damaged_file((train_source, validation_source), error)
         app_flags.fail(f"--data_dir={FLAGS.data_dir}: {damaged} {SKIP_CORRUPT_HINT}",

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import tensorflow as tf
 
-from conftest import PYTHON, REPO, read_log, run, train_command
+from conftest import PYTHON, REPO, error_lines, mpirun, read_log, run, train_command
 
 EPOCHS = 5
 # Long enough epochs (about 2 s at np=2) that a kill lands mid-epoch.
@@ -75,6 +75,40 @@ def test_a_killed_rank_ends_the_job_within_a_minute_and_the_same_command_resumes
     assert "Epoch 1/" not in result.stdout
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
+def test_a_stopped_rank_is_named_and_ends_the_job_within_the_stall_timeout(launcher,
+                                                                           tmp_path):
+    """SIGSTOP, as a hung filesystem read or a stuck device would: the other rank waits in
+    an allreduce for ever, unless the watchdog ends the job; the same command resumes."""
+    timeout = 15
+    command = [PYTHON, "-m", "app.launch", "-np", "2", f"--launcher={launcher}", *FLAGS,
+               f"--stall_timeout={timeout}", f"--model_dir={tmp_path}"]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True,
+                           env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        wait_for(tmp_path / "checkpoints" / "epoch-2.index", job)
+        time.sleep(0.5)  # into epoch 3
+        rank_process(job, 1).send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, stderr = job.communicate(timeout=timeout + 60)
+        assert time.monotonic() - stopped < timeout + 60
+        assert job.returncode != 0
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    errors = [line for line in stderr.splitlines() if line.startswith("app.train: error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert errors[0].startswith(f"app.train: error: --stall_timeout={timeout}: no training "
+                                f"progress for ")
+    assert "; rank 1 silent for " in errors[0] and "rank 0 silent" not in errors[0]
+    assert "Traceback" not in stderr
+
+    run(command)
+    assert json.loads((tmp_path / "results.json").read_text())["epochs_completed"] == EPOCHS
+
+
 def test_a_save_cut_short_leaves_the_last_complete_checkpoint_to_resume_from(tmp_path):
     """A save killed midway leaves data files without their index, and the `checkpoint`
     file (replaced atomically) still naming the previous epoch."""
@@ -92,6 +126,78 @@ def test_a_save_cut_short_leaves_the_last_complete_checkpoint_to_resume_from(tmp
     assert results["epochs_completed"] == EPOCHS
     assert (folder / f"epoch-{EPOCHS}.index").exists()
     assert [int(row["epoch"]) for row in read_log(tmp_path)] == list(range(EPOCHS))
+
+
+def truncate(path):
+    with open(path, "r+b") as data:
+        data.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("damage", ["truncated data", "missing data", "bad index"])
+def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumes(damage, tmp_path):
+    flags = [*FLAGS, "--steps_per_epoch=5", f"--model_dir={tmp_path}"]
+    run(train_command(*flags, "--epochs=3"))
+    folder = tmp_path / "checkpoints"
+    data = next(folder.glob("epoch-3.data-*"))
+    if damage == "truncated data":
+        truncate(data)
+    elif damage == "missing data":
+        data.unlink()
+    else:
+        (folder / "epoch-3.index").write_bytes(b"not an index")
+    result = run(train_command(*flags))
+    warnings = [line for line in result.stderr.splitlines()
+                if line.startswith("app.train: warning: damaged checkpoint")]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    assert f"{folder / 'epoch-3'} (" in warnings[0]
+    assert warnings[0].endswith(f"resuming from {folder / 'epoch-2'} instead")
+    assert "Traceback" not in result.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["epochs_completed"] == EPOCHS
+    assert [int(row["epoch"]) for row in read_log(tmp_path)] == [0, 1, 2, *range(2, EPOCHS)]
+
+
+@pytest.mark.distributed
+def test_no_intact_checkpoint_stops_every_rank_with_one_line_and_deletes_nothing(tmp_path):
+    flags = [*FLAGS, "--steps_per_epoch=5", f"--model_dir={tmp_path}"]
+    run(train_command(*flags, "--epochs=2"))
+    folder = tmp_path / "checkpoints"
+    for data in folder.glob("epoch-*.data-*"):
+        truncate(data)
+    files = sorted(os.listdir(folder))
+    result = run([*mpirun(2), *train_command(*flags)], check=False, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = error_lines(result)
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(f"app.train: error: --model_dir={tmp_path}: no intact checkpoint")
+    assert str(folder / "epoch-1") in errors[0] and str(folder / "epoch-2") in errors[0]
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(folder)) == files
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_ends_every_rank_with_one_line_and_keeps_the_checkpoints_before(tmp_path):
+    """--model_dir on a 3 MB tmpfs: a checkpoint of the digits CNN with its momentum is
+    1.2 MB, so a save soon finds the disk full."""
+    from app import checkpoints
+    model_dir = tmp_path / "small_disk"
+    model_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(model_dir)],
+                   check=True)
+    try:
+        result = run([*mpirun(2), *train_command(*FLAGS, "--steps_per_epoch=5", "--epochs=10",
+                                                  f"--model_dir={model_dir}")],
+                     check=False, timeout=180)
+        assert result.returncode == 1, result.stderr[-3000:]
+        errors = error_lines(result)
+        assert len(errors) == 1, result.stderr[-3000:]
+        assert errors[0].startswith(f"app.train: error: --model_dir={model_dir}")
+        assert "No space left on device" in errors[0], errors[0]
+        assert "Traceback" not in result.stderr
+        saved, _ = checkpoints.latest(str(model_dir))  # reads each one whole
+        assert saved >= 1 and f"epoch-{saved + 1}" in errors[0]
+    finally:
+        subprocess.run(["umount", "--lazy", str(model_dir)], check=True)
 
 
 @pytest.mark.distributed
