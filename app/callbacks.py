@@ -40,17 +40,18 @@ def learning_rate_schedule(hvd, scaled_lr, *, reference_lr, warmup_epochs, sched
     return callbacks
 
 
-def learning_rate_before(schedule, epoch, steps_per_epoch, scaled_lr):
-    """The LR `schedule` (learning_rate_schedule's callbacks) set for the last step before
-    `epoch`, `scaled_lr` before the first: the optimizer's LR as an uninterrupted run leaves
-    it there. A run resumed at `epoch` starts from it, so that Horovod's momentum correction
-    of its first step (by the new LR over the optimizer's) is the uninterrupted run's."""
-    last_epoch, learning_rate = epoch - 1, scaled_lr
+def learning_rate_before(schedule, epoch, steps_per_epoch, scaled_lr, step=0):
+    """The LR `schedule` (learning_rate_schedule's callbacks) set for the step before step
+    `step` of `epoch`, `scaled_lr` before the first: the optimizer's LR as an uninterrupted
+    run leaves it there. A run resumed there starts from it, so that Horovod's momentum
+    correction of its first step (by the new LR over the optimizer's) is the uninterrupted
+    run's."""
+    last_epoch, last_step = (epoch, step - 1) if step else (epoch - 1, steps_per_epoch - 1)
+    learning_rate = scaled_lr
     for callback in schedule:
         if last_epoch >= callback.start_epoch and (callback.end_epoch is None
                                                    or last_epoch < callback.end_epoch):
-            at = (last_epoch if callback.staircase
-                  else last_epoch + (steps_per_epoch - 1) / steps_per_epoch)
+            at = last_epoch if callback.staircase else last_epoch + last_step / steps_per_epoch
             learning_rate = callback.initial_lr * callback.multiplier(at)
     return learning_rate
 

@@ -5,6 +5,7 @@ tf.train.CheckpointManager writes each checkpoint's files first and only then po
 included, finds its last complete epoch. Each checkpoint also records the global batch it
 was trained with, so that a run resumed on another number of processes keeps it. A run
 resumes from the newest checkpoint that reads whole, passing over damaged newer ones."""
+import glob
 import os
 import re
 
@@ -12,7 +13,7 @@ import tensorflow as tf
 
 KEEP = 3
 _GLOBAL_BATCH_KEY = "global_batch_size/.ATTRIBUTES/VARIABLE_VALUE"
-_INDEX_FILE = re.compile(r"epoch-(\d+)\.index")
+_INDEX_FILE = re.compile(r"epoch-(\d+)(?:-step-(\d+))?\.index")
 
 
 class MismatchError(ValueError):
@@ -37,21 +38,23 @@ class NoIntactCheckpointError(RuntimeError):
 
 
 def latest(model_dir, warn=None):
-    """(epochs done, global batch) of the newest intact checkpoint in `model_dir` (saved as
-    epoch-N after N epochs), (0, 0) if there is none. Each is read whole before it is
+    """(epochs done, steps done in the next epoch, global batch) of the newest intact
+    checkpoint in `model_dir`: epoch-N after N epochs, epoch-N-step-S after S more steps (a
+    run stopped by a signal); (0, 0, 0) if there is none. Each is read whole before it is
     trusted: a newer one that is damaged (truncated or missing data, a bad index) is passed
     over with one `warn` line naming it and the fallback. Raises NoIntactCheckpointError,
     deleting nothing, when there are checkpoints and none is intact.
 
     The files are listed rather than the `checkpoint` index read, as the index names a
-    checkpoint that was complete once, not one that is intact now."""
+    checkpoint that was complete once, not one that is intact now, and not the mid-epoch
+    ones."""
     folder = os.path.join(model_dir, "checkpoints")
     names = os.listdir(folder) if os.path.isdir(folder) else []
-    epochs = sorted((int(match[1]) for match in map(_INDEX_FILE.fullmatch, names) if match),
-                    reverse=True)
+    points = sorted(((int(match[1]), int(match[2] or 0))
+                     for match in map(_INDEX_FILE.fullmatch, names) if match), reverse=True)
     damaged = []
-    for epochs_done in epochs:
-        path = os.path.join(folder, f"epoch-{epochs_done}")
+    for epochs_done, steps_done in points:
+        path = os.path.join(folder, checkpoint_name(epochs_done, steps_done))
         try:
             reader = tf.train.load_checkpoint(path)
             for name in reader.get_variable_to_shape_map():
@@ -62,35 +65,53 @@ def latest(model_dir, warn=None):
             continue
         if damaged and warn:
             warn(f"damaged checkpoint {'; '.join(damaged)}: resuming from {path} instead")
-        return epochs_done, global_batch
+        return epochs_done, steps_done, global_batch
     if damaged:
         raise NoIntactCheckpointError(f"--model_dir={model_dir}: no intact checkpoint to resume "
                                       f"from, none deleted: {'; '.join(damaged)}")
-    return 0, 0
+    return 0, 0, 0
+
+
+def checkpoint_name(epochs_done, steps_done=0):
+    return f"epoch-{epochs_done}" + (f"-step-{steps_done}" if steps_done else "")
 
 
 def broadcast_latest(model_dir, hvd, warn=None):
     """latest() of rank 0, on every rank (Horovod's broadcast: every rank calls it), so that
     all resume from the same checkpoint; every rank raises NoIntactCheckpointError when rank
     0 found none intact (rank 0 with the message), so that none waits for the others."""
-    message, state = "", (0, 0)
+    message, state = "", (0, 0, 0)
     if hvd.rank() == 0:
         try:
             state = latest(model_dir, warn)
         except NoIntactCheckpointError as error:
-            message, state = str(error), (-1, 0)
-    epochs_done, global_batch = (int(value) for value in hvd.broadcast(
+            message, state = str(error), (-1, 0, 0)
+    epochs_done, steps_done, global_batch = (int(value) for value in hvd.broadcast(
         tf.constant(state, tf.int64), root_rank=0, name="resume_state"))
     if epochs_done < 0:
         raise NoIntactCheckpointError(message)
-    return epochs_done, global_batch
+    return epochs_done, steps_done, global_batch
 
 
-def restore(checkpoint_manager, epochs):
-    """Restores the checkpoint taken after `epochs` epochs. The optimizer's slots do not exist
-    until its first step; TensorFlow restores them when they are created."""
-    path = os.path.join(checkpoint_manager.directory, f"epoch-{epochs}")
+def restore(checkpoint_manager, epochs, steps=0):
+    """Restores the checkpoint taken after `epochs` epochs and `steps` more steps. The
+    optimizer's slots do not exist until its first step; TensorFlow restores them when they
+    are created."""
+    path = os.path.join(checkpoint_manager.directory, checkpoint_name(epochs, steps))
     _restore_matching(checkpoint_manager.checkpoint, path)
+
+
+def save_mid_epoch(checkpoint_manager, epochs, steps):
+    """Writes epoch-N-step-S (after N epochs and S steps) beside the epoch checkpoints, and
+    returns its path; the next epoch's save removes it."""
+    path = os.path.join(checkpoint_manager.directory, checkpoint_name(epochs, steps))
+    try:
+        checkpoint_manager.checkpoint.write(path)
+    except (OSError, tf.errors.OpError) as error:
+        raise SaveError(f"--model_dir={os.path.dirname(checkpoint_manager.directory)}: saving "
+                        f"{os.path.basename(path)} failed: {str(error).strip().splitlines()[0]}; "
+                        f"the checkpoints before it are intact") from None
+    return path
 
 
 def initialize_from(model, path):
@@ -134,3 +155,6 @@ class SaveEveryEpoch(tf.keras.callbacks.Callback):
             raise SaveError(f"--model_dir={model_dir}: saving epoch-{epoch + 1} failed: "
                             f"{str(error).strip().splitlines()[0]}; the checkpoints before it "
                             f"are intact") from None
+        for mid_epoch in glob.glob(os.path.join(self.checkpoint_manager.directory,
+                                                "epoch-*-step-*")):
+            os.remove(mid_epoch)

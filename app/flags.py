@@ -24,6 +24,7 @@ from app.experiments import EXPERIMENTS
 FLAGS = flags.FLAGS
 USAGE_ERROR = 2
 RUN_ERROR = 1
+PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal, checkpointed; run again
 NEEDS_DATA_DIR = ("cifar10", "imagenet")
 _BATCH_FLAGS = ("batch_size", "global_batch_size")
 
@@ -219,6 +220,11 @@ def define_stopping_flags():
     flags.DEFINE_float("time_budget", None,
                        "End training after the epoch in which this many seconds of training "
                        "(rank 0's clock, from the first step) have passed.", lower_bound=0.0)
+    flags.DEFINE_integer("preemption_check_steps", 10,
+                         "Every this many steps the ranks agree whether one of them got "
+                         "SIGTERM or SIGUSR1, and if so all stop there with a checkpoint of "
+                         "that step and exit code 75 (an allreduce of one number each time).",
+                         lower_bound=1)
     flags.DEFINE_float("stall_timeout", 300.0,
                        "End the job, naming the silent ranks, when a rank has made no training "
                        "progress for this many seconds (a stopped or lost process, a read that "

@@ -24,7 +24,7 @@ from absl import app
 import input_pipeline
 import models
 from app import arithmetic, callbacks, checkpoints, devices, optimizers, results, summaries
-from app import sync_batch_norm, watchdog
+from app import preemption, sync_batch_norm, watchdog
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
@@ -56,16 +56,19 @@ def main(_):
     #    would wait in it for ever): each reads the checkpoint, and the elastic state's sync
     #    hands out rank 0's; the global batch then follows the number of workers.
     #    A benchmark starts afresh.
-    #    A damaged newest checkpoint is passed over for the newest intact one.
+    #    A damaged newest checkpoint is passed over for the newest intact one. A run stopped
+    #    by a signal resumes at the step it stopped at (elastic: at the start of its epoch).
     warn = functools.partial(print, "app.train: warning:", file=sys.stderr, flush=True)
     try:
         if FLAGS.elastic:
-            initial_epoch, trained_global_batch = checkpoints.latest(FLAGS.model_dir, warn)[0], 0
+            initial_epoch, saved_step, _ = checkpoints.latest(FLAGS.model_dir, warn)
+            initial_step, trained_global_batch = 0, 0
         elif FLAGS.benchmark:
-            initial_epoch, trained_global_batch = 0, 0
+            initial_epoch, saved_step, initial_step, trained_global_batch = 0, 0, 0, 0
         else:
-            initial_epoch, trained_global_batch = checkpoints.broadcast_latest(
+            initial_epoch, saved_step, trained_global_batch = checkpoints.broadcast_latest(
                 FLAGS.model_dir, hvd, warn if hvd.rank() == 0 else None)
+            initial_step = saved_step
     except checkpoints.NoIntactCheckpointError as error:
         app_flags.fail(error, app_flags.RUN_ERROR)
     if initial_epoch >= FLAGS.epochs:
@@ -115,8 +118,8 @@ def main(_):
     if FLAGS.elastic:  # the slots exist on every worker, so that the elastic sync matches
         optimizers.create_slots(optimizer, model.trainable_variables)
     try:
-        if initial_epoch:
-            checkpoints.restore(checkpoint_manager, initial_epoch)
+        if initial_epoch or saved_step:
+            checkpoints.restore(checkpoint_manager, initial_epoch, saved_step)
         elif FLAGS.init_checkpoint:
             checkpoints.initialize_from(model, FLAGS.init_checkpoint)
     except checkpoints.MismatchError as error:
@@ -128,9 +131,9 @@ def main(_):
                                    validation_source, threads)
     if FLAGS.elastic:
         state = hvd.elastic.KerasState(model, optimizer, epoch=initial_epoch)
-        run_results = hvd.elastic.run(lambda state: train_from(state.epoch, 0, state))(state)
+        run_results = hvd.elastic.run(lambda state: train_from(state.epoch, 0, 0, state))(state)
     else:
-        run_results = train_from(initial_epoch, trained_global_batch)
+        run_results = train_from(initial_epoch, initial_step, trained_global_batch)
 
     if hvd.rank() == 0:
         try:
@@ -141,9 +144,9 @@ def main(_):
 
 
 def train(model, checkpoint_manager, train_source, validation_source, threads, initial_epoch,
-          trained_global_batch, elastic_state=None):
-    """Trains from `initial_epoch` to --epochs on hvd.size() processes; returns the results
-    (on every rank; rank 0 writes them)."""
+          initial_step, trained_global_batch, elastic_state=None):
+    """Trains from step `initial_step` of `initial_epoch` to --epochs on hvd.size()
+    processes; returns the results (on every rank; rank 0 writes them)."""
     is_chief = hvd.rank() == 0
 
     # Batch sizes: per-process batch x processes (x accumulation steps) is the global batch.
@@ -168,7 +171,8 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
     tf.random.set_seed(FLAGS.seed)
     train_data = input_pipeline.training_dataset(
         train_source, rank=hvd.rank(), size=hvd.size(), batch_size=batch,
-        steps_per_epoch=steps_per_epoch, first_epoch=initial_epoch, seed=FLAGS.seed,
+        steps_per_epoch=steps_per_epoch, first_epoch=initial_epoch, first_step=initial_step,
+        seed=FLAGS.seed,
         shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache,
         deterministic=FLAGS.deterministic, threads=threads)
     validation_data = input_pipeline.evaluation_dataset(
@@ -189,7 +193,7 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         schedule=FLAGS.lr_schedule, epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
         decay_epochs=app_flags.decay_epochs(), decay_factor=FLAGS.lr_decay_factor)
     tf.keras.backend.set_value(model.optimizer.lr, callbacks.learning_rate_before(
-        schedule, initial_epoch, steps_per_epoch, scaled_lr))
+        schedule, initial_epoch, steps_per_epoch, scaled_lr, initial_step))
     checkpoints.set_global_batch(checkpoint_manager, global_batch)
     if is_chief and elastic_state is not None:
         print(f"app.train: elastic: world size {hvd.size()} from epoch {initial_epoch + 1}, "
@@ -198,9 +202,10 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
     # Callbacks: a watchdog that ends the job when a rank stalls; then, in Horovod's order:
     # broadcast rank 0's state (elastic: the state's sync does it), average the metrics over
     # the ranks (validation: over all the examples evaluated, however unequal the ranks'
-    # shards), warm up and schedule the LR, time the steps and the epochs (and stop at a
-    # target accuracy or time budget); the outputs, on rank 0; elastic: record the finished
-    # epoch and commit.
+    # shards), stop on a non-finite loss or at a signal (with a checkpoint of that step),
+    # warm up and schedule the LR, time the steps and the epochs (and stop at a target
+    # accuracy or time budget); the outputs, on rank 0; elastic: record the finished epoch
+    # and commit.
     throughput = callbacks.Throughput(batch, hvd.size(), FLAGS.warmup_steps)
     time_to_accuracy = callbacks.TimeToAccuracy(
         FLAGS.target_accuracy, FLAGS.time_budget, lambda value: hvd.broadcast(value, 0))
@@ -214,6 +219,11 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         callbacks.ExactValidationMetrics(
             lambda sums: hvd.allreduce(sums, op=hvd.Sum, name="validation_sums")),
         callbacks.StopOnNonFiniteLoss(hvd.allgather, steps_per_epoch),
+        *([] if FLAGS.benchmark or elastic_state else [preemption.StopOnSignal(
+            lambda value: int(max(hvd.allgather(tf.constant([value]), name="signal"))),
+            lambda epochs, steps: (checkpoints.save_mid_epoch(checkpoint_manager, epochs, steps)
+                                   if is_chief else None),
+            steps_per_epoch, FLAGS.preemption_check_steps)]),
         *schedule,
         throughput,
         time_to_accuracy,
@@ -243,6 +253,8 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
     # epoch (verbose=2, which skips the bar's per-step work: the other ranks waited for it at
     # every allreduce, and mpirun gives every rank a terminal).
     progress_bar = hvd.size() == 1 and sys.stdout.isatty() and not FLAGS.benchmark
+    model._training_state = (  # noqa: SLF001 (what Keras' BackupAndRestore sets)
+        preemption.ResumeAt(initial_epoch, initial_step) if initial_step else None)
     try:
         history = model.fit(
             train_data, steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs,
@@ -252,6 +264,8 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
             verbose=(1 if progress_bar else 2) if is_chief else 0)
     except callbacks.NonFiniteLoss as error:
         app_flags.fail(error, app_flags.RUN_ERROR)
+    except preemption.Preempted as error:
+        app_flags.fail(error, app_flags.PREEMPTED)
     except checkpoints.SaveError as error:  # rank 0's; mpirun then ends the other ranks
         app_flags.fail(error, app_flags.RUN_ERROR, this_rank_only=True)
     except OSError as error:  # rank 0's logs, on a full or lost filesystem

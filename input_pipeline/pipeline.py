@@ -26,10 +26,12 @@ _EPOCH_SEED_STRIDE = 1_000_003  # a prime: seeds (seed, epoch) do not collide ac
 
 
 def training_dataset(source, *, rank, size, batch_size, steps_per_epoch, seed, first_epoch=0,
-                     shuffle_buffer=10_000, cache="none", deterministic=False, threads=None):
+                     first_step=0, shuffle_buffer=10_000, cache="none", deterministic=False,
+                     threads=None):
     """Batches of `batch_size` (per process) for rank `rank` of `size`, epoch after epoch
-    from `first_epoch` on, each epoch exactly `steps_per_epoch` batches. `seed` is the same
-    on every rank."""
+    from step `first_step` of `first_epoch` on (the batches before it are skipped, as a run
+    resumed mid-epoch needs), each epoch exactly `steps_per_epoch` batches. `seed` is the
+    same on every rank."""
     if deterministic:
         examples_per_epoch = steps_per_epoch * batch_size * size
         shuffle_seed = seed
@@ -52,6 +54,10 @@ def training_dataset(source, *, rank, size, batch_size, steps_per_epoch, seed, f
         epoch_seed = shuffle_seed * _EPOCH_SEED_STRIDE + number
         shuffled = records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=True)
         epoch_records = shuffled.repeat().take(examples_per_epoch).enumerate()
+        if first_step:
+            examples_per_step = examples_per_epoch // steps_per_epoch
+            epoch_records = epoch_records.skip(
+                tf.where(number == first_epoch, first_step * examples_per_step, 0))
         if deterministic:
             epoch_records = epoch_records.filter(_global_batch_slice(rank, size, batch_size))
         return epoch_records.map(lambda index, record: (tf.stack([epoch_seed, index]), record))

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import psutil
 import pytest
 import tensorflow as tf
@@ -109,6 +110,57 @@ def test_a_stopped_rank_is_named_and_ends_the_job_within_the_stall_timeout(launc
     assert json.loads((tmp_path / "results.json").read_text())["epochs_completed"] == EPOCHS
 
 
+def checkpoint_values(path):
+    reader = tf.train.load_checkpoint(str(path))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if not name.startswith("_CHECKPOINTABLE")}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_one_rank_stops_every_rank_at_one_step_and_the_rerun_ends_as_if_uninterrupted(
+        signal_name, tmp_path):
+    """What SLURM sends at the time limit (SIGTERM) or ahead of it (--signal=USR1@...), to
+    rank 1 only: both ranks stop at the same step, rank 0 saves it, the job exits 75; the
+    same command resumes at that step and ends with the uninterrupted run's weights."""
+    flags = [*FLAGS, "--deterministic"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+
+    def command(model_dir):
+        return [PYTHON, "-m", "app.launch", "-np", "2", *flags, f"--model_dir={model_dir}"]
+    run(command(straight))
+    job = subprocess.Popen(command(stopped), cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        wait_for(stopped / "checkpoints" / "epoch-2.index", job)
+        time.sleep(0.5)  # into epoch 3
+        rank_process(job, 1).send_signal(getattr(signal, signal_name))
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 75, stderr[-3000:]
+    saved = list((stopped / "checkpoints").glob("epoch-*-step-*.index"))
+    assert len(saved) == 1, stderr[-3000:]
+    epochs_done, steps_done = (int(part) for part in saved[0].name[6:-6].split("-step-"))
+    assert epochs_done >= 2 and 0 < steps_done < 150 and steps_done % 10 == 0
+    errors = [line for line in stderr.splitlines() if line.startswith("app.train: error:")]
+    assert errors == [f"app.train: error: stopped by {signal_name} at epoch {epochs_done + 1}, "
+                      f"step {steps_done}: saved {saved[0].with_suffix('')}; the same command "
+                      f"resumes there"], stderr[-3000:]
+
+    result = run(command(stopped))
+    assert f"Epoch {epochs_done + 1}/{EPOCHS}" in result.stdout
+    assert not list((stopped / "checkpoints").glob("epoch-*-step-*"))  # the epoch's save took
+    final_stopped, final_straight = (checkpoint_values(folder / "checkpoints" / f"epoch-{EPOCHS}")
+                                     for folder in (stopped, straight))
+    assert final_stopped.keys() == final_straight.keys()
+    for name, value in final_straight.items():
+        np.testing.assert_allclose(final_stopped[name], value, rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+
+
 def test_a_save_cut_short_leaves_the_last_complete_checkpoint_to_resume_from(tmp_path):
     """A save killed midway leaves data files without their index, and the `checkpoint`
     file (replaced atomically) still naming the previous epoch."""
@@ -194,7 +246,7 @@ def test_a_full_disk_ends_every_rank_with_one_line_and_keeps_the_checkpoints_bef
         assert errors[0].startswith(f"app.train: error: --model_dir={model_dir}")
         assert "No space left on device" in errors[0], errors[0]
         assert "Traceback" not in result.stderr
-        saved, _ = checkpoints.latest(str(model_dir))  # reads each one whole
+        saved, _, _ = checkpoints.latest(str(model_dir))  # reads each one whole
         assert saved >= 1 and f"epoch-{saved + 1}" in errors[0]
     finally:
         subprocess.run(["umount", "--lazy", str(model_dir)], check=True)

@@ -1,0 +1,71 @@
+"""Preemption and time limits: SIGTERM (what SLURM sends at the time limit or on preemption)
+or SIGUSR1 (SLURM's `--signal=USR1@SECONDS`, sent ahead of it) reaching any rank stops every
+rank at the same step, with a checkpoint of that step, and the exit code PREEMPTED, which a
+job script can take as "requeue me" (scripts/slurm/*.sbatch do).
+
+Keras' BackupAndRestore saves every N steps on every worker of a tf.distribute strategy, and
+the TF Model Garden's preemption handling needs a tf.distribute cluster's coordination
+service; with Horovod, the ranks agree through an allreduce of the signal every
+`check_steps` steps instead, so that they all stop at the same step and rank 0 alone saves.
+"""
+import signal
+
+import tensorflow as tf
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Training stopped at a signal, with a checkpoint of the step it stopped at."""
+
+
+class StopOnSignal(tf.keras.callbacks.Callback):
+    """Records SIGNALS during fit; every `check_steps` steps, `agree(signal number or 0)`
+    returns the largest over the ranks, and a non-zero one makes every rank call
+    `save(epochs done, steps done)` (rank 0 writes and returns the path), wait for the
+    others with `agree(0)`, and raise Preempted. The last step of an epoch is not a stop:
+    the epoch's validation and checkpoint come first, then the next check."""
+
+    def __init__(self, agree, save, steps_per_epoch, check_steps=1):
+        super().__init__()
+        self.agree, self.save = agree, save
+        self.steps_per_epoch, self.check_steps = steps_per_epoch, check_steps
+        self._received, self._previous, self._epoch = 0, {}, 0
+
+    def on_train_begin(self, logs=None):
+        for number in SIGNALS:
+            self._previous[number] = signal.signal(number, self._record)
+
+    def _record(self, number, frame):
+        self._received = number
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        steps_done = batch + 1
+        if steps_done % self.check_steps or steps_done == self.steps_per_epoch:
+            return
+        received = self.agree(self._received)
+        if not received:
+            return
+        path = self.save(self._epoch, steps_done)
+        self.agree(0)  # every rank waits until rank 0 has written the checkpoint
+        raise Preempted(f"stopped by {signal.Signals(received).name} at epoch "
+                        f"{self._epoch + 1}, step {steps_done}: saved {path}; the same command "
+                        f"resumes there")
+
+    def on_train_end(self, logs=None):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+class ResumeAt:
+    """Starts Keras' fit at step `step` of its initial epoch, as model._training_state:
+    Keras has no public way to, and this is the hook its own BackupAndRestore sets."""
+
+    def __init__(self, epoch, step):
+        self.epoch, self.step = epoch, step
+
+    def maybe_load_initial_counters_from_ckpt(self, steps_per_epoch, initial_epoch, mode=None):
+        return self.epoch, self.step
