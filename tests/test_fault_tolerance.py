@@ -42,26 +42,33 @@ def rank_process(job, rank):
     raise AssertionError(f"no app.train process of rank {rank}")
 
 
+def signal_rank_1_in_epoch_3(command, model_dir, signal_number, timeout):
+    """Starts `command`, sends `signal_number` to rank 1 early in epoch 3, and waits up to
+    `timeout` s for the job to end (it is killed if not); returns (its return code, the
+    seconds from the signal to its end, its stderr)."""
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True,
+                           env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        wait_for(model_dir / "checkpoints" / "epoch-2.index", job)
+        time.sleep(0.5)  # into epoch 3
+        rank_process(job, 1).send_signal(signal_number)
+        sent = time.monotonic()
+        _, stderr = job.communicate(timeout=timeout)
+        return job.returncode, time.monotonic() - sent, stderr
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
 def test_a_killed_rank_ends_the_job_within_a_minute_and_the_same_command_resumes(
         launcher, tmp_path):
     command = [PYTHON, "-m", "app.launch", "-np", "2", f"--launcher={launcher}", *FLAGS,
                f"--model_dir={tmp_path}"]
-    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True,
-                           env={**os.environ, "PYTHONPATH": REPO})
-    try:
-        wait_for(tmp_path / "checkpoints" / "epoch-2.index", job)
-        time.sleep(0.5)  # into epoch 3
-        rank_process(job, 1).send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        job.communicate(timeout=60)
-        assert time.monotonic() - killed < 60
-        assert job.returncode != 0
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+    returncode, seconds, _ = signal_rank_1_in_epoch_3(command, tmp_path, signal.SIGKILL, 60)
+    assert returncode != 0 and seconds < 60
     assert not (tmp_path / "results.json").exists()
     latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
     completed = int(latest.rsplit("-", 1)[1])  # 2, or 3 when the kill came late
@@ -85,20 +92,9 @@ def test_a_stopped_rank_is_named_and_ends_the_job_within_the_stall_timeout(launc
     timeout = 15
     command = [PYTHON, "-m", "app.launch", "-np", "2", f"--launcher={launcher}", *FLAGS,
                f"--stall_timeout={timeout}", f"--model_dir={tmp_path}"]
-    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True,
-                           env={**os.environ, "PYTHONPATH": REPO})
-    try:
-        wait_for(tmp_path / "checkpoints" / "epoch-2.index", job)
-        time.sleep(0.5)  # into epoch 3
-        rank_process(job, 1).send_signal(signal.SIGSTOP)
-        stopped = time.monotonic()
-        _, stderr = job.communicate(timeout=timeout + 60)
-        assert time.monotonic() - stopped < timeout + 60
-        assert job.returncode != 0
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+    returncode, seconds, stderr = signal_rank_1_in_epoch_3(command, tmp_path, signal.SIGSTOP,
+                                                           timeout + 60)
+    assert returncode != 0 and seconds < timeout + 60
     errors = [line for line in stderr.splitlines() if line.startswith("app.train: error:")]
     assert len(errors) == 1, stderr[-3000:]
     assert errors[0].startswith(f"app.train: error: --stall_timeout={timeout}: no training "
@@ -129,18 +125,9 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_step_and_the_rerun_ends_as
     def command(model_dir):
         return [PYTHON, "-m", "app.launch", "-np", "2", *flags, f"--model_dir={model_dir}"]
     run(command(straight))
-    job = subprocess.Popen(command(stopped), cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, start_new_session=True,
-                           env={**os.environ, "PYTHONPATH": REPO})
-    try:
-        wait_for(stopped / "checkpoints" / "epoch-2.index", job)
-        time.sleep(0.5)  # into epoch 3
-        rank_process(job, 1).send_signal(getattr(signal, signal_name))
-        _, stderr = job.communicate(timeout=60)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    assert job.returncode == 75, stderr[-3000:]
+    returncode, _, stderr = signal_rank_1_in_epoch_3(command(stopped), stopped,
+                                                     getattr(signal, signal_name), 60)
+    assert returncode == 75, stderr[-3000:]
     saved = list((stopped / "checkpoints").glob("epoch-*-step-*.index"))
     assert len(saved) == 1, stderr[-3000:]
     epochs_done, steps_done = (int(part) for part in saved[0].name[6:-6].split("-step-"))
