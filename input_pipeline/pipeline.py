@@ -4,7 +4,8 @@ Training: shard -> cache -> shuffle (seeded, reshuffled each epoch) -> repeat ->
 -> batch (drop_remainder) -> prefetch. Epoch e is the shard shuffled with a seed made of
 (`seed`, rank, e), repeated as needed and cut to exactly steps_per_epoch batches, so every
 rank runs the same number of steps whatever the size of its shard, and a run resumed at epoch
-e reads what an uninterrupted run would have read, with nothing skipped.
+e (or at step s of it, skipping the batches before) reads what an uninterrupted run would
+have read.
 
 Sharding is by file (with interleave) when there are at least as many files as processes,
 otherwise by example. Files are dealt out anew every epoch: the file list is permuted by
