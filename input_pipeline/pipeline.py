@@ -58,7 +58,7 @@ def training_dataset(source, *, rank, size, batch_size, steps_per_epoch, seed, f
         if first_step:
             examples_per_step = examples_per_epoch // steps_per_epoch
             epoch_records = epoch_records.skip(
-                tf.where(number == first_epoch, first_step * examples_per_step, 0))
+                tf.cast(number == first_epoch, tf.int64) * first_step * examples_per_step)
         if deterministic:
             epoch_records = epoch_records.filter(_global_batch_slice(rank, size, batch_size))
         return epoch_records.map(lambda index, record: (tf.stack([epoch_seed, index]), record))

@@ -51,13 +51,16 @@ def test_each_epoch_is_reshuffled_with_a_seed():
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_a_pipeline_started_at_epoch_k_continues_one_started_at_0(deterministic):
-    def stream(first_epoch, epochs):
+@pytest.mark.parametrize("first_step", [0, 2])
+def test_a_pipeline_started_at_step_s_of_epoch_k_continues_one_started_at_0(deterministic,
+                                                                            first_step):
+    def stream(first_epoch, first_step, steps):
         dataset = input_pipeline.training_dataset(
             indexed_source(40), rank=1, size=2, batch_size=4, steps_per_epoch=5, seed=9,
-            first_epoch=first_epoch, deterministic=deterministic)
-        return epoch_of(dataset, 5 * epochs)
-    np.testing.assert_array_equal(stream(first_epoch=3, epochs=2), stream(0, epochs=5)[60:])
+            first_epoch=first_epoch, first_step=first_step, deterministic=deterministic)
+        return epoch_of(dataset, steps)
+    resumed = stream(3, first_step, 10 - first_step)
+    np.testing.assert_array_equal(resumed, stream(0, 0, 25)[(15 + first_step) * 4:])
 
 
 def test_deterministic_global_batches_do_not_depend_on_the_number_of_processes():
