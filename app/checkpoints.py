@@ -60,7 +60,7 @@ def latest(model_dir, warn=None):
             for name in reader.get_variable_to_shape_map():
                 reader.get_tensor(name)
             global_batch = int(reader.get_tensor(_GLOBAL_BATCH_KEY))
-        except (tf.errors.OpError, ValueError) as error:
+        except (tf.errors.OpError, ValueError, IndexError) as error:  # IndexError: truncated
             damaged.append(f"{path} ({str(error).strip().splitlines()[0]})")
             continue
         if damaged and warn:

@@ -275,6 +275,13 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         damaged = input_pipeline.name_damaged_file((train_source, validation_source), error)
         app_flags.fail(f"--data_dir={FLAGS.data_dir}: {damaged} {SKIP_CORRUPT_HINT}",
                        app_flags.RUN_ERROR, this_rank_only=True)
+    except Exception as error:  # noqa: BLE001 (Horovod's shutdown surfaces as several types)
+        if "Horovod has been shut down" not in str(error):
+            raise
+        # Another rank failed first and said why; this one stops without a traceback.
+        print(f"app.train: rank {hvd.rank()}: stopped, as Horovod was shut down by another "
+              f"rank's failure", file=sys.stderr, flush=True)
+        sys.exit(app_flags.RUN_ERROR)
 
     return results.summary(
         history, initial_epoch, time_to_accuracy.reached,
