@@ -202,8 +202,8 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
     # Callbacks: a watchdog that ends the job when a rank stalls; then, in Horovod's order:
     # broadcast rank 0's state (elastic: the state's sync does it), average the metrics over
     # the ranks (validation: over all the examples evaluated, however unequal the ranks'
-    # shards), stop on a non-finite loss or at a signal (with a checkpoint of that step),
-    # warm up and schedule the LR, time the steps and the epochs (and stop at a target
+    # shards), stop on a non-finite loss, warm up and schedule the LR, stop at a signal
+    # (with a checkpoint of that step), time the steps and the epochs (and stop at a target
     # accuracy or time budget); the outputs, on rank 0; elastic: record the finished epoch
     # and commit.
     throughput = callbacks.Throughput(batch, hvd.size(), FLAGS.warmup_steps)
@@ -219,12 +219,14 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         callbacks.ExactValidationMetrics(
             lambda sums: hvd.allreduce(sums, op=hvd.Sum, name="validation_sums")),
         callbacks.StopOnNonFiniteLoss(hvd.allgather, steps_per_epoch),
+        *schedule,
+        # after the schedule, which restores the momentum it corrected for the step: the
+        # checkpoint of the step holds the optimizer's own
         *([] if FLAGS.benchmark or elastic_state else [preemption.StopOnSignal(
             lambda value: int(max(hvd.allgather(tf.constant([value]), name="signal"))),
             lambda epochs, steps: (checkpoints.save_mid_epoch(checkpoint_manager, epochs, steps)
                                    if is_chief else None),
             steps_per_epoch, FLAGS.preemption_check_steps)]),
-        *schedule,
         throughput,
         time_to_accuracy,
     ]

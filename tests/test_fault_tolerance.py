@@ -112,8 +112,33 @@ def checkpoint_values(path):
             if not name.startswith("_CHECKPOINTABLE")}
 
 
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGUSR1])
+def test_either_signal_stops_training_at_the_next_check_but_not_at_an_epochs_last_step(
+        signal_number):
+    from app import preemption
+    saved = []
+    stop = preemption.StopOnSignal(lambda received: received,
+                                   lambda epochs, steps: saved.append((epochs, steps)) or "here",
+                                   steps_per_epoch=20, check_steps=5)
+    before = signal.getsignal(signal_number)
+    stop.on_train_begin()
+    try:
+        stop.on_epoch_begin(3)
+        os.kill(os.getpid(), signal_number)
+        stop.on_train_batch_end(2)  # step 3: not a check
+        stop.on_train_batch_end(19)  # step 20: the epoch's last, whose end comes first
+        assert saved == []
+        with pytest.raises(preemption.Preempted, match=f"stopped by {signal_number.name} at "
+                                                        f"epoch 4, step 10: saved here"):
+            stop.on_train_batch_end(9)
+        assert saved == [(3, 10)]
+    finally:
+        stop.on_train_end()
+    assert signal.getsignal(signal_number) == before
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("signal_name", ["SIGUSR1"])  # SIGTERM alike: the test above
 def test_a_signal_to_one_rank_stops_every_rank_at_one_step_and_the_rerun_ends_as_if_uninterrupted(
         signal_name, tmp_path):
     """What SLURM sends at the time limit (SIGTERM) or ahead of it (--signal=USR1@...), to
