@@ -114,39 +114,12 @@ def test_same_global_batch_gives_the_same_weights_on_one_two_and_four_processes(
 
 
 @pytest.mark.distributed
-def test_resume_continues_epoch_learning_rate_and_optimizer_state(tmp_path):
-    """2 epochs, then the same command with --epochs=4, against 4 epochs straight. The LR is
-    the warmup (over epoch 0, from the LR at a reference batch of 32 to twice that) then
-    constant, so it does not depend on --epochs and the two runs must agree on everything."""
-    flags = ["--flagfile=configs/digits_cnn.cfg", "--deterministic", "--steps_per_epoch=8",
-             "--validation_steps=1", "--warmup_epochs=1", "--reference_batch_size=32",
-             "--lr_schedule=constant"]
-    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-    run([*mpirun(2), *train_command(*flags, "--epochs=4", f"--model_dir={straight}")])
-    run([*mpirun(2), *train_command(*flags, "--epochs=2", f"--model_dir={resumed}")])
-    assert json.loads((resumed / "results.json").read_text())["epochs_completed"] == 2
-    run([*mpirun(2), *train_command(*flags, "--epochs=4", f"--model_dir={resumed}")])
-
-    resumed_log, straight_log = read_log(resumed), read_log(straight)
-    assert [row["epoch"] for row in resumed_log] == ["0", "1", "2", "3"]
-    for resumed_row, straight_row in zip(resumed_log, straight_log):
-        for key in ("lr", "loss", "val_loss"):
-            assert float(resumed_row[key]) == pytest.approx(float(straight_row[key]), rel=1e-5)
-    final_resumed, final_straight = (checkpoint_values(d, 4) for d in (resumed, straight))
-    assert final_resumed["optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE"] == 4 * 8
-    assert final_resumed.keys() == final_straight.keys()
-    for name, value in final_straight.items():
-        np.testing.assert_allclose(final_resumed[name], value, rtol=1e-5, atol=1e-7,
-                                   err_msg=name)
-    assert json.loads((resumed / "results.json").read_text())["epochs_completed"] == 4
-
-
-@pytest.mark.distributed
 def test_a_resume_inside_the_warmup_and_the_cosine_continues_the_same_steps(tmp_path):
     """digits_cnn's own schedule shape (warmup, then cosine) over 5 epochs of 8 steps, 4 of
     them warmup: resumed from the straight run's checkpoint after epoch 3 (inside the warmup,
-    where the LR changes every step), the run ends with the straight run's weights and
-    momentum: its first step corrects the momentum by the same ratio of LRs."""
+    where the LR changes every step), the run logs the straight run's LR and losses and ends
+    with its weights, momentum and step count: its first step corrects the momentum by the
+    same ratio of LRs."""
     flags = ["--flagfile=configs/digits_cnn.cfg", "--global_batch_size=128", "--deterministic",
              "--steps_per_epoch=8", "--validation_steps=1", "--epochs=5", "--warmup_epochs=4",
              "--summary_steps=1"]
@@ -164,7 +137,12 @@ def test_a_resume_inside_the_warmup_and_the_cosine_continues_the_same_steps(tmp_
     assert rates[5 * 8] < rates[4 * 8 + 1]  # the cosine
     assert per_step_learning_rates(resumed) == {step: rate for step, rate in rates.items()
                                                 if step > 3 * 8}
+    assert [row["epoch"] for row in read_log(resumed)] == ["3", "4"]
+    for resumed_row, straight_row in zip(read_log(resumed), read_log(straight)[3:]):
+        for key in ("lr", "loss", "val_loss"):
+            assert float(resumed_row[key]) == pytest.approx(float(straight_row[key]), rel=1e-5)
     final_resumed, final_straight = (checkpoint_values(d, 5) for d in (resumed, straight))
+    assert final_resumed["optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE"] == 5 * 8
     assert final_resumed.keys() == final_straight.keys()
     for name, value in final_straight.items():
         np.testing.assert_allclose(final_resumed[name], value, rtol=1e-5, atol=1e-7,
