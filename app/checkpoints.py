@@ -61,7 +61,7 @@ def latest(model_dir, warn=None):
                 reader.get_tensor(name)
             global_batch = int(reader.get_tensor(_GLOBAL_BATCH_KEY))
         except (tf.errors.OpError, ValueError, IndexError) as error:  # IndexError: truncated
-            damaged.append(f"{path} ({str(error).strip().splitlines()[0]})")
+            damaged.append(f"{path} ({_first_line(error)})")
             continue
         if damaged and warn:
             warn(f"damaged checkpoint {'; '.join(damaged)}: resuming from {path} instead")
@@ -105,13 +105,22 @@ def save_mid_epoch(checkpoint_manager, epochs, steps):
     """Writes epoch-N-step-S (after N epochs and S steps) beside the epoch checkpoints, and
     returns its path; the next epoch's save removes it."""
     path = os.path.join(checkpoint_manager.directory, checkpoint_name(epochs, steps))
+    _saving(checkpoint_manager, path, lambda: checkpoint_manager.checkpoint.write(path))
+    return path
+
+
+def _saving(checkpoint_manager, path, save):
+    """Runs `save`, raising SaveError naming the model_dir and `path` when it fails."""
     try:
-        checkpoint_manager.checkpoint.write(path)
+        save()
     except (OSError, tf.errors.OpError) as error:
         raise SaveError(f"--model_dir={os.path.dirname(checkpoint_manager.directory)}: saving "
-                        f"{os.path.basename(path)} failed: {str(error).strip().splitlines()[0]}; "
-                        f"the checkpoints before it are intact") from None
-    return path
+                        f"{os.path.basename(path)} failed: {_first_line(error)}; the "
+                        f"checkpoints before it are intact") from None
+
+
+def _first_line(error):
+    return str(error).strip().splitlines()[0]
 
 
 def initialize_from(model, path):
@@ -130,8 +139,7 @@ def _restore_matching(checkpoint, path, expect_partial=False):
             status.expect_partial()
         status.assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise MismatchError(f"{path} does not match this model: {first_line}") from None
+        raise MismatchError(f"{path} does not match this model: {_first_line(error)}") from None
 
 
 class SaveError(RuntimeError):
@@ -148,13 +156,8 @@ class SaveEveryEpoch(tf.keras.callbacks.Callback):
         self.checkpoint_manager = checkpoint_manager
 
     def on_epoch_end(self, epoch, logs=None):
-        try:
-            self.checkpoint_manager.save(checkpoint_number=epoch + 1)
-        except (OSError, tf.errors.OpError) as error:
-            model_dir = os.path.dirname(self.checkpoint_manager.directory)
-            raise SaveError(f"--model_dir={model_dir}: saving epoch-{epoch + 1} failed: "
-                            f"{str(error).strip().splitlines()[0]}; the checkpoints before it "
-                            f"are intact") from None
+        _saving(self.checkpoint_manager, checkpoint_name(epoch + 1),
+                lambda: self.checkpoint_manager.save(checkpoint_number=epoch + 1))
         for mid_epoch in glob.glob(os.path.join(self.checkpoint_manager.directory,
                                                 "epoch-*-step-*")):
             os.remove(mid_epoch)
