@@ -5,7 +5,7 @@ job script can take as "requeue me" (scripts/slurm/*.sbatch do).
 
 Keras' BackupAndRestore saves every N steps on every worker of a tf.distribute strategy, and
 the TF Model Garden's preemption handling needs a tf.distribute cluster's coordination
-service; with Horovod, the ranks agree through an allreduce of the signal every
+service; with Horovod, the ranks agree through an allgather of the signal every
 `check_steps` steps instead, so that they all stop at the same step and rank 0 alone saves.
 """
 import signal
