@@ -31,6 +31,7 @@ probing two hosts at start, or takes `--network_interface` (on one machine: lo).
     python -m app.launch -np 4 --min_np=2 --max_np=8 --host_discovery_script=./hosts.sh ...
 """
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -38,6 +39,8 @@ import sys
 from app import cli
 
 LAUNCHERS = ("mpirun", "horovodrun")
+# How horovodrun's Gloo launcher names the first rank that failed.
+HOROVODRUN_FAILURE = re.compile(r"Process name: (\S+)\nExit code: (-?\d+)")
 FORWARDED_ENVIRONMENT = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "TF_USE_LEGACY_KERAS")
 
 
@@ -158,7 +161,27 @@ def main(argv=None):
     hosts = args.hosts or (None if elastic else slurm_hosts(os.environ))
     launch = command(args.np, args.launcher, hosts, train_args, elastic)
     print(shlex.join(launch), flush=True)
+    if launch[0] == _horovodrun():
+        _run_horovodrun(launch)
     os.execvp(launch[0], launch)
+
+
+def _run_horovodrun(arguments):
+    """Runs horovodrun's own entry point in this process, because its console script shows a
+    failed rank as a Python traceback and exits 1 whatever the rank's code (75, preempted,
+    must reach a requeue script)."""
+    from horovod.runner.launch import run_commandline
+    sys.argv = arguments
+    try:
+        sys.exit(run_commandline())
+    except (RuntimeError, ValueError) as error:
+        failed = HOROVODRUN_FAILURE.search(str(error))
+        if not failed:
+            sys.exit(f"app.launch: error: horovodrun: {str(error).splitlines()[0]}")
+        name, code = failed[1], int(failed[2])
+        print(f"app.launch: error: horovodrun: process {name} exited first, with code {code}; "
+              f"the job was ended", file=sys.stderr)
+        sys.exit(code if code > 0 else 128 - code)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ process and in every process a test starts, so it is set here, before any test m
 import csv
 import os
 import pty
+import re
 import subprocess
 import sys
 
@@ -86,9 +87,12 @@ def run_study(out_dir, module, table, *args):
         return result.stdout, list(csv.DictReader(rows))
 
 
-def error_lines(result):
-    """The `app.train: error:` lines a finished command printed."""
-    return [line for line in result.stderr.splitlines() if line.startswith("app.train: error:")]
+def error_lines(stderr, program="app.train"):
+    """The `PROGRAM: error:` lines in `stderr` (a finished command's, or its text), without
+    the `[rank]<stderr>:` prefix horovodrun puts before each rank's lines."""
+    text = getattr(stderr, "stderr", stderr)
+    lines = (re.sub(r"^\[\d+\]<stderr>:", "", line) for line in text.splitlines())
+    return [line for line in lines if line.startswith(f"{program}: error:")]
 
 
 def read_log(model_dir):
