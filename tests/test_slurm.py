@@ -1,7 +1,8 @@
 """The SLURM recipes on a real one-node SLURM cluster (Debian's slurm-wlm and munge, which
 `make test` installs, started here as root): both sbatch scripts train the default
-experiment on 2 tasks, through srun with PMIx and through app.launch's mpirun, and app.launch
-reads the allocation's hosts."""
+experiment on 2 tasks, through srun with PMIx and through app.launch's mpirun, a job
+signalled ahead of its time limit is requeued and resumes, and app.launch reads the
+allocation's hosts."""
 import json
 import os
 import re
@@ -33,6 +34,7 @@ def slurm(tmp_path_factory):
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
         "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "MpiDefault=none",
         "ReturnToService=2", "JobAcctGatherType=jobacct_gather/none",
+        "AuthInfo=cred_expire=20",  # how long a requeued job waits (120 s by default)
         f"SlurmctldPidFile={home}/slurmctld.pid", f"SlurmdPidFile={home}/slurmd.pid",
         f"SlurmdSpoolDir={home}/spool", f"StateSaveLocation={home}/state",
         f"SlurmctldLogFile={home}/slurmctld.log", f"SlurmdLogFile={home}/slurmd.log",
@@ -58,36 +60,41 @@ def slurm(tmp_path_factory):
             subprocess.run(["pkill", "-x", "munged"])
 
 
-def sbatch(env, script, model_dir, out):
-    """Runs a recipe to its end on 2 tasks of the node; its output file's text. (Polls the
-    job itself: sbatch --wait notices the end only up to half a minute late.)"""
-    job = run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={out}",
-               f"--chdir={REPO}", script, "--flagfile=configs/digits_cnn.cfg", "--epochs=3",
-               f"--model_dir={model_dir}"], env=env).stdout.strip()
+def submit(env, script, model_dir, out, *flags):
+    """Submits a recipe on 2 tasks of the node, training the default experiment with
+    `flags`; its job id."""
+    return run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={out}",
+                "--open-mode=append", f"--chdir={REPO}", script,
+                "--flagfile=configs/digits_cnn.cfg", f"--model_dir={model_dir}", *flags],
+               env=env).stdout.strip()
+
+
+def wait_for_the_end(env, job, out):
+    """Waits for `job` to end, requeued runs included; its output file's text and its
+    `scontrol show job` line. (Polls the job itself: sbatch --wait notices the end only up
+    to half a minute late.)"""
     deadline = time.monotonic() + 600
     while True:
         state = run(["scontrol", "show", "job", "-o", job], env=env).stdout
         job_state = re.search(r"JobState=(\S+)", state)[1]
-        if job_state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+        if job_state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED"):
             break
         assert time.monotonic() < deadline, state
         time.sleep(1)
     output = out.read_text() if out.exists() else ""
     assert job_state == "COMPLETED", f"{state}\n--- job output\n{output[-4000:]}"
-    return output
+    return output, state
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("recipe", ["train_srun", "train_mpirun"])
-def test_the_sbatch_recipe_trains_on_two_tasks(slurm, recipe, tmp_path):
-    output = sbatch(slurm, f"scripts/slurm/{recipe}.sbatch", tmp_path / "run",
-                    tmp_path / "job.out")
+def test_the_srun_recipe_trains_on_two_tasks(slurm, tmp_path):
+    """(The mpirun recipe's run: the requeue test below.)"""
+    job = submit(slurm, "scripts/slurm/train_srun.sbatch", tmp_path / "run",
+                 tmp_path / "job.out", "--epochs=3")
+    output, _ = wait_for_the_end(slurm, job, tmp_path / "job.out")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["world_size"] == 2 and results["epochs_completed"] == 3, output[-3000:]
     assert results["val_accuracy"] > 0.9
-    if recipe == "train_mpirun":  # app.launch took the hosts from the allocation
-        node = socket.gethostname().split(".")[0]
-        assert f" -H {node}:2 " in output.splitlines()[0], output[:2000]
 
 
 def test_launch_reads_the_hosts_of_an_allocation(slurm, monkeypatch):
@@ -97,3 +104,37 @@ def test_launch_reads_the_hosts_of_an_allocation(slurm, monkeypatch):
     assert launch.slurm_hosts({"SLURM_JOB_NODELIST": "gpu[07-09]",
                                "SLURM_TASKS_PER_NODE": "4(x2),2"}) == "gpu07:4,gpu08:4,gpu09:2"
     assert launch.slurm_hosts({"SLURM_TASKS_PER_NODE": "4"}) is None
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("recipe", ["train_mpirun"])
+def test_a_signalled_job_is_requeued_and_resumes_at_the_step_it_stopped(slurm, recipe,
+                                                                       tmp_path):
+    """USR1 as `--signal` sends it ahead of the time limit (to the batch script, which the
+    mpirun recipe traps and passes on): the ranks checkpoint the step and exit 75, the
+    recipe requeues the job, and the requeued job finishes from that step, on the hosts
+    app.launch took from the allocation."""
+    model_dir, out, epochs = tmp_path / "run", tmp_path / "job.out", 2
+    job = submit(slurm, f"scripts/slurm/{recipe}.sbatch", model_dir, out, f"--epochs={epochs}",
+                 "--warmup_epochs=1", "--steps_per_epoch=150", "--validation_steps=2")
+    deadline = time.monotonic() + 300
+    while not (model_dir / "checkpoints" / "epoch-1.index").exists():
+        state = run(["scontrol", "show", "job", "-o", job], env=slurm).stdout
+        output = out.read_text()[-3000:] if out.exists() else ""
+        assert "JobState=RUNNING" in state or "JobState=PENDING" in state, f"{state}\n{output}"
+        assert time.monotonic() < deadline, output
+        time.sleep(0.2)
+    run(["scancel", "--batch", "--signal=USR1", job], env=slurm)
+    output, state = wait_for_the_end(slurm, job, out)
+    assert "Restarts=1 " in state, state
+    stopped = re.search(r"stopped by SIGUSR1 at epoch (\d+), step (\d+): saved", output)
+    assert stopped, output[-4000:]
+    epoch, step = int(stopped[1]), int(stopped[2])
+    assert epoch >= 2 and 0 < step < 150
+    resumed = output[stopped.end():]
+    assert f"Epoch {epoch}/{epochs}" in resumed and "Epoch 1/" not in resumed, resumed[-3000:]
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["epochs_completed"] == epochs
+    assert results["val_accuracy"] > 0.9
+    node = socket.gethostname().split(".")[0]
+    assert f" -H {node}:2 " in output.splitlines()[0], output[:2000]

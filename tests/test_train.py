@@ -1,5 +1,6 @@
 """app.train end to end: the default experiment, loss integrity across process counts, resume,
 every experiment from its flagfile, and flag errors."""
+import concurrent.futures
 import json
 import os
 
@@ -149,7 +150,7 @@ def test_a_resume_inside_the_warmup_and_the_cosine_continues_the_same_steps(tmp_
                                    err_msg=name)
 
 
-@pytest.mark.parametrize("experiment, extra", [
+EXPERIMENT_RUNS = [
     ("digits_cnn", []),
     ("linear_regression", []),
     ("synthetic_resnet50", ["--image_size=32", "--batch_size=4"]),
@@ -157,26 +158,49 @@ def test_a_resume_inside_the_warmup_and_the_cosine_continues_the_same_steps(tmp_
     ("fashion_mnist_cnn", []),
     ("fashion_mnist_wrn", ["--batch_size=4"]),
     ("cifar10_resnet20", ["--batch_size=8"]),
-])
-def test_every_experiment_runs_from_its_flagfile(experiment, extra, tmp_path, digits_tfrecords):
-    flags = [f"--flagfile=configs/{experiment}.cfg", *SHORT, *extra,
-             f"--model_dir={tmp_path}"]
-    if experiment == "imagenet_resnet50":
-        flags.append(f"--data_dir={digits_tfrecords}")
-    if experiment in ("fashion_mnist_wrn", "cifar10_resnet20"):
-        command = [PYTHON, "tests/workers/train_with_mock_tfds.py", *flags,
-                   f"--data_dir={tmp_path}"]
-    else:
-        command = train_command(*flags)
-    run(command)
-    results = json.loads((tmp_path / "results.json").read_text())
+]
+
+
+def run_concurrently(function, cases):
+    """function(case) for each case, as many at a time as there are cores: much of a short
+    run is importing TensorFlow and building the model, on one core."""
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        return list(pool.map(function, cases))
+
+
+@pytest.fixture(scope="module")
+def experiment_runs(tmp_path_factory, digits_tfrecords):
+    """Each EXPERIMENT_RUNS experiment's model_dir after a short run from its flagfile."""
+    def run_experiment(case):
+        experiment, extra = case
+        model_dir = tmp_path_factory.mktemp(experiment)
+        flags = [f"--flagfile=configs/{experiment}.cfg", *SHORT, *extra,
+                 f"--model_dir={model_dir}"]
+        if experiment == "imagenet_resnet50":
+            flags.append(f"--data_dir={digits_tfrecords}")
+        if experiment in ("fashion_mnist_wrn", "cifar10_resnet20"):
+            command = [PYTHON, "tests/workers/train_with_mock_tfds.py", *flags,
+                       f"--data_dir={model_dir}"]
+        else:
+            command = train_command(*flags)
+        return run(command, check=False), model_dir
+    return run_concurrently(run_experiment, EXPERIMENT_RUNS)
+
+
+@pytest.mark.parametrize("case", range(len(EXPERIMENT_RUNS)),
+                         ids=[experiment for experiment, _ in EXPERIMENT_RUNS])
+def test_every_experiment_runs_from_its_flagfile(case, experiment_runs):
+    experiment = EXPERIMENT_RUNS[case][0]
+    result, model_dir = experiment_runs[case]
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((model_dir / "results.json").read_text())
     assert results["experiment"] == experiment and results["epochs_completed"] == 1
     assert np.isfinite(results["loss"]) and np.isfinite(results["val_loss"])
     if experiment == "linear_regression":
         assert results["accuracy"] is None and "mae" in results["final_metrics"]
 
 
-@pytest.mark.parametrize("experiment, flags, named", [
+BAD_FLAGS = [
     ("digits_cnn", ["--batch_size=0"], "--batch_size=0"),
     ("digits_cnn", ["--seed=0"], "--seed=0"),
     ("digits_cnn", ["--batch_size=16", "--global_batch_size=64"], "--global_batch_size"),
@@ -192,16 +216,32 @@ def test_every_experiment_runs_from_its_flagfile(experiment, extra, tmp_path, di
     ("cifar10_resnet20", ["--data_dir=/does/not/exist"], "--data_dir"),
     ("cifar10_resnet20", ["--data_dir="], "--data_dir"),
     ("cifar10_resnet20", [], "--dataset=cifar10: cifar10 is not prepared"),
-])
-def test_bad_flags_end_with_one_line_naming_the_flag(experiment, flags, named, tmp_path):
-    if experiment == "cifar10_resnet20" and not flags:
-        flags = [f"--data_dir={tmp_path}"]  # a folder without the prepared data set
-    result = run(train_command(f"--flagfile=configs/{experiment}.cfg", *flags,
-                               f"--model_dir={tmp_path / 'run'}"), check=False)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(tmp_path_factory):
+    """Each BAD_FLAGS command's result and model_dir."""
+    def run_case(case):
+        experiment, flags, _ = case
+        folder = tmp_path_factory.mktemp("bad_flags")
+        if experiment == "cifar10_resnet20" and not flags:
+            flags = [f"--data_dir={folder}"]  # a folder without the prepared data set
+        result = run(train_command(f"--flagfile=configs/{experiment}.cfg", *flags,
+                                   f"--model_dir={folder / 'run'}"), check=False)
+        return result, folder / "run"
+    return run_concurrently(run_case, BAD_FLAGS)
+
+
+@pytest.mark.parametrize("case", range(len(BAD_FLAGS)),
+                         ids=[f"{e}-{' '.join(f)}" for e, f, _ in BAD_FLAGS])
+def test_bad_flags_end_with_one_line_naming_the_flag(case, bad_flag_runs):
+    named = BAD_FLAGS[case][2]
+    result, model_dir = bad_flag_runs[case]
     assert result.returncode == 2, result.stderr[-2000:]
     errors = error_lines(result)
     assert len(errors) == 1 and named in errors[0], result.stderr[-2000:]
-    assert not (tmp_path / "run").exists()  # nothing written
+    assert not model_dir.exists()  # nothing written
 
 
 @pytest.mark.distributed
