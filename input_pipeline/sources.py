@@ -193,11 +193,13 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
                     num_examples=None, skip_corrupt=False, preprocess=None, training_crop=None):
     """Shards in the standard ImageNet TFRecord layout: `{data_dir}/{split}-NNNNN-of-NNNNN`,
     each record holding `image/encoded` (JPEG or PNG) and a 1-based `image/class/label`.
-    `preprocess(image bytes, image_size, channels)` makes the model's input from the
+    `preprocess(image bytes, image_size, channels, jpeg)` makes the model's input from the
     encoded image (input_pipeline.imagenet_preprocessing's evaluation crop); by default the
     whole image is decoded, scaled to [0, 1] and resized. `training_crop(image bytes,
-    image_size, channels, seed)` instead decodes to (image bytes, label) and makes the input
-    as the augmentation, for crops chosen before the image is decoded.
+    image_size, channels, seed, jpeg)` instead decodes to (image bytes, label) and makes the
+    input as the augmentation, for crops chosen before the image is decoded. `jpeg` says
+    whether the first record is a JPEG: the converters of the layout (the Model Garden's,
+    input_pipeline.to_tfrecord) write one format per data set.
 
     Unless `num_examples` is given the shards are read once to count them, which also finds
     damaged files: a DamagedFileError names the first, or with `skip_corrupt` each damaged file is
@@ -215,13 +217,14 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
             raise DamagedFileError(str(damaged[0]))
         num_examples = sum(count.records for count in counts)
     shape = (image_size, image_size, channels)
+    jpeg = _first_image_is_jpeg(files[0])
 
     def decode(record):
         example = tf.io.parse_single_example(record, IMAGENET_FEATURES)
         if training_crop is not None:
             return example["image/encoded"], example["image/class/label"] - 1
         if preprocess is not None:
-            image = preprocess(example["image/encoded"], image_size, channels)
+            image = preprocess(example["image/encoded"], image_size, channels, jpeg)
         else:
             image = tf.io.decode_image(example["image/encoded"], channels=channels,
                                        expand_animations=False)
@@ -235,10 +238,19 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
     augment = None
     if training_crop is not None:
         def augment(image_bytes, label, seed):
-            return training_crop(image_bytes, image_size, channels, seed), label
+            return training_crop(image_bytes, image_size, channels, seed, jpeg), label
     return Source(f"tfrecord-{split}", num_examples, shape, num_outputs, files=files,
                   read_file=read_file, decode=decode, augment=augment,
                   skip_errors=skip_corrupt, damaged=damaged)
+
+
+def _first_image_is_jpeg(path):
+    """Whether the first readable record of TFRecord file `path` holds a JPEG."""
+    records = tf.data.TFRecordDataset(path).ignore_errors().take(1)
+    for record in records:
+        encoded = tf.io.parse_single_example(record, IMAGENET_FEATURES)["image/encoded"]
+        return bool(tf.io.is_jpeg(encoded))
+    return False
 
 
 class DamagedFileError(ValueError):

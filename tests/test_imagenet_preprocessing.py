@@ -43,6 +43,14 @@ def test_training_images_have_the_models_input_shape_from_jpeg_and_png(photograp
         assert np.isfinite(image.numpy()).all()
         again = preprocessing.training_image(tf.constant(encoded), 224, 3, tf.constant([1, 2]))
         np.testing.assert_array_equal(again, image)  # the seed decides the crop and the flip
+        # A data set of one format skips the per-image choice, and gets the same image.
+        one_format = preprocessing.training_image(tf.constant(encoded), 224, 3,
+                                                  tf.constant([1, 2]), jpeg=encoded is jpeg)
+        np.testing.assert_array_equal(one_format, image)
+    decoded_whole = preprocessing.training_image(tf.constant(jpeg), 224, 3,
+                                                 tf.constant([1, 2]), jpeg=False)
+    assert np.abs(decoded_whole - preprocessing.training_image(
+        tf.constant(jpeg), 224, 3, tf.constant([1, 2])).numpy()).mean() < 0.05
 
 
 def test_evaluation_takes_the_same_center_crop_every_time(photograph):

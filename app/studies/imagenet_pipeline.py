@@ -42,9 +42,9 @@ def paths(image_size):
         "decode only (the ceiling)": decode_only,
         "training: crop decoded alone, flip, resize, normalize": lambda image_bytes: (
             imagenet_preprocessing.training_image(image_bytes, image_size, 3, tf.random.uniform(
-                [2], maxval=2**31 - 1, dtype=tf.int64))),
-        "evaluation: center crop, resize, normalize":
-            lambda image_bytes: imagenet_preprocessing.evaluation_image(image_bytes, image_size),
+                [2], maxval=2**31 - 1, dtype=tf.int64), jpeg=True)),
+        "evaluation: center crop, resize, normalize": lambda image_bytes: (
+            imagenet_preprocessing.evaluation_image(image_bytes, image_size, jpeg=True)),
         "before: whole image decoded, resized, flipped": whole_image,
     }
 
