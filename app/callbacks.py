@@ -76,27 +76,30 @@ class Throughput(tf.keras.callbacks.Callback):
 
     With steps_per_execution > 1 Keras calls it once per execution, with the index of the
     execution's last step: the execution's time is shared among its steps.
-    Each epoch adds `images_per_sec` to the logs: this process's rate times `world_size`."""
+    Each epoch adds `images_per_sec` to the logs: this process's rate times `world_size`.
+    It also adds up the process's CPU time (user and system, all its threads) over the same
+    steps: what other load on a shared machine slows, but does not inflate."""
 
     WINDOW = 10  # steps per window; the spread is that of the windows' rates
 
     def __init__(self, batch_size, world_size, warmup_steps):
         super().__init__()
         self.batch_size, self.world_size, self.warmup_steps = batch_size, world_size, warmup_steps
-        self.step_seconds = []
+        self.step_seconds, self.cpu_seconds = [], 0.0
         self._steps_done, self._epoch_steps, self._last_step_end = 0, 0, None
-        self._epoch_start = 0
+        self._last_cpu, self._epoch_start = None, 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._last_step_end, self._epoch_steps = None, 0
         self._epoch_start = len(self.step_seconds)
 
     def on_train_batch_end(self, batch, logs=None):
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         steps = batch + 1 - self._epoch_steps
         if self._last_step_end is not None and self._steps_done >= self.warmup_steps:
             self.step_seconds += [(now - self._last_step_end) / steps] * steps
-        self._last_step_end = now
+            self.cpu_seconds += cpu - self._last_cpu
+        self._last_step_end, self._last_cpu = now, cpu
         self._steps_done += steps
         self._epoch_steps = batch + 1
 
@@ -111,6 +114,12 @@ class Throughput(tf.keras.callbacks.Callback):
         if not self.step_seconds:
             return None
         return self.batch_size * len(self.step_seconds) / sum(self.step_seconds)
+
+    def cpu_seconds_per_image(self):
+        """This process's CPU seconds per image it trained over the measured steps."""
+        if not self.step_seconds:
+            return None
+        return self.cpu_seconds / (self.batch_size * len(self.step_seconds))
 
     def window_rates(self):
         """Rates over consecutive windows of WINDOW steps (the last partial one dropped)."""

@@ -7,15 +7,18 @@ import tensorflow as tf
 
 _PRINTED = ("world_size", "global_batch_size", "epochs_completed", "val_accuracy",
             "wall_seconds", "images_per_sec", "images_per_sec_spread",
-            "images_per_sec_per_process", "images_per_sec_by_rank")
+            "images_per_sec_per_process", "images_per_sec_by_rank", "cpu_ms_per_image")
 
 
-def throughput_summary(rank_rates, rank_windows):
+def throughput_summary(rank_rates, rank_windows, rank_cpu_per_image):
     """Images/s in total and per process, with their spreads, from every process's mean rate
-    and its rates over the same windows of steps (aligned: all run the same steps)."""
+    and its rates over the same windows of steps (aligned: all run the same steps), and the
+    CPU milliseconds per image of the whole job: every process's CPU time over those steps,
+    summed, per image trained by all (each trained as many)."""
     rank_rates, rank_windows = np.asarray(rank_rates), np.asarray(rank_windows)
     totals = rank_windows.sum(axis=0)
     return {
+        "cpu_ms_per_image": 1000 * float(np.mean(rank_cpu_per_image)),
         "images_per_sec": float(rank_rates.sum()),
         "images_per_sec_spread": float(totals.std()) if totals.size else None,
         "images_per_sec_per_process": float(rank_rates.mean()),
@@ -31,8 +34,9 @@ def gathered_throughput(throughput, allgather):
     if throughput.images_per_sec() is None:
         return {"images_per_sec": None}
     gathered = allgather(tf.constant(
-        [[throughput.images_per_sec(), *throughput.window_rates()]], tf.float64)).numpy()
-    return throughput_summary(gathered[:, 0], gathered[:, 1:])
+        [[throughput.images_per_sec(), throughput.cpu_seconds_per_image(),
+          *throughput.window_rates()]], tf.float64)).numpy()
+    return throughput_summary(gathered[:, 0], gathered[:, 2:], gathered[:, 1])
 
 
 def summary(history, initial_epoch, reached, measured, **run):

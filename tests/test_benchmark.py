@@ -15,7 +15,10 @@ from conftest import PYTHON, mpirun, run, train_command
 def test_throughput_counts_only_steps_after_warmup_and_within_epochs(monkeypatch):
     clock = iter([0.0, 1.0, 1.5, 1.7, 1.9,   # epoch 0: 5 step ends
                   10.0, 10.25, 10.5])         # epoch 1: 3 step ends after validation
+    cpu_clock = iter([0.0, 2.0, 3.0, 3.4, 3.8,  # the process's CPU seconds, two cores busy
+                      20.0, 20.5, 21.0])
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(callbacks.time, "process_time", lambda: next(cpu_clock))
     meter = callbacks.Throughput(batch_size=8, world_size=2, warmup_steps=2)
     logs = [{}, {}]
     for epoch, steps in ((0, 5), (1, 3)):
@@ -30,6 +33,7 @@ def test_throughput_counts_only_steps_after_warmup_and_within_epochs(monkeypatch
     assert logs[0]["images_per_sec"] == pytest.approx(2 * 8 * 3 / 0.9)
     assert logs[1]["images_per_sec"] == pytest.approx(2 * 8 * 2 / 0.5)
     assert meter.window_rates().size == 0  # fewer than WINDOW steps
+    assert meter.cpu_seconds_per_image() == pytest.approx(2.8 / (8 * 5))  # the same steps
 
 
 def test_throughput_shares_an_execution_time_among_its_steps(monkeypatch):
@@ -48,8 +52,10 @@ def test_throughput_shares_an_execution_time_among_its_steps(monkeypatch):
 
 
 def test_throughput_summary_sums_ranks_and_spreads_over_windows():
-    summary = throughput_summary([100.0, 110.0], [[90.0, 110.0], [100.0, 120.0]])
+    summary = throughput_summary([100.0, 110.0], [[90.0, 110.0], [100.0, 120.0]],
+                                 [0.002, 0.004])
     assert summary["images_per_sec"] == 210.0
+    assert summary["cpu_ms_per_image"] == pytest.approx(3.0)  # CPU of both / images of both
     assert summary["images_per_sec_per_process"] == 105.0
     assert summary["images_per_sec_spread"] == pytest.approx(np.std([190.0, 230.0]))
     assert summary["images_per_sec_by_rank"] == [100.0, 110.0]
@@ -67,6 +73,8 @@ def test_benchmark_mode_on_two_processes_reports_every_rank_and_writes_a_timelin
     assert results["images_per_sec"] == pytest.approx(sum(by_rank))
     assert results["images_per_sec_per_process"] == pytest.approx(sum(by_rank) / 2)
     assert results["images_per_sec_spread"] >= 0 and results["val_loss"] is None
+    # At most every core busy (twice that: the ranks' clocks are read at slightly other times)
+    assert 0 < results["cpu_ms_per_image"] < 2 * 1000 * os.cpu_count() / results["images_per_sec"]
     assert json.loads(result.stdout.strip().splitlines()[-1])["images_per_sec"] == \
         pytest.approx(results["images_per_sec"])
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tensorboard").exists()
@@ -89,6 +97,7 @@ def test_scaling_study_tables_what_its_runs_measured(tmp_path):
     for name, row in measured.items():
         results = json.loads((tmp_path / name / "results.json").read_text())
         assert float(row["images_per_sec"]) == pytest.approx(results["images_per_sec"])
+        assert float(row["cpu_ms_per_image"]) == pytest.approx(results["cpu_ms_per_image"])
         assert int(row["global_batch"]) == results["global_batch_size"]
     mwms = [json.loads((tmp_path / "run5-tf.distribute-np2-r0" / f"reference-{rank}.json")
                        .read_text())
@@ -107,6 +116,9 @@ def test_scaling_study_tables_what_its_runs_measured(tmp_path):
     assert f"Horovod np=2 / np=1: {weak_speedup:.2f}x" in markdown
     communication = float(rows[2]["images_per_sec"]) / float(rows[7]["images_per_sec"])
     assert f"Horovod np=2 / 2 independent processes: {communication:.2f}x" in markdown
+    cpu_ratio = float(rows[7]["cpu_ms_per_image"]) / float(rows[2]["cpu_ms_per_image"])
+    assert (f"CPU time per image, 2 independent processes / Horovod np=2: {cpu_ratio:.2f}x"
+            in markdown)
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(tmp_path / "scaling.png") > 10_000
 

@@ -54,6 +54,7 @@ def main(_):
     with open(os.path.join(FLAGS.model_dir, f"reference-{rank}.json"), "w") as out:
         json.dump({"strategy": "multi_worker_mirrored" if cluster else "none", "rank": rank,
                    "world_size": size, "images_per_sec": throughput.images_per_sec(),
+                   "cpu_seconds_per_image": throughput.cpu_seconds_per_image(),
                    "window_rates": throughput.window_rates().tolist()}, out)
 
 
