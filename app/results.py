@@ -5,7 +5,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-_PRINTED = ("world_size", "global_batch_size", "epochs_completed", "val_accuracy",
+_PRINTED = ("world_size", "global_batch_size", "precision", "epochs_completed", "val_accuracy",
             "wall_seconds", "images_per_sec", "images_per_sec_spread",
             "images_per_sec_per_process", "images_per_sec_by_rank", "cpu_ms_per_image")
 

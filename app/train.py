@@ -290,7 +290,8 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         results.gathered_throughput(throughput, hvd.allgather),
         experiment=FLAGS.experiment, world_size=hvd.size(), batch_size=batch,
         global_batch_size=global_batch, learning_rate=scaled_lr,
-        steps_per_epoch=steps_per_epoch)
+        steps_per_epoch=steps_per_epoch,
+        precision=tf.keras.mixed_precision.global_policy().name)
 
 
 def run():

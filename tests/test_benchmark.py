@@ -73,6 +73,7 @@ def test_benchmark_mode_on_two_processes_reports_every_rank_and_writes_a_timelin
     assert results["images_per_sec"] == pytest.approx(sum(by_rank))
     assert results["images_per_sec_per_process"] == pytest.approx(sum(by_rank) / 2)
     assert results["images_per_sec_spread"] >= 0 and results["val_loss"] is None
+    assert results["precision"] == "float32"
     # At most every core busy (twice that: the ranks' clocks are read at slightly other times)
     assert 0 < results["cpu_ms_per_image"] < 2 * 1000 * os.cpu_count() / results["images_per_sec"]
     assert json.loads(result.stdout.strip().splitlines()[-1])["images_per_sec"] == \

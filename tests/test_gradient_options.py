@@ -110,6 +110,7 @@ def test_mixed_precision_and_xla_train_the_cnn(tmp_path):
         assert compiled_by_xla(result) == bool(xla), precision
         results = json.loads((tmp_path / precision / "results.json").read_text())
         assert results["val_accuracy"] > 0.9, precision
+        assert results["precision"] == f"mixed_{precision}"  # the policy the run used
         loss_scale = checkpoint_values(tmp_path / precision, 4, "optimizer/loss_scale/")
         assert len(loss_scale) == (2 if precision == "float16" else 0), loss_scale.keys()
 
