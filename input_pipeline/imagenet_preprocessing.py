@@ -9,7 +9,7 @@ model's input. Both scale to [0, 1] and normalize each channel by ImageNet's mea
 standard deviation. Images that are not JPEG (PNG, ...) are decoded whole, then cropped.
 
 `jpeg`: True when every image is a JPEG, False when none need be, None to choose per image
-(a tf.cond, whose per-image function call costs about a fifth of the training path).
+(a tf.cond in every image's preprocessing; its cost: BENCHMARKS.md).
 """
 import numpy as np
 import tensorflow as tf

@@ -107,15 +107,13 @@ def test_launch_reads_the_hosts_of_an_allocation(slurm, monkeypatch):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("recipe", ["train_mpirun"])
-def test_a_signalled_job_is_requeued_and_resumes_at_the_step_it_stopped(slurm, recipe,
-                                                                       tmp_path):
+def test_a_signalled_job_is_requeued_and_resumes_at_the_step_it_stopped(slurm, tmp_path):
     """USR1 as `--signal` sends it ahead of the time limit (to the batch script, which the
     mpirun recipe traps and passes on): the ranks checkpoint the step and exit 75, the
     recipe requeues the job, and the requeued job finishes from that step, on the hosts
     app.launch took from the allocation."""
     model_dir, out, epochs = tmp_path / "run", tmp_path / "job.out", 2
-    job = submit(slurm, f"scripts/slurm/{recipe}.sbatch", model_dir, out, f"--epochs={epochs}",
+    job = submit(slurm, "scripts/slurm/train_mpirun.sbatch", model_dir, out, f"--epochs={epochs}",
                  "--warmup_epochs=1", "--steps_per_epoch=150", "--validation_steps=2")
     deadline = time.monotonic() + 300
     while not (model_dir / "checkpoints" / "epoch-1.index").exists():
