@@ -1,4 +1,5 @@
 """Where each process computes: one GPU per local rank, and its share of the CPU cores."""
+import contextlib
 import os
 
 import tensorflow as tf
@@ -29,3 +30,25 @@ def set_cpu_threads(threads):
     """TensorFlow's intra-op and inter-op pools; must run before TensorFlow starts its runtime."""
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+
+def has_gpu():
+    """Whether TensorFlow sees a GPU here."""
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+@contextlib.contextmanager
+def threads_started_at_lowest_priority(enabled=True):
+    """The threads started inside the block (Linux) run at the lowest CPU priority (nice 19):
+    a core they share with TensorFlow's compute threads goes to those whenever they can run.
+    For Horovod's background thread, which polls while it waits for the other ranks."""
+    before = _thread_ids()
+    yield
+    if enabled:
+        for thread_id in _thread_ids() - before:
+            os.setpriority(os.PRIO_PROCESS, thread_id, 19)
+
+
+def _thread_ids():
+    return {int(task) for task in os.listdir("/proc/self/task")}

@@ -183,6 +183,11 @@ def define_performance_flags():
     flags.DEFINE_integer("threads_per_process", 0,
                          "TensorFlow intra-op and tf.data threads per process (0: the cores "
                          "divided among the processes on the node).", lower_bound=0)
+    flags.DEFINE_bool("deprioritize_horovod_threads", True,
+                      "On a process that computes on CPUs, run the threads hvd.init() starts "
+                      "(Horovod's background thread, MPI's) at the lowest CPU priority, so that "
+                      "their polling while they wait for the other ranks takes no core from the "
+                      "compute. Never on GPU processes, whose CPU threads feed the GPU.")
     flags.DEFINE_integer("steps_per_execution", 1,
                          "Training steps per call of Keras' compiled train function: fewer Python "
                          "round trips per step, for small models; per-batch callbacks (LR warmup "

@@ -40,7 +40,11 @@ def main(_):
         os.environ["HOROVOD_TIMELINE"] = os.path.join(FLAGS.model_dir, "timeline.json")
     if FLAGS.jit_compile:  # XLA compiles the step's ops around Horovod's (app.compat)
         tf.config.optimizer.set_jit("autoclustering")
-    hvd.init()
+    # Horovod's background thread polls while it waits for the other ranks: where the rank
+    # computes on its CPU cores, it runs on what the compute threads leave (BENCHMARKS.md).
+    with devices.threads_started_at_lowest_priority(
+            FLAGS.deprioritize_horovod_threads and not devices.has_gpu()):
+        hvd.init()
     devices.pin_gpu(hvd.local_rank())
     threads = devices.cpu_threads(hvd.local_size(), FLAGS.threads_per_process)
     devices.set_cpu_threads(threads)

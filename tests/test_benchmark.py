@@ -157,3 +157,46 @@ def test_imagenet_pipeline_benchmark_tables_its_own_measurements(tmp_path):
     assert [float(row["images_per_sec"]) for row in rows] == pytest.approx(
         [row["images_per_sec"] for row in found])
     assert len(list((tmp_path / "shards").glob("train-*-of-00004"))) == 4
+
+
+CPUINFO = "processor\t: {index}\ncpu MHz\t\t: 2000.000\nflags\t\t: fpu sse sse2 {flags}\n\n"
+
+
+@pytest.mark.parametrize("flags, float32, bfloat16, unit", [
+    ("avx2 fma avx512f avx512_bf16 amx_tile amx_bf16", 64, 1024, "amx_bf16"),
+    ("avx2 fma avx512f avx512_bf16", 64, 128, "avx512_bf16"),
+    ("avx2 fma avx512f", 64, 64, "avx512f"),
+    ("avx2 fma", 32, 32, "avx2"),
+    ("", 8, 8, "sse")])
+def test_the_peak_follows_the_cpus_vector_units(flags, float32, bfloat16, unit):
+    from app.studies import roofline
+    cpuinfo = "".join(CPUINFO.format(index=index, flags=flags) for index in range(2))
+    peaks, found = roofline.cpu_peak(cpuinfo, cores=2)
+    assert found == unit
+    assert peaks == {"float32": 2 * 2e9 * float32, "bfloat16": 2 * 2e9 * bfloat16}
+
+
+def test_the_flops_of_a_model_are_counted_from_its_layers():
+    """A dense layer of 10 -> 5 is 50 multiply-adds and 5 bias additions; ResNet-50 at 224x224
+    is the published 4.1 billion multiply-adds."""
+    from app.compat import tf
+    from app.studies import roofline
+    dense = tf.keras.Sequential([tf.keras.Input([10]), tf.keras.layers.Dense(5)])
+    assert roofline.forward_flops(dense, [10]) == 2 * 10 * 5 + 5
+    assert roofline.training_flops_per_example("resnet50", 224) == pytest.approx(
+        3 * 2 * 4.1e9, rel=0.01)
+
+
+def test_roofline_study_tables_what_its_runs_measured(tmp_path):
+    run([PYTHON, "-m", "app.studies.roofline", "--runs=cnn:8:32", "--precisions=float32,bfloat16",
+         "--steps=6", "--warmup_steps=2", f"--out_dir={tmp_path}"])
+    found = json.loads((tmp_path / "roofline.json").read_text())
+    assert [row["precision"] for row in found["rows"]] == ["float32", "mixed_bfloat16"]
+    for row, precision in zip(found["rows"], ("float32", "bfloat16")):
+        results = json.loads((tmp_path / f"cnn-8-32-{precision}" / "results.json").read_text())
+        assert row["images_per_sec"] == pytest.approx(results["images_per_sec"])
+        assert row["achieved_gflops"] == pytest.approx(
+            row["images_per_sec"] * row["gflop_per_image"])
+        assert 0 < row["of_peak"] == pytest.approx(row["achieved_gflops"] / row["peak_gflops"])
+        assert row["of_peak"] < 1  # a run faster than the processor's peak is a counting error
+    assert "| cnn | 8x8 | 32 | mixed_bfloat16 |" in (tmp_path / "roofline.md").read_text()

@@ -26,3 +26,13 @@ def test_two_ranks_end_identical(launcher, tmp_path):
     assert metrics[0]["history"] == metrics[1]["history"]
     learning_rates = metrics[0]["history"]["lr"]
     assert learning_rates[0] < learning_rates[-1] == pytest.approx(0.1)
+
+
+def test_the_threads_horovod_starts_run_at_the_lowest_priority_and_still_reduce(tmp_path):
+    """app.train starts Horovod so on CPU ranks: its background thread's polling then takes no
+    core from the compute threads (BENCHMARKS.md); the main thread keeps its priority."""
+    run([*mpirun(2), PYTHON, "tests/workers/thread_priority_check.py", str(tmp_path)])
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert found["started"] and set(found["started"]) == {19}, found  # at least Horovod's
+        assert found["main"] == 0 and found["sum"] == 3.0

@@ -101,17 +101,22 @@ TRAIN_CNN = ["--flagfile=configs/digits_cnn.cfg", "--epochs=4", "--warmup_epochs
 
 
 def test_mixed_precision_and_xla_train_the_cnn(tmp_path):
-    """bfloat16 with XLA, float16 (loss scaled) without: both learn the digits; only the
-    first compiles with XLA; only float16 keeps a loss scale in its checkpoint."""
+    """bfloat16 with XLA on the default experiment as `make train` runs it (its 16 epochs):
+    the 97% it reaches in float32; float16 (loss scaled) without XLA, 4 epochs: it learns the
+    digits. Only the first compiles with XLA; only float16 keeps a loss scale in its
+    checkpoint."""
     env = {"TF_CPP_MIN_LOG_LEVEL": "0"}  # XLA's INFO line says it compiled
-    for precision, xla in (("bfloat16", ["--jit_compile"]), ("float16", [])):
-        result = run(train_command(*TRAIN_CNN, f"--mixed_precision={precision}", *xla,
+    for precision, flags, epochs, accuracy in (
+            ("bfloat16", ["--flagfile=configs/digits_cnn.cfg", "--jit_compile"], 16, 0.97),
+            ("float16", TRAIN_CNN, 4, 0.9)):
+        result = run(train_command(*flags, f"--mixed_precision={precision}",
                                    f"--model_dir={tmp_path / precision}"), env=env)
-        assert compiled_by_xla(result) == bool(xla), precision
+        assert compiled_by_xla(result) == (precision == "bfloat16")
         results = json.loads((tmp_path / precision / "results.json").read_text())
-        assert results["val_accuracy"] > 0.9, precision
+        assert results["epochs_completed"] == epochs
+        assert results["val_accuracy"] >= accuracy, precision
         assert results["precision"] == f"mixed_{precision}"  # the policy the run used
-        loss_scale = checkpoint_values(tmp_path / precision, 4, "optimizer/loss_scale/")
+        loss_scale = checkpoint_values(tmp_path / precision, epochs, "optimizer/loss_scale/")
         assert len(loss_scale) == (2 if precision == "float16" else 0), loss_scale.keys()
 
 

@@ -1,0 +1,141 @@
+"""How close a training step runs to the processor: the FLOP/s one process achieves training
+a model (`app.train --benchmark` on every core) against this CPU's peak, in float32 and in
+bfloat16.
+
+    python -m app.studies.roofline --runs=resnet20:32:64,resnet50:224:16
+
+A run is MODEL:IMAGE_SIZE:BATCH on synthetic images. The FLOPs of a step are counted from the
+model: TensorFlow's profiler counts the forward pass of one image (a multiply-add is 2 FLOPs),
+and a training step costs three forward passes (the backward pass computes the gradients of
+the activations and of the weights, each about a forward pass). The peak is cores x clock x
+FLOPs per cycle and core, from the CPU's flags in /proc/cpuinfo: 64 in float32 with AVX-512
+and 32 with AVX2 (two fused multiply-add units), and in bfloat16 1024 with AMX, 128 with
+AVX512_BF16, otherwise the float32 figure (the CPU converts bfloat16 to float32 to compute).
+It is a nominal figure: turbo and the clock drop of wide vector units move it. Writes
+roofline.md, .csv and .json to --out_dir; other arguments go to every run.
+"""
+import json
+import os
+
+from app.compat import tf  # first: it sets TF_USE_LEGACY_KERAS
+
+import input_pipeline
+import models
+from app import launch
+from app.studies import harness
+
+PRECISIONS = ("float32", "bfloat16")
+# FLOPs per cycle and core: (CPU flag, float32, bfloat16), the first flag the CPU has wins.
+VECTOR_UNITS = (("amx_bf16", 64, 1024), ("avx512_bf16", 64, 128), ("avx512f", 64, 64),
+                ("avx2", 32, 32))
+SCALAR_FLOPS_PER_CYCLE = 8  # SSE: 4 floats, multiply and add
+
+
+def forward_flops(model, input_shape):
+    """FLOPs of one example's forward pass, as TensorFlow's profiler counts the graph's ops."""
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+        tf.TensorSpec([1, *input_shape], tf.float32)).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    return tf.compat.v1.profiler.profile(graph=graph, cmd="op", options=options).total_float_ops
+
+
+def training_flops_per_example(model_name, image_size):
+    """Forward and backward FLOPs of one synthetic image through `model_name`."""
+    source = input_pipeline.load("synthetic", "train", image_size=image_size)
+    model = models.build(model_name, source.feature_shape, source.num_outputs)
+    return 3 * forward_flops(model, source.feature_shape)
+
+
+def cpu_peak(cpuinfo, cores):
+    """{precision: nominal peak FLOP/s} of `cores` cores of the CPU /proc/cpuinfo describes,
+    and the flag it was taken from."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())  # the first processor's
+    flags = set(fields["flags"].split())
+    hertz = float(fields["cpu MHz"]) * 1e6
+    for flag, float32, bfloat16 in VECTOR_UNITS:
+        if flag in flags:
+            return {"float32": cores * hertz * float32, "bfloat16": cores * hertz * bfloat16}, flag
+    peak = cores * hertz * SCALAR_FLOPS_PER_CYCLE
+    return {"float32": peak, "bfloat16": peak}, "sse"
+
+
+def parse_runs(text):
+    """[(model, image size, batch)] of MODEL:IMAGE_SIZE:BATCH,..."""
+    runs = []
+    for entry in text.split(","):
+        name, size, batch = entry.split(":")
+        if name not in models.BUILDERS or int(size) < 8 or int(batch) < 1:
+            raise ValueError(entry)
+        runs.append((name, int(size), int(batch)))
+    return runs
+
+
+def main(argv=None):
+    parser = harness.study_parser("app.studies.roofline", __doc__)
+    parser.add_argument("--runs", default="resnet20:32:64,resnet50:224:16",
+                        help="MODEL:IMAGE_SIZE:BATCH,... on synthetic images")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help=f"of {', '.join(PRECISIONS)}")
+    parser.add_argument("--steps", type=int, default=12, help="steps of each run")
+    parser.add_argument("--warmup_steps", type=int, default=3, help="steps not measured")
+    parser.add_argument("--out_dir", default="runs/roofline", help="where the runs go")
+    args, train_args = parser.parse_known_args(argv)
+    try:
+        runs = parse_runs(args.runs)
+    except ValueError as error:
+        parser.error(f"--runs: {error} is not MODEL:IMAGE_SIZE:BATCH (a model of "
+                     f"{', '.join(models.BUILDERS)}, a size of at least 8, a positive batch)")
+    precisions = args.precisions.split(",")
+    if not set(precisions) <= set(PRECISIONS):
+        parser.error(f"--precisions: {args.precisions}: each of {', '.join(PRECISIONS)}")
+    if not 0 <= args.warmup_steps < args.steps:
+        parser.error("--steps must be more than --warmup_steps (at least 0)")
+
+    with open("/proc/cpuinfo") as cpuinfo:
+        peaks, unit = cpu_peak(cpuinfo.read(), launch.usable_cores())
+    rows = []
+    for name, size, batch in runs:
+        flops = training_flops_per_example(name, size)
+        for precision in precisions:
+            run_dir = os.path.join(args.out_dir, f"{name}-{size}-{batch}-{precision}")
+            results = harness.run_benchmark(run_dir, 1, [
+                "--flagfile=configs/digits_cnn.cfg", "--dataset=synthetic", f"--model={name}",
+                f"--image_size={size}", f"--batch_size={batch}", "--epochs=1", "--warmup_epochs=0",
+                f"--steps_per_epoch={args.steps}", f"--warmup_steps={args.warmup_steps}",
+                *([f"--mixed_precision={precision}"] if precision != "float32" else []),
+                *train_args], [])
+            achieved = results["images_per_sec"] * flops
+            rows.append({"model": name, "image_size": size, "batch": batch,
+                         "precision": results["precision"], "gflop_per_image": flops / 1e9,
+                         "images_per_sec": results["images_per_sec"],
+                         "achieved_gflops": achieved / 1e9,
+                         "peak_gflops": peaks[precision] / 1e9,
+                         "of_peak": achieved / peaks[precision]})
+    title = (f"Training FLOP/s against the peak of {launch.usable_cores()} cores "
+             f"({unit}: {peaks['float32'] / 1e9:.0f} GFLOP/s float32, "
+             f"{peaks['bfloat16'] / 1e9:.0f} bfloat16), one process")
+    notes = ([] if peaks["bfloat16"] > peaks["float32"] else
+             ["This CPU has no bfloat16 arithmetic: bfloat16 runs convert to float32 to "
+              "compute, so their peak is float32's."])
+    columns = [("model", lambda row: row["model"]),
+               ("image", lambda row: f"{row['image_size']}x{row['image_size']}"),
+               ("batch", lambda row: str(row["batch"])),
+               ("precision", lambda row: row["precision"]),
+               ("GFLOP/image (train)", lambda row: f"{row['gflop_per_image']:.3f}"),
+               ("images/s", lambda row: f"{row['images_per_sec']:.1f}"),
+               ("GFLOP/s", lambda row: f"{row['achieved_gflops']:.1f}"),
+               ("peak GFLOP/s", lambda row: f"{row['peak_gflops']:.0f}"),
+               ("of peak", lambda row: f"{row['of_peak']:.1%}")]
+    stem = os.path.join(args.out_dir, "roofline")
+    print(harness.write_table(stem, rows, list(rows[0]), columns, title, notes))
+    with open(f"{stem}.json", "w") as out:
+        json.dump({"title": title, "peak_unit": unit, "rows": rows}, out, indent=2)
+    print(f"wrote {stem}.md, .csv and .json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Run under mpirun -np 2: hvd.init() inside devices.threads_started_at_lowest_priority, then
+an allreduce. Writes to OUT_DIR/rank-R.json the niceness of the threads hvd.init() started and
+of this (the main) thread, and the allreduced sum."""
+import json
+import os
+import sys
+
+from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
+
+from app import devices
+
+before = {int(task) for task in os.listdir("/proc/self/task")}
+with devices.threads_started_at_lowest_priority():
+    hvd.init()
+started = {int(task) for task in os.listdir("/proc/self/task")} - before
+total = hvd.allreduce(tf.constant(float(hvd.rank() + 1)), op=hvd.Sum)
+with open(os.path.join(sys.argv[1], f"rank-{hvd.rank()}.json"), "w") as out:
+    json.dump({"started": [os.getpriority(os.PRIO_PROCESS, tid) for tid in started],
+               "main": os.getpriority(os.PRIO_PROCESS, 0), "sum": float(total)}, out)
