@@ -200,3 +200,13 @@ def test_roofline_study_tables_what_its_runs_measured(tmp_path):
         assert 0 < row["of_peak"] == pytest.approx(row["achieved_gflops"] / row["peak_gflops"])
         assert row["of_peak"] < 1  # a run faster than the processor's peak is a counting error
     assert "| cnn | 8x8 | 32 | mixed_bfloat16 |" in (tmp_path / "roofline.md").read_text()
+
+
+def test_the_keras_reference_computes_in_the_precision_it_is_given(tmp_path):
+    """The scaling study's non-Horovod runs take --mixed_precision as app.train does, so that
+    both sides of its ratios compute alike."""
+    run([PYTHON, "-m", "app.studies.keras_reference", "--flagfile=configs/digits_cnn.cfg",
+         "--epochs=1", "--warmup_epochs=0", "--steps_per_epoch=6", "--warmup_steps=2",
+         "--mixed_precision=bfloat16", f"--model_dir={tmp_path}"])
+    found = json.loads((tmp_path / "reference-0.json").read_text())
+    assert found["precision"] == "mixed_bfloat16" and found["images_per_sec"] > 0

@@ -35,6 +35,8 @@ def main(_):
     steps_per_epoch = arithmetic.steps_per_epoch(request, source.num_examples, global_batch,
                                                  FLAGS.steps_per_epoch)
     tf.keras.utils.set_random_seed(FLAGS.seed)
+    if FLAGS.mixed_precision:  # as app.train computes
+        tf.keras.mixed_precision.set_global_policy(f"mixed_{FLAGS.mixed_precision}")
     dataset = input_pipeline.training_dataset(
         source, rank=rank, size=size, batch_size=batch, steps_per_epoch=steps_per_epoch,
         seed=FLAGS.seed, shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache)
@@ -43,8 +45,9 @@ def main(_):
 
     with strategy.scope():
         model = models.build(FLAGS.model, source.feature_shape, source.num_outputs)
-        optimizer = optimizers.build(FLAGS.optimizer,
-                                     app_flags.scaled_learning_rate(global_batch), FLAGS.momentum)
+        optimizer = optimizers.loss_scaled(
+            optimizers.build(FLAGS.optimizer, app_flags.scaled_learning_rate(global_batch),
+                             FLAGS.momentum), FLAGS.mixed_precision)
         models.compile_for_task(model, optimizer, source.task, FLAGS.steps_per_execution)
     throughput = callbacks.Throughput(batch, size, FLAGS.warmup_steps)
     model.fit(data, steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs, verbose=0,
@@ -54,6 +57,7 @@ def main(_):
     with open(os.path.join(FLAGS.model_dir, f"reference-{rank}.json"), "w") as out:
         json.dump({"strategy": "multi_worker_mirrored" if cluster else "none", "rank": rank,
                    "world_size": size, "images_per_sec": throughput.images_per_sec(),
+                   "precision": tf.keras.mixed_precision.global_policy().name,
                    "cpu_seconds_per_image": throughput.cpu_seconds_per_image(),
                    "window_rates": throughput.window_rates().tolist()}, out)
 
