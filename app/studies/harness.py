@@ -60,6 +60,15 @@ def write_table(stem, rows, csv_columns, markdown_columns, title=None, notes=())
     return markdown
 
 
+def write_study(stem, rows, markdown_columns, title, notes=(), **fields):
+    """Writes a study's table (write_table, every column in the CSV) and STEM.json (the title,
+    `fields` and the rows), prints the table, and says where they went."""
+    print(write_table(stem, rows, list(rows[0]), markdown_columns, title, notes))
+    with open(f"{stem}.json", "w") as out:
+        json.dump({"title": title, **fields, "rows": rows}, out, indent=2)
+    print(f"wrote {stem}.md, .csv and .json")
+
+
 def free_port():
     """A TCP port on localhost that nothing listens on now."""
     with socket.socket() as probe:

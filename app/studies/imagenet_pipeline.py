@@ -13,7 +13,6 @@ first, so that the disk is not measured. Each path runs on one thread, the paths
 seconds per image (which the other load on a shared machine does not inflate), and the
 ratios to decoding alone. Writes imagenet_pipeline.md, .csv and .json to --out_dir.
 """
-import json
 import os
 import time
 
@@ -118,11 +117,7 @@ def main(argv=None):
                ("CPU ms/image", lambda row: f"{row['cpu_ms_per_image']:.2f}"),
                ("of decode only (images/s)", lambda row: f"{row['of_decode_only']:.2f}"),
                ("of decode only (CPU time)", lambda row: f"{row['cpu_of_decode_only']:.2f}")]
-    stem = os.path.join(args.out_dir, "imagenet_pipeline")
-    print(harness.write_table(stem, rows, list(rows[0]), columns, title))
-    with open(f"{stem}.json", "w") as out:
-        json.dump({"title": title, "rows": rows}, out, indent=2)
-    print(f"wrote {stem}.md, .csv and .json")
+    harness.write_study(os.path.join(args.out_dir, "imagenet_pipeline"), rows, columns, title)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ AVX512_BF16, otherwise the float32 figure (the CPU converts bfloat16 to float32 
 It is a nominal figure: turbo and the clock drop of wide vector units move it. Writes
 roofline.md, .csv and .json to --out_dir; other arguments go to every run.
 """
-import json
 import os
 
 from app.compat import tf  # first: it sets TF_USE_LEGACY_KERAS
@@ -130,11 +129,8 @@ def main(argv=None):
                ("GFLOP/s", lambda row: f"{row['achieved_gflops']:.1f}"),
                ("peak GFLOP/s", lambda row: f"{row['peak_gflops']:.0f}"),
                ("of peak", lambda row: f"{row['of_peak']:.1%}")]
-    stem = os.path.join(args.out_dir, "roofline")
-    print(harness.write_table(stem, rows, list(rows[0]), columns, title, notes))
-    with open(f"{stem}.json", "w") as out:
-        json.dump({"title": title, "peak_unit": unit, "rows": rows}, out, indent=2)
-    print(f"wrote {stem}.md, .csv and .json")
+    harness.write_study(os.path.join(args.out_dir, "roofline"), rows, columns, title, notes,
+                        peak_unit=unit)
 
 
 if __name__ == "__main__":
