@@ -32,7 +32,6 @@ def set_cpu_threads(threads):
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-
 def has_gpu():
     """Whether TensorFlow sees a GPU here."""
     return bool(tf.config.list_physical_devices("GPU"))
