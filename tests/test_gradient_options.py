@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import HOROVODRUN, PYTHON, mpirun, run, train_command
-from test_train import checkpoint_values
+from test_train import checkpoint_values, run_concurrently
 
 SAME_DATA = ["--flagfile=configs/digits_cnn.cfg", "--global_batch_size=32", "--deterministic",
              "--lr_scaling=none", "--warmup_epochs=0", "--lr_schedule=constant", "--epochs=2",
@@ -105,12 +105,13 @@ def test_mixed_precision_and_xla_train_the_cnn(tmp_path):
     the 97% it reaches in float32; float16 (loss scaled) without XLA, 4 epochs: it learns the
     digits. Only the first compiles with XLA; only float16 keeps a loss scale in its
     checkpoint."""
-    env = {"TF_CPP_MIN_LOG_LEVEL": "0"}  # XLA's INFO line says it compiled
-    for precision, flags, epochs, accuracy in (
-            ("bfloat16", ["--flagfile=configs/digits_cnn.cfg", "--jit_compile"], 16, 0.97),
-            ("float16", TRAIN_CNN, 4, 0.9)):
-        result = run(train_command(*flags, f"--mixed_precision={precision}",
-                                   f"--model_dir={tmp_path / precision}"), env=env)
+    cases = (("bfloat16", ["--flagfile=configs/digits_cnn.cfg", "--jit_compile"], 16, 0.97),
+             ("float16", TRAIN_CNN, 4, 0.9))
+    outputs = run_concurrently(  # XLA's INFO line says it compiled
+        lambda case: run(train_command(*case[1], f"--mixed_precision={case[0]}",
+                                       f"--model_dir={tmp_path / case[0]}"),
+                         env={"TF_CPP_MIN_LOG_LEVEL": "0"}), cases)
+    for (precision, _, epochs, accuracy), result in zip(cases, outputs):
         assert compiled_by_xla(result) == (precision == "bfloat16")
         results = json.loads((tmp_path / precision / "results.json").read_text())
         assert results["epochs_completed"] == epochs
