@@ -42,12 +42,13 @@ def threads_started_at_lowest_priority(enabled=True):
     """The threads started inside the block (Linux) run at the lowest CPU priority (nice 19):
     a core they share with TensorFlow's compute threads goes to those whenever they can run.
     For Horovod's background thread, which polls while it waits for the other ranks."""
-    before = _thread_ids()
+    before = thread_ids()
     yield
     if enabled:
-        for thread_id in _thread_ids() - before:
+        for thread_id in thread_ids() - before:
             os.setpriority(os.PRIO_PROCESS, thread_id, 19)
 
 
-def _thread_ids():
+def thread_ids():
+    """The ids of this process's threads (Linux)."""
     return {int(task) for task in os.listdir("/proc/self/task")}

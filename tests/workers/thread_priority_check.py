@@ -9,10 +9,10 @@ from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
 
 from app import devices
 
-before = {int(task) for task in os.listdir("/proc/self/task")}
+before = devices.thread_ids()
 with devices.threads_started_at_lowest_priority():
     hvd.init()
-started = {int(task) for task in os.listdir("/proc/self/task")} - before
+started = devices.thread_ids() - before
 total = hvd.allreduce(tf.constant(float(hvd.rank() + 1)), op=hvd.Sum)
 with open(os.path.join(sys.argv[1], f"rank-{hvd.rank()}.json"), "w") as out:
     json.dump({"started": [os.getpriority(os.PRIO_PROCESS, tid) for tid in started],
