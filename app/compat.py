@@ -6,9 +6,10 @@ Why this module exists (BUILD.md has the whole story):
   case `tf.keras` is tf_keras (Keras 2). This module sets it and refuses to go on if TensorFlow
   was already imported without it.
 - `horovod.tensorflow.keras` and its `callbacks` module do `from keras import backend as K`,
-  which is Keras 3's backend even when `tf.keras` is tf_keras; the callbacks then set the
-  learning rate and broadcast through the wrong Keras. Rebinding `K` in both modules to
-  `tf.keras.backend` makes them work on the Keras that builds the models.
+  which is Keras 3's backend even when `tf.keras` is tf_keras; the callbacks would then set
+  the learning rate and broadcast through the wrong Keras. While Horovod is imported, the name
+  `keras` stands for `tf.keras`, so that both take the backend of the Keras that builds the
+  models (and no process loads Keras 3, a third of the start-up time, for nothing).
 - --jit_compile uses XLA's auto-clustering, which compiles the clusters of ops XLA can
   compile and leaves Horovod's collectives between them (Horovod 0.28.1 can lower its ops to
   XLA only in GPU builds, so Keras' compile(jit_compile=True) fails on CPUs). On CPUs TensorFlow
@@ -32,12 +33,20 @@ if "--tf_xla_cpu_global_jit" not in os.environ.get("TF_XLA_FLAGS", ""):
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines, one per rank
 
 import tensorflow as tf  # noqa: E402  (must follow the environment variable)
-import horovod.tensorflow.keras as hvd  # noqa: E402
-import horovod.tensorflow.keras.callbacks as _hvd_keras_callbacks  # noqa: E402
+
+_keras = sys.modules.get("keras")
+sys.modules["keras"] = tf.keras
+try:
+    import horovod.tensorflow.keras as hvd  # noqa: E402
+    import horovod.tensorflow.keras.callbacks as _hvd_keras_callbacks  # noqa: E402
+finally:
+    if _keras is None:
+        del sys.modules["keras"]
+    else:
+        sys.modules["keras"] = _keras
+if not hvd.K is _hvd_keras_callbacks.K is tf.keras.backend:
+    raise ImportError("Horovod's Keras layer took another Keras backend than tf.keras's")
 
 tf.get_logger().setLevel("WARNING")
-
-hvd.K = tf.keras.backend
-_hvd_keras_callbacks.K = tf.keras.backend
 
 __all__ = ["hvd", "tf"]
