@@ -1,9 +1,14 @@
 """Pure Keras model builders, chosen by name. No Horovod here: app/ wraps what these build.
 
-Every builder takes the input shape, the number of outputs and a `normalization` layer
-factory (BatchNormalization by default), so that app/ can swap in a synchronized batch norm
-without this package knowing about Horovod.
+Every builder takes the number of outputs and a `normalization` layer factory
+(BatchNormalization by default), so that app/ can swap in a synchronized batch norm without
+this package knowing about Horovod, and returns the model as a list of blocks: functions from
+one tensor to the next, each making its layers when called. A model is its blocks chained;
+the places between blocks, where one tensor passes, are where a pipeline can cut it into
+stages (build(first_block=, last_block=)). Each block's weights are drawn from a seed of its
+own, so that a stage built alone starts from the weights the whole model would have.
 """
+
 import tensorflow as tf
 import tf_keras as keras
 
@@ -23,9 +28,35 @@ BUILDERS = {
 }
 
 
-def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormalization):
-    """Returns the uncompiled Keras model `name`."""
-    return BUILDERS[name](input_shape, num_outputs, normalization=normalization)
+def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormalization,
+          seed=0, first_block=0, last_block=None):
+    """Returns the uncompiled Keras model `name` on inputs of `input_shape`, or the stage of
+    it that runs blocks first_block to last_block (exclusive; None: to the end), which takes
+    the tensor block `first_block` takes."""
+    blocks = BUILDERS[name](num_outputs, normalization=normalization)
+    stage = range(len(blocks))[first_block:last_block]
+    inputs = keras.Input(block_shapes(name, input_shape, num_outputs)[first_block][0]
+                         if first_block else input_shape)
+    outputs = inputs
+    for index in stage:
+        keras.utils.set_random_seed(seed * 1000 + index)
+        outputs = blocks[index](outputs)
+    whole = len(stage) == len(blocks)
+    return keras.Model(inputs, outputs,
+                       name=name if whole else f"{name}_blocks_{stage.start}_{stage.stop}")
+
+
+def block_shapes(name, input_shape, num_outputs):
+    """[(input shape, parameters)] of each of the model's blocks, worked out in a graph that
+    is thrown away, without allocating any weight."""
+    with tf.Graph().as_default():
+        blocks = BUILDERS[name](num_outputs)
+        x, shapes = keras.Input(input_shape), []
+        for block in blocks:
+            model = keras.Model(inputs := keras.Input(x.shape[1:]), block(inputs))
+            shapes.append((tuple(x.shape[1:]), model.count_params()))
+            x = model(x)
+        return shapes
 
 
 def compile_for_task(model, optimizer, task, steps_per_execution=1):

@@ -2,21 +2,23 @@
 import tf_keras as keras
 
 
-def linear(input_shape, num_outputs, normalization=None):
+def linear(num_outputs, normalization=None):
     """y = w*x + b: one Dense unit per output, no activation (a regression model)."""
     del normalization  # nothing to normalize in a linear neuron
-    inputs = keras.Input(shape=input_shape)
-    outputs = keras.layers.Dense(num_outputs, name="neuron", dtype="float32")(
-        keras.layers.Flatten()(inputs))
-    return keras.Model(inputs, outputs, name="linear")
+    return [lambda x: keras.layers.Dense(num_outputs, name="neuron", dtype="float32")(
+        keras.layers.Flatten()(x))]
 
 
-def mlp(input_shape, num_outputs, normalization=None, hidden=(256, 128)):
-    """Flatten, ReLU hidden layers, softmax classifier; no normalization or dropout."""
+def mlp(num_outputs, normalization=None, hidden=(256, 128)):
+    """Flatten, ReLU hidden layers, softmax classifier; no normalization or dropout. Blocks:
+    one per Dense layer."""
     del normalization
-    inputs = keras.Input(shape=input_shape)
-    x = keras.layers.Flatten()(inputs)
-    for units in hidden:
-        x = keras.layers.Dense(units, activation="relu")(x)
-    outputs = keras.layers.Dense(num_outputs, activation="softmax", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name="mlp")
+
+    def hidden_block(units, flatten):
+        def block(x):
+            return keras.layers.Dense(units, activation="relu")(
+                keras.layers.Flatten()(x) if flatten else x)
+        return block
+
+    return [*(hidden_block(units, index == 0) for index, units in enumerate(hidden)),
+            lambda x: keras.layers.Dense(num_outputs, activation="softmax", dtype="float32")(x)]

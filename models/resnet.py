@@ -6,13 +6,13 @@ import tf_keras as keras
 _CONV = dict(padding="same", use_bias=False, kernel_initializer="he_normal")
 
 
-def _cifar_resnet(input_shape, num_outputs, blocks_per_stage, normalization, name):
-    inputs = keras.Input(shape=input_shape)
-    x = keras.layers.Conv2D(16, 3, **_CONV)(inputs)
-    x = keras.layers.ReLU()(normalization()(x))
-    for stage, filters in enumerate((16, 32, 64)):
-        for block in range(blocks_per_stage):
-            strides = 2 if stage > 0 and block == 0 else 1
+def _cifar_resnet(num_outputs, blocks_per_stage, normalization):
+    """Blocks: the stem, each residual block, the pooled classifier."""
+    def stem(x):
+        return keras.layers.ReLU()(normalization()(keras.layers.Conv2D(16, 3, **_CONV)(x)))
+
+    def residual_block(filters, strides):
+        def block(x):
             shortcut = x
             y = keras.layers.Conv2D(filters, 3, strides=strides, **_CONV)(x)
             y = keras.layers.ReLU()(normalization()(y))
@@ -20,29 +20,39 @@ def _cifar_resnet(input_shape, num_outputs, blocks_per_stage, normalization, nam
             if strides != 1 or shortcut.shape[-1] != filters:
                 shortcut = normalization()(
                     keras.layers.Conv2D(filters, 1, strides=strides, **_CONV)(shortcut))
-            x = keras.layers.ReLU()(keras.layers.Add()([shortcut, y]))
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(num_outputs, activation="softmax", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name=name)
+            return keras.layers.ReLU()(keras.layers.Add()([shortcut, y]))
+        return block
+
+    return [stem,
+            *(residual_block(filters, 2 if stage > 0 and block == 0 else 1)
+              for stage, filters in enumerate((16, 32, 64)) for block in range(blocks_per_stage)),
+            _pooled_classifier(num_outputs)]
 
 
-def resnet20(input_shape, num_outputs, normalization=keras.layers.BatchNormalization):
-    return _cifar_resnet(input_shape, num_outputs, 3, normalization, "resnet20")
+def _pooled_classifier(num_outputs, normalization=None):
+    def head(x):
+        if normalization:
+            x = keras.layers.ReLU()(normalization()(x))
+        return keras.layers.Dense(num_outputs, activation="softmax", dtype="float32")(
+            keras.layers.GlobalAveragePooling2D()(x))
+    return head
 
 
-def resnet56(input_shape, num_outputs, normalization=keras.layers.BatchNormalization):
-    return _cifar_resnet(input_shape, num_outputs, 9, normalization, "resnet56")
+def resnet20(num_outputs, normalization=keras.layers.BatchNormalization):
+    return _cifar_resnet(num_outputs, 3, normalization)
 
 
-def wide_resnet16_10(input_shape, num_outputs, normalization=keras.layers.BatchNormalization):
+def resnet56(num_outputs, normalization=keras.layers.BatchNormalization):
+    return _cifar_resnet(num_outputs, 9, normalization)
+
+
+def wide_resnet16_10(num_outputs, normalization=keras.layers.BatchNormalization):
     """WRN-16-10: 2 pre-activation blocks per stage, widths 160/320/640, no dropout."""
     depth, width = 16, 10
     blocks_per_stage = (depth - 4) // 6
-    inputs = keras.Input(shape=input_shape)
-    x = keras.layers.Conv2D(16, 3, **_CONV)(inputs)
-    for stage, filters in enumerate((16 * width, 32 * width, 64 * width)):
-        for block in range(blocks_per_stage):
-            strides = 2 if stage > 0 and block == 0 else 1
+
+    def residual_block(filters, strides):
+        def block(x):
             activated = keras.layers.ReLU()(normalization()(x))
             shortcut = x
             if strides != 1 or x.shape[-1] != filters:
@@ -50,11 +60,14 @@ def wide_resnet16_10(input_shape, num_outputs, normalization=keras.layers.BatchN
             y = keras.layers.Conv2D(filters, 3, strides=strides, **_CONV)(activated)
             y = keras.layers.ReLU()(normalization()(y))
             y = keras.layers.Conv2D(filters, 3, **_CONV)(y)
-            x = keras.layers.Add()([shortcut, y])
-    x = keras.layers.ReLU()(normalization()(x))
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(num_outputs, activation="softmax", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name="wrn16_10")
+            return keras.layers.Add()([shortcut, y])
+        return block
+
+    return [lambda x: keras.layers.Conv2D(16, 3, **_CONV)(x),
+            *(residual_block(filters, 2 if stage > 0 and block == 0 else 1)
+              for stage, filters in enumerate((16 * width, 32 * width, 64 * width))
+              for block in range(blocks_per_stage)),
+            _pooled_classifier(num_outputs, normalization)]
 
 
 # ResNet-50 v1.5 batch norm: Goyal et al.'s and the TF Model Garden's momentum and epsilon
@@ -62,21 +75,25 @@ def wide_resnet16_10(input_shape, num_outputs, normalization=keras.layers.BatchN
 _IMAGENET_BATCH_NORM = dict(momentum=0.9, epsilon=1e-5)
 
 
-def resnet50(input_shape, num_outputs, normalization=keras.layers.BatchNormalization):
+def resnet50(num_outputs, normalization=keras.layers.BatchNormalization):
     """ResNet-50 v1.5: bottleneck blocks (3, 4, 6, 3) whose stride is on the 3x3 convolution
     (v1 strides the first 1x1, which skips three quarters of its input), convolutions without
     bias and He-normal initialized, and the last batch norm of every residual branch
-    initialized to gamma = 0, so that each block starts as the identity (Goyal et al.)."""
-    inputs = keras.Input(shape=input_shape)
-    x = keras.layers.Conv2D(64, 7, strides=2, **_CONV)(inputs)
-    x = keras.layers.ReLU()(normalization(**_IMAGENET_BATCH_NORM)(x))
-    x = keras.layers.MaxPooling2D(3, strides=2, padding="same")(x)
-    for stage, (filters, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
-        for block in range(blocks):
-            x = _bottleneck(x, filters, 2 if stage > 0 and block == 0 else 1, normalization)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(num_outputs, activation="softmax", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name="resnet50")
+    initialized to gamma = 0, so that each block starts as the identity (Goyal et al.).
+    Blocks: the stem, each bottleneck block, the pooled classifier."""
+    def stem(x):
+        x = keras.layers.Conv2D(64, 7, strides=2, **_CONV)(x)
+        x = keras.layers.ReLU()(normalization(**_IMAGENET_BATCH_NORM)(x))
+        return keras.layers.MaxPooling2D(3, strides=2, padding="same")(x)
+
+    def bottleneck(filters, strides):
+        return lambda x: _bottleneck(x, filters, strides, normalization)
+
+    return [stem,
+            *(bottleneck(filters, 2 if stage > 0 and block == 0 else 1)
+              for stage, (filters, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)))
+              for block in range(blocks)),
+            _pooled_classifier(num_outputs)]
 
 
 def _bottleneck(x, filters, strides, normalization):
