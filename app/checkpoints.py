@@ -20,11 +20,17 @@ class MismatchError(ValueError):
     """A checkpoint that does not fit the model being built."""
 
 
-def manager(model, optimizer, model_dir):
+def subfolder(stage=0, stages=1):
+    """The folder, under the model_dir, of the checkpoints of a run's model, or of one stage
+    of it (app.pipeline: each stage's first replica saves its own)."""
+    return "checkpoints" if stages == 1 else os.path.join("checkpoints", f"stage-{stage}")
+
+
+def manager(model, optimizer, model_dir, subfolder="checkpoints"):
     """Saves model, optimizer and the global batch (see set_global_batch) under model_dir."""
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                      global_batch_size=tf.Variable(0, dtype=tf.int64))
-    return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, "checkpoints"),
+    return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, subfolder),
                                       max_to_keep=KEEP, checkpoint_name="epoch")
 
 
@@ -37,7 +43,7 @@ class NoIntactCheckpointError(RuntimeError):
     """Checkpoints exist, and every one is damaged."""
 
 
-def latest(model_dir, warn=None):
+def latest(model_dir, warn=None, subfolder="checkpoints"):
     """(epochs done, steps done in the next epoch, global batch) of the newest intact
     checkpoint in `model_dir`: epoch-N after N epochs, epoch-N-step-S after S more steps (a
     run stopped by a signal); (0, 0, 0) if there is none. Each is read whole before it is
@@ -48,13 +54,13 @@ def latest(model_dir, warn=None):
     The files are listed rather than the `checkpoint` index read, as the index names a
     checkpoint that was complete once, not one that is intact now, and not the mid-epoch
     ones."""
-    folder = os.path.join(model_dir, "checkpoints")
-    names = os.listdir(folder) if os.path.isdir(folder) else []
+    checkpoint_dir = os.path.join(model_dir, subfolder)
+    names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
     points = sorted(((int(match[1]), int(match[2] or 0))
                      for match in map(_INDEX_FILE.fullmatch, names) if match), reverse=True)
     damaged = []
     for epochs_done, steps_done in points:
-        path = os.path.join(folder, checkpoint_name(epochs_done, steps_done))
+        path = os.path.join(checkpoint_dir, checkpoint_name(epochs_done, steps_done))
         try:
             reader = tf.train.load_checkpoint(path)
             for name in reader.get_variable_to_shape_map():
@@ -76,14 +82,14 @@ def checkpoint_name(epochs_done, steps_done=0):
     return f"epoch-{epochs_done}" + (f"-step-{steps_done}" if steps_done else "")
 
 
-def broadcast_latest(model_dir, hvd, warn=None):
+def broadcast_latest(model_dir, hvd, warn=None, subfolder="checkpoints"):
     """latest() of rank 0, on every rank (Horovod's broadcast: every rank calls it), so that
     all resume from the same checkpoint; every rank raises NoIntactCheckpointError when rank
     0 found none intact (rank 0 with the message), so that none waits for the others."""
     message, state = "", (0, 0, 0)
     if hvd.rank() == 0:
         try:
-            state = latest(model_dir, warn)
+            state = latest(model_dir, warn, subfolder)
         except NoIntactCheckpointError as error:
             message, state = str(error), (-1, 0, 0)
     epochs_done, steps_done, global_batch = (int(value) for value in hvd.broadcast(

@@ -37,6 +37,7 @@ import tensorflow as tf  # noqa: E402  (must follow the environment variable)
 _keras = sys.modules.get("keras")
 sys.modules["keras"] = tf.keras
 try:
+    import horovod.tensorflow as hvd_tensorflow  # noqa: E402  (process sets' collectives)
     import horovod.tensorflow.keras as hvd  # noqa: E402
     import horovod.tensorflow.keras.callbacks as _hvd_keras_callbacks  # noqa: E402
 finally:
@@ -49,4 +50,4 @@ if not hvd.K is _hvd_keras_callbacks.K is tf.keras.backend:
 
 tf.get_logger().setLevel("WARNING")
 
-__all__ = ["hvd", "tf"]
+__all__ = ["hvd", "hvd_tensorflow", "tf"]

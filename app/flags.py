@@ -37,8 +37,8 @@ def define_training_flags():
         return
     for define in (define_experiment_flags, define_batch_flags, define_learning_rate_flags,
                    define_optimizer_flags, define_data_flags, define_horovod_flags,
-                   define_performance_flags, define_benchmark_flags, define_monitoring_flags,
-                   define_stopping_flags):
+                   define_parallelism_flags, define_performance_flags, define_benchmark_flags,
+                   define_monitoring_flags, define_stopping_flags):
         define()
 
 
@@ -70,10 +70,12 @@ def define_experiment_flags():
 
 def define_batch_flags():
     """Batch sizes and the length of training."""
-    flags.DEFINE_integer("batch_size", None, "Examples per process per step.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", None,
+                         "Examples per process per step (with --pipeline_stages: per pipeline "
+                         "of stages).", lower_bound=1)
     flags.DEFINE_integer("global_batch_size", None,
-                         "Examples per step over all processes (batch_size x processes); give "
-                         "this or --batch_size, not both.", lower_bound=1)
+                         "Examples per step over all processes (batch_size x processes, or x "
+                         "pipelines); give this or --batch_size, not both.", lower_bound=1)
     flags.DEFINE_integer("accumulation_steps", 1,
                          "Batches whose gradients each process adds up before one allreduce and "
                          "update (Horovod's backward_passes_per_step); counted in the global "
@@ -168,6 +170,24 @@ def define_horovod_flags():
         "elastic", lambda elastic: not elastic or os.environ.get("HOROVOD_ELASTIC") == "1",
         "needs horovodrun's elastic mode (python -m app.launch --host_discovery_script=SCRIPT "
         "...)")
+
+
+def define_parallelism_flags():
+    """Pipeline parallelism across ranks, alone or with Horovod's data parallelism, and
+    recomputation (app.pipeline)."""
+    flags.DEFINE_integer("pipeline_stages", 1,
+                         "Cut the model into this many stages of consecutive blocks, one per "
+                         "rank, balanced by parameters; the processes / stages replicas of each "
+                         "stage average their gradients with Horovod. Needs MPI (mpirun, srun, "
+                         "horovodrun --mpi).", lower_bound=1)
+    flags.DEFINE_integer("microbatches", 1,
+                         "Microbatches each step's per-replica batch is split into, run through "
+                         "the stages one after the other (GPipe's schedule), their gradients "
+                         "added up for one update.", lower_bound=1)
+    flags.DEFINE_bool("recompute", False,
+                      "Keep only each stage's input per microbatch and recompute its activations "
+                      "in the backward pass (gradient checkpointing): less memory, one more "
+                      "forward pass.")
 
 
 def define_performance_flags():
@@ -306,7 +326,9 @@ def validate(world_size):
     for name in ("model", "dataset", "epochs", "learning_rate"):
         if FLAGS[name].value is None:
             raise _invalid(name, "is required (the experiment sets no default)")
-    arithmetic.batch_sizes(batch_request(), world_size)
+    if pipelined():
+        _validate_pipeline(world_size)
+    arithmetic.batch_sizes(batch_request(), replicas(world_size))
     if FLAGS.warmup_epochs and FLAGS.warmup_epochs >= FLAGS.epochs:
         raise _invalid("warmup_epochs", f"must be shorter than --epochs={FLAGS.epochs}")
     if FLAGS.lr_schedule == "step":
@@ -319,6 +341,40 @@ def validate(world_size):
     if FLAGS.adasum and world_size & (world_size - 1):
         raise _invalid("adasum", f"needs a power-of-2 number of processes (Horovod's Adasum), "
                                  f"not {world_size}")
+
+
+def pipelined():
+    """Whether the run trains through app.pipeline (stages, microbatches or recomputation)."""
+    return FLAGS.pipeline_stages > 1 or FLAGS.microbatches > 1 or FLAGS.recompute
+
+
+def replicas(world_size):
+    """The data-parallel replicas among `world_size` processes: one per pipeline."""
+    return world_size // FLAGS.pipeline_stages
+
+
+def _validate_pipeline(world_size):
+    stages = FLAGS.pipeline_stages
+    if world_size % stages:
+        raise _invalid("pipeline_stages", f"must divide the {world_size} processes")
+    blocks = len(models.BUILDERS[FLAGS.model](1))
+    if stages > blocks:
+        raise _invalid("pipeline_stages", f"--model={FLAGS.model} has {blocks} blocks, so at "
+                                          f"most {blocks} stages")
+    if stages > 1 and "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ:
+        raise _invalid("pipeline_stages", "needs MPI (mpirun, srun, horovodrun --mpi); this run "
+                                          "uses Gloo")
+    batch, _ = arithmetic.batch_sizes(batch_request(), replicas(world_size))
+    if batch % FLAGS.microbatches:
+        raise _invalid("microbatches", f"must divide the batch of {batch} per replica")
+    for name, unsupported in (("elastic", FLAGS.elastic), ("adasum", FLAGS.adasum),
+                              ("sync_batch_norm", FLAGS.sync_batch_norm),
+                              ("accumulation_steps", FLAGS.accumulation_steps > 1),
+                              ("steps_per_execution", FLAGS.steps_per_execution > 1),
+                              ("mixed_precision", FLAGS.mixed_precision == "float16")):
+        if unsupported:
+            raise _invalid(name, "is not supported with --pipeline_stages, --microbatches or "
+                                 "--recompute")
 
 
 def _writable(folder):

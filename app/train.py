@@ -24,7 +24,7 @@ from absl import app
 import input_pipeline
 import models
 from app import arithmetic, callbacks, checkpoints, devices, optimizers, results, summaries
-from app import preemption, sync_batch_norm, watchdog
+from app import pipeline, preemption, sync_batch_norm, watchdog
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
@@ -42,9 +42,17 @@ def main(_):
         tf.config.optimizer.set_jit("autoclustering")
     # Horovod's background thread polls while it waits for the other ranks: where the rank
     # computes on its CPU cores, it runs on what the compute threads leave (BENCHMARKS.md).
+    # Pipeline stages: Horovod on mpi4py's MPI, with a process set per stage, its threads at
+    # normal priority, as the stages' messages wait for them (app.pipeline).
+    stages = FLAGS.pipeline_stages
     with devices.threads_started_at_lowest_priority(
-            FLAGS.deprioritize_horovod_threads and not devices.has_gpu()):
-        hvd.init()
+            FLAGS.deprioritize_horovod_threads and not devices.has_gpu() and stages == 1):
+        try:
+            parallel = pipeline.init_arguments(stages, app_flags.world_size_from_environment())
+        except RuntimeError as error:
+            app_flags.fail(f"--pipeline_stages={stages}: {error}")
+        hvd.init(**parallel)
+    where = pipeline.position(hvd.rank(), hvd.size(), stages)
     devices.pin_gpu(hvd.local_rank())
     threads = devices.cpu_threads(hvd.local_size(), FLAGS.threads_per_process)
     devices.set_cpu_threads(threads)
@@ -71,7 +79,8 @@ def main(_):
             initial_epoch, saved_step, initial_step, trained_global_batch = 0, 0, 0, 0
         else:
             initial_epoch, saved_step, trained_global_batch = checkpoints.broadcast_latest(
-                FLAGS.model_dir, hvd, warn if hvd.rank() == 0 else None)
+                FLAGS.model_dir, hvd, warn if hvd.rank() == 0 else None,
+                checkpoints.subfolder(0, stages))
             initial_step = saved_step
     except checkpoints.NoIntactCheckpointError as error:
         app_flags.fail(error, app_flags.RUN_ERROR)
@@ -99,26 +108,40 @@ def main(_):
     #    from the same seed on every rank: identical initial weights. Mixed precision
     #    computes in float16 or bfloat16 and keeps float32 variables; float16's loss scaling
     #    wraps the distributed optimizer, so that every rank sees the same overflows.
+    #    Pipelined: this rank's stage of the model, whose step averages the gradients over
+    #    the stage's replicas itself (app.pipeline).
     tf.keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.mixed_precision:
         tf.keras.mixed_precision.set_global_policy(f"mixed_{FLAGS.mixed_precision}")
     normalization = (sync_batch_norm.SyncBatchNormalization if FLAGS.sync_batch_norm
                      else tf.keras.layers.BatchNormalization)
+    first_block, last_block = pipeline.blocks_of_stage(
+        models.block_shapes(FLAGS.model, train_source.feature_shape, train_source.num_outputs)
+        if stages > 1 else [], where)
     model = models.build(FLAGS.model, train_source.feature_shape, train_source.num_outputs,
-                         normalization)
+                         normalization, seed=FLAGS.seed, first_block=first_block,
+                         last_block=last_block)
     models.add_weight_decay(
         model, 0.0 if FLAGS.optimizer in optimizers.DECAY_INSIDE else FLAGS.weight_decay)
     optimizer = optimizers.build(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum,
                                  FLAGS.weight_decay)
-    horovod_options = optimizers.horovod_options(FLAGS.accumulation_steps, FLAGS.fp16_allreduce)
-    optimizer = (optimizers.adasum_distributed_optimizer(optimizer, **horovod_options)
-                 if FLAGS.adasum else hvd.DistributedOptimizer(optimizer, **horovod_options))
-    optimizer = optimizers.loss_scaled(optimizer, FLAGS.mixed_precision)
+    checkpointed = model
+    if app_flags.pipelined():
+        model = pipeline.stage(model, where, parallel, FLAGS.microbatches,
+                               train_source.num_outputs, FLAGS.recompute)
+    else:
+        horovod_options = optimizers.horovod_options(FLAGS.accumulation_steps,
+                                                     FLAGS.fp16_allreduce)
+        optimizer = (optimizers.adasum_distributed_optimizer(optimizer, **horovod_options)
+                     if FLAGS.adasum else hvd.DistributedOptimizer(optimizer, **horovod_options))
+        optimizer = optimizers.loss_scaled(optimizer, FLAGS.mixed_precision)
     models.compile_for_task(model, optimizer, train_source.task, FLAGS.steps_per_execution)
+    model.run_eagerly = app_flags.pipelined()  # its steps pass tensors through MPI
 
     # Every rank restores the checkpoint of its epoch (weights and optimizer state), or a new
-    # run starts from --init_checkpoint's weights.
-    checkpoint_manager = checkpoints.manager(model, optimizer, FLAGS.model_dir)
+    # run starts from --init_checkpoint's weights. A stage's checkpoint is its blocks'.
+    checkpoint_manager = checkpoints.manager(checkpointed, optimizer, FLAGS.model_dir,
+                                             checkpoints.subfolder(where.stage, stages))
     if FLAGS.elastic:  # the slots exist on every worker, so that the elastic sync matches
         optimizers.create_slots(optimizer, model.trainable_variables)
     try:
@@ -132,7 +155,7 @@ def main(_):
     # 5. Train: on the processes there are, or elastically, from the last commit, on the
     #    workers there are after each change (Horovod's KerasState holds model and optimizer).
     train_from = functools.partial(train, model, checkpoint_manager, train_source,
-                                   validation_source, threads)
+                                   validation_source, threads, where)
     if FLAGS.elastic:
         state = hvd.elastic.KerasState(model, optimizer, epoch=initial_epoch)
         run_results = hvd.elastic.run(lambda state: train_from(state.epoch, 0, 0, state))(state)
@@ -147,18 +170,21 @@ def main(_):
             app_flags.fail(f"--model_dir={FLAGS.model_dir}: {error}", app_flags.RUN_ERROR)
 
 
-def train(model, checkpoint_manager, train_source, validation_source, threads, initial_epoch,
-          initial_step, trained_global_batch, elastic_state=None):
+def train(model, checkpoint_manager, train_source, validation_source, threads, where,
+          initial_epoch, initial_step, trained_global_batch, elastic_state=None):
     """Trains from step `initial_step` of `initial_epoch` to --epochs on hvd.size()
-    processes; returns the results (on every rank; rank 0 writes them)."""
+    processes (`where` this one is in the pipelines of stages); returns the results (on every
+    rank; rank 0 writes them)."""
     is_chief = hvd.rank() == 0
+    saves_checkpoints = where.replica == 0  # rank 0, or each stage's first replica
 
-    # Batch sizes: per-process batch x processes (x accumulation steps) is the global batch.
+    # Batch sizes: per-process (per-pipeline) batch x processes (pipelines) x accumulation
+    # steps is the global batch.
     request = app_flags.batch_request()
     try:
-        requested_batch, _ = arithmetic.batch_sizes(request, hvd.size())
+        requested_batch, _ = arithmetic.batch_sizes(request, where.replicas)
         batch, global_batch = arithmetic.batch_sizes(
-            request, hvd.size(),
+            request, where.replicas,
             resumed=(FLAGS.model_dir, trained_global_batch) if trained_global_batch else None)
         steps_per_epoch = arithmetic.steps_per_epoch(
             request, train_source.num_examples, global_batch, FLAGS.steps_per_epoch)
@@ -166,21 +192,22 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         app_flags.fail(error)
     if is_chief and batch != requested_batch:
         print(f"app.train: warning: {FLAGS.model_dir} was trained at a global batch of "
-              f"{global_batch}; resuming on {hvd.size()} processes at {batch} each keeps it "
+              f"{global_batch}; resuming on {where.replicas} replicas at {batch} each keeps it "
               f"(start a new --model_dir to change it)", file=sys.stderr, flush=True)
 
-    # Data: each rank reads its own disjoint shard; every rank runs the same steps. The same
-    # seed on every rank: the files are dealt out alike each epoch and, with --deterministic,
-    # shuffled alike, each rank taking its slice of every global batch.
+    # Data: each rank reads its own disjoint shard (the stages of a pipeline, their
+    # pipeline's); every rank runs the same steps. The same seed on every rank: the files are
+    # dealt out alike each epoch and, with --deterministic, shuffled alike, each rank taking
+    # its slice of every global batch.
     tf.random.set_seed(FLAGS.seed)
     train_data = input_pipeline.training_dataset(
-        train_source, rank=hvd.rank(), size=hvd.size(), batch_size=batch,
+        train_source, rank=where.replica, size=where.replicas, batch_size=batch,
         steps_per_epoch=steps_per_epoch, first_epoch=initial_epoch, first_step=initial_step,
         seed=FLAGS.seed,
         shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache,
         deterministic=FLAGS.deterministic, threads=threads)
     validation_data = input_pipeline.evaluation_dataset(
-        validation_source, rank=hvd.rank(), size=hvd.size(), batch_size=batch,
+        validation_source, rank=where.replica, size=where.replicas, batch_size=batch,
         cache=FLAGS.cache, repeat=FLAGS.validation_steps is not None, threads=threads)
     tf.random.set_seed(FLAGS.seed + hvd.rank())  # per-rank randomness from here on
 
@@ -210,7 +237,8 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
     # (with a checkpoint of that step), time the steps and the epochs (and stop at a target
     # accuracy or time budget); the outputs, on rank 0; elastic: record the finished epoch
     # and commit.
-    throughput = callbacks.Throughput(batch, hvd.size(), FLAGS.warmup_steps)
+    # (each stage of a pipeline counts its share of the pipeline's images)
+    throughput = callbacks.Throughput(batch / where.stages, hvd.size(), FLAGS.warmup_steps)
     time_to_accuracy = callbacks.TimeToAccuracy(
         FLAGS.target_accuracy, FLAGS.time_budget, lambda value: hvd.broadcast(value, 0))
     training_callbacks = [
@@ -218,7 +246,9 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
                                   os.path.join(FLAGS.model_dir, "heartbeats"), hvd.rank(),
                                   hvd.size(), watchdog.exit_process(app_flags.RUN_ERROR))]
           if FLAGS.stall_timeout else []),
-        *([] if elastic_state else [hvd.callbacks.BroadcastGlobalVariablesCallback(0)]),
+        *([] if elastic_state else [pipeline.BroadcastStageVariables()
+                                    if where.stages > 1
+                                    else hvd.callbacks.BroadcastGlobalVariablesCallback(0)]),
         hvd.callbacks.MetricAverageCallback(),
         callbacks.ExactValidationMetrics(
             lambda sums: hvd.allreduce(sums, op=hvd.Sum, name="validation_sums")),
@@ -229,7 +259,7 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         *([] if FLAGS.benchmark or elastic_state else [preemption.StopOnSignal(
             lambda value: int(max(hvd.allgather(tf.constant([value]), name="signal"))),
             lambda epochs, steps: (checkpoints.save_mid_epoch(checkpoint_manager, epochs, steps)
-                                   if is_chief else None),
+                                   if saves_checkpoints else None),
             steps_per_epoch, FLAGS.preemption_check_steps)]),
         throughput,
         time_to_accuracy,
@@ -238,9 +268,10 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         os.makedirs(FLAGS.model_dir, exist_ok=True)
         with open(os.path.join(FLAGS.model_dir, "flags.cfg"), "w") as flagfile:
             flagfile.write(app_flags.resolved_flagfile())
+    if saves_checkpoints and not FLAGS.benchmark:
+        training_callbacks.append(checkpoints.SaveEveryEpoch(checkpoint_manager))
     if is_chief and not FLAGS.benchmark:
         training_callbacks += [
-            checkpoints.SaveEveryEpoch(checkpoint_manager),
             *summaries.callbacks(
                 FLAGS.model_dir, flag_values=app_flags.values(),
                 every_steps=FLAGS.summary_steps, steps_per_epoch=steps_per_epoch,
@@ -293,6 +324,7 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         history, initial_epoch, time_to_accuracy.reached,
         results.gathered_throughput(throughput, hvd.allgather),
         experiment=FLAGS.experiment, world_size=hvd.size(), batch_size=batch,
+        pipeline_stages=where.stages, microbatches=FLAGS.microbatches,
         global_batch_size=global_batch, learning_rate=scaled_lr,
         steps_per_epoch=steps_per_epoch,
         precision=tf.keras.mixed_precision.global_policy().name)

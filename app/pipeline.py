@@ -1,0 +1,256 @@
+"""Pipeline parallelism: the model cut into --pipeline_stages stages of consecutive blocks,
+one per rank, with --microbatches microbatches per step, and data parallelism across the
+replicas of each stage (hybrid: N = stages x replicas processes).
+
+Ranks are laid out pipeline by pipeline: rank = replica * stages + stage, so that the ranks
+that pass activations to each other are neighbours (on one node where they fit). Each step
+runs GPipe's fill-drain schedule: every microbatch forward through the stages (activations
+sent to the next stage's rank with MPI point-to-point, mpi4py), then every microbatch
+backward (activation gradients sent to the previous stage), the microbatches' gradients
+added up, averaged over the stage's replicas with Horovod (a process set per stage), and one
+update. The last stage computes the loss and the metrics and hands their state to the other
+stages of its pipeline, so that every rank logs the same numbers and Horovod's callbacks,
+which run on every rank, average them as in data-parallel training.
+
+Horovod has no point-to-point operations, hence mpi4py; Horovod runs on mpi4py's
+communicator (hvd.init(comm=...)), which needs MPI_THREAD_MULTIPLE, as both use MPI from
+their own threads. Horovod's background thread then takes MPI's lock at every cycle, and the
+stages' messages wait for it: a pipelined run cycles no faster than every
+PIPELINE_CYCLE_TIME_MS, and keeps Horovod's threads at normal priority (BENCHMARKS.md).
+"""
+import collections
+import os
+
+import numpy as np
+
+from app.compat import hvd, hvd_tensorflow, tf
+
+Position = collections.namedtuple("Position", "stage stages replica replicas")
+Position.first = property(lambda self: self.stage == 0)
+Position.last = property(lambda self: self.stage == self.stages - 1)
+Position.rank = property(lambda self: self.replica * self.stages + self.stage)
+
+
+def position(rank, size, stages):
+    """Where rank `rank` of `size` sits: its stage and its replica."""
+    return Position(rank % stages, stages, rank // stages, size // stages)
+
+
+def stage_ranks(stage, stages, size):
+    """The ranks that hold stage `stage`: one per replica."""
+    return list(range(stage, size, stages))
+
+
+PIPELINE_CYCLE_TIME_MS = 5.0
+
+
+def init_arguments(stages, size):
+    """hvd.init()'s arguments for a pipelined run of `stages` stages on `size` processes:
+    MPI's world communicator (mpi4py's, initialized with MPI_THREAD_MULTIPLE) and a process
+    set per stage. Raises RuntimeError if this MPI cannot give MPI_THREAD_MULTIPLE."""
+    if stages == 1:
+        return {}
+    from mpi4py import MPI  # only here: runs without stages need no mpi4py
+    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        raise RuntimeError(f"this MPI ({MPI.Get_library_version().splitlines()[0]}) does not "
+                           f"provide MPI_THREAD_MULTIPLE, which Horovod and the stages' "
+                           f"point-to-point messages on one communicator need")
+    cycle = float(os.environ.get("HOROVOD_CYCLE_TIME", PIPELINE_CYCLE_TIME_MS))
+    os.environ["HOROVOD_CYCLE_TIME"] = str(max(cycle, PIPELINE_CYCLE_TIME_MS))
+    return {"comm": MPI.COMM_WORLD,
+            "process_sets": [hvd.ProcessSet(stage_ranks(stage, stages, size))
+                             for stage in range(stages)]}
+
+
+def blocks_of_stage(block_shapes, where):
+    """(first, last) block of this rank's stage (last exclusive; None: to the end): the
+    model's blocks (models.block_shapes) cut into stages balanced by parameters."""
+    if where.stages == 1:
+        return 0, None
+    return balance([parameters for _, parameters in block_shapes], where.stages)[where.stage]
+
+
+def stage(stage_model, where, arguments, microbatches, num_outputs, recompute):
+    """This rank's PipelinedStage, once hvd.init(**arguments) ran: its pipeline's
+    communicator (MPI's world split by replica) and its stage's process set."""
+    if where.stages == 1:
+        pipe, process_set = OneStage(), hvd.global_process_set
+    else:
+        pipe = arguments["comm"].Split(color=where.replica, key=where.stage)
+        process_set = arguments["process_sets"][where.stage]
+    return PipelinedStage(stage_model, where, pipe, process_set, microbatches, num_outputs,
+                          recompute)
+
+
+class BroadcastStageVariables(tf.keras.callbacks.Callback):
+    """Horovod's BroadcastGlobalVariablesCallback for the replicas of one stage (Horovod's
+    takes no process set): after the first step, which made the optimizer's slots, the model
+    and optimizer variables of the stage's first replica go to the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.done = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.done:
+            return
+        hvd_tensorflow.broadcast_variables(
+            [*self.model.variables, *self.model.optimizer.variables()],
+            root_rank=self.model.where.stage, process_set=self.model.process_set)
+        self.done = True
+
+
+def balance(sizes, stages):
+    """Cuts blocks of `sizes` (parameters) into `stages` consecutive non-empty groups whose
+    largest is as small as it can be; returns each group's (first, last) block, last exclusive."""
+    count = len(sizes)
+    prefix = np.concatenate([[0], np.cumsum(sizes)])
+    # best[s][i]: the smallest largest group when the first i blocks make s groups
+    best = np.full((stages + 1, count + 1), np.inf)
+    cut = np.zeros((stages + 1, count + 1), dtype=int)
+    best[0][0] = 0
+    for groups in range(1, stages + 1):
+        for end in range(groups, count + 1):
+            for start in range(groups - 1, end):
+                largest = max(best[groups - 1][start], prefix[end] - prefix[start])
+                if largest < best[groups][end]:
+                    best[groups][end], cut[groups][end] = largest, start
+    bounds, end = [], count
+    for groups in range(stages, 0, -1):
+        bounds.append((int(cut[groups][end]), end))
+        end = cut[groups][end]
+    return bounds[::-1]
+
+
+class OneStage:
+    """The pipeline of a run without stages (microbatches or recomputation alone)."""
+
+    @staticmethod
+    def allreduce(value):
+        return value
+
+    @staticmethod
+    def bcast(value, root):
+        del root
+        return value
+
+
+class PipelinedStage(tf.keras.Model):
+    """One rank's stage of a pipelined model, trained by Keras' fit() with the schedule
+    above (eagerly: each step exchanges tensors with MPI between its operations).
+
+    `stage_model` is the rank's blocks; `pipe` the MPI communicator of its pipeline (ranked
+    by stage); `process_set` Horovod's of the stage's replicas, over which its gradients are
+    averaged; with `recompute`, each microbatch keeps only its stage input and recomputes
+    the stage's activations in the backward pass (tf.recompute_grad)."""
+
+    def __init__(self, stage_model, where, pipe, process_set, microbatches, num_outputs,
+                 recompute=False):
+        super().__init__(name=stage_model.name)
+        self.stage_model, self.where, self.pipe = stage_model, where, pipe
+        self.process_set, self.microbatches = process_set, microbatches
+        self.num_outputs = num_outputs
+        # Compiled pieces between the messages: a tape records a tf.function as one operation
+        # and runs its compiled gradient in the backward pass.
+        self.forward = tf.function(tf.recompute_grad(self._call_training) if recompute
+                                   else self._call_training, reduce_retracing=True)
+        self.infer = tf.function(self.stage_model, reduce_retracing=True)
+        self.loss_and_metrics = tf.function(self._loss_and_metrics, reduce_retracing=True)
+
+    def call(self, inputs, training=None):
+        return self.stage_model(inputs, training=training)
+
+    def _call_training(self, inputs):
+        return self.stage_model(inputs, training=True)
+
+    def train_step(self, data):
+        inputs, labels = data[:2]
+        where, count = self.where, self.microbatches
+        variables = self.stage_model.trainable_variables
+        regularization, regularization_gradients = self._regularization(variables)
+        input_parts = tf.split(inputs, count) if where.first else [None] * count
+        label_parts = tf.split(labels, count)
+        pending, kept = [], []
+        for index in range(count):  # fill: every microbatch forward
+            with tf.GradientTape() as tape:
+                stage_input = self._receive(input_parts[index], index)
+                if not where.first:
+                    tape.watch(stage_input)
+                outputs = self.forward(stage_input)
+                target = (self.loss_and_metrics(label_parts[index], outputs, regularization)
+                          if where.last else outputs)
+            if not where.last:
+                pending.append(self.pipe.isend(outputs.numpy(), where.stage + 1, index))
+            kept.append((tape, stage_input, target))
+        totals = [tf.zeros_like(variable) for variable in variables]
+        for index in reversed(range(count)):  # drain: every microbatch backward
+            tape, stage_input, target = kept.pop()
+            upstream = None if where.last else tf.constant(
+                self.pipe.recv(source=where.stage + 1, tag=count + index))
+            sources = [*variables, *([] if where.first else [stage_input])]
+            gradients = tape.gradient(target, sources, upstream,
+                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            if not where.first:
+                pending.append(self.pipe.isend(gradients[-1].numpy(), where.stage - 1,
+                                               count + index))
+            totals = [total + gradient for total, gradient in zip(totals, gradients)]
+        gradients = self.average([total / count + own for total, own
+                                  in zip(totals, regularization_gradients)])
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        for request in pending:
+            request.wait()
+        return self._shared_metrics(labels)
+
+    def test_step(self, data):
+        inputs, labels = data[:2]
+        regularization, _ = self._regularization([])
+        outputs = self.infer(self._receive(inputs, 0), training=False)
+        if self.where.last:
+            self.loss_and_metrics(labels, outputs, regularization)
+        else:
+            self.pipe.send(outputs.numpy(), self.where.stage + 1, 0)
+        return self._shared_metrics(labels)
+
+    def average(self, gradients):
+        """The gradients averaged over the stage's replicas (Horovod's grouped allreduce in
+        the stage's process set: the gradients come from the microbatches' backward passes,
+        not from the one loss hvd.DistributedOptimizer's compute_gradients would take)."""
+        if self.process_set.size() == 1:
+            return gradients
+        return hvd_tensorflow.grouped_allreduce(gradients, op=hvd_tensorflow.Average,
+                                                process_set=self.process_set)
+
+    def _loss_and_metrics(self, labels, outputs, regularization):
+        """The last stage's loss, with the whole model's weight decay; the metrics updated."""
+        loss = self.compiled_loss(labels, outputs, regularization_losses=[regularization])
+        self.compiled_metrics.update_state(labels, outputs)
+        return loss
+
+    def _receive(self, own, tag):
+        """The stage's input: its own (the first stage's data), or the previous stage's."""
+        return own if self.where.first else tf.constant(
+            self.pipe.recv(source=self.where.stage - 1, tag=tag))
+
+    def _regularization(self, variables):
+        """The weight decay of the whole model (every stage's own, added up over the
+        pipeline), which the loss the last stage reports includes; the gradients of this
+        stage's own."""
+        losses = self.stage_model.losses
+        with tf.GradientTape() as tape:
+            own = tf.add_n(losses) if losses else tf.constant(0.0)
+        gradients = tape.gradient(own, variables,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return tf.constant(self.pipe.allreduce(float(own)), tf.float32), gradients
+
+    def _shared_metrics(self, labels):
+        """The last stage's loss and metric state, on every stage of the pipeline."""
+        if not self.where.last and not self.metrics:  # built as the last stage's are
+            predictions = tf.zeros([tf.shape(labels)[0], self.num_outputs])
+            self.compiled_loss(labels, predictions)
+            self.compiled_metrics.update_state(labels, predictions)
+        state = [variable for metric in self.metrics for variable in metric.variables]
+        values = self.pipe.bcast([variable.numpy() for variable in state]
+                                 if self.where.last else None, root=self.where.stages - 1)
+        for variable, value in zip(state, values):
+            variable.assign(value)
+        return {metric.name: metric.result() for metric in self.metrics}

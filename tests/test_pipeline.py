@@ -1,0 +1,148 @@
+"""Pipeline parallelism (app.pipeline): stages on ranks, microbatches, hybrid with Horovod's
+data parallelism, recomputation; the same weights as one process."""
+import os
+import re
+
+import numpy as np
+import pytest
+from conftest import PYTHON, error_lines, horovodrun, mpirun, run, train_command
+from test_train import checkpoint_values, per_step_learning_rates, run_concurrently
+
+from app import pipeline
+from app.compat import tf
+import models
+
+# The integrity test's settings (tests/test_train.py): digits with the experiment's own
+# schedule (16 epochs of one step: 2 of warmup, then cosine) at a global batch of 128.
+SAME_AS_ONE_PROCESS = ["--flagfile=configs/digits_cnn.cfg", "--global_batch_size=128",
+                       "--deterministic", "--steps_per_epoch=1", "--validation_steps=1",
+                       "--summary_steps=1"]
+RUNS = {  # name: (processes, flags)
+    "mlp-np1": (1, ["--model=mlp"]),
+    "mlp-stages2": (2, ["--model=mlp", "--pipeline_stages=2", "--microbatches=4"]),
+    "cnn-np1": (1, ["--model=cnn"]),
+    "cnn-stages2x2-recompute": (4, ["--model=cnn", "--pipeline_stages=2", "--microbatches=2",
+                                    "--recompute"]),
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory):
+    """Each RUNS entry's model_dir after its run."""
+    def run_case(name):
+        processes, flags = RUNS[name]
+        model_dir = tmp_path_factory.mktemp(name)
+        command = train_command(*SAME_AS_ONE_PROCESS, *flags, f"--model_dir={model_dir}")
+        run([*mpirun(processes), *command] if processes > 1 else command)
+        return model_dir
+    return dict(zip(RUNS, run_concurrently(run_case, list(RUNS))))
+
+
+def stage_values(model_dir, epoch, stage):
+    reader = tf.train.load_checkpoint(str(model_dir / "checkpoints" / f"stage-{stage}" /
+                                          f"epoch-{epoch}"))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name.startswith("model/")}
+
+
+def whole_model_values(model_dir, epoch, stages):
+    """The stages' checkpoints as one model's: the k-th layer with weights of each stage
+    numbered after those of the stages before it."""
+    merged, offset = {}, 0
+    for stage in range(stages):
+        layers = 0
+        for name, value in stage_values(model_dir, epoch, stage).items():
+            index, rest = re.fullmatch(r"model/layer_with_weights-(\d+)/(.*)", name).groups()
+            merged[f"model/layer_with_weights-{int(index) + offset}/{rest}"] = value
+            layers = max(layers, int(index) + 1)
+        offset += layers
+    return merged
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("one, pipelined, stages", [
+    ("mlp-np1", "mlp-stages2", 2),
+    ("cnn-np1", "cnn-stages2x2-recompute", 2),
+])
+def test_pipelined_runs_end_with_the_weights_of_one_process(pipeline_runs, one, pipelined,
+                                                            stages):
+    """S=2 on 2 processes (MLP), S=2 x 2 replicas on 4 (CNN, recomputing): the stages'
+    weights and momentum, put
+    together, are one process's to 1e-5 after the 16 steps, every step at the same LR; each
+    stage holds only its own part of the model."""
+    reference = checkpoint_values(pipeline_runs[one], 16, "model/")
+    merged = whole_model_values(pipeline_runs[pipelined], 16, stages)
+    assert merged.keys() == reference.keys()
+    for name in reference:
+        np.testing.assert_allclose(merged[name], reference[name], rtol=0, atol=1e-5,
+                                   err_msg=name)
+    parts = [len(stage_values(pipeline_runs[pipelined], 16, stage)) for stage in range(stages)]
+    assert sum(parts) == len(reference) and min(parts) > 0
+    assert per_step_learning_rates(pipeline_runs[pipelined]) == \
+        per_step_learning_rates(pipeline_runs[one])
+    moved = checkpoint_values(pipeline_runs[one], 14, "model/")
+    assert max(np.abs(reference[name] - moved[name]).max() for name in reference) > 1e-3
+
+
+def test_stages_are_cut_where_the_largest_holds_the_fewest_parameters():
+    assert pipeline.balance([10, 10, 10, 10], 2) == [(0, 2), (2, 4)]
+    assert pipeline.balance([1, 1, 1, 100], 2) == [(0, 3), (3, 4)]
+    assert pipeline.balance([5, 1, 1, 1, 5], 3) == [(0, 1), (1, 4), (4, 5)]
+    assert pipeline.balance([3, 3, 3], 3) == [(0, 1), (1, 2), (2, 3)]
+    shapes = models.block_shapes("mlp", (8, 8, 1), 10)
+    assert [parameters for _, parameters in shapes] == [64 * 256 + 256, 256 * 128 + 128,
+                                                        128 * 10 + 10]
+    assert [shape for shape, _ in shapes] == [(8, 8, 1), (256,), (128,)]
+
+
+def test_ranks_are_laid_out_pipeline_by_pipeline():
+    assert [tuple(pipeline.position(rank, 4, 2)[:3]) for rank in range(4)] == [
+        (0, 2, 0), (1, 2, 0), (0, 2, 1), (1, 2, 1)]
+    assert pipeline.stage_ranks(1, 2, 6) == [1, 3, 5]
+
+
+def test_recomputation_gives_the_plain_gradients():
+    """A ResNet stage with batch norm (the case tf.recompute_grad gets wrong when it cannot
+    see the variables): the gradients with recomputation are the plain ones."""
+    images = tf.random.stateless_normal([4, 8, 8, 16], seed=[1, 2])
+    stage_model = models.build("resnet20", (8, 8, 1), 10, seed=3, first_block=1, last_block=4)
+    gradients = []
+    for recompute in (False, True):
+        stage = pipeline.PipelinedStage(stage_model, pipeline.position(0, 1, 1),
+                                        pipeline.OneStage(), None, 1, 10, recompute)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(stage.forward(images) ** 2)
+        gradients.append(tape.gradient(loss, stage_model.trainable_variables))
+    assert len(gradients[1]) == len(stage_model.trainable_variables) > 0
+    for plain, recomputed in zip(*gradients):
+        assert recomputed is not None
+        np.testing.assert_allclose(recomputed, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_a_pipeline_that_cannot_run_stops_every_rank_with_one_line(tmp_path):
+    cases = [
+        (mpirun(2), ["--model=linear", "--pipeline_stages=2"],
+         "--pipeline_stages=2: --model=linear has 1 blocks, so at most 1 stages"),
+        (horovodrun(2), ["--pipeline_stages=2"],
+         "--pipeline_stages=2: needs MPI (mpirun, srun, horovodrun --mpi); this run uses Gloo"),
+    ]
+
+    def run_case(case):
+        launcher, flags, _ = case
+        model_dir = tmp_path / str(len(flags))
+        return run([*launcher, *train_command("--flagfile=configs/digits_cnn.cfg", *flags,
+                                              f"--model_dir={model_dir}")],
+                   timeout=120, check=False), model_dir
+
+    for (_, _, message), (result, model_dir) in zip(cases, run_concurrently(run_case, cases)):
+        assert result.returncode != 0
+        errors = error_lines(result)
+        assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+        assert not os.path.exists(model_dir)
+
+
+def test_mpi4py_gives_the_thread_level_horovod_needs_beside_it():
+    result = run([PYTHON, "-c", "from mpi4py import MPI; "
+                                "print(MPI.Query_thread() == MPI.THREAD_MULTIPLE)"])
+    assert result.stdout.strip() == "True"
