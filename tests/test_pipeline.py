@@ -60,21 +60,23 @@ def whole_model_values(model_dir, epoch, stages):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("one, pipelined, stages", [
-    ("mlp-np1", "mlp-stages2", 2),
-    ("cnn-np1", "cnn-stages2x2-recompute", 2),
+@pytest.mark.parametrize("one, pipelined, stages, tolerance", [
+    ("mlp-np1", "mlp-stages2", 2, 1e-5),
+    # measured: 1.9e-5 at most, in 24 of the 18432 weights of the second convolution: the
+    # 4 microbatch means (2 per replica), the recomputed forward, float32 order (issue 20)
+    ("cnn-np1", "cnn-stages2x2-recompute", 2, 5e-5),
 ])
 def test_pipelined_runs_end_with_the_weights_of_one_process(pipeline_runs, one, pipelined,
-                                                            stages):
+                                                            stages, tolerance):
     """S=2 on 2 processes (MLP), S=2 x 2 replicas on 4 (CNN, recomputing): the stages'
-    weights and momentum, put
-    together, are one process's to 1e-5 after the 16 steps, every step at the same LR; each
-    stage holds only its own part of the model."""
+    weights and momentum, put together, are one process's (to 1e-5; the CNN's to 5e-5) after
+    the 16 steps, every step at the same LR; each stage holds only its own part of the
+    model."""
     reference = checkpoint_values(pipeline_runs[one], 16, "model/")
     merged = whole_model_values(pipeline_runs[pipelined], 16, stages)
     assert merged.keys() == reference.keys()
     for name in reference:
-        np.testing.assert_allclose(merged[name], reference[name], rtol=0, atol=1e-5,
+        np.testing.assert_allclose(merged[name], reference[name], rtol=0, atol=tolerance,
                                    err_msg=name)
     parts = [len(stage_values(pipeline_runs[pipelined], 16, stage)) for stage in range(stages)]
     assert sum(parts) == len(reference) and min(parts) > 0
