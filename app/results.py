@@ -1,6 +1,7 @@
 """What a run reports: results.json (rank 0) and the one-line summary it prints."""
 import json
 import os
+import resource
 
 import numpy as np
 import tensorflow as tf
@@ -37,6 +38,15 @@ def gathered_throughput(throughput, allgather):
         [[throughput.images_per_sec(), throughput.cpu_seconds_per_image(),
           *throughput.window_rates()]], tf.float64)).numpy()
     return throughput_summary(gathered[:, 0], gathered[:, 2:], gathered[:, 1])
+
+
+def gathered_peak_memory(allgather):
+    """Every rank's peak resident memory so far, in MiB (the kernel's high-water mark of the
+    process: the runtime's, the model's, its optimizer's and activations'), gathered with
+    `allgather` (a collective)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    gathered = allgather(tf.constant([peak], tf.float64)).numpy()
+    return {"peak_memory_mb_by_rank": [round(float(value), 1) for value in gathered]}
 
 
 def summary(history, initial_epoch, reached, measured, **run):

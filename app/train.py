@@ -110,7 +110,6 @@ def main(_):
     #    wraps the distributed optimizer, so that every rank sees the same overflows.
     #    Pipelined: this rank's stage of the model, whose step averages the gradients over
     #    the stage's replicas itself (app.pipeline).
-    tf.keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.mixed_precision:
         tf.keras.mixed_precision.set_global_policy(f"mixed_{FLAGS.mixed_precision}")
     normalization = (sync_batch_norm.SyncBatchNormalization if FLAGS.sync_batch_norm
@@ -155,7 +154,7 @@ def main(_):
     # 5. Train: on the processes there are, or elastically, from the last commit, on the
     #    workers there are after each change (Horovod's KerasState holds model and optimizer).
     train_from = functools.partial(train, model, checkpoint_manager, train_source,
-                                   validation_source, threads, where)
+                                   validation_source, threads)
     if FLAGS.elastic:
         state = hvd.elastic.KerasState(model, optimizer, epoch=initial_epoch)
         run_results = hvd.elastic.run(lambda state: train_from(state.epoch, 0, 0, state))(state)
@@ -170,12 +169,12 @@ def main(_):
             app_flags.fail(f"--model_dir={FLAGS.model_dir}: {error}", app_flags.RUN_ERROR)
 
 
-def train(model, checkpoint_manager, train_source, validation_source, threads, where,
-          initial_epoch, initial_step, trained_global_batch, elastic_state=None):
+def train(model, checkpoint_manager, train_source, validation_source, threads, initial_epoch,
+          initial_step, trained_global_batch, elastic_state=None):
     """Trains from step `initial_step` of `initial_epoch` to --epochs on hvd.size()
-    processes (`where` this one is in the pipelines of stages); returns the results (on every
-    rank; rank 0 writes them)."""
+    processes; returns the results (on every rank; rank 0 writes them)."""
     is_chief = hvd.rank() == 0
+    where = pipeline.position(hvd.rank(), hvd.size(), FLAGS.pipeline_stages)
     saves_checkpoints = where.replica == 0  # rank 0, or each stage's first replica
 
     # Batch sizes: per-process (per-pipeline) batch x processes (pipelines) x accumulation
@@ -192,7 +191,8 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, w
         app_flags.fail(error)
     if is_chief and batch != requested_batch:
         print(f"app.train: warning: {FLAGS.model_dir} was trained at a global batch of "
-              f"{global_batch}; resuming on {where.replicas} replicas at {batch} each keeps it "
+              f"{global_batch}; resuming on {where.replicas} "
+              f"{'pipelines' if where.stages > 1 else 'processes'} at {batch} each keeps it "
               f"(start a new --model_dir to change it)", file=sys.stderr, flush=True)
 
     # Data: each rank reads its own disjoint shard (the stages of a pipeline, their
@@ -322,7 +322,8 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, w
 
     return results.summary(
         history, initial_epoch, time_to_accuracy.reached,
-        results.gathered_throughput(throughput, hvd.allgather),
+        {**results.gathered_throughput(throughput, hvd.allgather),
+         **results.gathered_peak_memory(hvd.allgather)},
         experiment=FLAGS.experiment, world_size=hvd.size(), batch_size=batch,
         pipeline_stages=where.stages, microbatches=FLAGS.microbatches,
         global_batch_size=global_batch, learning_rate=scaled_lr,

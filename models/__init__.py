@@ -5,8 +5,9 @@ Every builder takes the number of outputs and a `normalization` layer factory
 this package knowing about Horovod, and returns the model as a list of blocks: functions from
 one tensor to the next, each making its layers when called. A model is its blocks chained;
 the places between blocks, where one tensor passes, are where a pipeline can cut it into
-stages (build(first_block=, last_block=)). Each block's weights are drawn from a seed of its
-own, so that a stage built alone starts from the weights the whole model would have.
+stages (build(first_block=, last_block=)). A stage built alone starts from the weights the
+whole model would have: the blocks before it are built first in a graph that is thrown away,
+which draws the same random numbers as building them (and allocates no weight).
 """
 
 import tensorflow as tf
@@ -29,17 +30,23 @@ BUILDERS = {
 
 
 def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormalization,
-          seed=0, first_block=0, last_block=None):
+          seed=None, first_block=0, last_block=None):
     """Returns the uncompiled Keras model `name` on inputs of `input_shape`, or the stage of
     it that runs blocks first_block to last_block (exclusive; None: to the end), which takes
-    the tensor block `first_block` takes."""
+    the tensor block `first_block` takes; its random initial weights from `seed` (None: from
+    Keras' random state as it is)."""
     blocks = BUILDERS[name](num_outputs, normalization=normalization)
     stage = range(len(blocks))[first_block:last_block]
-    inputs = keras.Input(block_shapes(name, input_shape, num_outputs)[first_block][0]
-                         if first_block else input_shape)
-    outputs = inputs
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    if first_block:
+        with tf.Graph().as_default():
+            before = keras.Input(input_shape)
+            for block in blocks[:first_block]:
+                before = block(before)
+            input_shape = tuple(before.shape[1:])
+    inputs = outputs = keras.Input(input_shape)
     for index in stage:
-        keras.utils.set_random_seed(seed * 1000 + index)
         outputs = blocks[index](outputs)
     whole = len(stage) == len(blocks)
     return keras.Model(inputs, outputs,

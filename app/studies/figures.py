@@ -148,3 +148,34 @@ def runs_side_by_side(path, runs):
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
     _save(figure, path)
+
+
+def pipeline_study(path, bubble_rows, memory_rows, budget_mb, title):
+    """Left: speedup over one process against microbatches, measured and GPipe's theory, one
+    colour per number of stages. Right: each memory run's peak memory per rank, with the
+    budget."""
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for number, stages in enumerate(sorted({row["stages"] for row in bubble_rows[1:]})):
+        rows = [row for row in bubble_rows if row["stages"] == stages]
+        microbatches = [row["microbatches"] for row in rows]
+        colour = f"C{number}"
+        speed.plot(microbatches, [row["speedup"] for row in rows], "o-", color=colour,
+                   label=f"S={stages}, measured"
+                   + (" (more stages than cores)" if rows[0]["oversubscribed"] else ""))
+        speed.plot(microbatches, [row["theory_speedup"] for row in rows], "--", color=colour,
+                   label=f"S={stages}, theory S·M/(M+S-1)")
+    speed.axhline(1.0, color="k", linewidth=0.8)
+    speed.set_xscale("log", base=2)
+    speed.set_xlabel("microbatches per step (M)")
+    speed.set_ylabel("images/s over one process's")
+    speed.legend(fontsize=8)
+    labels = [row["run"] for row in memory_rows]
+    bars = memory.bar(labels, [row["peak_memory_mb"] for row in memory_rows], color="tab:blue")
+    memory.bar_label(bars, fmt="%.0f", fontsize=8)
+    if budget_mb:
+        memory.axhline(budget_mb, color="tab:red", linestyle="--",
+                       label=f"budget {budget_mb} MiB per process")
+        memory.legend(fontsize=8)
+    memory.set_ylabel("peak resident MiB, largest rank")
+    figure.suptitle(title, fontsize=9)
+    _save(figure, path)

@@ -3,6 +3,7 @@ its command line, and writing its tables."""
 import csv
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -16,6 +17,20 @@ def run_app_train(model_dir, launch_args, train_args):
            f"--model_dir={model_dir}"], model_dir)
     with open(os.path.join(model_dir, "results.json")) as results:
         return json.load(results)
+
+
+def trains_within(model_dir, launch_args, train_args, memory_limit_mb):
+    """Whether app.train (through app.launch) runs to its end with each process's data
+    segment (RLIMIT_DATA: the heap and private mappings, where TensorFlow's tensors live)
+    limited to `memory_limit_mb` MiB; mpirun's ranks inherit the limit."""
+    limit = memory_limit_mb * 2 ** 20
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    result = subprocess.run([sys.executable, "-m", "app.launch", *launch_args, *train_args,
+                             f"--model_dir={model_dir}"], capture_output=True, text=True,
+                            preexec_fn=limited)
+    return result.returncode == 0
 
 
 def run_benchmark(model_dir, processes, train_args, launch_args):
