@@ -171,11 +171,15 @@ def pipeline_study(path, bubble_rows, memory_rows, budget_mb, title):
     speed.legend(fontsize=8)
     labels = [row["run"] for row in memory_rows]
     bars = memory.bar(labels, [row["peak_memory_mb"] for row in memory_rows], color="tab:blue")
-    memory.bar_label(bars, fmt="%.0f", fontsize=8)
+    memory.bar_label(bars, fontsize=8, labels=[
+        f"{row['peak_memory_mb']:.0f}" + {True: ", trained within budget",
+                                          False: ", failed within budget"}.get(
+            row.get("trained_within_budget"), "") for row in memory_rows])
     if budget_mb:
         memory.axhline(budget_mb, color="tab:red", linestyle="--",
-                       label=f"budget {budget_mb} MiB per process")
+                       label=f"budget: {budget_mb} MiB of data segment per process")
         memory.legend(fontsize=8)
     memory.set_ylabel("peak resident MiB, largest rank")
+    memory.set_ylim(0, 1.15 * max(row["peak_memory_mb"] for row in memory_rows))
     figure.suptitle(title, fontsize=9)
     _save(figure, path)

@@ -123,9 +123,9 @@ def write_outputs(out_dir, bubble_rows, memory_rows, title, budget_mb):
     columns = [("part", lambda r: r["part"]), ("run", lambda r: r["run"]),
                ("images/s", lambda r: f"{r['images_per_sec']:.1f}"),
                ("speedup (theory)", lambda r: f"{r['speedup']:.2f} ({r['theory_speedup']:.2f})"
-                if "speedup" in r else ""),
+                if r.get("speedup") is not None else ""),
                ("peak MiB per rank", lambda r: f"{r['peak_memory_mb']:.0f}"
-                if "peak_memory_mb" in r else ""),
+                if r.get("peak_memory_mb") is not None else ""),
                ("within budget", lambda r: {True: "yes", False: "no"}.get(
                    r.get("trained_within_budget"), ""))]
     stem = os.path.join(out_dir, "pipeline_study")
