@@ -28,7 +28,6 @@ from app.compat import hvd, hvd_tensorflow, tf
 Position = collections.namedtuple("Position", "stage stages replica replicas")
 Position.first = property(lambda self: self.stage == 0)
 Position.last = property(lambda self: self.stage == self.stages - 1)
-Position.rank = property(lambda self: self.replica * self.stages + self.stage)
 
 
 def position(rank, size, stages):

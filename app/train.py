@@ -147,7 +147,7 @@ def main(_):
         if initial_epoch or saved_step:
             checkpoints.restore(checkpoint_manager, initial_epoch, saved_step)
         elif FLAGS.init_checkpoint:
-            checkpoints.initialize_from(model, FLAGS.init_checkpoint)
+            checkpoints.initialize_from(checkpointed, FLAGS.init_checkpoint)
     except checkpoints.MismatchError as error:
         app_flags.fail(f"--model={FLAGS.model}: {error}", app_flags.RUN_ERROR)
 
