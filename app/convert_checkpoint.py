@@ -43,7 +43,7 @@ def main(_):
         app_flags.fail(f"--from_dir={from_dir}: no checkpoint to convert")
     if os.path.isdir(os.path.join(to_dir, "checkpoints")):
         app_flags.fail(f"--to_dir={to_dir}: holds checkpoints already")
-    blocks = len(models.BUILDERS[FLAGS.model](1))
+    blocks = models.count_blocks(FLAGS.model)
     if to_stages > blocks:
         app_flags.fail(f"--to_stages={to_stages}: --model={FLAGS.model} has {blocks} blocks")
 

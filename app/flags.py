@@ -328,7 +328,9 @@ def validate(world_size):
             raise _invalid(name, "is required (the experiment sets no default)")
     if pipelined():
         _validate_pipeline(world_size)
-    arithmetic.batch_sizes(batch_request(), replicas(world_size))
+    batch, _ = arithmetic.batch_sizes(batch_request(), replicas(world_size))
+    if batch % FLAGS.microbatches:
+        raise _invalid("microbatches", f"must divide the batch of {batch} per replica")
     if FLAGS.warmup_epochs and FLAGS.warmup_epochs >= FLAGS.epochs:
         raise _invalid("warmup_epochs", f"must be shorter than --epochs={FLAGS.epochs}")
     if FLAGS.lr_schedule == "step":
@@ -357,16 +359,13 @@ def _validate_pipeline(world_size):
     stages = FLAGS.pipeline_stages
     if world_size % stages:
         raise _invalid("pipeline_stages", f"must divide the {world_size} processes")
-    blocks = len(models.BUILDERS[FLAGS.model](1))
+    blocks = models.count_blocks(FLAGS.model)
     if stages > blocks:
         raise _invalid("pipeline_stages", f"--model={FLAGS.model} has {blocks} blocks, so at "
                                           f"most {blocks} stages")
     if stages > 1 and "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ:
         raise _invalid("pipeline_stages", "needs MPI (mpirun, srun, horovodrun --mpi); this run "
                                           "uses Gloo")
-    batch, _ = arithmetic.batch_sizes(batch_request(), replicas(world_size))
-    if batch % FLAGS.microbatches:
-        raise _invalid("microbatches", f"must divide the batch of {batch} per replica")
     for name, unsupported in (("elastic", FLAGS.elastic), ("adasum", FLAGS.adasum),
                               ("sync_batch_norm", FLAGS.sync_batch_norm),
                               ("accumulation_steps", FLAGS.accumulation_steps > 1),

@@ -53,6 +53,11 @@ def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormal
                        name=name if whole else f"{name}_blocks_{stage.start}_{stage.stop}")
 
 
+def count_blocks(name):
+    """How many blocks model `name` has: at most that many pipeline stages."""
+    return len(BUILDERS[name](1))
+
+
 def block_shapes(name, input_shape, num_outputs):
     """[(input shape, parameters)] of each of the model's blocks, worked out in a graph that
     is thrown away, without allocating any weight."""
