@@ -19,6 +19,10 @@ mpirun settings and why (measured in BENCHMARKS.md):
   its gradients instead of once a millisecond, a large share of a small model's step.
   Across nodes (a --hosts list of several), each cycle is a message over the network, so
   Horovod's default stays. An HOROVOD_CYCLE_TIME set by the user wins.
+- `--network_interface=IF` (e.g. ib0): the ranks on different nodes talk over IF only
+  (Open MPI's `btl_tcp_if_include` and `oob_tcp_if_include`, horovodrun's
+  `--network-interface`); without it MPI uses every interface it finds up. Ranks on one
+  node talk through shared memory whatever it says.
 `horovodrun` runs with Gloo, so the two launchers give the two controllers Horovod was built
 with. Every HOROVOD_* and NCCL_* variable set by the user is passed on to the ranks.
 
@@ -33,6 +37,7 @@ probing two hosts at start, or takes `--network_interface` (on one machine: lo).
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -41,27 +46,39 @@ from app import cli
 LAUNCHERS = ("mpirun", "horovodrun")
 # How horovodrun's Gloo launcher names the first rank that failed.
 HOROVODRUN_FAILURE = re.compile(r"Process name: (\S+)\nExit code: (-?\d+)")
+# Across nodes, mpirun gives up on a node whose daemon has not answered TCP keepalives for
+# 15 to 25 s (Open MPI's default: 8 minutes), so that a node lost without a word ends the job
+# instead of leaving mpirun waiting for it after the ranks elsewhere have stopped.
+LOST_NODE_KEEPALIVE = {"time": "10", "intvl": "5", "probes": "3"}
+# How mpirun names a node whose daemon it lost.
+LOST_NODE = re.compile(r"Remote daemon: \S+ on node (\S+)")
 FORWARDED_ENVIRONMENT = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "TF_USE_LEGACY_KERAS")
 
 
-def command(num_processes, launcher, hosts, train_args, elastic=None):
+def command(num_processes, launcher, hosts, train_args, elastic=None, network_interface=None):
     """The full command line that starts app.train on `num_processes` processes; `elastic`:
-    (min processes, max processes, host discovery script, network interface or None) for
-    horovodrun's elastic mode."""
+    (min processes, max processes, host discovery script) for horovodrun's elastic mode;
+    `network_interface`: the one the nodes talk over (None: MPI's or Horovod's choice)."""
     train = [sys.executable, "-m", "app.train", *train_args]
     tuned = _tuned_horovod_environment(num_processes, hosts)
+    interface = ["--network-interface", network_interface] if network_interface else []
     if elastic:
-        min_np, max_np, discovery_script, network_interface = elastic
-        interface = ["--network-interface", network_interface] if network_interface else []
+        min_np, max_np, discovery_script = elastic
         return [_horovodrun(), "-np", str(num_processes), "--min-np", str(min_np),
                 "--max-np", str(max_np), "--host-discovery-script", discovery_script,
                 *interface, *train, *([] if "--elastic" in train_args else ["--elastic"])]
     if launcher == "horovodrun":
         cycle = ["--cycle-time-ms", tuned["HOROVOD_CYCLE_TIME"]] if tuned else []
-        return [_horovodrun(), "-np", str(num_processes), "--gloo", *cycle,
+        return [_horovodrun(), "-np", str(num_processes), "--gloo", *cycle, *interface,
                 *(["-H", hosts] if hosts else []), *train]
     mpirun = ["mpirun", "-np", str(num_processes), *_binding(num_processes, hosts),
               "--mca", "mpi_yield_when_idle", "1"]
+    if _several_nodes(hosts):
+        for name, value in LOST_NODE_KEEPALIVE.items():
+            mpirun += ["--mca", f"oob_tcp_keepalive_{name}", value]
+    if network_interface:
+        mpirun += ["--mca", "btl_tcp_if_include", network_interface,
+                   "--mca", "oob_tcp_if_include", network_interface]
     if os.geteuid() == 0:
         mpirun.append("--allow-run-as-root")
     mpirun += ["-H", hosts] if hosts else ["--oversubscribe"]
@@ -92,6 +109,10 @@ def _horovodrun():
     return os.path.join(os.path.dirname(sys.executable), "horovodrun")
 
 
+def _several_nodes(hosts):
+    return bool(hosts) and "," in hosts
+
+
 def _ranks_per_node(num_processes, hosts):
     return max(int(entry.partition(":")[2] or 1)
                for entry in hosts.split(",")) if hosts else num_processes
@@ -99,7 +120,7 @@ def _ranks_per_node(num_processes, hosts):
 
 def _tuned_horovod_environment(num_processes, hosts):
     """Horovod settings measured to be faster here (see the module docstring), unless set."""
-    one_node = not hosts or "," not in hosts
+    one_node = not _several_nodes(hosts)
     own_cores = usable_cores() >= _ranks_per_node(num_processes, hosts)
     if num_processes > 1 and one_node and own_cores and "HOROVOD_CYCLE_TIME" not in os.environ:
         return {"HOROVOD_CYCLE_TIME": "0.02"}
@@ -135,9 +156,10 @@ def main(argv=None):
     parser.add_argument("--min_np", type=int, help="elastic: fewest processes (None: -np)")
     parser.add_argument("--max_np", type=int, help="elastic: most processes (None: -np)")
     parser.add_argument("--network_interface",
-                        help="elastic: the interface the workers talk over (e.g. ib0, or lo "
-                             "on one machine); without it Horovod needs two hosts at start "
-                             "to find a common one")
+                        help="the interface the nodes talk over (e.g. ib0; lo for elastic "
+                             "runs on one machine); without it MPI uses every interface up, "
+                             "and elastic Horovod needs two hosts at start to find a common "
+                             "one")
     args, train_args = parser.parse_known_args(argv)
     if args.np < 1:
         parser.error(f"-np={args.np}: needs at least one process")
@@ -152,18 +174,38 @@ def main(argv=None):
         if not os.access(args.host_discovery_script, os.X_OK):
             parser.error(f"--host_discovery_script={args.host_discovery_script}: "
                          f"not an executable file")
-        elastic = (min_np, max_np, os.path.abspath(args.host_discovery_script),
-                   args.network_interface)
-    elif args.min_np or args.max_np or args.network_interface:
-        parser.error("--min_np/--max_np/--network_interface: need --host_discovery_script "
-                     "(elastic training)")
+        elastic = (min_np, max_np, os.path.abspath(args.host_discovery_script))
+    elif args.min_np or args.max_np:
+        parser.error("--min_np/--max_np: need --host_discovery_script (elastic training)")
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     hosts = args.hosts or (None if elastic else slurm_hosts(os.environ))
-    launch = command(args.np, args.launcher, hosts, train_args, elastic)
+    launch = command(args.np, args.launcher, hosts, train_args, elastic, args.network_interface)
     print(shlex.join(launch), flush=True)
     if launch[0] == _horovodrun():
         _run_horovodrun(launch)
+    if _several_nodes(hosts):
+        _run_mpirun(launch)
     os.execvp(launch[0], launch)
+
+
+def _run_mpirun(arguments):
+    """Runs mpirun as a child, passing on its output and the signals a job gets (a SLURM
+    recipe's USR1), because mpirun tells of a lost node only in a box of text among the
+    ranks' output: this ends with one line naming it."""
+    process = subprocess.Popen(arguments, stderr=subprocess.PIPE, text=True, errors="replace")
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(number, lambda number, _: process.send_signal(number))
+    lost = None
+    for line in process.stderr:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        lost = lost or LOST_NODE.search(line)
+    code = process.wait()
+    if lost and code:
+        print(f"app.launch: error: mpirun lost node {lost[1]} (no answer from it); the job was "
+              f"ended, and the same command on the nodes left resumes from the last "
+              f"checkpoint", file=sys.stderr, flush=True)
+    sys.exit(code if code >= 0 else 128 - code)
 
 
 def _run_horovodrun(arguments):

@@ -2,6 +2,7 @@
 import json
 import os
 import resource
+import socket
 
 import numpy as np
 import tensorflow as tf
@@ -47,6 +48,16 @@ def gathered_peak_memory(allgather):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     gathered = allgather(tf.constant([peak], tf.float64)).numpy()
     return {"peak_memory_mb_by_rank": [round(float(value), 1) for value in gathered]}
+
+
+def gathered_layout(hvd):
+    """Where every rank ran: its host, its rank on the host and among the hosts, and how many
+    of each (Horovod's own count), gathered to every rank (a collective). `hvd`:
+    horovod.tensorflow, as Horovod's Keras module has no allgather_object."""
+    return {"processes": hvd.allgather_object({
+        "rank": hvd.rank(), "host": socket.gethostname(), "local_rank": hvd.local_rank(),
+        "local_size": hvd.local_size(), "cross_rank": hvd.cross_rank(),
+        "cross_size": hvd.cross_size()})}
 
 
 def summary(history, initial_epoch, reached, measured, **run):

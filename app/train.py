@@ -17,7 +17,8 @@ import os
 import sys
 import time
 
-from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
+# first: app.compat sets TF_USE_LEGACY_KERAS before TensorFlow loads
+from app.compat import hvd, hvd_tensorflow, tf
 
 from absl import app
 
@@ -323,7 +324,7 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
     return results.summary(
         history, initial_epoch, time_to_accuracy.reached,
         {**results.gathered_throughput(throughput, hvd.allgather),
-         **results.gathered_peak_memory(hvd.allgather)},
+         **results.gathered_peak_memory(hvd.allgather), **results.gathered_layout(hvd_tensorflow)},
         experiment=FLAGS.experiment, world_size=hvd.size(), batch_size=batch,
         pipeline_stages=where.stages, microbatches=FLAGS.microbatches,
         global_batch_size=global_batch, learning_rate=scaled_lr,

@@ -2,8 +2,9 @@
 # Builds the whole stack into .venv from nothing, and does nothing on a ready machine.
 #
 #   1. system tools: MPI (runtime and headers), cmake, g++, Fashion-MNIST's IDX files
-#      (dataset-fashion-mnist), and with --test Chromium and SLURM with munge (the
-#      TensorBoard browser test, the sbatch recipes' test); installed with apt when root or
+#      (dataset-fashion-mnist), and with --test Chromium, SLURM with munge and an SSH
+#      server (the TensorBoard browser test, the sbatch recipes' test, the simulated
+#      cluster's hosts); installed with apt when root or
 #      passwordless sudo allows it, otherwise named exactly;
 #   2. .venv with everything in requirements.txt except Horovod;
 #   3. Horovod built from source against that TensorFlow (TensorFlow, MPI, Gloo; NCCL when
@@ -37,6 +38,9 @@ if [ "${1:-}" = --test ]; then  # the TensorBoard browser test; the one-node SLU
   command -v chromium >/dev/null || missing_packages+=(chromium)
   command -v slurmctld >/dev/null || missing_packages+=(slurm-wlm)
   command -v munged >/dev/null || missing_packages+=(munge)
+  # the simulated cluster's hosts (scripts/simulated_cluster.sh)
+  [ -x /usr/sbin/sshd ] || missing_packages+=(openssh-server)
+  command -v ip >/dev/null || missing_packages+=(iproute2)
 fi
 if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
 # Fashion-MNIST's IDX files (the fashion_mnist experiments read them there): installed where

@@ -1,5 +1,6 @@
 """Shared helpers. TF_USE_LEGACY_KERAS must be set before TensorFlow is first imported, in this
 process and in every process a test starts, so it is set here, before any test module loads."""
+import concurrent.futures
 import csv
 import os
 import pty
@@ -27,6 +28,33 @@ def digits_tfrecords(tmp_path_factory):
     for split in input_pipeline.SPLITS:
         write_split(input_pipeline.load("digits", split), split, str(folder), num_shards=4)
     return folder
+
+
+def run_concurrently(function, cases):
+    """function(case) for each case, as many at a time as there are cores: much of a short
+    run is importing TensorFlow and building the model, on one core."""
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        return list(pool.map(function, cases))
+
+
+# The integrity runs: digits_cnn with its own schedule (16 epochs of one step: 2 of warmup,
+# then cosine) at a global batch of 128, on 1, 2 and 4 processes (test_train.py), and on 2
+# nodes (test_multi_node.py).
+INTEGRITY_FLAGS = ["--flagfile=configs/digits_cnn.cfg", "--global_batch_size=128",
+                   "--deterministic", "--steps_per_epoch=1", "--validation_steps=1",
+                   "--summary_steps=1"]
+
+
+@pytest.fixture(scope="session")
+def integrity_runs(tmp_path_factory):
+    """The model_dir of the integrity run on each number of processes (1, 2, 4), one host."""
+    runs = {}
+    for processes in (1, 2, 4):
+        model_dir = tmp_path_factory.mktemp(f"integrity-np{processes}")
+        command = train_command(*INTEGRITY_FLAGS, f"--model_dir={model_dir}")
+        run([*mpirun(processes), *command] if processes > 1 else command)
+        runs[processes] = model_dir
+    return runs
 
 
 def mpirun(num_processes):

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import HOROVODRUN, PYTHON, mpirun, run, train_command
-from test_train import checkpoint_values, run_concurrently
+from conftest import HOROVODRUN, PYTHON, mpirun, run, run_concurrently, train_command
+from test_train import checkpoint_values
 
 SAME_DATA = ["--flagfile=configs/digits_cnn.cfg", "--global_batch_size=32", "--deterministic",
              "--lr_scaling=none", "--warmup_epochs=0", "--lr_schedule=constant", "--epochs=2",

@@ -47,7 +47,7 @@ def test_the_users_horovod_settings_win_and_reach_every_rank(four_cores, monkeyp
 
 def test_elastic_runs_horovodrun_with_the_discovery_script_and_app_train_elastic(four_cores):
     line = " ".join(launch.command(2, "mpirun", None, ["--epochs=1"],
-                                   elastic=(1, 4, "/jobs/hosts.sh", "ib0")))
+                                   elastic=(1, 4, "/jobs/hosts.sh"), network_interface="ib0"))
     assert ("horovodrun -np 2 --min-np 1 --max-np 4 --host-discovery-script /jobs/hosts.sh "
             "--network-interface ib0 ") in line
     assert line.endswith("-m app.train --epochs=1 --elastic")
@@ -55,7 +55,7 @@ def test_elastic_runs_horovodrun_with_the_discovery_script_and_app_train_elastic
 
 @pytest.mark.parametrize("arguments, named", [
     (["--host_discovery_script=/bin/true", "--min_np=3"], "--min_np=3"),
-    (["--max_np=4"], "--min_np/--max_np/--network_interface"),
+    (["--max_np=4"], "--min_np/--max_np"),
     (["--host_discovery_script=/nonexistent.sh"], "--host_discovery_script=/nonexistent.sh"),
 ])
 def test_bad_elastic_arguments_are_named(arguments, named, capsys):

@@ -6,8 +6,9 @@ import re
 
 import numpy as np
 import pytest
-from conftest import PYTHON, error_lines, horovodrun, mpirun, run, run_study, train_command
-from test_train import checkpoint_values, per_step_learning_rates, run_concurrently
+from conftest import PYTHON, error_lines, horovodrun, mpirun, run, run_concurrently, run_study
+from conftest import train_command
+from test_train import checkpoint_values, per_step_learning_rates
 
 from app import pipeline
 from app.compat import tf

@@ -1,6 +1,5 @@
 """app.train end to end: the default experiment, loss integrity across process counts, resume,
 every experiment from its flagfile, and flag errors."""
-import concurrent.futures
 import json
 import os
 
@@ -8,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (PYTHON, error_lines, mpirun, read_log, run, terminal_output,
-                      train_command)
+from conftest import (PYTHON, error_lines, mpirun, read_log, run, run_concurrently,
+                      terminal_output, train_command)
 
 # A few steps: one short epoch, so no warmup and a schedule that fits in it.
 SHORT = ["--epochs=1", "--steps_per_epoch=2", "--validation_steps=1", "--warmup_epochs=0",
@@ -83,7 +82,8 @@ def per_step_learning_rates(model_dir):
 
 
 @pytest.mark.distributed
-def test_same_global_batch_gives_the_same_weights_on_one_two_and_four_processes(tmp_path):
+def test_same_global_batch_gives_the_same_weights_on_one_two_and_four_processes(
+        integrity_runs):
     """digits_cnn with its own schedule (16 epochs: 2 of warmup, then cosine) at a global
     batch of 128, twice the reference batch, so that the warmup rises from 0.1 to 0.2: with
     --deterministic, 1, 2 and 4 processes see the same global batches and run the same LR at
@@ -92,24 +92,18 @@ def test_same_global_batch_gives_the_same_weights_on_one_two_and_four_processes(
     training at this LR amplifies: with epochs of one step (16 steps in all) weights and
     momentum agree to 1e-5, while the steps move them by far more. (Over more steps the
     runs part by more than 1e-5, by float32 rounding alone: BENCHMARKS.md.)"""
-    flags = ["--flagfile=configs/digits_cnn.cfg", "--global_batch_size=128", "--deterministic",
-             "--steps_per_epoch=1", "--validation_steps=1", "--summary_steps=1"]
-    run(train_command(*flags, f"--model_dir={tmp_path / 'np1'}"))
-    for processes in (2, 4):
-        run([*mpirun(processes), *train_command(*flags,
-                                                f"--model_dir={tmp_path / f'np{processes}'}")])
-    one = checkpoint_values(tmp_path / "np1", 16, "model/")
-    earlier = checkpoint_values(tmp_path / "np1", 14, "model/")
-    rates = per_step_learning_rates(tmp_path / "np1")
+    one = checkpoint_values(integrity_runs[1], 16, "model/")
+    earlier = checkpoint_values(integrity_runs[1], 14, "model/")
+    rates = per_step_learning_rates(integrity_runs[1])
     assert sorted(rates) == list(range(1, 16 + 1))
     assert rates[1] == pytest.approx(0.15) and rates[2] == pytest.approx(0.2)  # warmup
     for processes in (2, 4):
-        other = checkpoint_values(tmp_path / f"np{processes}", 16, "model/")
+        other = checkpoint_values(integrity_runs[processes], 16, "model/")
         assert one.keys() == other.keys() and len(one) == 16  # 8 weights, 8 momentum slots
         for name in one:
             np.testing.assert_allclose(other[name], one[name], rtol=0, atol=1e-5,
                                        err_msg=f"np={processes}: {name}")
-        assert per_step_learning_rates(tmp_path / f"np{processes}") == rates
+        assert per_step_learning_rates(integrity_runs[processes]) == rates
     print("moved", max(np.abs(one[n] - earlier[n]).max() for n in one))
     assert max(np.abs(one[n] - earlier[n]).max() for n in one) > 1e-3
 
@@ -188,11 +182,6 @@ EXPERIMENT_RUNS = [
 ]
 
 
-def run_concurrently(function, cases):
-    """function(case) for each case, as many at a time as there are cores: much of a short
-    run is importing TensorFlow and building the model, on one core."""
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-        return list(pool.map(function, cases))
 
 
 @pytest.fixture(scope="module")
