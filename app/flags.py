@@ -195,6 +195,11 @@ def define_performance_flags():
     flags.DEFINE_enum("mixed_precision", None, ["float16", "bfloat16"],
                       "Compute in this type, keep the variables in float32 (Keras' mixed "
                       "precision); float16 adds dynamic loss scaling around Horovod's optimizer.")
+    flags.DEFINE_bool("float64", False,
+                      "Compute and keep the variables in float64 (several times slower than "
+                      "float32): for telling runs that differ by float32 rounding alone, such "
+                      "as the same training on different numbers of processes, from runs that "
+                      "differ in what they compute.")
     flags.DEFINE_bool("jit_compile", False,
                       "Compile the training step's ops with XLA around Horovod's collectives "
                       "(TensorFlow's auto-clustering; on CPUs too), as NVIDIA's Horovod examples "
@@ -340,6 +345,9 @@ def validate(world_size):
         raise _invalid("data_dir", f"is required by --dataset={FLAGS.dataset}")
     if FLAGS.target_accuracy is not None and FLAGS.benchmark:
         raise _invalid("target_accuracy", "needs validation, which --benchmark leaves out")
+    if FLAGS.float64 and FLAGS.mixed_precision:
+        raise _invalid("float64", f"computes in float64, --mixed_precision="
+                                  f"{FLAGS.mixed_precision} in another type: choose one")
     if FLAGS.adasum and world_size & (world_size - 1):
         raise _invalid("adasum", f"needs a power-of-2 number of processes (Horovod's Adasum), "
                                  f"not {world_size}")

@@ -239,7 +239,7 @@ class PipelinedStage(tf.keras.Model):
             own = tf.add_n(losses) if losses else tf.constant(0.0)
         gradients = tape.gradient(own, variables,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return tf.constant(self.pipe.allreduce(float(own)), tf.float32), gradients
+        return tf.constant(self.pipe.allreduce(float(own)), own.dtype), gradients
 
     def _shared_metrics(self, labels):
         """The last stage's loss and metric state, on every stage of the pipeline."""

@@ -109,10 +109,13 @@ def main(_):
     #    from the same seed on every rank: identical initial weights. Mixed precision
     #    computes in float16 or bfloat16 and keeps float32 variables; float16's loss scaling
     #    wraps the distributed optimizer, so that every rank sees the same overflows.
-    #    Pipelined: this rank's stage of the model, whose step averages the gradients over
-    #    the stage's replicas itself (app.pipeline).
+    #    --float64 computes and keeps everything in float64. Pipelined: this rank's stage of
+    #    the model, whose step averages the gradients over the stage's replicas itself
+    #    (app.pipeline).
     if FLAGS.mixed_precision:
         tf.keras.mixed_precision.set_global_policy(f"mixed_{FLAGS.mixed_precision}")
+    elif FLAGS.float64:
+        tf.keras.mixed_precision.set_global_policy("float64")
     normalization = (sync_batch_norm.SyncBatchNormalization if FLAGS.sync_batch_norm
                      else tf.keras.layers.BatchNormalization)
     first_block, last_block = pipeline.blocks_of_stage(
@@ -329,6 +332,7 @@ def train(model, checkpoint_manager, train_source, validation_source, threads, i
         pipeline_stages=where.stages, microbatches=FLAGS.microbatches,
         global_batch_size=global_batch, learning_rate=scaled_lr,
         steps_per_epoch=steps_per_epoch,
+        trainable_parameters=sum(v.shape.num_elements() for v in model.trainable_variables),
         precision=tf.keras.mixed_precision.global_policy().name)
 
 

@@ -3,6 +3,8 @@ batch norm, so that runs with the same global batch give the same weights at any
 count."""
 import tf_keras as keras
 
+from models.dense import output_dtype
+
 
 def small_cnn(num_outputs, normalization=None):
     """Blocks: each convolution, then pooling with the hidden dense layer, then the
@@ -35,4 +37,5 @@ def pooled_cnn(num_outputs, normalization=None, filters=(16, 32)):
 
 
 def _classifier(num_outputs):
-    return lambda x: keras.layers.Dense(num_outputs, activation="softmax", dtype="float32")(x)
+    return lambda x: keras.layers.Dense(num_outputs, activation="softmax",
+                                        dtype=output_dtype())(x)

@@ -2,10 +2,17 @@
 import tf_keras as keras
 
 
+def output_dtype():
+    """The output layer's type: float32 under every mixed-precision policy, so that the
+    softmax and the loss keep float32's range; float64 when the model computes in float64."""
+    return "float64" if keras.mixed_precision.global_policy().compute_dtype == "float64" \
+        else "float32"
+
+
 def linear(num_outputs, normalization=None):
     """y = w*x + b: one Dense unit per output, no activation (a regression model)."""
     del normalization  # nothing to normalize in a linear neuron
-    return [lambda x: keras.layers.Dense(num_outputs, name="neuron", dtype="float32")(
+    return [lambda x: keras.layers.Dense(num_outputs, name="neuron", dtype=output_dtype())(
         keras.layers.Flatten()(x))]
 
 
@@ -21,4 +28,5 @@ def mlp(num_outputs, normalization=None, hidden=(256, 128)):
         return block
 
     return [*(hidden_block(units, index == 0) for index, units in enumerate(hidden)),
-            lambda x: keras.layers.Dense(num_outputs, activation="softmax", dtype="float32")(x)]
+            lambda x: keras.layers.Dense(num_outputs, activation="softmax",
+                                         dtype=output_dtype())(x)]

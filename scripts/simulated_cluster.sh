@@ -7,9 +7,11 @@
 #   scripts/simulated_cluster.sh stop             # removes everything start made
 #
 # Each host is a network namespace (hvdsim-nodeK) with its own hostname (a UTS namespace
-# for each process started in it), its own address 10.210.0.K on a private bridge, and an
-# SSH server that lets root in with a key made for the cluster, so that mpirun, horovodrun
-# and app.launch reach the other hosts by ssh as on a real cluster. Inside the hosts, the
+# for each process started in it), its own address 10.210.0.K on a private bridge, its own
+# share of this machine's cores (the processes started on it inherit that affinity: with
+# fewer cores than hosts, one core each in turn), and an SSH server that lets root in with a
+# key made for the cluster, so that mpirun, horovodrun and app.launch reach the other hosts
+# by ssh as on a real cluster, and size and bind their ranks to the host's cores. Inside the hosts, the
 # names node1..nodeN resolve (/etc/netns/hvdsim-nodeK/hosts) and ssh uses the cluster's
 # key and host keys (/etc/netns/hvdsim-nodeK/ssh, which `ip netns exec` mounts over
 # /etc/ssh). The file system is this machine's, shared by every host, as a cluster's
@@ -86,21 +88,35 @@ Host *
 EOF
 }
 
-in_host() {  # in_host NODE COMMAND...: COMMAND on NODE, under its hostname
+cores_of() {  # the cores of host node$1 of $2: an equal share, or one in turn when too few
+  local node=$1 nodes=$2 cores share
+  cores=$(nproc)
+  share=$(( cores / nodes ))
+  if [ "$share" -ge 1 ]; then
+    echo "$(( (node - 1) * share ))-$(( node * share - 1 ))"
+  else
+    echo "$(( (node - 1) % cores ))"
+  fi
+}
+
+in_host() {  # in_host NODE COMMAND...: COMMAND on NODE, under its hostname, on its cores
   local node=$1; shift
-  ip netns exec "$PREFIX-$node" unshare --uts sh -c 'hostname "$0" && exec "$@"' "$node" "$@"
+  ip netns exec "$PREFIX-$node" unshare --uts \
+    taskset -c "$(cores_of "${node#node}" "$(cat "$STATE/nodes")")" \
+    sh -c 'hostname "$0" && exec "$@"' "$node" "$@"
 }
 
 start() {
   local nodes=$1
   [[ $nodes =~ ^[1-9][0-9]?$ ]] && [ "$nodes" -le 250 ] || die "start N: N hosts, 1 to 250 (got '$nodes')"
   [ "$(id -u)" = 0 ] || die "needs root (network namespaces and an SSH server)"
-  for tool in ip unshare ssh ssh-keygen /usr/sbin/sshd; do
+  for tool in ip unshare taskset ssh ssh-keygen /usr/sbin/sshd; do
     command -v "$tool" >/dev/null || die "$tool missing: install Debian's iproute2, util-linux and openssh-server (make test does)"
   done
   stop
   mkdir -p "$STATE"
   chmod 700 "$STATE"
+  echo "$nodes" > "$STATE/nodes"
   trap 'stop' ERR
   ssh-keygen -q -t ed25519 -N '' -C simulated-cluster -f "$STATE/id_ed25519"
   ssh-keygen -q -t ed25519 -N '' -C simulated-cluster-host -f "$STATE/ssh_host_ed25519_key"
@@ -134,7 +150,7 @@ start() {
     in_host node1 ssh "node$node" true || die "node1 cannot ssh to node$node (see $STATE/node$node.sshd.log)"
   done
   trap - ERR
-  say "started $nodes hosts: $(seq -s ' ' -f 'node%g' "$nodes") ($SUBNET.1-$nodes, interface cluster0)"
+  say "started $nodes hosts: $(seq -s ' ' -f 'node%g' "$nodes") ($SUBNET.1-$nodes, interface cluster0; cores: $(for k in $(seq "$nodes"); do printf 'node%s %s ' "$k" "$(cores_of "$k" "$nodes")"; done))"
   say "run a command on one:  $0 run node1 -- COMMAND"
   say "for example:           $0 run node1 -- mpirun --allow-run-as-root -H $(seq -s , -f 'node%g:1' "$nodes") hostname"
   say "stop and remove all:   $0 stop"

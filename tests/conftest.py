@@ -38,11 +38,11 @@ def run_concurrently(function, cases):
 
 
 # The integrity runs: digits_cnn with its own schedule (16 epochs of one step: 2 of warmup,
-# then cosine) at a global batch of 128, on 1, 2 and 4 processes (test_train.py), and on 2
-# nodes (test_multi_node.py).
+# then cosine) at a global batch of 128, in float64 (rounding out of the way), on 1, 2 and 4
+# processes (test_train.py), and on 2 nodes (test_multi_node.py).
 INTEGRITY_FLAGS = ["--flagfile=configs/digits_cnn.cfg", "--global_batch_size=128",
                    "--deterministic", "--steps_per_epoch=1", "--validation_steps=1",
-                   "--summary_steps=1"]
+                   "--summary_steps=1", "--float64"]
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +55,27 @@ def integrity_runs(tmp_path_factory):
         run([*mpirun(processes), *command] if processes > 1 else command)
         runs[processes] = model_dir
     return runs
+
+
+CLUSTER = os.path.join(REPO, "scripts", "simulated_cluster.sh")
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A simulated cluster of hosts node1 and node2 (scripts/simulated_cluster.sh), removed
+    at the end (also when a test fails)."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces and SSH servers need root (CI runs as root)")
+    run([CLUSTER, "start", "2"])
+    try:
+        yield
+    finally:
+        run([CLUSTER, "stop"])
+
+
+def on_node1(*command):
+    """`command` run on the simulated cluster's node1, as on a job's first node."""
+    return [CLUSTER, "run", "node1", "--", *command]
 
 
 def mpirun(num_processes):

@@ -1,72 +1,74 @@
-"""The SLURM recipes on a real one-node SLURM cluster (Debian's slurm-wlm and munge, which
-`make test` installs, started here as root): both sbatch scripts train the default
-experiment on 2 tasks, through srun with PMIx and through app.launch's mpirun, a job
-signalled ahead of its time limit is requeued and resumes, and app.launch reads the
-allocation's hosts."""
+"""The SLURM recipes on a real SLURM cluster of two nodes (Debian's slurm-wlm and munge,
+which `make test` installs): the controller on node1 of the simulated cluster
+(scripts/simulated_cluster.sh) and a slurmd on each of its 2 nodes. Both sbatch scripts
+train the default experiment on 2 nodes, through srun with PMIx and through app.launch's
+mpirun; a job signalled ahead of its time limit is requeued and resumes; app.launch reads
+the allocation's hosts."""
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 
-from conftest import REPO, run
+from conftest import CLUSTER, REPO, on_node1, run
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
+NODES = ("node1", "node2")
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """The environment of a running one-node cluster (SLURM_CONF), stopped afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("starting SLURM's daemons needs root (CI runs as root)")
+def slurm(cluster, tmp_path_factory):
+    """The environment of a running two-node SLURM cluster (SLURM_CONF), stopped afterwards;
+    its commands run on node1 (`on_node1`), where the controller listens."""
     missing = [daemon for daemon in DAEMONS if not shutil.which(daemon)]
     assert not missing, f"{missing} missing: `make test` installs slurm-wlm and munge"
     home = tmp_path_factory.mktemp("slurm")
-    node = socket.gethostname().split(".")[0]
     conf = home / "slurm.conf"
     conf.write_text("\n".join([
-        "ClusterName=test", f"SlurmctldHost={node}(127.0.0.1)", "SlurmUser=root",
+        "ClusterName=test", "SlurmctldHost=node1(10.210.0.1)", "SlurmUser=root",
         "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
         "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "MpiDefault=none",
         "ReturnToService=2", "JobAcctGatherType=jobacct_gather/none",
         "AuthInfo=cred_expire=20",  # how long a requeued job waits (120 s by default)
-        f"SlurmctldPidFile={home}/slurmctld.pid", f"SlurmdPidFile={home}/slurmd.pid",
-        f"SlurmdSpoolDir={home}/spool", f"StateSaveLocation={home}/state",
-        f"SlurmctldLogFile={home}/slurmctld.log", f"SlurmdLogFile={home}/slurmd.log",
-        f"NodeName={node} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN",
-        f"PartitionName=test Nodes={node} Default=YES MaxTime=INFINITE State=UP "
+        f"SlurmctldPidFile={home}/slurmctld.pid", f"SlurmdPidFile={home}/slurmd-%n.pid",
+        f"SlurmdSpoolDir={home}/spool-%n", f"StateSaveLocation={home}/state",
+        f"SlurmctldLogFile={home}/slurmctld.log", f"SlurmdLogFile={home}/slurmd-%n.log",
+        *(f"NodeName={node} NodeAddr=10.210.0.{k} CPUs={os.cpu_count()} State=UNKNOWN"
+          for k, node in enumerate(NODES, 1)),
+        f"PartitionName=test Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP "
         f"OverSubscribe=YES", ""]))
     env = {"SLURM_CONF": str(conf)}
     started_munge = subprocess.run(["munge", "-n"], capture_output=True).returncode != 0
-    if started_munge:  # not answering yet
+    if started_munge:  # not answering yet (its socket, in /run, serves every node)
         os.makedirs("/run/munge", exist_ok=True)
         subprocess.run(["munged", "--force"], check=True)
-    for daemon in ("slurmctld", "slurmd"):
-        subprocess.run([daemon], env={**os.environ, **env}, check=True)
+    run(on_node1("slurmctld"), env=env)
+    for node in NODES:
+        run([CLUSTER, "run", node, "--", "slurmd", "-N", node], env=env)
     try:
         deadline = time.monotonic() + 60
-        while "idle" not in run(["sinfo", "-h", "-o", "%t"], env=env, check=False).stdout:
+        while run(on_node1("sinfo", "-h", "-o", "%t"), env=env,
+                  check=False).stdout.split() != ["idle"]:
             assert time.monotonic() < deadline, (home / "slurmctld.log").read_text()[-3000:]
             time.sleep(1)
         yield env
     finally:
-        run(["scontrol", "shutdown"], env=env, check=False)
+        run(on_node1("scontrol", "shutdown"), env=env, check=False)
         if started_munge:
             subprocess.run(["pkill", "-x", "munged"])
 
 
 def submit(env, script, model_dir, out, *flags):
-    """Submits a recipe on 2 tasks of the node, training the default experiment with
-    `flags`; its job id."""
-    return run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={out}",
-                "--open-mode=append", f"--chdir={REPO}", script,
-                "--flagfile=configs/digits_cnn.cfg", f"--model_dir={model_dir}", *flags],
-               env=env).stdout.strip()
+    """Submits a recipe on a task on each of the 2 nodes, training the default experiment
+    with `flags`; its job id."""
+    return run(on_node1("sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1",
+                        f"--output={out}", "--open-mode=append", f"--chdir={REPO}", script,
+                        "--flagfile=configs/digits_cnn.cfg", f"--model_dir={model_dir}",
+                        *flags), env=env).stdout.strip()
 
 
 def wait_for_the_end(env, job, out):
@@ -75,7 +77,7 @@ def wait_for_the_end(env, job, out):
     to half a minute late.)"""
     deadline = time.monotonic() + 600
     while True:
-        state = run(["scontrol", "show", "job", "-o", job], env=env).stdout
+        state = run(on_node1("scontrol", "show", "job", "-o", job), env=env).stdout
         job_state = re.search(r"JobState=(\S+)", state)[1]
         if job_state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED"):
             break
@@ -87,7 +89,7 @@ def wait_for_the_end(env, job, out):
 
 
 @pytest.mark.distributed
-def test_the_srun_recipe_trains_on_two_tasks(slurm, tmp_path):
+def test_the_srun_recipe_trains_on_two_nodes(slurm, tmp_path):
     """(The mpirun recipe's run: the requeue test below.)"""
     job = submit(slurm, "scripts/slurm/train_srun.sbatch", tmp_path / "run",
                  tmp_path / "job.out", "--epochs=3")
@@ -95,6 +97,8 @@ def test_the_srun_recipe_trains_on_two_tasks(slurm, tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["world_size"] == 2 and results["epochs_completed"] == 3, output[-3000:]
     assert results["val_accuracy"] > 0.9
+    assert [(p["host"], p["cross_size"]) for p in results["processes"]] == [
+        ("node1", 2), ("node2", 2)]
 
 
 def test_launch_reads_the_hosts_of_an_allocation(slurm, monkeypatch):
@@ -117,12 +121,12 @@ def test_a_signalled_job_is_requeued_and_resumes_at_the_step_it_stopped(slurm, t
                  "--warmup_epochs=1", "--steps_per_epoch=150", "--validation_steps=2")
     deadline = time.monotonic() + 300
     while not (model_dir / "checkpoints" / "epoch-1.index").exists():
-        state = run(["scontrol", "show", "job", "-o", job], env=slurm).stdout
+        state = run(on_node1("scontrol", "show", "job", "-o", job), env=slurm).stdout
         output = out.read_text()[-3000:] if out.exists() else ""
         assert "JobState=RUNNING" in state or "JobState=PENDING" in state, f"{state}\n{output}"
         assert time.monotonic() < deadline, output
         time.sleep(0.2)
-    run(["scancel", "--batch", "--signal=USR1", job], env=slurm)
+    run(on_node1("scancel", "--batch", "--signal=USR1", job), env=slurm)
     output, state = wait_for_the_end(slurm, job, out)
     assert "Restarts=1 " in state, state
     stopped = re.search(r"stopped by SIGUSR1 at epoch (\d+), step (\d+): saved", output)
@@ -134,5 +138,5 @@ def test_a_signalled_job_is_requeued_and_resumes_at_the_step_it_stopped(slurm, t
     results = json.loads((model_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["epochs_completed"] == epochs
     assert results["val_accuracy"] > 0.9
-    node = socket.gethostname().split(".")[0]
-    assert f" -H {node}:2 " in output.splitlines()[0], output[:2000]
+    assert " -H node1:1,node2:1 " in output.splitlines()[0], output[:2000]
+    assert {p["host"] for p in results["processes"]} == set(NODES)

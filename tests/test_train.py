@@ -87,11 +87,13 @@ def test_same_global_batch_gives_the_same_weights_on_one_two_and_four_processes(
     """digits_cnn with its own schedule (16 epochs: 2 of warmup, then cosine) at a global
     batch of 128, twice the reference batch, so that the warmup rises from 0.1 to 0.2: with
     --deterministic, 1, 2 and 4 processes see the same global batches and run the same LR at
-    every step. Their gradients differ only by float32 summation order (one mean over 128
-    examples against the average of means over 64 or 32), about 1e-7 relative a step, which
-    training at this LR amplifies: with epochs of one step (16 steps in all) weights and
-    momentum agree to 1e-5, while the steps move them by far more. (Over more steps the
-    runs part by more than 1e-5, by float32 rounding alone: BENCHMARKS.md.)"""
+    every step. Their gradients differ only by summation order (one mean over 128 examples
+    against the average of means over 64 or 32). In float32 that is about 1e-7 relative a
+    step, which training amplifies by an amount that depends on the CPU (after these 16
+    steps: under 1e-5 on one machine, 1.4e-4 on another; BENCHMARKS.md), so the runs compute
+    in float64 (--float64), where rounding stays near 1e-16: weights and momentum agree to
+    1e-10, while the steps move them by far more. Anything the number of processes changed
+    besides rounding (an LR, a batch, an average) would show a million times over."""
     one = checkpoint_values(integrity_runs[1], 16, "model/")
     earlier = checkpoint_values(integrity_runs[1], 14, "model/")
     rates = per_step_learning_rates(integrity_runs[1])
@@ -100,8 +102,9 @@ def test_same_global_batch_gives_the_same_weights_on_one_two_and_four_processes(
     for processes in (2, 4):
         other = checkpoint_values(integrity_runs[processes], 16, "model/")
         assert one.keys() == other.keys() and len(one) == 16  # 8 weights, 8 momentum slots
+        assert {value.dtype for value in other.values()} == {np.dtype("float64")}
         for name in one:
-            np.testing.assert_allclose(other[name], one[name], rtol=0, atol=1e-5,
+            np.testing.assert_allclose(other[name], one[name], rtol=0, atol=1e-10,
                                        err_msg=f"np={processes}: {name}")
         assert per_step_learning_rates(integrity_runs[processes]) == rates
     print("moved", max(np.abs(one[n] - earlier[n]).max() for n in one))
@@ -232,6 +235,8 @@ BAD_FLAGS = [
     ("digits_cnn", ["--pipeline_stages=2"], "--pipeline_stages=2: must divide the 1 processes"),
     ("digits_cnn", ["--microbatches=5"],
      "--microbatches=5: must divide the batch of 32 per replica"),
+    ("digits_cnn", ["--float64", "--mixed_precision=bfloat16"],
+     "--float64=True: computes in float64, --mixed_precision=bfloat16 in another type"),
     ("digits_cnn", ["--recompute", "--sync_batch_norm"],
      "--sync_batch_norm=True: is not supported with --pipeline_stages"),
     ("cifar10_resnet20", ["--data_dir=/does/not/exist"], "--data_dir"),

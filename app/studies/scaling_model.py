@@ -1,0 +1,253 @@
+"""Predicts images/s and scaling efficiency at 1 to 1024 processes, to plan an allocation:
+from one process's measured step time and the model's gradient size, for a network.
+
+    python -m app.studies.scaling_model --results=runs/np1/results.json --network=ib200 \\
+        --processes_per_node=8 --hierarchical
+    python -m app.studies.scaling_model --step_ms=510 --gradient_mb=170 --batch=64 \\
+        --network=roce25 --processes_per_node=4
+    python -m app.studies.scaling_model --published     # against Horovod's paper
+    mpirun -np 2 -H node1,node2 python -m app.studies.scaling_model --measure_network
+
+Weak scaling (the batch per process stays): a step on p processes is the one-process step
+(compute) plus the part of Horovod's allreduce that is not hidden behind it:
+
+- the gradients go out in fused buffers of --fusion_mb (HOROVOD_FUSION_THRESHOLD); a ring
+  allreduce of B bytes over p processes takes 2 (p-1) latencies and moves 2 (p-1)/p B over
+  each process's link; hierarchical (HOROVOD_HIERARCHICAL_ALLREDUCE, or NCCL's own rings
+  inside a node): a reduce-scatter and an allgather inside each node over --node_network,
+  and a ring over the nodes, whose bandwidth the node's processes share;
+- Horovod coordinates once a cycle (--cycle_ms, HOROVOD_CYCLE_TIME): half a cycle waited
+  on average, and a negotiation of 2 log2(p) latencies;
+- overlap: Horovod sends each buffer while the backward pass (2/3 of the step) goes on, so
+  at best only what outlasts the backward pass shows, and never less than the last buffer,
+  which waits for the last gradients; at worst nothing overlaps. The table gives both.
+
+A model, not a measurement: it leaves out stragglers, the network's congestion, the data
+pipeline and the allreduce's own compute. BENCHMARKS.md compares it with runs here and with
+published figures. Writes scaling_model.md, .csv and .json to --out_dir.
+"""
+import json
+import math
+import os
+
+from app import cli
+from app.studies import harness
+
+MB = 2 ** 20
+# latency (s) and bandwidth (bytes/s) of one process's link: presets
+NETWORKS = {
+    # this machine's loopback between 2 ranks, Horovod's allreduce under mpirun (BENCHMARKS.md)
+    "loopback": (40e-6, 1.5e9),
+    "roce25": (10e-6, 2.8e9),   # 25 Gb/s RoCE, as in Horovod's paper
+    "ib100": (5e-6, 11e9),      # 100 Gb/s InfiniBand (EDR, HDR100), NCCL's per-hop latency
+    "ib200": (5e-6, 22e9),      # 200 Gb/s InfiniBand (HDR)
+    "nvlink": (3e-6, 130e9),    # inside a node: NVLink (V100 NVLink 2 ring bandwidth)
+    "pcie": (5e-6, 10e9),       # inside a node: PCIe 3 x16
+}
+# Horovod's paper (Sergeev and Del Balso, 2018, figure 7): 128 servers of 4 Pascal GPUs,
+# 25 Gb/s RoCE, batch 64 per GPU. Step times of one P100 from TensorFlow's benchmarks
+# (images/s per GPU); gradient sizes: the models' float32 parameters.
+PUBLISHED = (
+    # model, step ms, gradient MB, batch, efficiency at 512 GPUs
+    ("Inception V3", 1000 * 64 / 142, 23.8e6 * 4 / MB, 64, 0.88),
+    ("ResNet-101", 1000 * 64 / 125, 44.5e6 * 4 / MB, 64, 0.88),
+    ("VGG-16", 1000 * 64 / 150, 138.4e6 * 4 / MB, 64, 0.68),
+)
+BACKWARD_SHARE = 2 / 3  # of a step: the backward pass costs about twice the forward
+
+
+def ring_allreduce_seconds(size_bytes, processes, latency, bandwidth):
+    """A ring allreduce of `size_bytes` over `processes`, each on a link of `latency` s and
+    `bandwidth` bytes/s."""
+    if processes == 1:
+        return 0.0
+    return 2 * (processes - 1) * (latency + size_bytes / processes / bandwidth)
+
+
+def allreduce_seconds(size_bytes, processes, per_node, network, node_network, hierarchical):
+    """One buffer's allreduce over `processes`, `per_node` to a node, flat over `network` or
+    hierarchical (inside the node over `node_network`, across nodes over `network`)."""
+    if not hierarchical or per_node == 1 or processes <= per_node:
+        inside = processes <= per_node
+        return ring_allreduce_seconds(size_bytes, processes,
+                                      *(node_network if inside else network))
+    nodes = processes // per_node
+    inside = ring_allreduce_seconds(size_bytes, per_node, *node_network)
+    latency, bandwidth = network
+    across = ring_allreduce_seconds(size_bytes, nodes, latency, bandwidth)
+    return inside + across
+
+
+def step_seconds(compute, gradient_bytes, processes, per_node, network, node_network,
+                 hierarchical=False, fusion_bytes=64 * MB, cycle=0.001):
+    """(step without overlap, step with the best overlap) on `processes`, in seconds."""
+    if processes == 1:
+        return compute, compute
+    buffers = max(1, math.ceil(gradient_bytes / fusion_bytes))
+    last = gradient_bytes - (buffers - 1) * fusion_bytes
+    full = allreduce_seconds(fusion_bytes, processes, per_node, network, node_network,
+                             hierarchical)
+    last_buffer = allreduce_seconds(last, processes, per_node, network, node_network,
+                                    hierarchical)
+    communication = (buffers - 1) * full + last_buffer
+    coordination = cycle / 2 + 2 * math.log2(processes) * network[0]
+    hidden = max(communication - BACKWARD_SHARE * compute, last_buffer)
+    return compute + communication + coordination, compute + hidden + coordination
+
+
+def predict(compute, gradient_bytes, batch, per_node, network, node_network, hierarchical,
+            fusion_bytes, cycle, most=1024):
+    """Rows for 1, 2, 4, ... `most` processes: images/s and efficiency, no overlap and best."""
+    rows = []
+    processes = 1
+    while processes <= most:
+        worst, best = step_seconds(compute, gradient_bytes, processes, per_node, network,
+                                   node_network, hierarchical, fusion_bytes, cycle)
+        rows.append({"processes": processes, "nodes": math.ceil(processes / per_node),
+                     "step_ms_no_overlap": 1000 * worst, "step_ms_overlap": 1000 * best,
+                     "images_per_sec_no_overlap": processes * batch / worst,
+                     "images_per_sec_overlap": processes * batch / best,
+                     "efficiency_no_overlap": compute / worst,
+                     "efficiency_overlap": compute / best})
+        processes *= 2
+    return rows
+
+
+def first_below(rows, threshold, key):
+    """The fewest processes whose `key` efficiency is below `threshold` (None: never)."""
+    return next((row["processes"] for row in rows if row[key] < threshold), None)
+
+
+def measured_run(path):
+    """(step seconds, gradient bytes, batch per process) of a run's results.json."""
+    with open(path) as results_file:
+        results = json.load(results_file)
+    if not results.get("images_per_sec_per_process") or not results.get("trainable_parameters"):
+        raise ValueError("no images_per_sec_per_process or trainable_parameters (a run of "
+                         "app.train with --warmup_steps below its steps is needed)")
+    batch = results["batch_size"]
+    return batch / results["images_per_sec_per_process"], \
+        4 * results["trainable_parameters"], batch
+
+
+def measure_network(repeats=10):
+    """Under mpirun: the latency and bandwidth of one process's link, fitted to the median
+    time of Horovod's allreduce of 8 bytes and of 64 MiB on this job's processes; rank 0
+    prints them."""
+    import statistics
+    import time
+
+    from app.compat import hvd_tensorflow as hvd, tf
+    hvd.init()
+    seconds = {}
+    for size in (8, 64 * MB):
+        tensor = tf.ones([size // 4], tf.float32)
+        times = []
+        for repeat in range(repeats + 1):
+            started = time.perf_counter()
+            hvd.allreduce(tensor, op=hvd.Sum, name=f"measure-{size}").numpy()
+            times.append(time.perf_counter() - started)
+        seconds[size] = statistics.median(times[1:])
+    processes = hvd.size()
+    latency = seconds[8] / (2 * (processes - 1))
+    bandwidth = 2 * (processes - 1) / processes * 64 * MB / (seconds[64 * MB] - seconds[8])
+    if hvd.rank() == 0:
+        print(f"{processes} processes: latency {latency * 1e6:.0f} us, bandwidth "
+              f"{bandwidth / 1e9:.2f} GB/s (allreduce of 8 B: {seconds[8] * 1e6:.0f} us, "
+              f"of 64 MiB: {seconds[64 * MB] * 1000:.1f} ms)")
+
+
+def main(argv=None):
+    parser = cli.argument_parser("app.studies.scaling_model", __doc__.split("\n\n")[0])
+    parser.add_argument("--results", help="a one-process run's results.json (step time, "
+                                          "gradient size, batch)")
+    parser.add_argument("--step_ms", type=float, help="one process's step (without --results)")
+    parser.add_argument("--gradient_mb", type=float, help="gradient MiB allreduced a step")
+    parser.add_argument("--batch", type=int, help="batch per process")
+    parser.add_argument("--network", default="ib100", choices=NETWORKS,
+                        help="between nodes (latency, bandwidth): "
+                             + "; ".join(f"{name} {latency * 1e6:g} us {bandwidth / 1e9:g} GB/s"
+                                         for name, (latency, bandwidth) in NETWORKS.items()))
+    parser.add_argument("--node_network", default="nvlink", choices=NETWORKS,
+                        help="between the processes of a node")
+    parser.add_argument("--processes_per_node", type=int, default=1)
+    parser.add_argument("--hierarchical", action="store_true",
+                        help="allreduce inside each node, then across the nodes")
+    parser.add_argument("--fusion_mb", type=float, default=64.0,
+                        help="HOROVOD_FUSION_THRESHOLD in MiB")
+    parser.add_argument("--cycle_ms", type=float, default=1.0, help="HOROVOD_CYCLE_TIME")
+    parser.add_argument("--max_processes", type=int, default=1024)
+    parser.add_argument("--published", action="store_true",
+                        help="predict Horovod's paper's runs instead, against its figures")
+    parser.add_argument("--measure_network", action="store_true",
+                        help="under mpirun -np 2 or more: measure the latency and bandwidth "
+                             "between its processes (Horovod's allreduce) and print them")
+    parser.add_argument("--out_dir", default="runs/scaling_model")
+    args = parser.parse_args(argv)
+    if args.measure_network:
+        return measure_network()
+    if args.processes_per_node < 1 or args.max_processes < 1:
+        parser.error("--processes_per_node and --max_processes: at least 1")
+    settings = dict(network=NETWORKS[args.network], node_network=NETWORKS[args.node_network],
+                    hierarchical=args.hierarchical, fusion_bytes=args.fusion_mb * MB,
+                    cycle=args.cycle_ms / 1000)
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, "scaling_model")
+    if args.published:
+        return compare_with_published(stem)
+    if args.results:
+        try:
+            compute, gradient_bytes, batch = measured_run(args.results)
+        except (OSError, ValueError, KeyError) as error:
+            parser.error(f"--results={args.results}: {error}")
+    elif args.step_ms and args.gradient_mb and args.batch:
+        compute, gradient_bytes, batch = args.step_ms / 1000, args.gradient_mb * MB, args.batch
+    else:
+        parser.error("--results, or all of --step_ms, --gradient_mb and --batch")
+    if min(compute, gradient_bytes, batch) <= 0:
+        parser.error("--step_ms, --gradient_mb and --batch: must be positive")
+    rows = predict(compute, gradient_bytes, batch, args.processes_per_node,
+                   most=args.max_processes, **settings)
+    notes = []
+    for threshold in (0.9, 0.8):
+        worst = first_below(rows, threshold, "efficiency_no_overlap")
+        best = first_below(rows, threshold, "efficiency_overlap")
+        notes.append(f"Efficiency below {threshold:.0%}: from {worst or 'beyond'} processes "
+                     f"without overlap, from {best or 'beyond'} with it.")
+    title = (f"Predicted weak scaling: {compute * 1000:.1f} ms a step, "
+             f"{gradient_bytes / MB:.1f} MiB of gradients, batch {batch}, "
+             f"{args.processes_per_node} per node, {args.network}"
+             f"{' (hierarchical, ' + args.node_network + ' inside)' if args.hierarchical else ''}")
+    columns = [("processes", lambda row: str(row["processes"])),
+               ("nodes", lambda row: str(row["nodes"])),
+               ("images/s (no overlap - overlap)",
+                lambda row: f"{row['images_per_sec_no_overlap']:,.0f} - "
+                            f"{row['images_per_sec_overlap']:,.0f}"),
+               ("efficiency", lambda row: f"{row['efficiency_no_overlap']:.0%} - "
+                                          f"{row['efficiency_overlap']:.0%}")]
+    harness.write_study(stem, rows, columns, title, notes)
+
+
+def compare_with_published(stem):
+    """Horovod's paper's three models at 512 GPUs (4 a server, 25 Gb/s RoCE, PCIe inside a
+    server, flat rings as NCCL 2 ran them), predicted against measured."""
+    rows = []
+    for model, step_ms, gradient_mb, batch, published in PUBLISHED:
+        worst, best = step_seconds(step_ms / 1000, gradient_mb * MB, 512, 4, NETWORKS["roce25"],
+                                   NETWORKS["pcie"])
+        rows.append({"model": model, "step_ms": step_ms, "gradient_mb": gradient_mb,
+                     "published": published, "predicted_no_overlap": step_ms / 1000 / worst,
+                     "predicted_overlap": step_ms / 1000 / best})
+    columns = [("model", lambda row: row["model"]),
+               ("one P100's step", lambda row: f"{row['step_ms']:.0f} ms"),
+               ("gradients", lambda row: f"{row['gradient_mb']:.0f} MiB"),
+               ("published", lambda row: f"{row['published']:.0%}"),
+               ("predicted (no overlap - overlap)",
+                lambda row: f"{row['predicted_no_overlap']:.0%} - "
+                            f"{row['predicted_overlap']:.0%}")]
+    harness.write_study(stem, rows, columns,
+                        "Scaling efficiency at 512 GPUs: Horovod's paper against the model")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""app.studies.scaling_model: the allreduce arithmetic, Horovod's published figures inside
+the predicted range, and the command line."""
+import json
+
+import pytest
+
+from conftest import PYTHON, run
+from app.studies import scaling_model
+
+MB = scaling_model.MB
+
+
+def test_a_ring_moves_twice_the_data_in_two_p_minus_1_hops():
+    assert scaling_model.ring_allreduce_seconds(100 * MB, 1, 1e-5, 1e9) == 0
+    assert scaling_model.ring_allreduce_seconds(100 * MB, 4, 1e-5, 1e9) == pytest.approx(
+        6 * 1e-5 + 2 * 3 / 4 * 100 * MB / 1e9)
+    # hierarchical: a ring in each node of 4, then one across 2 nodes
+    network, node_network = (1e-5, 1e9), (1e-6, 1e11)
+    assert scaling_model.allreduce_seconds(8 * MB, 8, 4, network, node_network, True) == \
+        pytest.approx(scaling_model.ring_allreduce_seconds(8 * MB, 4, *node_network)
+                      + scaling_model.ring_allreduce_seconds(8 * MB, 2, *network))
+
+
+def test_overlap_hides_at_most_the_backward_pass_and_never_the_last_buffer():
+    network = (1e-5, 1e9)
+    worst, best = scaling_model.step_seconds(0.3, 200 * MB, 16, 1, network, network,
+                                             fusion_bytes=64 * MB, cycle=0.0)
+    buffers = [64 * MB] * 3 + [8 * MB]
+    communication = sum(scaling_model.ring_allreduce_seconds(size, 16, *network)
+                        for size in buffers)
+    coordination = 2 * 4 * 1e-5
+    assert worst == pytest.approx(0.3 + communication + coordination)
+    assert best == pytest.approx(0.3 + communication - 0.2 + coordination)
+    tiny_best = scaling_model.step_seconds(0.3, 1 * MB, 16, 1, network, network, cycle=0.0)[1]
+    assert tiny_best == pytest.approx(
+        0.3 + scaling_model.ring_allreduce_seconds(1 * MB, 16, *network) + coordination)
+
+
+def test_horovods_published_efficiencies_fall_inside_the_predicted_range(tmp_path):
+    run([PYTHON, "-m", "app.studies.scaling_model", "--published", f"--out_dir={tmp_path}"])
+    rows = json.loads((tmp_path / "scaling_model.json").read_text())["rows"]
+    assert [row["model"] for row in rows] == ["Inception V3", "ResNet-101", "VGG-16"]
+    for row in rows:
+        assert row["predicted_no_overlap"] - 0.01 <= row["published"] <= \
+            row["predicted_overlap"] + 0.01, row
+
+
+def test_the_table_says_where_efficiency_falls_below_90_and_80_percent(tmp_path):
+    result = run([PYTHON, "-m", "app.studies.scaling_model", "--step_ms=100",
+                  "--gradient_mb=100", "--batch=32", "--network=roce25",
+                  "--processes_per_node=4", f"--out_dir={tmp_path}"])
+    rows = json.loads((tmp_path / "scaling_model.json").read_text())["rows"]
+    assert [row["processes"] for row in rows] == [2 ** k for k in range(11)]
+    efficiencies = [row["efficiency_overlap"] for row in rows]
+    assert efficiencies[0] == 1 and efficiencies == sorted(efficiencies, reverse=True)
+    below_90 = scaling_model.first_below(rows, 0.9, "efficiency_no_overlap")
+    assert f"Efficiency below 90%: from {below_90} processes without overlap" in result.stdout
+    refused = run([PYTHON, "-m", "app.studies.scaling_model", "--step_ms=100"], check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines()[-1].endswith(
+        "error: --results, or all of --step_ms, --gradient_mb and --batch")
