@@ -13,7 +13,7 @@ slots and step count, the global batch it was trained at) and flags.cfg with
 """
 import os
 
-import app.compat  # noqa: F401  (first: it sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from app.compat import tf  # first: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
 
 from absl import app, flags
 
@@ -47,6 +47,8 @@ def main(_):
     if to_stages > blocks:
         app_flags.fail(f"--to_stages={to_stages}: --model={FLAGS.model} has {blocks} blocks")
 
+    if FLAGS.float64:  # the variables' type (mixed precision keeps them in float32)
+        tf.keras.mixed_precision.set_global_policy("float64")
     source = input_pipeline.load(FLAGS.dataset, "train", data_dir=FLAGS.data_dir,
                                  image_size=FLAGS.image_size, seed=FLAGS.seed)
     shapes = models.block_shapes(FLAGS.model, source.feature_shape, source.num_outputs)

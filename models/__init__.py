@@ -14,7 +14,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from models.cnn import pooled_cnn, small_cnn
-from models.dense import linear, mlp
+from models.dense import float_dtype, linear, mlp
 from models.resnet import resnet20, resnet50, resnet56, wide_resnet16_10
 
 BUILDERS = {
@@ -45,7 +45,7 @@ def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormal
             for block in blocks[:first_block]:
                 before = block(before)
             input_shape = tuple(before.shape[1:])
-    inputs = outputs = keras.Input(input_shape)
+    inputs = outputs = keras.Input(input_shape, dtype=float_dtype() if first_block else None)
     for index in stage:
         outputs = blocks[index](outputs)
     whole = len(stage) == len(blocks)

@@ -3,7 +3,7 @@ batch norm, so that runs with the same global batch give the same weights at any
 count."""
 import tf_keras as keras
 
-from models.dense import output_dtype
+from models.dense import float_dtype
 
 
 def small_cnn(num_outputs, normalization=None):
@@ -38,4 +38,4 @@ def pooled_cnn(num_outputs, normalization=None, filters=(16, 32)):
 
 def _classifier(num_outputs):
     return lambda x: keras.layers.Dense(num_outputs, activation="softmax",
-                                        dtype=output_dtype())(x)
+                                        dtype=float_dtype())(x)

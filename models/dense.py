@@ -2,9 +2,10 @@
 import tf_keras as keras
 
 
-def output_dtype():
-    """The output layer's type: float32 under every mixed-precision policy, so that the
-    softmax and the loss keep float32's range; float64 when the model computes in float64."""
+def float_dtype():
+    """float32, or float64 when the model computes in float64: the type of the output layer
+    (under mixed precision too, so that the softmax and the loss keep float32's range) and of
+    a pipeline stage's input."""
     return "float64" if keras.mixed_precision.global_policy().compute_dtype == "float64" \
         else "float32"
 
@@ -12,7 +13,7 @@ def output_dtype():
 def linear(num_outputs, normalization=None):
     """y = w*x + b: one Dense unit per output, no activation (a regression model)."""
     del normalization  # nothing to normalize in a linear neuron
-    return [lambda x: keras.layers.Dense(num_outputs, name="neuron", dtype=output_dtype())(
+    return [lambda x: keras.layers.Dense(num_outputs, name="neuron", dtype=float_dtype())(
         keras.layers.Flatten()(x))]
 
 
@@ -29,4 +30,4 @@ def mlp(num_outputs, normalization=None, hidden=(256, 128)):
 
     return [*(hidden_block(units, index == 0) for index, units in enumerate(hidden)),
             lambda x: keras.layers.Dense(num_outputs, activation="softmax",
-                                         dtype=output_dtype())(x)]
+                                         dtype=float_dtype())(x)]

@@ -3,7 +3,7 @@ WideResNet-16-10 (Zagoruyko and Komodakis 2016, pre-activation) and ImageNet Res
 (as Goyal et al. 2017 and NVIDIA's and the TF Model Garden's recipes train it)."""
 import tf_keras as keras
 
-from models.dense import output_dtype
+from models.dense import float_dtype
 
 _CONV = dict(padding="same", use_bias=False, kernel_initializer="he_normal")
 
@@ -35,7 +35,7 @@ def _pooled_classifier(num_outputs, normalization=None):
     def head(x):
         if normalization:
             x = keras.layers.ReLU()(normalization()(x))
-        return keras.layers.Dense(num_outputs, activation="softmax", dtype=output_dtype())(
+        return keras.layers.Dense(num_outputs, activation="softmax", dtype=float_dtype())(
             keras.layers.GlobalAveragePooling2D()(x))
     return head
 
