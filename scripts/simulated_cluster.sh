@@ -99,11 +99,18 @@ cores_of() {  # the cores of host node$1 of $2: an equal share, or one in turn w
   fi
 }
 
+# `ip netns exec` mounts a /sys of the host's own, without this machine's control groups
+# (SLURM's slurmd needs them): each host mounts them again as this machine has them.
+cgroup_mounts() { awk '$2 ~ "^/sys/fs/cgroup" {print $3, $4, $2}' /proc/self/mounts; }
+
 in_host() {  # in_host NODE COMMAND...: COMMAND on NODE, under its hostname, on its cores
   local node=$1; shift
   ip netns exec "$PREFIX-$node" unshare --uts \
     taskset -c "$(cores_of "${node#node}" "$(cat "$STATE/nodes")")" \
-    sh -c 'hostname "$0" && exec "$@"' "$node" "$@"
+    sh -c 'printf "%s\n" "$1" | while read -r type options point; do
+             mkdir -p "$point" && mount -t "$type" -o "$options" "$type" "$point"
+           done 2>/dev/null
+           shift; hostname "$0" && exec "$@"' "$node" "$(cgroup_mounts)" "$@"
 }
 
 start() {

@@ -36,11 +36,14 @@ def slurm(cluster, tmp_path_factory):
         "AuthInfo=cred_expire=20",  # how long a requeued job waits (120 s by default)
         f"SlurmctldPidFile={home}/slurmctld.pid", f"SlurmdPidFile={home}/slurmd-%n.pid",
         f"SlurmdSpoolDir={home}/spool-%n", f"StateSaveLocation={home}/state",
+        f"TmpFS={home}/tmp-%n",  # node-local, as a cluster's /tmp (PMIx's files go there)
         f"SlurmctldLogFile={home}/slurmctld.log", f"SlurmdLogFile={home}/slurmd-%n.log",
         *(f"NodeName={node} NodeAddr=10.210.0.{k} CPUs={os.cpu_count()} State=UNKNOWN"
           for k, node in enumerate(NODES, 1)),
         f"PartitionName=test Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP "
         f"OverSubscribe=YES", ""]))
+    for node in NODES:
+        (home / f"tmp-{node}").mkdir()
     env = {"SLURM_CONF": str(conf)}
     started_munge = subprocess.run(["munge", "-n"], capture_output=True).returncode != 0
     if started_munge:  # not answering yet (its socket, in /run, serves every node)
