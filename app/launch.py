@@ -19,6 +19,9 @@ mpirun settings and why (measured in BENCHMARKS.md):
   its gradients instead of once a millisecond, a large share of a small model's step.
   Across nodes (a --hosts list of several), each cycle is a message over the network, so
   Horovod's default stays. An HOROVOD_CYCLE_TIME set by the user wins.
+- Across nodes, TCP keepalives on mpirun's connections to its daemons: a node lost without a
+  word (power, link) ends the job within 15-25 s, with one line naming it, instead of
+  leaving mpirun waiting on it for Open MPI's default 8 minutes.
 - `--network_interface=IF` (e.g. ib0): the ranks on different nodes talk over IF only
   (Open MPI's `btl_tcp_if_include` and `oob_tcp_if_include`, horovodrun's
   `--network-interface`); without it MPI uses every interface it finds up. Ranks on one
