@@ -28,11 +28,22 @@ def test_one_process_or_more_ranks_than_cores_keep_horovods_cycle(four_cores):
     assert "--bind-to none" in oversubscribed and "HOROVOD_CYCLE_TIME" not in oversubscribed
 
 
-def test_several_nodes_keep_horovods_cycle(four_cores):
+def test_several_nodes_keep_horovods_cycle_and_give_up_on_a_silent_node(four_cores):
     line = joined(8, hosts="node1:4,node2:4")
     assert "-H node1:4,node2:4" in line and "--map-by slot:PE=1 --bind-to core" in line
     assert "HOROVOD_CYCLE_TIME" not in line
+    assert ("--mca oob_tcp_keepalive_time 10 --mca oob_tcp_keepalive_intvl 5 "
+            "--mca oob_tcp_keepalive_probes 3") in line
+    assert "keepalive" not in joined(4, hosts="node1:4") and "keepalive" not in joined(2)
     assert "--cycle-time-ms" not in joined(8, "node1:4,node2:4", "horovodrun")
+
+
+def test_the_network_interface_reaches_either_launcher(four_cores):
+    mpirun = " ".join(launch.command(8, "mpirun", "node1:4,node2:4", [], network_interface="ib0"))
+    assert "--mca btl_tcp_if_include ib0 --mca oob_tcp_if_include ib0" in mpirun
+    horovodrun = " ".join(launch.command(8, "horovodrun", "node1:4,node2:4", [],
+                                         network_interface="ib0"))
+    assert " --gloo --network-interface ib0 -H node1:4,node2:4 " in horovodrun
 
 
 def test_the_users_horovod_settings_win_and_reach_every_rank(four_cores, monkeypatch):
