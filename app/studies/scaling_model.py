@@ -75,10 +75,8 @@ def allreduce_seconds(size_bytes, processes, per_node, network, node_network, hi
         return ring_allreduce_seconds(size_bytes, processes,
                                       *(node_network if inside else network))
     nodes = processes // per_node
-    inside = ring_allreduce_seconds(size_bytes, per_node, *node_network)
-    latency, bandwidth = network
-    across = ring_allreduce_seconds(size_bytes, nodes, latency, bandwidth)
-    return inside + across
+    return (ring_allreduce_seconds(size_bytes, per_node, *node_network)
+            + ring_allreduce_seconds(size_bytes, nodes, *network))
 
 
 def step_seconds(compute, gradient_bytes, processes, per_node, network, node_network,
