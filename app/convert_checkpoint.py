@@ -60,7 +60,8 @@ def main(_):
             first, last = pipeline.blocks_of_stage(shapes, pipeline.position(stage, stages,
                                                                               stages))
             model = models.build(FLAGS.model, source.feature_shape, source.num_outputs,
-                                 seed=FLAGS.seed, first_block=first, last_block=last)
+                                 seed=FLAGS.seed, first_block=first, last_block=last,
+                                 input_scaling=source.input_scaling)
             optimizer = optimizers.build(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum,
                                          FLAGS.weight_decay)
             optimizers.create_slots(optimizer, model.trainable_variables)

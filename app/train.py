@@ -123,7 +123,7 @@ def main(_):
         if stages > 1 else [], where)
     model = models.build(FLAGS.model, train_source.feature_shape, train_source.num_outputs,
                          normalization, seed=FLAGS.seed, first_block=first_block,
-                         last_block=last_block)
+                         last_block=last_block, input_scaling=train_source.input_scaling)
     models.add_weight_decay(
         model, 0.0 if FLAGS.optimizer in optimizers.DECAY_INSIDE else FLAGS.weight_decay)
     optimizer = optimizers.build(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum,

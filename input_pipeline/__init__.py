@@ -45,6 +45,7 @@ def load(dataset, split, *, data_dir=None, image_size=None, seed=0, skip_corrupt
             num_examples=_imagenet_examples(data_dir, split),
             preprocess=imagenet_preprocessing.evaluation_image,
             training_crop=imagenet_preprocessing.training_image if split == "train" else None,
+            input_scaling=imagenet_preprocessing.input_scaling(3),
             skip_corrupt=skip_corrupt)
     raise ValueError(f"unknown dataset {dataset!r}; one of {', '.join(DATASETS)}")
 

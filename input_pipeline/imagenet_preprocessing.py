@@ -5,13 +5,14 @@ Training: a random crop of 8% to 100% of the image's area with an aspect ratio b
 and 4/3, decoded alone (a JPEG's other blocks are never decoded), flipped at random, resized
 to the model's input. Evaluation: the center crop that resizing the shorter side to 256 and
 cropping 224 would take (0.875 of the shorter side, whatever the input size), resized to the
-model's input. Both scale to [0, 1] and normalize each channel by ImageNet's mean and
-standard deviation. Images that are not JPEG (PNG, ...) are decoded whole, then cropped.
+model's input. Both give float pixels in [0, 255]: the model's first layer normalizes each
+channel by ImageNet's mean and standard deviation (`input_scaling`), on the accelerator, as
+NVIDIA's DALI pipelines do, so that the host's cores only decode, crop and resize. Images that
+are not JPEG (PNG, ...) are decoded whole, then cropped.
 
 `jpeg`: True when every image is a JPEG, False when none need be, None to choose per image
 (a tf.cond in every image's preprocessing; its cost: BENCHMARKS.md).
 """
-import numpy as np
 import tensorflow as tf
 
 AREA_RANGE = (0.08, 1.0)
@@ -22,14 +23,15 @@ STDDEV_RGB = (0.229, 0.224, 0.225)
 
 
 def training_image(image_bytes, image_size, channels, seed, jpeg=None):
-    """A randomly cropped, flipped, resized and normalized float32 image; the randomness is
+    """A randomly cropped, resized and flipped float32 image in [0, 255]; the randomness is
     that of `seed` (shape [2]), so the same seed makes the same image."""
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = _decode_window(image_bytes, channels,
-                           lambda shape: training_window(shape, crop_seed), jpeg)
-    # Flipped before resizing, which commutes with it: uint8 is a quarter of the float bytes.
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    return _resized_and_normalized(image, image_size, channels)
+    crop_seed, flip_bits = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = _resized(_decode_window(image_bytes, channels,
+                                    lambda shape: training_window(shape, crop_seed), jpeg),
+                     image_size, channels)
+    # The flip's coin is a bit the split drew anyway, and the flip comes after the resize
+    # (they commute), where TensorFlow's reverse is cheaper than on the uint8 crop.
+    return tf.cond(flip_bits[0] % 2 == 1, lambda: tf.reverse(image, [1]), lambda: image)
 
 
 def training_window(shape, seed):
@@ -43,8 +45,8 @@ def training_window(shape, seed):
 
 
 def evaluation_image(image_bytes, image_size, channels=3, jpeg=None):
-    """The center crop of 0.875 of the shorter side, resized and normalized; deterministic."""
-    return _resized_and_normalized(
+    """The center crop of 0.875 of the shorter side, resized, in [0, 255]; deterministic."""
+    return _resized(
         _decode_window(image_bytes, channels, lambda shape: center_window(shape, image_size),
                        jpeg),
         image_size, channels)
@@ -58,18 +60,13 @@ def center_window(shape, image_size):
     return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
 
 
-def normalize(image, max_value=1.0):
-    """[0, max_value] pixels of an image of static shape to zero mean and unit variance per channel
-    (ImageNet's statistics; their averages for images that are not RGB). The statistics are
-    spread over the image's whole shape first: TensorFlow's ops broadcasting along a last
-    axis of 3 are several times slower than plain elementwise ones (BENCHMARKS.md)."""
-    channels = image.shape[-1]
+def input_scaling(channels):
+    """(scale, offset) per channel that take [0, 255] pixels to zero mean and unit variance
+    (ImageNet's statistics; their averages for images that are not RGB): the model's first
+    layer, keras.layers.Rescaling(scale, offset)."""
     mean, stddev = ((MEAN_RGB, STDDEV_RGB) if channels == 3
                     else ([sum(MEAN_RGB) / 3] * channels, [sum(STDDEV_RGB) / 3] * channels))
-    mean, stddev = np.array(mean, np.float32), np.array(stddev, np.float32)
-    scale = np.broadcast_to(1.0 / (max_value * stddev), image.shape).copy()
-    offset = np.broadcast_to(-mean / stddev, image.shape).copy()
-    return image * scale + offset
+    return ([1 / (255 * s) for s in stddev], [-m / s for m, s in zip(mean, stddev)])
 
 
 def _decode_window(image_bytes, channels, window_of_shape, jpeg):
@@ -88,6 +85,6 @@ def _decode_window(image_bytes, channels, window_of_shape, jpeg):
     return decode_jpeg() if jpeg else other()
 
 
-def _resized_and_normalized(image, image_size, channels):
+def _resized(image, image_size, channels):
     image = tf.image.resize(image, [image_size, image_size])  # uint8 in, float32 out
-    return normalize(tf.ensure_shape(image, [image_size, image_size, channels]), 255.0)
+    return tf.ensure_shape(image, [image_size, image_size, channels])

@@ -30,6 +30,7 @@ class Source:
     task: str = "classification"  # or "regression"
     skip_errors: bool = False  # drop records that fail to read or decode
     damaged: tuple = ()  # RecordCount of each file read only up to its damage
+    input_scaling: Optional[tuple] = None  # (scale, offset) per channel: the model's first layer
 
     def all_records(self):
         """The whole split, in a fixed order."""
@@ -190,7 +191,8 @@ IMAGENET_FEATURES = {
 
 
 def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
-                    num_examples=None, skip_corrupt=False, preprocess=None, training_crop=None):
+                    num_examples=None, skip_corrupt=False, preprocess=None, training_crop=None,
+                    input_scaling=None):
     """Shards in the standard ImageNet TFRecord layout: `{data_dir}/{split}-NNNNN-of-NNNNN`,
     each record holding `image/encoded` (JPEG or PNG) and a 1-based `image/class/label`.
     `preprocess(image bytes, image_size, channels, jpeg)` makes the model's input from the
@@ -199,7 +201,8 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
     image_size, channels, seed, jpeg)` instead decodes to (image bytes, label) and makes the
     input as the augmentation, for crops chosen before the image is decoded. `jpeg` says
     whether the first record is a JPEG: the converters of the layout (the Model Garden's,
-    input_pipeline.to_tfrecord) write one format per data set.
+    input_pipeline.to_tfrecord) write one format per data set. `input_scaling` is the
+    per-channel (scale, offset) the model's first layer applies to what these make.
 
     Unless `num_examples` is given the shards are read once to count them, which also finds
     damaged files: a DamagedFileError names the first, or with `skip_corrupt` each damaged file is
@@ -241,7 +244,7 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
             return training_crop(image_bytes, image_size, channels, seed, jpeg), label
     return Source(f"tfrecord-{split}", num_examples, shape, num_outputs, files=files,
                   read_file=read_file, decode=decode, augment=augment,
-                  skip_errors=skip_corrupt, damaged=damaged)
+                  skip_errors=skip_corrupt, damaged=damaged, input_scaling=input_scaling)
 
 
 def _first_image_is_jpeg(path):

@@ -10,6 +10,7 @@ whole model would have: the blocks before it are built first in a graph that is 
 which draws the same random numbers as building them (and allocates no weight).
 """
 
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
@@ -30,11 +31,12 @@ BUILDERS = {
 
 
 def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormalization,
-          seed=None, first_block=0, last_block=None):
+          seed=None, first_block=0, last_block=None, input_scaling=None):
     """Returns the uncompiled Keras model `name` on inputs of `input_shape`, or the stage of
     it that runs blocks first_block to last_block (exclusive; None: to the end), which takes
     the tensor block `first_block` takes; its random initial weights from `seed` (None: from
-    Keras' random state as it is)."""
+    Keras' random state as it is). `input_scaling`, (scale, offset) per channel, makes the
+    first layer normalize the inputs (the data source's, e.g. ImageNet's statistics)."""
     blocks = BUILDERS[name](num_outputs, normalization=normalization)
     stage = range(len(blocks))[first_block:last_block]
     if seed is not None:
@@ -46,11 +48,22 @@ def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormal
                 before = block(before)
             input_shape = tuple(before.shape[1:])
     inputs = outputs = keras.Input(input_shape, dtype=float_dtype() if first_block else None)
+    if input_scaling is not None and not first_block:
+        outputs = _rescaling(input_scaling, input_shape)(outputs)
     for index in stage:
         outputs = blocks[index](outputs)
     whole = len(stage) == len(blocks)
     return keras.Model(inputs, outputs,
                        name=name if whole else f"{name}_blocks_{stage.start}_{stage.stop}")
+
+
+def _rescaling(input_scaling, input_shape):
+    """keras.layers.Rescaling by a per-channel (scale, offset) spread over the whole input
+    shape, because TensorFlow's CPU kernels broadcasting along a last axis of 3 are several
+    times slower (BENCHMARKS.md)."""
+    scale, offset = (np.broadcast_to(np.asarray(values, np.float32), input_shape).copy()
+                     for values in input_scaling)
+    return keras.layers.Rescaling(scale, offset, dtype=float_dtype(), name="input_scaling")
 
 
 def count_blocks(name):

@@ -1,11 +1,13 @@
 """The ImageNet recipe's preprocessing on a photograph scikit-learn ships (427x640): the
 training crops' area and aspect statistics, the evaluation's centered, deterministic crop,
-the normalization, and the TFRecord files dealt out anew every epoch and again on resume."""
+the flips, the normalization by the model's first layer, and the TFRecord files dealt out
+anew every epoch and again on resume."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import input_pipeline
+import models
 from input_pipeline import imagenet_preprocessing as preprocessing
 
 
@@ -40,7 +42,7 @@ def test_training_images_have_the_models_input_shape_from_jpeg_and_png(photograp
     for encoded in (jpeg, png):
         image = preprocessing.training_image(tf.constant(encoded), 224, 3, tf.constant([1, 2]))
         assert image.shape == (224, 224, 3) and image.dtype == tf.float32
-        assert np.isfinite(image.numpy()).all()
+        assert image.numpy().min() >= 0 and 128 < image.numpy().max() <= 255  # pixels
         again = preprocessing.training_image(tf.constant(encoded), 224, 3, tf.constant([1, 2]))
         np.testing.assert_array_equal(again, image)  # the seed decides the crop and the flip
         # A data set of one format skips the per-image choice, and gets the same image.
@@ -50,7 +52,12 @@ def test_training_images_have_the_models_input_shape_from_jpeg_and_png(photograp
     decoded_whole = preprocessing.training_image(tf.constant(jpeg), 224, 3,
                                                  tf.constant([1, 2]), jpeg=False)
     assert np.abs(decoded_whole - preprocessing.training_image(
-        tf.constant(jpeg), 224, 3, tf.constant([1, 2])).numpy()).mean() < 0.05
+        tf.constant(jpeg), 224, 3, tf.constant([1, 2])).numpy()).mean() < 3  # of 255
+    images = [preprocessing.training_image(tf.constant(jpeg), 224, 3, tf.constant([1, seed]))
+              for seed in range(40)]
+    flipped = [seed for seed in range(40) if np.array_equal(images[seed],
+                                                            _flipped_crop(jpeg, seed))]
+    assert 8 < len(flipped) < 32  # about half of the crops are flipped
 
 
 def test_evaluation_takes_the_same_center_crop_every_time(photograph):
@@ -64,14 +71,29 @@ def test_evaluation_takes_the_same_center_crop_every_time(photograph):
     np.testing.assert_array_equal(first, preprocessing.evaluation_image(tf.constant(jpeg),
                                                                         224).numpy())
     from_png = preprocessing.evaluation_image(tf.constant(png), 224).numpy()
-    assert np.abs(first - from_png).mean() < 0.05  # the same crop; JPEG's loss apart
+    assert np.abs(first - from_png).mean() < 3  # the same crop; JPEG's loss apart (of 255)
 
 
-def test_normalization_gives_imagenets_mean_zero_and_its_stddev_one():
-    mean_color = tf.constant(preprocessing.MEAN_RGB, shape=[1, 1, 3]) * tf.ones([4, 4, 3])
-    np.testing.assert_allclose(preprocessing.normalize(mean_color), 0.0, atol=1e-6)
-    one_stddev_up = mean_color + tf.constant(preprocessing.STDDEV_RGB, shape=[1, 1, 3])
-    np.testing.assert_allclose(preprocessing.normalize(one_stddev_up), 1.0, atol=1e-6)
+def _flipped_crop(jpeg, seed):
+    """The training image of seed (1, seed), had its coin said "flip"."""
+    crop_seed = tf.random.experimental.stateless_split(tf.constant([1, seed]), 2)[0]
+    window = preprocessing.training_window(tf.image.extract_jpeg_shape(jpeg), crop_seed)
+    image = tf.image.resize(tf.image.decode_and_crop_jpeg(jpeg, window, channels=3), [224, 224])
+    return tf.reverse(image, [1]).numpy()
+
+
+def test_the_models_first_layer_normalizes_to_imagenets_mean_zero_and_stddev_one():
+    scaling = preprocessing.input_scaling(3)
+    model = models.build("resnet20", (4, 4, 3), 10, input_scaling=scaling)
+    first_layer = tf.keras.Model(model.input, model.get_layer("input_scaling").output)
+    mean_color = 255 * tf.constant(preprocessing.MEAN_RGB, shape=[1, 1, 1, 3]) * tf.ones(
+        [2, 4, 4, 3])
+    np.testing.assert_allclose(first_layer(mean_color), 0.0, atol=1e-5)
+    one_stddev_up = mean_color + 255 * tf.constant(preprocessing.STDDEV_RGB, shape=[1, 1, 1, 3])
+    np.testing.assert_allclose(first_layer(one_stddev_up), 1.0, atol=1e-5)
+    later_stage = models.build("resnet20", (4, 4, 3), 10, first_block=1, input_scaling=scaling)
+    assert "input_scaling" not in [layer.name for layer in later_stage.layers]
+    assert input_pipeline.load("digits", "train").input_scaling is None
 
 
 def epoch_labels(data_dir, rank, size, first_epoch, epochs, steps):

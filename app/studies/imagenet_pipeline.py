@@ -1,8 +1,8 @@
 """How fast one core prepares ImageNet's images: the recipe's training preprocessing (a random
-crop decoded alone from the JPEG, flip, resize, normalize) and its evaluation preprocessing
-(the center crop), against decoding the whole JPEG and nothing else (the ceiling of any path
-that looks at every pixel) and against the whole-image path this project used before
-(decode everything, resize, flip).
+crop decoded alone from the JPEG, resize, flip) and its evaluation preprocessing (the center
+crop), both leaving the normalization to the model's first layer, against decoding the whole
+JPEG and nothing else (the ceiling of any path that looks at every pixel) and against the
+whole-image path this project used before (decode everything, resize, flip).
 
     python -m app.studies.imagenet_pipeline --num_images=512 --repeats=5
 
@@ -39,10 +39,10 @@ def paths(image_size):
         return tf.image.random_flip_left_right(tf.image.resize(image, [image_size] * 2))
     return {
         "decode only (the ceiling)": decode_only,
-        "training: crop decoded alone, flip, resize, normalize": lambda image_bytes: (
+        "training: crop decoded alone, resize, flip": lambda image_bytes: (
             imagenet_preprocessing.training_image(image_bytes, image_size, 3, tf.random.uniform(
                 [2], maxval=2**31 - 1, dtype=tf.int64), jpeg=True)),
-        "evaluation: center crop, resize, normalize": lambda image_bytes: (
+        "evaluation: center crop, resize": lambda image_bytes: (
             imagenet_preprocessing.evaluation_image(image_bytes, image_size, jpeg=True)),
         "before: whole image decoded, resized, flipped": whole_image,
     }

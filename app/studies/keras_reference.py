@@ -44,7 +44,8 @@ def main(_):
     data = strategy.distribute_datasets_from_function(lambda _: dataset) if cluster else dataset
 
     with strategy.scope():
-        model = models.build(FLAGS.model, source.feature_shape, source.num_outputs)
+        model = models.build(FLAGS.model, source.feature_shape, source.num_outputs,
+                             input_scaling=source.input_scaling)
         optimizer = optimizers.loss_scaled(
             optimizers.build(FLAGS.optimizer, app_flags.scaled_learning_rate(global_batch),
                              FLAGS.momentum), FLAGS.mixed_precision)
