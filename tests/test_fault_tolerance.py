@@ -42,15 +42,16 @@ def rank_process(job, rank):
     raise AssertionError(f"no app.train process of rank {rank}")
 
 
-def signal_rank_1(command, model_dir, signal_number, timeout, epoch=3):
+def signal_rank_1(command, model_dir, signal_number, timeout, epoch=3, checkpoints=None):
     """Starts `command`, sends `signal_number` to rank 1 early in `epoch` (counted from 1),
-    and waits up to `timeout` s for the job to end (it is killed if not); returns (its return
-    code, the seconds from the signal to its end, its stderr)."""
+    once the epoch before is saved in `checkpoints` (by default model_dir's), and waits up
+    to `timeout` s for the job to end (it is killed if not); returns (its return code, the
+    seconds from the signal to its end, its stderr)."""
     job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, start_new_session=True,
                            env={**os.environ, "PYTHONPATH": REPO})
     try:
-        wait_for(model_dir / "checkpoints" / f"epoch-{epoch - 1}.index", job)
+        wait_for((checkpoints or model_dir / "checkpoints") / f"epoch-{epoch - 1}.index", job)
         time.sleep(0.5)  # into `epoch`
         rank_process(job, 1).send_signal(signal_number)
         sent = time.monotonic()

@@ -1,20 +1,25 @@
 """Pipeline parallelism (app.pipeline): stages on ranks, microbatches, hybrid with Horovod's
 data parallelism, recomputation; the same weights as one process."""
+import concurrent.futures
 import json
 import os
 import re
+import shutil
+import signal
 
 import numpy as np
 import pytest
 from conftest import INTEGRITY_FLAGS, PYTHON, error_lines, horovodrun, mpirun, run
 from conftest import run_concurrently, run_study, train_command
+from test_fault_tolerance import signal_rank_1
 from test_train import checkpoint_values, per_step_learning_rates
 
 from app import pipeline
 from app.compat import tf
 import models
 
-RUNS = {  # name: (processes, flags), each with the integrity test's (conftest)
+BFLOAT16 = ["--nofloat64", "--mixed_precision=bfloat16", "--threads_per_process=1"]
+RUNS = {  # name: (processes, flags), each after the integrity test's (conftest)
     "mlp-np1": (1, ["--model=mlp"]),
     "mlp-stages2": (2, ["--model=mlp", "--pipeline_stages=2", "--microbatches=4"]),
     "cnn-np1": (1, ["--model=cnn"]),
@@ -23,6 +28,10 @@ RUNS = {  # name: (processes, flags), each with the integrity test's (conftest)
     # batch norm normalizes each microbatch: the one process splits its batch alike
     "resnet-np1-microbatches2": (1, ["--model=resnet20", "--microbatches=2"]),
     "resnet-stages2": (2, ["--model=resnet20", "--pipeline_stages=2", "--microbatches=2"]),
+    # mixed bfloat16: each stage computes on one thread, and so does the one process
+    "resnet-np1-bf16": (1, ["--model=resnet20", "--microbatches=2", *BFLOAT16]),
+    "resnet-stages2-bf16": (2, ["--model=resnet20", "--pipeline_stages=2", "--microbatches=2",
+                                *BFLOAT16]),
 }
 
 
@@ -84,6 +93,22 @@ def test_pipelined_runs_end_with_the_weights_of_one_process(pipeline_runs, one, 
         per_step_learning_rates(pipeline_runs[one])
     moved = checkpoint_values(pipeline_runs[one], 14, "model/")
     assert max(np.abs(reference[name] - moved[name]).max() for name in reference) > 1e-3
+
+
+@pytest.mark.distributed
+def test_a_bfloat16_pipeline_computes_the_bits_of_one_process(pipeline_runs):
+    """Mixed bfloat16 across stages (activations and their gradients sent as bfloat16): the
+    ResNet-20 cut in 2 ends with exactly the weights of one process on one thread, and not
+    with those of the float64 runs."""
+    reference = checkpoint_values(pipeline_runs["resnet-np1-bf16"], 16, "model/")
+    merged = whole_model_values(pipeline_runs["resnet-stages2-bf16"], 16, 2)
+    assert merged.keys() == reference.keys()
+    for name in reference:
+        np.testing.assert_array_equal(merged[name], reference[name], err_msg=name)
+    in_float64 = checkpoint_values(pipeline_runs["resnet-np1-microbatches2"], 16, "model/")
+    assert max(np.abs(reference[name] - in_float64[name]).max() for name in reference) > 1e-3
+    with open(pipeline_runs["resnet-stages2-bf16"] / "results.json") as results:
+        assert json.load(results)["precision"] == "mixed_bfloat16"
 
 
 def test_stages_are_cut_where_the_largest_holds_the_fewest_parameters():
@@ -181,6 +206,64 @@ def test_a_staged_checkpoint_converts_to_one_model_and_back_and_resumes(pipeline
     assert error_lines(refused, "app.convert_checkpoint") == [
         f"app.convert_checkpoint: error: --from_dir={tmp_path}: no flags.cfg (not a model_dir "
         f"of app.train)"]
+
+
+@pytest.mark.distributed
+def test_a_staged_run_resumes_from_each_stages_last_epoch_as_if_uninterrupted(pipeline_runs,
+                                                                             tmp_path):
+    """The 2-stage MLP's run with its last 2 epochs' checkpoints removed: the same command
+    resumes both stages at epoch 15 and ends with the uninterrupted run's weights."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(pipeline_runs["mlp-stages2"], resumed)
+    for stage in (0, 1):
+        for path in (resumed / "checkpoints" / f"stage-{stage}").glob("epoch-1[56].*"):
+            path.unlink()
+    processes, flags = RUNS["mlp-stages2"]
+    result = run([*mpirun(processes), *train_command(*INTEGRITY_FLAGS, *flags,
+                                                     f"--model_dir={resumed}")])
+    assert "Epoch 15/16" in result.stdout and "Epoch 14/16" not in result.stdout
+    for stage in (0, 1):
+        final = stage_values(resumed, 16, stage)
+        straight = stage_values(pipeline_runs["mlp-stages2"], 16, stage)
+        assert final.keys() == straight.keys()
+        for name in straight:
+            np.testing.assert_array_equal(final[name], straight[name], err_msg=name)
+
+
+@pytest.mark.distributed
+def test_a_signal_stops_a_staged_run_mid_epoch_and_the_rerun_ends_as_if_uninterrupted(
+        tmp_path):
+    """SIGUSR1 to rank 1 (the last stage) in epoch 2: every stage saves the same step, the
+    job exits 75, and the same command resumes each stage there and ends with the
+    uninterrupted run's weights (float64, to 1e-10)."""
+    flags = ["--flagfile=configs/digits_cnn.cfg", "--model=mlp", "--pipeline_stages=2",
+             "--microbatches=2", "--deterministic", "--float64", "--global_batch_size=128",
+             "--steps_per_epoch=60", "--epochs=3", "--validation_steps=1"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+
+    def command(model_dir):
+        return [PYTHON, "-m", "app.launch", "-np", "2", *flags, f"--model_dir={model_dir}"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        uninterrupted = pool.submit(run, command(straight))
+        returncode, _, stderr = signal_rank_1(command(stopped), stopped, signal.SIGUSR1, 60,
+                                              epoch=2, checkpoints=stopped / "checkpoints" /
+                                              "stage-1")
+        uninterrupted.result()
+    assert returncode == 75, stderr[-3000:]
+    saved = [sorted(path.name for path in (stopped / "checkpoints" / f"stage-{stage}").glob(
+        "epoch-*-step-*.index")) for stage in (0, 1)]
+    assert len(saved[0]) == 1 and saved[0] == saved[1], stderr[-3000:]
+    steps_done = int(saved[0][0][:-6].split("-step-")[1])
+    assert saved[0][0].startswith("epoch-1-step-") and 0 < steps_done < 60, saved
+
+    result = run(command(stopped))
+    assert "Epoch 2/3" in result.stdout and "Epoch 1/3" not in result.stdout
+    for stage in (0, 1):
+        final, reference = stage_values(stopped, 3, stage), stage_values(straight, 3, stage)
+        assert final.keys() == reference.keys()
+        for name in reference:
+            np.testing.assert_allclose(final[name], reference[name], rtol=0, atol=1e-10,
+                                       err_msg=name)
 
 
 @pytest.mark.distributed
