@@ -83,6 +83,14 @@ def test_benchmark_mode_on_two_processes_reports_every_rank_and_writes_a_timelin
     assert '"HorovodAllreduce' in events or "ALLREDUCE" in events
 
 
+def test_the_scaling_studys_runs_take_the_first_slots_of_the_hosts():
+    from app.studies.throughput_scaling import first_slots
+    assert first_slots("node1:2,node2:2", 1) == "node1:1"
+    assert first_slots("node1:2,node2:2", 3) == "node1:2,node2:1"
+    assert first_slots("node1,node2,node3", 2) == "node1:1,node2:1"
+    assert first_slots("node1:2,node2:2", 4) == "node1:2,node2:2"
+
+
 @pytest.mark.distributed
 def test_scaling_study_tables_what_its_runs_measured(tmp_path):
     run([PYTHON, "-m", "app.studies.throughput_scaling", "-N", "2", "--repeats=1",

@@ -2,6 +2,7 @@
 (scripts/simulated_cluster.sh: network namespaces with their own hostnames, addresses and
 SSH servers, sharing the file system), 2 ranks on each, launched from node1 as from a
 job's first node."""
+import csv
 import json
 import os
 import re
@@ -167,3 +168,27 @@ def test_elastic_training_goes_from_two_nodes_to_one_and_back(cluster, tmp_path)
     assert [int(row["epoch"]) for row in log] == list(range(epochs))
     rates = {float(row["lr"]) for row in log}
     assert len(rates) == 2 and max(rates) == pytest.approx(2 * min(rates))
+
+
+@pytest.mark.distributed
+def test_the_scaling_study_places_its_horovod_runs_on_the_hosts(cluster, tmp_path):
+    """app.studies.throughput_scaling --hosts at its smallest: Horovod at np=1 on node1 and
+    np=2 on node1 and node2 (horovodrun), plain Keras on node1, the table from their
+    results, and no run that would measure one host alone."""
+    run(on_node1(PYTHON, "-m", "app.studies.throughput_scaling", "--hosts=node1:1,node2:1",
+                 "--launcher=horovodrun", "--repeats=1", "--flagfile=configs/digits_cnn.cfg",
+                 "--steps_per_epoch=25", "--warmup_steps=5", f"--out_dir={tmp_path}"))
+    with open(tmp_path / "scaling.csv") as table:
+        rows = list(csv.DictReader(table))
+    assert [(row["kind"], row["processes"]) for row in rows] == [
+        ("reference", "1"), ("weak", "1"), ("weak", "2"), ("strong", "1"), ("strong", "2")]
+    for row, name, hosts in ((rows[1], "run1-weak-np1-r0", ["node1"]),
+                             (rows[2], "run2-weak-np2-r0", ["node1", "node2"])):
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert [process["host"] for process in results["processes"]] == hosts
+        assert float(row["images_per_sec"]) == pytest.approx(results["images_per_sec"])
+    speedup = float(rows[2]["images_per_sec"]) / float(rows[1]["images_per_sec"])
+    markdown = (tmp_path / "scaling.md").read_text()
+    assert "hosts node1:1,node2:1" in markdown
+    assert f"Horovod np=2 / np=1: {speedup:.2f}x" in markdown
+    assert "independent" not in markdown

@@ -5,7 +5,7 @@ from one process's measured step time and the model's gradient size, for a netwo
         --processes_per_node=8 --hierarchical
     python -m app.studies.scaling_model --step_ms=510 --gradient_mb=170 --batch=64 \\
         --network=roce25 --processes_per_node=4
-    python -m app.studies.scaling_model --published     # against Horovod's paper
+    python -m app.studies.scaling_model --published     # against Horovod's and NVIDIA's
     mpirun -np 2 -H node1,node2 python -m app.studies.scaling_model --measure_network
 
 Weak scaling (the batch per process stays): a step on p processes is the one-process step
@@ -56,6 +56,19 @@ PUBLISHED = (
     ("ResNet-101", 1000 * 64 / 125, 44.5e6 * 4 / MB, 64, 0.88),
     ("VGG-16", 1000 * 64 / 150, 138.4e6 * 4 / MB, 64, 0.68),
 )
+# NVIDIA's DeepLearningExamples, ResNet-50 v1.5 for TensorFlow 1 (Horovod, XLA, 20.06
+# container), weak scaling inside one server over NVLink/NVSwitch; float32 gradients of its
+# 25.56M parameters.
+PUBLISHED_DLE = (
+    # server, precision, batch per GPU, images/s on 1 GPU, GPUs, images/s on them
+    ("DGX-1 (V100)", "FP32", 128, 412, 8, 3170),
+    ("DGX-1 (V100)", "AMP", 256, 1270, 8, 9510),
+    ("DGX-2 (V100)", "FP32", 128, 432, 16, 6500),
+    ("DGX-2 (V100)", "AMP", 256, 1300, 16, 17250),
+    ("DGX A100", "TF32", 256, 909, 8, 7000),
+    ("DGX A100", "AMP", 256, 2375, 8, 17400),
+)
+RESNET50_GRADIENT_MB = 25.56e6 * 4 / MB
 BACKWARD_SHARE = 2 / 3  # of a step: the backward pass costs about twice the forward
 
 
@@ -179,7 +192,8 @@ def main(argv=None):
     parser.add_argument("--cycle_ms", type=float, default=1.0, help="HOROVOD_CYCLE_TIME")
     parser.add_argument("--max_processes", type=int, default=1024)
     parser.add_argument("--published", action="store_true",
-                        help="predict Horovod's paper's runs instead, against its figures")
+                        help="predict the runs of Horovod's paper and NVIDIA's "
+                             "DeepLearningExamples instead, against their figures")
     parser.add_argument("--measure_network", action="store_true",
                         help="under mpirun -np 2 or more: measure the latency and bandwidth "
                              "between its processes (Horovod's allreduce) and print them")
@@ -231,23 +245,35 @@ def main(argv=None):
 
 def compare_with_published(stem):
     """Horovod's paper's three models at 512 GPUs (4 a server, 25 Gb/s RoCE, PCIe inside a
-    server, flat rings as NCCL 2 ran them), predicted against measured."""
+    server, flat rings as NCCL 2 ran them), and NVIDIA's ResNet-50 inside one server (NVLink),
+    predicted against measured."""
+    cases = [(f"Horovod's paper: {model}", "512 P100, 4 a server, 25 Gb/s RoCE", step_ms,
+              gradient_mb, 512, 4, NETWORKS["roce25"], NETWORKS["pcie"], published)
+             for model, step_ms, gradient_mb, _, published in PUBLISHED]
+    cases += [(f"NVIDIA DLE: ResNet-50 v1.5 {precision}", f"{server}, {gpus} GPUs, NVLink",
+               1000 * batch / one, RESNET50_GRADIENT_MB, gpus, gpus, NETWORKS["nvlink"],
+               NETWORKS["nvlink"], many / (one * gpus))
+              for server, precision, batch, one, gpus, many in PUBLISHED_DLE]
     rows = []
-    for model, step_ms, gradient_mb, batch, published in PUBLISHED:
-        worst, best = step_seconds(step_ms / 1000, gradient_mb * MB, 512, 4, NETWORKS["roce25"],
-                                   NETWORKS["pcie"])
-        rows.append({"model": model, "step_ms": step_ms, "gradient_mb": gradient_mb,
-                     "published": published, "predicted_no_overlap": step_ms / 1000 / worst,
+    for model, where, step_ms, gradient_mb, gpus, per_node, network, inside, published in cases:
+        worst, best = step_seconds(step_ms / 1000, gradient_mb * MB, gpus, per_node, network,
+                                   inside)
+        rows.append({"model": model, "where": where, "step_ms": step_ms,
+                     "gradient_mb": gradient_mb, "gpus": gpus, "published": published,
+                     "predicted_no_overlap": step_ms / 1000 / worst,
                      "predicted_overlap": step_ms / 1000 / best})
-    columns = [("model", lambda row: row["model"]),
-               ("one P100's step", lambda row: f"{row['step_ms']:.0f} ms"),
+    columns = [("run", lambda row: row["model"]), ("where", lambda row: row["where"]),
+               ("one GPU's step", lambda row: f"{row['step_ms']:.0f} ms"),
                ("gradients", lambda row: f"{row['gradient_mb']:.0f} MiB"),
                ("published", lambda row: f"{row['published']:.0%}"),
                ("predicted (no overlap - overlap)",
                 lambda row: f"{row['predicted_no_overlap']:.0%} - "
                             f"{row['predicted_overlap']:.0%}")]
-    harness.write_study(stem, rows, columns,
-                        "Scaling efficiency at 512 GPUs: Horovod's paper against the model")
+    harness.write_study(stem, rows, columns, "Scaling efficiency: published against the model",
+                        ["Inside one NVLink server the model counts only the allreduce, which "
+                         "NVLink makes nearly free: it is an upper bound there, and the gap to "
+                         "the published figure is what it leaves out (the input pipeline on "
+                         "the server's CPUs, stragglers)."])
 
 
 if __name__ == "__main__":

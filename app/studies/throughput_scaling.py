@@ -10,6 +10,13 @@ scaling.csv and scaling.png to --out_dir and prints the ratios that matter.
 
     python -m app.studies.throughput_scaling -N 2 --flagfile=configs/digits_cnn.cfg
 
+Across nodes, `--hosts=node1:1,node2:1` (run on the first host): Horovod at np=k runs on the
+list's first k slots, N being all of them; plain Keras runs on this host, and the runs that
+would measure this host alone (more threads, MultiWorkerMirrored, the independent copies) are
+left out. On the simulated cluster (scripts/simulated_cluster.sh) use
+`--launcher=horovodrun`: mpirun binds a rank on node2 to node1's core, the hosts sharing one
+machine's topology (BENCHMARKS.md).
+
 Every run is `app.train --benchmark` started through app.launch (so with the project's
 launcher settings), or app.studies.keras_reference for the non-Horovod ones; every number in
 the outputs is read from the results those runs wrote.
@@ -64,31 +71,28 @@ def run_reference(model_dir, workers, train_args, independent=False):
                               [r["cpu_seconds_per_image"] for r in ranks])
 
 
-def study(out_dir, max_processes, batch, threads, train_args, launch_args, repeats=1):
-    """Runs every configuration `repeats` times, round-robin so that the machine's drifts
-    fall on all of them alike; returns the table's rows, each with the median images/s."""
+def first_slots(hosts, processes):
+    """The host list (host:slots,...) of the first `processes` slots of `hosts`."""
+    taken, left = [], processes
+    for entry in hosts.split(","):
+        host, _, slots = entry.partition(":")
+        count = min(int(slots or 1), left)
+        if count:
+            taken.append(f"{host}:{count}")
+        left -= count
+    return ",".join(taken)
+
+
+def _one_host_configurations(max_processes, batch, threads, train_args):
+    """One process with N times the threads, MultiWorkerMirrored on N workers and N plain
+    Keras processes side by side, on this host."""
     common = [*train_args, f"--threads_per_process={threads}"]
     global_batch = batch * max_processes
-    configurations = [dict(kind="reference", run="plain Keras", processes=1, threads=threads,
-                           batch=batch, measure=lambda d: run_reference(
-                               d, 1, [*common, f"--batch_size={batch}"]))]
-    for processes in range(1, max_processes + 1):
-        configurations.append(dict(
-            kind="weak", run=f"Horovod np={processes}", processes=processes, threads=threads,
-            batch=batch, measure=lambda d, p=processes: harness.run_benchmark(
-                d, p, [*common, f"--batch_size={batch}"], launch_args)))
-    for processes in range(1, max_processes):
-        per_process = global_batch // processes
-        configurations.append(dict(
-            kind="strong", run=f"Horovod np={processes}, global batch {global_batch}",
-            processes=processes, threads=threads, batch=per_process,
-            measure=lambda d, p=processes, b=per_process: harness.run_benchmark(
-                d, p, [*common, f"--batch_size={b}"], launch_args)))
-    configurations.append(dict(
+    configurations = [dict(
         kind="threads", run=f"1 process, {threads * max_processes} threads", processes=1,
         threads=threads * max_processes, batch=global_batch, measure=lambda d: run_reference(
             d, 1, [*train_args, f"--threads_per_process={threads * max_processes}",
-                   f"--batch_size={global_batch}"])))
+                   f"--batch_size={global_batch}"]))]
     if max_processes > 1:
         configurations.append(dict(
             kind="tf.distribute", run=f"MultiWorkerMirrored {max_processes} workers",
@@ -99,7 +103,37 @@ def study(out_dir, max_processes, batch, threads, train_args, launch_args, repea
             processes=max_processes, threads=threads, batch=batch,
             measure=lambda d: run_reference(d, max_processes, [*common, f"--batch_size={batch}"],
                                             independent=True)))
+    return configurations
 
+
+def study(out_dir, max_processes, batch, threads, train_args, launch_args, repeats=1,
+          hosts=None):
+    """Runs every configuration `repeats` times, round-robin so that the machine's drifts
+    fall on all of them alike; returns the table's rows, each with the median images/s.
+    With `hosts`, the Horovod runs go to their first slots and only plain Keras runs here."""
+    common = [*train_args, f"--threads_per_process={threads}"]
+    global_batch = batch * max_processes
+
+    def horovod(model_dir, processes, per_process):
+        placed = [f"--hosts={first_slots(hosts, processes)}"] if hosts else []
+        return harness.run_benchmark(model_dir, processes,
+                                     [*common, f"--batch_size={per_process}"],
+                                     [*launch_args, *placed])
+    configurations = [dict(kind="reference", run="plain Keras", processes=1, threads=threads,
+                           batch=batch, measure=lambda d: run_reference(
+                               d, 1, [*common, f"--batch_size={batch}"]))]
+    for processes in range(1, max_processes + 1):
+        configurations.append(dict(
+            kind="weak", run=f"Horovod np={processes}", processes=processes, threads=threads,
+            batch=batch, measure=lambda d, p=processes: horovod(d, p, batch)))
+    for processes in range(1, max_processes):
+        per_process = global_batch // processes
+        configurations.append(dict(
+            kind="strong", run=f"Horovod np={processes}, global batch {global_batch}",
+            processes=processes, threads=threads, batch=per_process,
+            measure=lambda d, p=processes, b=per_process: horovod(d, p, b)))
+    if not hosts:  # these would measure this host alone
+        configurations += _one_host_configurations(max_processes, batch, threads, train_args)
     measured = [[] for _ in configurations]
     for repeat in range(repeats):
         for index, configuration in enumerate(configurations):
@@ -152,6 +186,9 @@ def ratios(rows):
     found = {"Horovod np=1 / plain Keras": by_run[("weak", 1)] / by_run[("reference", 1)]}
     if largest > 1:
         found[f"Horovod np={largest} / np=1"] = by_run[("weak", largest)] / by_run[("weak", 1)]
+        found[f"CPU time per image, Horovod np=1 / np={largest}"] = (
+            cpu[("weak", 1)] / cpu[("weak", largest)])
+    if largest > 1 and ("independent", largest) in by_run:  # on one host
         found[f"Horovod np={largest} / 1 process with {largest}x threads"] = (
             by_run[("weak", largest)] / by_run[("threads", 1)])
         found[f"Horovod np={largest} / MultiWorkerMirrored np={largest}"] = (
@@ -214,19 +251,28 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     parser.add_argument("--launcher", default="mpirun", choices=("mpirun", "horovodrun"),
                         help="app.launch's launcher of the Horovod runs")
+    parser.add_argument("--hosts", help="host:slots,... for the Horovod runs, np=k on the first "
+                        "k slots (-N: all of them); None: this host")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each configuration; the table holds their median")
     parser.add_argument("--out_dir", default="runs/scaling",
                         help="where the runs, the table and the chart go")
     args, train_args = parser.parse_known_args(argv)
+    if args.hosts:
+        try:
+            args.max_processes = sum(int(entry.partition(":")[2] or 1)
+                                     for entry in args.hosts.split(","))
+        except ValueError:
+            parser.error(f"--hosts={args.hosts}: not host:slots,...")
     os.makedirs(args.out_dir, exist_ok=True)
     rows = study(args.out_dir, args.max_processes, args.batch_size, args.threads,
                  # Like for like: the references have no LR warmup or per-step schedule.
                  [*train_args, "--epochs=1", "--warmup_epochs=0", "--lr_schedule=constant"],
-                 [f"--launcher={args.launcher}"], args.repeats)
+                 [f"--launcher={args.launcher}"], args.repeats, args.hosts)
     found = ratios(rows)
+    where = f"hosts {args.hosts}" if args.hosts else f"{os.cpu_count()} cores"
     title = (f"{' '.join(train_args) or 'digits_cnn'}: batch {args.batch_size}/process, "
-             f"{args.threads} thread(s)/process, {args.launcher}, {os.cpu_count()} cores, "
+             f"{args.threads} thread(s)/process, {args.launcher}, {where}, "
              f"median of {args.repeats}")
     write_outputs(args.out_dir, rows, found, title)
     with open(os.path.join(args.out_dir, "scaling.md")) as markdown:
