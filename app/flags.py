@@ -13,11 +13,13 @@ import os
 import sys
 import tempfile
 
+from app import compat  # noqa: F401 (first: it sets TF_USE_LEGACY_KERAS)
+
 from absl import flags
 
 import input_pipeline
 import models
-from app import arithmetic, cli, optimizers
+from app import arithmetic, cli, optimizers, pipeline
 from app.arithmetic import FlagError
 from app.experiments import EXPERIMENTS
 
@@ -182,8 +184,13 @@ def define_parallelism_flags():
                          "horovodrun --mpi).", lower_bound=1)
     flags.DEFINE_integer("microbatches", 1,
                          "Microbatches each step's per-replica batch is split into, run through "
-                         "the stages one after the other (GPipe's schedule), their gradients "
-                         "added up for one update.", lower_bound=1)
+                         "the stages one after the other, their gradients added up for one "
+                         "update.", lower_bound=1)
+    flags.DEFINE_enum("pipeline_schedule", "1f1b", pipeline.SCHEDULES,
+                      "The order of the microbatches' passes: gpipe (every forward, then every "
+                      "backward: every microbatch's activations kept at once) or 1f1b (a "
+                      "microbatch's backward as soon as the last stage has it: at most "
+                      "stages - stage microbatches kept on a stage; the same bubble).")
     flags.DEFINE_bool("recompute", False,
                       "Keep only each stage's input per microbatch and recompute its activations "
                       "in the backward pass (gradient checkpointing): less memory, one more "

@@ -4,13 +4,16 @@ replicas of each stage (hybrid: N = stages x replicas processes).
 
 Ranks are laid out pipeline by pipeline: rank = replica * stages + stage, so that the ranks
 that pass activations to each other are neighbours (on one node where they fit). Each step
-runs GPipe's fill-drain schedule: every microbatch forward through the stages (activations
-sent to the next stage's rank with MPI point-to-point, mpi4py), then every microbatch
-backward (activation gradients sent to the previous stage), the microbatches' gradients
-added up, averaged over the stage's replicas with Horovod (a process set per stage), and one
-update. The last stage computes the loss and the metrics and hands their state to the other
-stages of its pipeline, so that every rank logs the same numbers and Horovod's callbacks,
-which run on every rank, average them as in data-parallel training.
+runs every microbatch forward through the stages (activations sent to the next stage's rank
+with MPI point-to-point, mpi4py) and backward (activation gradients sent to the previous
+stage) in one of two orders (`schedule`): GPipe's, all forward then all backward, or 1F1B
+(PipeDream-flush), which starts a microbatch's backward pass as soon as the last stage has
+it and so keeps at most S - s microbatches' activations on stage s instead of all M, with
+the same bubble. Then the microbatches' gradients are added up, averaged over the stage's
+replicas with Horovod (a process set per stage), and one update. The last stage computes
+the loss and the metrics and hands their state to the other stages of its pipeline, so that
+every rank logs the same numbers and Horovod's callbacks, which run on every rank, average
+them as in data-parallel training.
 
 Horovod has no point-to-point operations, hence mpi4py; Horovod runs on mpi4py's
 communicator (hvd.init(comm=...)), which needs MPI_THREAD_MULTIPLE, as both use MPI from
@@ -61,6 +64,21 @@ def init_arguments(stages, size):
                              for stage in range(stages)]}
 
 
+SCHEDULES = ("gpipe", "1f1b")
+
+
+def schedule(kind, where, microbatches):
+    """The order of this stage's passes in a step: ("forward" or "backward", microbatch)."""
+    forward = [("forward", index) for index in range(microbatches)]
+    if kind == "gpipe":
+        return forward + [("backward", index) for index in reversed(range(microbatches))]
+    ahead = min(where.stages - where.stage - 1, microbatches)  # forwards before the first
+    order = forward[:ahead]
+    for index in range(microbatches):
+        order += forward[ahead + index:ahead + index + 1] + [("backward", index)]
+    return order
+
+
 def blocks_of_stage(block_shapes, where):
     """(first, last) block of this rank's stage (last exclusive; None: to the end): the
     model's blocks (models.block_shapes) cut into stages balanced by parameters."""
@@ -69,16 +87,18 @@ def blocks_of_stage(block_shapes, where):
     return balance([parameters for _, parameters in block_shapes], where.stages)[where.stage]
 
 
-def stage(stage_model, where, arguments, microbatches, num_outputs, recompute):
+def stage(stage_model, where, arguments, microbatches, num_outputs, recompute,
+          order="1f1b"):
     """This rank's PipelinedStage, once hvd.init(**arguments) ran: its pipeline's
-    communicator (MPI's world split by replica) and its stage's process set."""
+    communicator (MPI's world split by replica) and its stage's process set; `order`, one
+    of SCHEDULES."""
     if where.stages == 1:
         pipe, process_set = OneStage(), hvd.global_process_set
     else:
         pipe = arguments["comm"].Split(color=where.replica, key=where.stage)
         process_set = arguments["process_sets"][where.stage]
     return PipelinedStage(stage_model, where, pipe, process_set, microbatches, num_outputs,
-                          recompute)
+                          recompute, order)
 
 
 class BroadcastStageVariables(tf.keras.callbacks.Callback):
@@ -141,14 +161,16 @@ class PipelinedStage(tf.keras.Model):
     `stage_model` is the rank's blocks; `pipe` the MPI communicator of its pipeline (ranked
     by stage); `process_set` Horovod's of the stage's replicas, over which its gradients are
     averaged; with `recompute`, each microbatch keeps only its stage input and recomputes
-    the stage's activations in the backward pass (tf.recompute_grad)."""
+    the stage's activations in the backward pass (tf.recompute_grad); `order` the schedule's
+    (one of SCHEDULES)."""
 
     def __init__(self, stage_model, where, pipe, process_set, microbatches, num_outputs,
-                 recompute=False):
+                 recompute=False, order="1f1b"):
         super().__init__(name=stage_model.name)
         self.stage_model, self.where, self.pipe = stage_model, where, pipe
         self.process_set, self.microbatches = process_set, microbatches
         self.num_outputs = num_outputs
+        self.passes = schedule(order, where, microbatches)
         # Compiled pieces between the messages: a tape records a tf.function as one operation
         # and runs its compiled gradient in the backward pass.
         self.forward = tf.function(tf.recompute_grad(self._call_training) if recompute
@@ -169,21 +191,23 @@ class PipelinedStage(tf.keras.Model):
         regularization, regularization_gradients = self._regularization(variables)
         input_parts = tf.split(inputs, count) if where.first else [None] * count
         label_parts = tf.split(labels, count)
-        pending, kept = [], []
-        for index in range(count):  # fill: every microbatch forward
-            with tf.GradientTape() as tape:
-                stage_input = self._receive(input_parts[index], index)
-                if not where.first:
-                    tape.watch(stage_input)
-                outputs = self.forward(stage_input)
-                target = (self.loss_and_metrics(label_parts[index], outputs, regularization)
-                          if where.last else outputs)
-            if not where.last:
-                pending.append(self.pipe.isend(outputs.numpy(), where.stage + 1, index))
-            kept.append((tape, stage_input, target))
+        pending, kept = [], {}  # kept: each microbatch's tape until its backward pass
         totals = [tf.zeros_like(variable) for variable in variables]
-        for index in reversed(range(count)):  # drain: every microbatch backward
-            tape, stage_input, target = kept.pop()
+        for direction, index in self.passes:  # messages tagged by microbatch and direction
+            if direction == "forward":
+                with tf.GradientTape() as tape:
+                    stage_input = self._receive(input_parts[index], index)
+                    if not where.first:
+                        tape.watch(stage_input)
+                    outputs = self.forward(stage_input)
+                    target = (self.loss_and_metrics(label_parts[index], outputs,
+                                                    regularization)
+                              if where.last else outputs)
+                if not where.last:
+                    pending.append(self.pipe.isend(outputs.numpy(), where.stage + 1, index))
+                kept[index] = (tape, stage_input, target)
+                continue
+            tape, stage_input, target = kept.pop(index)
             upstream = None if where.last else tf.constant(
                 self.pipe.recv(source=where.stage + 1, tag=count + index))
             sources = [*variables, *([] if where.first else [stage_input])]

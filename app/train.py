@@ -131,7 +131,8 @@ def main(_):
     checkpointed = model
     if app_flags.pipelined():
         model = pipeline.stage(model, where, parallel, FLAGS.microbatches,
-                               train_source.num_outputs, FLAGS.recompute)
+                               train_source.num_outputs, FLAGS.recompute,
+                               FLAGS.pipeline_schedule)
     else:
         horovod_options = optimizers.horovod_options(FLAGS.accumulation_steps,
                                                      FLAGS.fp16_allreduce)

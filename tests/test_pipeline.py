@@ -21,7 +21,8 @@ import models
 BFLOAT16 = ["--nofloat64", "--mixed_precision=bfloat16", "--threads_per_process=1"]
 RUNS = {  # name: (processes, flags), each after the integrity test's (conftest)
     "mlp-np1": (1, ["--model=mlp"]),
-    "mlp-stages2": (2, ["--model=mlp", "--pipeline_stages=2", "--microbatches=4"]),
+    "mlp-stages2": (2, ["--model=mlp", "--pipeline_stages=2", "--microbatches=4",
+                        "--pipeline_schedule=gpipe"]),  # the others: 1F1B
     "cnn-np1": (1, ["--model=cnn"]),
     "cnn-stages2x2-recompute": (4, ["--model=cnn", "--pipeline_stages=2", "--microbatches=2",
                                     "--recompute"]),
@@ -76,11 +77,12 @@ def whole_model_values(model_dir, epoch, stages):
 ])
 def test_pipelined_runs_end_with_the_weights_of_one_process(pipeline_runs, one, pipelined,
                                                             stages):
-    """S=2 on 2 processes (MLP, ResNet-20 cut between residual blocks), S=2 x 2 replicas on
-    4 (CNN, recomputing): the stages' weights and momentum (and batch norm's statistics),
-    put together, are one process's to 1e-10 after the 16 steps, every step at the same
-    LR; each stage holds only its own part of the model. In float64, as the integrity test:
-    in float32 the sums' order alone parts such runs by 1e-4 on some CPUs (BENCHMARKS.md)."""
+    """S=2 on 2 processes (MLP in GPipe's order, ResNet-20 cut between residual blocks in
+    1F1B's), S=2 x 2 replicas on 4 (CNN, recomputing, 1F1B): the stages' weights and
+    momentum (and batch norm's statistics), put together, are one process's to 1e-10 after
+    the 16 steps, every step at the same LR; each stage holds only its own part of the
+    model. In float64, as the integrity test: in float32 the sums' order alone parts such
+    runs by 1e-4 on some CPUs (BENCHMARKS.md)."""
     reference = checkpoint_values(pipeline_runs[one], 16, "model/")
     merged = whole_model_values(pipeline_runs[pipelined], 16, stages)
     assert merged.keys() == reference.keys()
@@ -120,6 +122,46 @@ def test_stages_are_cut_where_the_largest_holds_the_fewest_parameters():
     assert [parameters for _, parameters in shapes] == [64 * 256 + 256, 256 * 128 + 128,
                                                         128 * 10 + 10]
     assert [shape for shape, _ in shapes] == [(8, 8, 1), (256,), (128,)]
+
+
+def run_schedules(kind, stages, microbatches):
+    """Steps every stage's passes as far as its messages allow (a forward needs the stage
+    before's, a backward the stage after's); returns (whether every pass ran, the most
+    microbatches any stage held between its forward and backward passes)."""
+    orders = [list(pipeline.schedule(kind, pipeline.position(stage, stages, stages),
+                                     microbatches)) for stage in range(stages)]
+    done, held, most = set(), [set() for _ in range(stages)], 0
+    progress = True
+    while progress:
+        progress = False
+        for stage, order in enumerate(orders):
+            while order:
+                direction, index = order[0]
+                needs = ((direction, stage - 1, index) if direction == "forward" and stage
+                         else ("backward", stage + 1, index) if direction == "backward"
+                         and stage < stages - 1 else None)
+                if needs and needs not in done:
+                    break
+                order.pop(0)
+                done.add((direction, stage, index))
+                (held[stage].add if direction == "forward" else held[stage].remove)(index)
+                most, progress = max(most, len(held[stage])), True
+    return not any(orders), most
+
+
+@pytest.mark.parametrize("stages, microbatches", [(2, 4), (4, 8), (4, 2), (3, 3), (1, 4)])
+def test_both_schedules_run_every_pass_once_without_deadlock_and_1f1b_holds_fewer(
+        stages, microbatches):
+    for kind in pipeline.SCHEDULES:
+        for stage in range(stages):
+            order = pipeline.schedule(kind, pipeline.position(stage, stages, stages),
+                                      microbatches)
+            assert sorted(order) == sorted((direction, index) for index in range(microbatches)
+                                           for direction in ("forward", "backward"))
+            assert all(order.index(("forward", i)) < order.index(("backward", i))
+                       for i in range(microbatches))
+    assert run_schedules("gpipe", stages, microbatches) == (True, microbatches)
+    assert run_schedules("1f1b", stages, microbatches) == (True, min(stages, microbatches))
 
 
 def test_ranks_are_laid_out_pipeline_by_pipeline():
@@ -269,7 +311,8 @@ def test_a_signal_stops_a_staged_run_mid_epoch_and_the_rerun_ends_as_if_uninterr
 @pytest.mark.distributed
 def test_the_pipeline_study_tables_what_its_runs_measured(tmp_path):
     """app.studies.pipeline_parallelism at its smallest: one process, 2 stages x 2
-    microbatches, and the memory runs (data parallel, stages, recompute) on 2 processes,
+    microbatches, and the memory runs (data parallel, stages in GPipe's and 1F1B's order,
+    recompute) on 2 processes,
     each also under a budget far too small to train in (each such run fails)."""
     stdout, rows = run_study(
         tmp_path, "app.studies.pipeline_parallelism", "pipeline_study.csv", "--model=mlp",
@@ -277,14 +320,16 @@ def test_the_pipeline_study_tables_what_its_runs_measured(tmp_path):
         "--warmup_steps=1", "--memory_model=mlp", "--memory_global_batch=32",
         "--memory_microbatches=2", "--memory_processes=2", "--memory_budget_mb=64")
     assert [row["run"] for row in rows] == ["S=1 M=1", "S=2 M=2", "data parallel",
-                                            "2 stages", "2 stages, recompute"]
+                                            "2 stages, GPipe", "2 stages, 1F1B",
+                                            "2 stages, 1F1B, recompute"]
     one = json.loads((tmp_path / "one-process" / "results.json").read_text())
     piped = json.loads((tmp_path / "stages2-microbatches2" / "results.json").read_text())
     assert piped["pipeline_stages"] == 2 and piped["microbatches"] == 2
     assert float(rows[1]["speedup"]) == pytest.approx(piped["images_per_sec"] /
                                                       one["images_per_sec"])
     assert float(rows[1]["theory_speedup"]) == pytest.approx(2 * 2 / 3)  # bubble 1/3
-    for row, name in zip(rows[2:], ("data-parallel", "2-stages", "2-stages-recompute")):
+    for row, name in zip(rows[2:], ("data-parallel", "2-stages-gpipe", "2-stages-1f1b",
+                                    "2-stages-1f1b-recompute")):
         measured = json.loads((tmp_path / f"memory-{name}" / "results.json").read_text())
         assert float(row["peak_memory_mb"]) == max(measured["peak_memory_mb_by_rank"])
         assert len(measured["peak_memory_mb_by_rank"]) == 2

@@ -13,9 +13,10 @@ ones: the study says when it measured so.
 
 Memory: the same deep model at the same global batch on --memory_processes processes, data
 parallel (every rank the whole model, its optimizer state and its share of the batch's
-activations), in stages (each rank its stage's, and the activations of the whole pipeline's
-batch through its stage), and in stages with --recompute (each microbatch's stage input
-only, until its backward pass); each rank's peak resident memory (results.json's
+activations), in stages in GPipe's order (each rank its stage's, and the activations of
+every microbatch through its stage), in 1F1B's (those of at most S - s microbatches on stage
+s), and in 1F1B with --recompute (each microbatch's stage input only, until its backward
+pass); each rank's peak resident memory (results.json's
 peak_memory_mb_by_rank: TensorFlow's runtime included). With --memory_budget_mb, every
 run's ranks run under that limit of their data segment (RLIMIT_DATA, where glibc's heap
 and TensorFlow's allocations count), so that a run that needs more fails: the table says
@@ -80,15 +81,15 @@ def measure_memory(args, train_args):
     common = [*SYNTHETIC, f"--model={args.memory_model}", f"--image_size={args.image_size}",
               f"--global_batch_size={args.memory_global_batch}", "--steps_per_epoch=3",
               "--warmup_steps=1", *train_args]
+    staged = [f"--pipeline_stages={processes}", f"--microbatches={args.memory_microbatches}"]
     runs = [("data parallel", []),
-            (f"{processes} stages", [f"--pipeline_stages={processes}",
-                                     f"--microbatches={args.memory_microbatches}"]),
-            (f"{processes} stages, recompute", [f"--pipeline_stages={processes}",
-                                                f"--microbatches={args.memory_microbatches}",
-                                                "--recompute"])]
+            (f"{processes} stages, GPipe", [*staged, "--pipeline_schedule=gpipe"]),
+            (f"{processes} stages, 1F1B", [*staged, "--pipeline_schedule=1f1b"]),
+            (f"{processes} stages, 1F1B, recompute", [*staged, "--pipeline_schedule=1f1b",
+                                                      "--recompute"])]
     rows = []
     for label, flags in runs:
-        name = "memory-" + label.replace(" ", "-").replace(",", "")
+        name = "memory-" + label.replace(" ", "-").replace(",", "").lower()
         measured = run(args.out_dir, name, processes, [*common, *flags])
         row = {"part": "memory", "run": label, "processes": processes,
                "images_per_sec": measured["images_per_sec"],
