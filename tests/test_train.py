@@ -303,7 +303,8 @@ def evaluate(model_dir, epoch, source, datasets):
     the examples of all `datasets` (of `source`) together."""
     import models
     from app import optimizers
-    model = models.build("cnn", source.feature_shape, source.num_outputs)
+    model = models.build("cnn", source.feature_shape, source.num_outputs,
+                         input_scaling=source.input_scaling)
     tf.train.Checkpoint(model=model).restore(
         os.path.join(model_dir, "checkpoints", f"epoch-{epoch}")).expect_partial()
     models.compile_for_task(model, optimizers.build("sgd", 0.1), source.task)
