@@ -116,9 +116,15 @@ def _several_nodes(hosts):
     return bool(hosts) and "," in hosts
 
 
+def host_slots(hosts):
+    """[(host, slots)] of a host list host:slots,... (slots 1 where not given); ValueError
+    if a slot count is not a whole number."""
+    return [(host, int(slots or 1))
+            for host, _, slots in (entry.partition(":") for entry in hosts.split(","))]
+
+
 def _ranks_per_node(num_processes, hosts):
-    return max(int(entry.partition(":")[2] or 1)
-               for entry in hosts.split(",")) if hosts else num_processes
+    return max(slots for _, slots in host_slots(hosts)) if hosts else num_processes
 
 
 def _tuned_horovod_environment(num_processes, hosts):

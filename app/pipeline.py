@@ -74,8 +74,10 @@ def schedule(kind, where, microbatches):
         return forward + [("backward", index) for index in reversed(range(microbatches))]
     ahead = min(where.stages - where.stage - 1, microbatches)  # forwards before the first
     order = forward[:ahead]
-    for index in range(microbatches):
-        order += forward[ahead + index:ahead + index + 1] + [("backward", index)]
+    for index in range(microbatches):  # then one forward (while any is left), one backward
+        if ahead + index < microbatches:
+            order.append(forward[ahead + index])
+        order.append(("backward", index))
     return order
 
 
@@ -87,8 +89,7 @@ def blocks_of_stage(block_shapes, where):
     return balance([parameters for _, parameters in block_shapes], where.stages)[where.stage]
 
 
-def stage(stage_model, where, arguments, microbatches, num_outputs, recompute,
-          order="1f1b"):
+def stage(stage_model, where, arguments, microbatches, num_outputs, recompute, order):
     """This rank's PipelinedStage, once hvd.init(**arguments) ran: its pipeline's
     communicator (MPI's world split by replica) and its stage's process set; `order`, one
     of SCHEDULES."""

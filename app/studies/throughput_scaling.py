@@ -30,6 +30,7 @@ import sys
 import numpy as np
 
 from app import cli
+from app.launch import host_slots
 from app.results import throughput_summary
 from app.studies import harness
 
@@ -74,9 +75,8 @@ def run_reference(model_dir, workers, train_args, independent=False):
 def first_slots(hosts, processes):
     """The host list (host:slots,...) of the first `processes` slots of `hosts`."""
     taken, left = [], processes
-    for entry in hosts.split(","):
-        host, _, slots = entry.partition(":")
-        count = min(int(slots or 1), left)
+    for host, slots in host_slots(hosts):
+        count = min(slots, left)
         if count:
             taken.append(f"{host}:{count}")
         left -= count
@@ -260,8 +260,7 @@ def main(argv=None):
     args, train_args = parser.parse_known_args(argv)
     if args.hosts:
         try:
-            args.max_processes = sum(int(entry.partition(":")[2] or 1)
-                                     for entry in args.hosts.split(","))
+            args.max_processes = sum(slots for _, slots in host_slots(args.hosts))
         except ValueError:
             parser.error(f"--hosts={args.hosts}: not host:slots,...")
     os.makedirs(args.out_dir, exist_ok=True)
