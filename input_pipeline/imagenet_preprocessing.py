@@ -86,5 +86,7 @@ def _decode_window(image_bytes, channels, window_of_shape, jpeg):
 
 
 def _resized(image, image_size, channels):
-    image = tf.image.resize(image, [image_size, image_size])  # uint8 in, float32 out
+    # The cast first: TensorFlow's bilinear resize gives the same bits for uint8 and float
+    # input, faster on float (BENCHMARKS.md).
+    image = tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size])
     return tf.ensure_shape(image, [image_size, image_size, channels])

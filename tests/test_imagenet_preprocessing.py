@@ -75,7 +75,8 @@ def test_evaluation_takes_the_same_center_crop_every_time(photograph):
 
 
 def _flipped_crop(jpeg, seed):
-    """The training image of seed (1, seed), had its coin said "flip"."""
+    """The training image of seed (1, seed), had its coin said "flip"; resized from uint8,
+    so that the equality also checks the pipeline's cast before the resize changes no bit."""
     crop_seed = tf.random.experimental.stateless_split(tf.constant([1, seed]), 2)[0]
     window = preprocessing.training_window(tf.image.extract_jpeg_shape(jpeg), crop_seed)
     image = tf.image.resize(tf.image.decode_and_crop_jpeg(jpeg, window, channels=3), [224, 224])
