@@ -51,14 +51,14 @@ def main(_):
         tf.keras.mixed_precision.set_global_policy("float64")
     source = input_pipeline.load(FLAGS.dataset, "train", data_dir=FLAGS.data_dir,
                                  image_size=FLAGS.image_size, seed=FLAGS.seed)
-    shapes = models.block_shapes(FLAGS.model, source.feature_shape, source.num_outputs)
+    model_blocks = models.blocks_of(FLAGS.model, source.feature_shape, source.num_outputs)
 
     def parts(stages):
         """Each stage's model and optimizer (with its slots), as app.train builds them."""
         built = []
         for stage in range(stages):
-            first, last = pipeline.blocks_of_stage(shapes, pipeline.position(stage, stages,
-                                                                              stages))
+            first, last = pipeline.blocks_of_stage(
+                model_blocks, pipeline.position(stage, stages, stages), FLAGS.pipeline_balance)
             model = models.build(FLAGS.model, source.feature_shape, source.num_outputs,
                                  seed=FLAGS.seed, first_block=first, last_block=last,
                                  input_scaling=source.input_scaling)

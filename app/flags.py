@@ -179,9 +179,9 @@ def define_parallelism_flags():
     recomputation (app.pipeline)."""
     flags.DEFINE_integer("pipeline_stages", 1,
                          "Cut the model into this many stages of consecutive blocks, one per "
-                         "rank, balanced by parameters; the processes / stages replicas of each "
-                         "stage average their gradients with Horovod. Needs MPI (mpirun, srun, "
-                         "horovodrun --mpi).", lower_bound=1)
+                         "rank, balanced by --pipeline_balance; the processes / stages replicas "
+                         "of each stage average their gradients with Horovod. Needs MPI "
+                         "(mpirun, srun, horovodrun --mpi).", lower_bound=1)
     flags.DEFINE_integer("microbatches", 1,
                          "Microbatches each step's per-replica batch is split into, run through "
                          "the stages one after the other, their gradients added up for one "
@@ -191,6 +191,10 @@ def define_parallelism_flags():
                       "backward: every microbatch's activations kept at once) or 1f1b (a "
                       "microbatch's backward as soon as the last stage has it: at most "
                       "stages - stage microbatches kept on a stage; the same bubble).")
+    flags.DEFINE_enum("pipeline_balance", "flops", pipeline.BALANCES,
+                      "What the stages share alike: the blocks' forward FLOPs (each stage's "
+                      "compute, for throughput) or their parameters (each stage's weights "
+                      "and optimizer state, for memory).")
     flags.DEFINE_bool("recompute", False,
                       "Keep only each stage's input per microbatch and recompute its activations "
                       "in the backward pass (gradient checkpointing): less memory, one more "

@@ -81,12 +81,16 @@ def schedule(kind, where, microbatches):
     return order
 
 
-def blocks_of_stage(block_shapes, where):
+BALANCES = ("flops", "parameters")
+
+
+def blocks_of_stage(blocks, where, balance_by):
     """(first, last) block of this rank's stage (last exclusive; None: to the end): the
-    model's blocks (models.block_shapes) cut into stages balanced by parameters."""
+    model's blocks (models.blocks_of) cut into stages balanced by `balance_by`, one of
+    BALANCES: their forward FLOPs (the stages' compute) or their parameters."""
     if where.stages == 1:
         return 0, None
-    return balance([parameters for _, parameters in block_shapes], where.stages)[where.stage]
+    return balance([getattr(block, balance_by) for block in blocks], where.stages)[where.stage]
 
 
 def stage(stage_model, where, arguments, microbatches, num_outputs, recompute, order):
@@ -121,7 +125,7 @@ class BroadcastStageVariables(tf.keras.callbacks.Callback):
 
 
 def balance(sizes, stages):
-    """Cuts blocks of `sizes` (parameters) into `stages` consecutive non-empty groups whose
+    """Cuts blocks of `sizes` (FLOPs or parameters) into `stages` consecutive non-empty groups whose
     largest is as small as it can be; returns each group's (first, last) block, last exclusive."""
     count = len(sizes)
     prefix = np.concatenate([[0], np.cumsum(sizes)])

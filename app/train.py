@@ -119,8 +119,8 @@ def main(_):
     normalization = (sync_batch_norm.SyncBatchNormalization if FLAGS.sync_batch_norm
                      else tf.keras.layers.BatchNormalization)
     first_block, last_block = pipeline.blocks_of_stage(
-        models.block_shapes(FLAGS.model, train_source.feature_shape, train_source.num_outputs)
-        if stages > 1 else [], where)
+        models.blocks_of(FLAGS.model, train_source.feature_shape, train_source.num_outputs)
+        if stages > 1 else [], where, FLAGS.pipeline_balance)
     model = models.build(FLAGS.model, train_source.feature_shape, train_source.num_outputs,
                          normalization, seed=FLAGS.seed, first_block=first_block,
                          last_block=last_block, input_scaling=train_source.input_scaling)

@@ -10,6 +10,8 @@ whole model would have: the blocks before it are built first in a graph that is 
 which draws the same random numbers as building them (and allocates no weight).
 """
 
+import collections
+
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
@@ -71,17 +73,31 @@ def count_blocks(name):
     return len(BUILDERS[name](1))
 
 
-def block_shapes(name, input_shape, num_outputs):
-    """[(input shape, parameters)] of each of the model's blocks, worked out in a graph that
-    is thrown away, without allocating any weight."""
+Block = collections.namedtuple("Block", "input_shape parameters flops")
+
+
+def blocks_of(name, input_shape, num_outputs):
+    """[Block(input shape, parameters, forward FLOPs per example)] of each of the model's
+    blocks, worked out in a graph that is thrown away, without allocating any weight."""
     with tf.Graph().as_default():
         blocks = BUILDERS[name](num_outputs)
-        x, shapes = keras.Input(input_shape), []
+        x, found = keras.Input(input_shape), []
         for block in blocks:
-            model = keras.Model(inputs := keras.Input(x.shape[1:]), block(inputs))
-            shapes.append((tuple(x.shape[1:]), model.count_params()))
+            shape = tuple(x.shape[1:])
+            model = keras.Model(inputs := keras.Input(shape), block(inputs))
+            found.append(Block(shape, model.count_params(), forward_flops(model, shape)))
             x = model(x)
-        return shapes
+        return found
+
+
+def forward_flops(model, input_shape):
+    """FLOPs of one example's forward pass through `model`, as TensorFlow's profiler counts
+    the graph's ops."""
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+        tf.TensorSpec([1, *input_shape], tf.float32)).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    return tf.compat.v1.profiler.profile(graph=graph, cmd="op", options=options).total_float_ops
 
 
 def compile_for_task(model, optimizer, task, steps_per_execution=1):

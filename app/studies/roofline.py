@@ -16,7 +16,7 @@ roofline.md, .csv and .json to --out_dir; other arguments go to every run.
 """
 import os
 
-from app.compat import tf  # first: it sets TF_USE_LEGACY_KERAS
+import app.compat  # noqa: F401  (first: it sets TF_USE_LEGACY_KERAS)
 
 import input_pipeline
 import models
@@ -30,20 +30,11 @@ VECTOR_UNITS = (("amx_bf16", 64, 1024), ("avx512_bf16", 64, 128), ("avx512f", 64
 SCALAR_FLOPS_PER_CYCLE = 8  # SSE: 4 floats, multiply and add
 
 
-def forward_flops(model, input_shape):
-    """FLOPs of one example's forward pass, as TensorFlow's profiler counts the graph's ops."""
-    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([1, *input_shape], tf.float32)).graph
-    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-    options["output"] = "none"
-    return tf.compat.v1.profiler.profile(graph=graph, cmd="op", options=options).total_float_ops
-
-
 def training_flops_per_example(model_name, image_size):
     """Forward and backward FLOPs of one synthetic image through `model_name`."""
     source = input_pipeline.load("synthetic", "train", image_size=image_size)
     model = models.build(model_name, source.feature_shape, source.num_outputs)
-    return 3 * forward_flops(model, source.feature_shape)
+    return 3 * models.forward_flops(model, source.feature_shape)
 
 
 def cpu_peak(cpuinfo, cores):
