@@ -56,9 +56,8 @@ def main(_):
     def parts(stages):
         """Each stage's model and optimizer (with its slots), as app.train builds them."""
         built = []
-        for stage in range(stages):
-            first, last = pipeline.blocks_of_stage(
-                model_blocks, pipeline.position(stage, stages, stages), FLAGS.pipeline_balance)
+        for stage, (first, last) in enumerate(pipeline.cut(model_blocks, stages,
+                                                           FLAGS.pipeline_balance)):
             model = models.build(FLAGS.model, source.feature_shape, source.num_outputs,
                                  seed=FLAGS.seed, first_block=first, last_block=last,
                                  input_scaling=source.input_scaling)
@@ -68,6 +67,12 @@ def main(_):
             built.append((stage, model, optimizer))
         return built
 
+    if from_stages > 1:
+        try:
+            pipeline.check_cut(from_dir, FLAGS.model, pipeline.cut(
+                model_blocks, from_stages, FLAGS.pipeline_balance))
+        except pipeline.CutError as error:
+            app_flags.fail(f"--from_dir={from_dir}: {error}")
     sources, targets = parts(from_stages), parts(to_stages)
     for stage, model, optimizer in sources:
         checkpoints.restore(checkpoints.manager(
@@ -86,6 +91,9 @@ def main(_):
             checkpoints.save_mid_epoch(manager, epochs, steps)
         else:
             manager.save(checkpoint_number=epochs)
+    if to_stages > 1:
+        pipeline.record_cut(to_dir, FLAGS.model, pipeline.cut(model_blocks, to_stages,
+                                                              FLAGS.pipeline_balance))
     with open(os.path.join(to_dir, "flags.cfg"), "w") as flagfile:
         flagfile.write(app_flags.resolved_flagfile())
     print(f"{to_dir}: {checkpoints.checkpoint_name(epochs, steps)} of {from_dir} in "

@@ -22,6 +22,7 @@ stages' messages wait for it: a pipelined run cycles no faster than every
 PIPELINE_CYCLE_TIME_MS, and keeps Horovod's threads at normal priority (BENCHMARKS.md).
 """
 import collections
+import json
 import os
 
 import numpy as np
@@ -84,13 +85,49 @@ def schedule(kind, where, microbatches):
 BALANCES = ("flops", "parameters")
 
 
-def blocks_of_stage(blocks, where, balance_by):
-    """(first, last) block of this rank's stage (last exclusive; None: to the end): the
-    model's blocks (models.blocks_of) cut into stages balanced by `balance_by`, one of
-    BALANCES: their forward FLOPs (the stages' compute) or their parameters."""
-    if where.stages == 1:
-        return 0, None
-    return balance([getattr(block, balance_by) for block in blocks], where.stages)[where.stage]
+def cut(blocks, stages, balance_by):
+    """Each stage's (first, last) block (last exclusive; None: to the end): the model's
+    blocks (models.blocks_of) cut into `stages` balanced by `balance_by`, one of BALANCES:
+    their forward FLOPs (the stages' compute) or their parameters."""
+    if stages == 1:
+        return [(0, None)]
+    return balance([getattr(block, balance_by) for block in blocks], stages)
+
+
+CUT_RECORD = "stages.json"
+
+
+class CutError(ValueError):
+    """Checkpoints saved from stages cut otherwise than this run cuts the model."""
+
+
+def check_cut(model_dir, model_name, stage_blocks):
+    """Raises CutError when `model_dir`'s checkpoints were saved from stages other than
+    `stage_blocks` (cut's list) of `model_name`: a stage's checkpoint restores only into the
+    blocks it was saved from. Runs from before the record have none, and pass."""
+    path = os.path.join(model_dir, "checkpoints", CUT_RECORD)
+    if not os.path.exists(path):
+        return
+    with open(path) as record:
+        saved = json.load(record)
+    this = _cut_record(model_name, stage_blocks)
+    if saved != this:
+        raise CutError(f"{path}: its checkpoints hold {saved['model']} in stages of blocks "
+                       f"{saved['stages']}, this run cuts {this['model']} into "
+                       f"{this['stages']}; resume with the flags they were trained with "
+                       f"(--model, --pipeline_stages, --pipeline_balance)")
+
+
+def record_cut(model_dir, model_name, stage_blocks):
+    """Writes which blocks each stage's checkpoints hold beside them (check_cut reads it)."""
+    os.makedirs(os.path.join(model_dir, "checkpoints"), exist_ok=True)
+    with open(os.path.join(model_dir, "checkpoints", CUT_RECORD), "w") as record:
+        json.dump(_cut_record(model_name, stage_blocks), record)
+
+
+def _cut_record(model_name, stage_blocks):
+    return {"model": model_name, "stages": [[int(first), None if last is None else int(last)]
+                                            for first, last in stage_blocks]}
 
 
 def stage(stage_model, where, arguments, microbatches, num_outputs, recompute, order):

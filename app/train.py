@@ -118,9 +118,10 @@ def main(_):
         tf.keras.mixed_precision.set_global_policy("float64")
     normalization = (sync_batch_norm.SyncBatchNormalization if FLAGS.sync_batch_norm
                      else tf.keras.layers.BatchNormalization)
-    first_block, last_block = pipeline.blocks_of_stage(
+    stage_blocks = pipeline.cut(
         models.blocks_of(FLAGS.model, train_source.feature_shape, train_source.num_outputs)
-        if stages > 1 else [], where, FLAGS.pipeline_balance)
+        if stages > 1 else [], stages, FLAGS.pipeline_balance)
+    first_block, last_block = stage_blocks[where.stage]
     model = models.build(FLAGS.model, train_source.feature_shape, train_source.num_outputs,
                          normalization, seed=FLAGS.seed, first_block=first_block,
                          last_block=last_block, input_scaling=train_source.input_scaling)
@@ -150,11 +151,17 @@ def main(_):
         optimizers.create_slots(optimizer, model.trainable_variables)
     try:
         if initial_epoch or saved_step:
+            if stages > 1:
+                pipeline.check_cut(FLAGS.model_dir, FLAGS.model, stage_blocks)
             checkpoints.restore(checkpoint_manager, initial_epoch, saved_step)
         elif FLAGS.init_checkpoint:
             checkpoints.initialize_from(checkpointed, FLAGS.init_checkpoint)
     except checkpoints.MismatchError as error:
         app_flags.fail(f"--model={FLAGS.model}: {error}", app_flags.RUN_ERROR)
+    except pipeline.CutError as error:
+        app_flags.fail(error, app_flags.RUN_ERROR)
+    if stages > 1 and not (initial_epoch or saved_step) and hvd.rank() == 0:
+        pipeline.record_cut(FLAGS.model_dir, FLAGS.model, stage_blocks)
 
     # 5. Train: on the processes there are, or elastically, from the last commit, on the
     #    workers there are after each change (Horovod's KerasState holds model and optimizer).

@@ -133,8 +133,7 @@ def test_resnet_stages_balanced_by_flops_share_the_compute_and_by_parameters_the
     blocks = models.blocks_of("resnet20", (32, 32, 3), 10)
 
     def shares(balance_by, of):
-        cuts = [pipeline.blocks_of_stage(blocks, pipeline.position(stage, 2, 2), balance_by)
-                for stage in range(2)]
+        cuts = pipeline.cut(blocks, 2, balance_by)
         total = sum(getattr(block, of) for block in blocks)
         return [sum(getattr(block, of) for block in blocks[first:last]) / total
                 for first, last in cuts]
@@ -289,6 +288,36 @@ def test_a_staged_run_resumes_from_each_stages_last_epoch_as_if_uninterrupted(pi
         assert final.keys() == straight.keys()
         for name in straight:
             np.testing.assert_array_equal(final[name], straight[name], err_msg=name)
+
+
+@pytest.mark.distributed
+def test_a_resume_that_would_cut_the_model_otherwise_stops_with_one_line(pipeline_runs,
+                                                                         tmp_path):
+    """The 2-stage ResNet-20 run records its cut (by FLOPs, the default) beside its
+    checkpoints; resumed with --pipeline_balance=parameters, which cuts elsewhere, every
+    rank stops with one line naming the record, before any checkpoint is touched (a stage
+    restored into other blocks would train a different model, or wait forever for
+    activations of another shape)."""
+    run_dir = tmp_path / "resnet"
+    shutil.copytree(pipeline_runs["resnet-stages2"], run_dir)
+    record = json.loads((run_dir / "checkpoints" / pipeline.CUT_RECORD).read_text())
+    blocks = models.blocks_of("resnet20", (8, 8, 1), 10)
+    assert record == {"model": "resnet20", "stages": [
+        list(bounds) for bounds in pipeline.cut(blocks, 2, "flops")]}
+    assert pipeline.cut(blocks, 2, "parameters") != pipeline.cut(blocks, 2, "flops")
+    for stage in (0, 1):
+        for path in (run_dir / "checkpoints" / f"stage-{stage}").glob("epoch-16.*"):
+            path.unlink()
+    before = sorted(path.name for path in (run_dir / "checkpoints").rglob("*"))
+    processes, flags = RUNS["resnet-stages2"]
+    result = run([*mpirun(processes), *train_command(
+        *INTEGRITY_FLAGS, *flags, "--pipeline_balance=parameters", f"--model_dir={run_dir}")],
+        timeout=120, check=False)
+    assert result.returncode != 0
+    errors = error_lines(result)
+    assert len(errors) == 1 and pipeline.CUT_RECORD in errors[0], result.stderr[-2000:]
+    assert "--pipeline_balance" in errors[0] and "Epoch" not in result.stdout
+    assert sorted(path.name for path in (run_dir / "checkpoints").rglob("*")) == before
 
 
 @pytest.mark.distributed
