@@ -52,12 +52,13 @@ def main(_):
     source = input_pipeline.load(FLAGS.dataset, "train", data_dir=FLAGS.data_dir,
                                  image_size=FLAGS.image_size, seed=FLAGS.seed)
     model_blocks = models.blocks_of(FLAGS.model, source.feature_shape, source.num_outputs)
+    from_cut, to_cut = (pipeline.cut(model_blocks, stages, FLAGS.pipeline_balance)
+                        for stages in (from_stages, to_stages))
 
-    def parts(stages):
+    def parts(stage_blocks):
         """Each stage's model and optimizer (with its slots), as app.train builds them."""
         built = []
-        for stage, (first, last) in enumerate(pipeline.cut(model_blocks, stages,
-                                                           FLAGS.pipeline_balance)):
+        for stage, (first, last) in enumerate(stage_blocks):
             model = models.build(FLAGS.model, source.feature_shape, source.num_outputs,
                                  seed=FLAGS.seed, first_block=first, last_block=last,
                                  input_scaling=source.input_scaling)
@@ -69,11 +70,10 @@ def main(_):
 
     if from_stages > 1:
         try:
-            pipeline.check_cut(from_dir, FLAGS.model, pipeline.cut(
-                model_blocks, from_stages, FLAGS.pipeline_balance))
+            pipeline.check_cut(from_dir, FLAGS.model, from_cut)
         except pipeline.CutError as error:
             app_flags.fail(f"--from_dir={from_dir}: {error}")
-    sources, targets = parts(from_stages), parts(to_stages)
+    sources, targets = parts(from_cut), parts(to_cut)
     for stage, model, optimizer in sources:
         checkpoints.restore(checkpoints.manager(
             model, optimizer, from_dir, checkpoints.subfolder(stage, from_stages)), epochs, steps)
@@ -92,8 +92,7 @@ def main(_):
         else:
             manager.save(checkpoint_number=epochs)
     if to_stages > 1:
-        pipeline.record_cut(to_dir, FLAGS.model, pipeline.cut(model_blocks, to_stages,
-                                                              FLAGS.pipeline_balance))
+        pipeline.record_cut(to_dir, FLAGS.model, to_cut)
     with open(os.path.join(to_dir, "flags.cfg"), "w") as flagfile:
         flagfile.write(app_flags.resolved_flagfile())
     print(f"{to_dir}: {checkpoints.checkpoint_name(epochs, steps)} of {from_dir} in "

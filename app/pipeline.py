@@ -126,8 +126,7 @@ def record_cut(model_dir, model_name, stage_blocks):
 
 
 def _cut_record(model_name, stage_blocks):
-    return {"model": model_name, "stages": [[int(first), None if last is None else int(last)]
-                                            for first, last in stage_blocks]}
+    return {"model": model_name, "stages": [list(bounds) for bounds in stage_blocks]}
 
 
 def stage(stage_model, where, arguments, microbatches, num_outputs, recompute, order):
@@ -162,24 +161,25 @@ class BroadcastStageVariables(tf.keras.callbacks.Callback):
 
 
 def balance(sizes, stages):
-    """Cuts blocks of `sizes` (FLOPs or parameters) into `stages` consecutive non-empty groups whose
-    largest is as small as it can be; returns each group's (first, last) block, last exclusive."""
+    """Cuts blocks of `sizes` (FLOPs or parameters) into `stages` consecutive non-empty
+    groups whose largest is as small as it can be; returns each group's (first, last) block,
+    last exclusive, as ints."""
     count = len(sizes)
     prefix = np.concatenate([[0], np.cumsum(sizes)])
     # best[s][i]: the smallest largest group when the first i blocks make s groups
     best = np.full((stages + 1, count + 1), np.inf)
-    cut = np.zeros((stages + 1, count + 1), dtype=int)
+    starts = np.zeros((stages + 1, count + 1), dtype=int)
     best[0][0] = 0
     for groups in range(1, stages + 1):
         for end in range(groups, count + 1):
             for start in range(groups - 1, end):
                 largest = max(best[groups - 1][start], prefix[end] - prefix[start])
                 if largest < best[groups][end]:
-                    best[groups][end], cut[groups][end] = largest, start
+                    best[groups][end], starts[groups][end] = largest, start
     bounds, end = [], count
     for groups in range(stages, 0, -1):
-        bounds.append((int(cut[groups][end]), end))
-        end = cut[groups][end]
+        bounds.append((int(starts[groups][end]), end))
+        end = int(starts[groups][end])
     return bounds[::-1]
 
 
