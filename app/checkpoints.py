@@ -11,6 +11,8 @@ import re
 
 import tensorflow as tf
 
+from app import cli
+
 KEEP = 3
 _GLOBAL_BATCH_KEY = "global_batch_size/.ATTRIBUTES/VARIABLE_VALUE"
 _INDEX_FILE = re.compile(r"epoch-(\d+)(?:-step-(\d+))?\.index")
@@ -20,17 +22,17 @@ class MismatchError(ValueError):
     """A checkpoint that does not fit the model being built."""
 
 
-def subfolder(stage=0, stages=1):
+def stage_folder(stage=0, stages=1):
     """The folder, under the model_dir, of the checkpoints of a run's model, or of one stage
     of it (app.pipeline: each stage's first replica saves its own)."""
     return "checkpoints" if stages == 1 else os.path.join("checkpoints", f"stage-{stage}")
 
 
-def manager(model, optimizer, model_dir, subfolder="checkpoints"):
+def manager(model, optimizer, model_dir, folder="checkpoints"):
     """Saves model, optimizer and the global batch (see set_global_batch) under model_dir."""
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                      global_batch_size=tf.Variable(0, dtype=tf.int64))
-    return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, subfolder),
+    return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, folder),
                                       max_to_keep=KEEP, checkpoint_name="epoch")
 
 
@@ -43,7 +45,7 @@ class NoIntactCheckpointError(RuntimeError):
     """Checkpoints exist, and every one is damaged."""
 
 
-def latest(model_dir, warn=None, subfolder="checkpoints"):
+def latest(model_dir, warn=None, folder="checkpoints"):
     """(epochs done, steps done in the next epoch, global batch) of the newest intact
     checkpoint in `model_dir`: epoch-N after N epochs, epoch-N-step-S after S more steps (a
     run stopped by a signal); (0, 0, 0) if there is none. Each is read whole before it is
@@ -54,7 +56,7 @@ def latest(model_dir, warn=None, subfolder="checkpoints"):
     The files are listed rather than the `checkpoint` index read, as the index names a
     checkpoint that was complete once, not one that is intact now, and not the mid-epoch
     ones."""
-    checkpoint_dir = os.path.join(model_dir, subfolder)
+    checkpoint_dir = os.path.join(model_dir, folder)
     names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
     points = sorted(((int(match[1]), int(match[2] or 0))
                      for match in map(_INDEX_FILE.fullmatch, names) if match), reverse=True)
@@ -67,7 +69,7 @@ def latest(model_dir, warn=None, subfolder="checkpoints"):
                 reader.get_tensor(name)
             global_batch = int(reader.get_tensor(_GLOBAL_BATCH_KEY))
         except (tf.errors.OpError, ValueError, IndexError) as error:  # IndexError: truncated
-            damaged.append(f"{path} ({_first_line(error)})")
+            damaged.append(f"{path} ({cli.first_line(error)})")
             continue
         if damaged and warn:
             warn(f"damaged checkpoint {'; '.join(damaged)}: resuming from {path} instead")
@@ -82,14 +84,14 @@ def checkpoint_name(epochs_done, steps_done=0):
     return f"epoch-{epochs_done}" + (f"-step-{steps_done}" if steps_done else "")
 
 
-def broadcast_latest(model_dir, hvd, warn=None, subfolder="checkpoints"):
+def broadcast_latest(model_dir, hvd, warn=None, folder="checkpoints"):
     """latest() of rank 0, on every rank (Horovod's broadcast: every rank calls it), so that
     all resume from the same checkpoint; every rank raises NoIntactCheckpointError when rank
     0 found none intact (rank 0 with the message), so that none waits for the others."""
     message, state = "", (0, 0, 0)
     if hvd.rank() == 0:
         try:
-            state = latest(model_dir, warn, subfolder)
+            state = latest(model_dir, warn, folder)
         except NoIntactCheckpointError as error:
             message, state = str(error), (-1, 0, 0)
     epochs_done, steps_done, global_batch = (int(value) for value in hvd.broadcast(
@@ -121,12 +123,8 @@ def _saving(checkpoint_manager, path, save):
         save()
     except (OSError, tf.errors.OpError) as error:
         raise SaveError(f"--model_dir={os.path.dirname(checkpoint_manager.directory)}: saving "
-                        f"{os.path.basename(path)} failed: {_first_line(error)}; the "
+                        f"{os.path.basename(path)} failed: {cli.first_line(error)}; the "
                         f"checkpoints before it are intact") from None
-
-
-def _first_line(error):
-    return str(error).strip().splitlines()[0]
 
 
 def initialize_from(model, path):
@@ -145,7 +143,7 @@ def _restore_matching(checkpoint, path, expect_partial=False):
             status.expect_partial()
         status.assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as error:
-        raise MismatchError(f"{path} does not match this model: {_first_line(error)}") from None
+        raise MismatchError(f"{path} does not match this model: {cli.first_line(error)}") from None
 
 
 class SaveError(RuntimeError):

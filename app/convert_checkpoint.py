@@ -19,7 +19,7 @@ from absl import app, flags
 
 import input_pipeline
 import models
-from app import checkpoints, optimizers, pipeline
+from app import checkpoints, cli, optimizers, pipeline_plan
 from app import flags as app_flags
 
 FLAGS = flags.FLAGS
@@ -34,25 +34,25 @@ def main(_):
     from_dir, to_dir, to_stages = FLAGS.from_dir, FLAGS.to_dir, FLAGS.to_stages
     run_flags = os.path.join(from_dir, "flags.cfg")
     if not os.path.isfile(run_flags):
-        app_flags.fail(f"--from_dir={from_dir}: no flags.cfg (not a model_dir of app.train)")
+        cli.fail(f"--from_dir={from_dir}: no flags.cfg (not a model_dir of app.train)")
     FLAGS(["convert_checkpoint", f"--flagfile={run_flags}"], known_only=True)
     from_stages = FLAGS.pipeline_stages
     epochs, steps, global_batch = checkpoints.latest(
-        from_dir, subfolder=checkpoints.subfolder(0, from_stages))
+        from_dir, folder=checkpoints.stage_folder(0, from_stages))
     if not epochs and not steps:
-        app_flags.fail(f"--from_dir={from_dir}: no checkpoint to convert")
+        cli.fail(f"--from_dir={from_dir}: no checkpoint to convert")
     if os.path.isdir(os.path.join(to_dir, "checkpoints")):
-        app_flags.fail(f"--to_dir={to_dir}: holds checkpoints already")
+        cli.fail(f"--to_dir={to_dir}: holds checkpoints already")
     blocks = models.count_blocks(FLAGS.model)
     if to_stages > blocks:
-        app_flags.fail(f"--to_stages={to_stages}: --model={FLAGS.model} has {blocks} blocks")
+        cli.fail(f"--to_stages={to_stages}: --model={FLAGS.model} has {blocks} blocks")
 
     if FLAGS.float64:  # the variables' type (mixed precision keeps them in float32)
         tf.keras.mixed_precision.set_global_policy("float64")
     source = input_pipeline.load(FLAGS.dataset, "train", data_dir=FLAGS.data_dir,
                                  image_size=FLAGS.image_size, seed=FLAGS.seed)
     model_blocks = models.blocks_of(FLAGS.model, source.feature_shape, source.num_outputs)
-    from_cut, to_cut = (pipeline.cut(model_blocks, stages, FLAGS.pipeline_balance)
+    from_cut, to_cut = (pipeline_plan.cut(model_blocks, stages, FLAGS.pipeline_balance)
                         for stages in (from_stages, to_stages))
 
     def parts(stage_blocks):
@@ -70,13 +70,14 @@ def main(_):
 
     if from_stages > 1:
         try:
-            pipeline.check_cut(from_dir, FLAGS.model, from_cut)
-        except pipeline.CutError as error:
-            app_flags.fail(f"--from_dir={from_dir}: {error}")
+            pipeline_plan.check_cut(from_dir, FLAGS.model, from_cut)
+        except pipeline_plan.CutError as error:
+            cli.fail(f"--from_dir={from_dir}: {error}")
     sources, targets = parts(from_cut), parts(to_cut)
     for stage, model, optimizer in sources:
         checkpoints.restore(checkpoints.manager(
-            model, optimizer, from_dir, checkpoints.subfolder(stage, from_stages)), epochs, steps)
+            model, optimizer, from_dir, checkpoints.stage_folder(stage, from_stages)),
+            epochs, steps)
     for source_values, target_variables in zip(_state(sources), _state(targets), strict=True):
         target_variables.assign(source_values)
     for _, _, optimizer in targets:
@@ -85,14 +86,14 @@ def main(_):
     FLAGS.pipeline_stages, FLAGS.model_dir = to_stages, to_dir
     for stage, model, optimizer in targets:
         manager = checkpoints.manager(model, optimizer, to_dir,
-                                      checkpoints.subfolder(stage, to_stages))
+                                      checkpoints.stage_folder(stage, to_stages))
         checkpoints.set_global_batch(manager, global_batch)
         if steps:
             checkpoints.save_mid_epoch(manager, epochs, steps)
         else:
             manager.save(checkpoint_number=epochs)
     if to_stages > 1:
-        pipeline.record_cut(to_dir, FLAGS.model, to_cut)
+        pipeline_plan.record_cut(to_dir, FLAGS.model, to_cut)
     with open(os.path.join(to_dir, "flags.cfg"), "w") as flagfile:
         flagfile.write(app_flags.resolved_flagfile())
     print(f"{to_dir}: {checkpoints.checkpoint_name(epochs, steps)} of {from_dir} in "

@@ -4,6 +4,8 @@ import os
 
 import tensorflow as tf
 
+from app import launch
+
 
 def pin_gpu(local_rank):
     """Makes the local rank's GPU the only one this process sees, with memory growth so that
@@ -20,7 +22,7 @@ def cpu_threads(local_size, requested=0):
     the processes on its node (unless the launcher already bound it to its own cores)."""
     if requested:
         return requested
-    allowed = len(os.sched_getaffinity(0))
+    allowed = launch.usable_cores()
     if allowed < os.cpu_count():
         return allowed
     return max(1, allowed // local_size)

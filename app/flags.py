@@ -10,7 +10,6 @@ rank parses the same arguments, so every rank exits the same way and nothing han
 rank 0 prints the line. The arithmetic the flags feed is app.arithmetic's.
 """
 import os
-import sys
 import tempfile
 
 from app import compat  # noqa: F401 (first: it sets TF_USE_LEGACY_KERAS)
@@ -19,15 +18,11 @@ from absl import flags
 
 import input_pipeline
 import models
-from app import arithmetic, cli, optimizers, pipeline
+from app import arithmetic, cli, optimizers, parallelism, pipeline_plan
 from app.arithmetic import FlagError
 from app.experiments import EXPERIMENTS
 
 FLAGS = flags.FLAGS
-USAGE_ERROR = 2
-RUN_ERROR = 1
-PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal, checkpointed; run again
-NEEDS_DATA_DIR = ("cifar10", "imagenet")
 _BATCH_FLAGS = ("batch_size", "global_batch_size")
 
 
@@ -47,9 +42,16 @@ def define_training_flags():
 def define_experiment_flags():
     """The experiment, its model and data, and where the run's outputs go."""
     flags.DEFINE_enum("experiment", "digits_cnn", sorted(EXPERIMENTS),
-                      "Registry entry whose defaults the flagfile and command line override.")
-    flags.DEFINE_enum("model", None, sorted(models.BUILDERS), "Model to build.")
-    flags.DEFINE_enum("dataset", None, input_pipeline.DATASETS, "Data set to train on.")
+                      "Registry entry (app/experiments.py) whose defaults the flagfile and "
+                      "command line override: " + _choices(
+                          {name: entry.description for name, entry in EXPERIMENTS.items()}))
+    flags.DEFINE_enum("model", None, sorted(models.BUILDERS),
+                      "Model to build (models.BUILDERS): " + _choices(
+                          {name: entry.description for name, entry in models.BUILDERS.items()}))
+    flags.DEFINE_enum("dataset", None, sorted(input_pipeline.DATASETS),
+                      "Data set to train on (input_pipeline.DATASETS): " + _choices(
+                          {name: entry.description
+                           for name, entry in input_pipeline.DATASETS.items()}))
     flags.DEFINE_string("data_dir", None,
                         "Prepared data (TFDS data_dir, the folder of TFRecord shards, or of "
                         "Fashion-MNIST's IDX files); on a cluster, a shared filesystem. "
@@ -115,9 +117,10 @@ def define_learning_rate_flags():
 
 def define_optimizer_flags():
     """The optimizer and its regularization."""
-    flags.DEFINE_enum("optimizer", "momentum", list(optimizers.NAMES),
-                      "Optimizer: sgd, momentum, adam, or the large-batch LARS, LAMB and NovoGrad "
-                      "(app/large_batch_optimizers.py).")
+    flags.DEFINE_enum("optimizer", "momentum", list(optimizers.OPTIMIZERS),
+                      "Optimizer (app.optimizers.OPTIMIZERS): " + _choices(
+                          {name: entry.description
+                           for name, entry in optimizers.OPTIMIZERS.items()}))
     flags.DEFINE_float("momentum", 0.9, "Momentum of --optimizer=momentum and lars.",
                        lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_float("weight_decay", 0.0,
@@ -186,12 +189,12 @@ def define_parallelism_flags():
                          "Microbatches each step's per-replica batch is split into, run through "
                          "the stages one after the other, their gradients added up for one "
                          "update.", lower_bound=1)
-    flags.DEFINE_enum("pipeline_schedule", "1f1b", pipeline.SCHEDULES,
+    flags.DEFINE_enum("pipeline_schedule", "1f1b", pipeline_plan.SCHEDULES,
                       "The order of the microbatches' passes: gpipe (every forward, then every "
                       "backward: every microbatch's activations kept at once) or 1f1b (a "
                       "microbatch's backward as soon as the last stage has it: at most "
                       "stages - stage microbatches kept on a stage; the same bubble).")
-    flags.DEFINE_enum("pipeline_balance", "flops", pipeline.BALANCES,
+    flags.DEFINE_enum("pipeline_balance", "flops", pipeline_plan.BALANCES,
                       "What the stages share alike: the blocks' forward FLOPs (each stage's "
                       "compute, for throughput) or their parameters (each stage's weights "
                       "and optimizer state, for memory).")
@@ -217,8 +220,9 @@ def define_performance_flags():
                       "do: Horovod 0.28.1 cannot compile its own ops with Keras' jit_compile on "
                       "CPUs.")
     flags.DEFINE_integer("threads_per_process", 0,
-                         "TensorFlow intra-op and tf.data threads per process (0: the cores "
-                         "divided among the processes on the node).", lower_bound=0)
+                         "TensorFlow's intra-op and inter-op threads and tf.data's per process "
+                         "(0: the cores divided among the processes on the node).",
+                         lower_bound=0)
     flags.DEFINE_bool("deprioritize_horovod_threads", True,
                       "On a process that computes on CPUs, run the threads hvd.init() starts "
                       "(Horovod's background thread, MPI's) at the lowest CPU priority, so that "
@@ -274,13 +278,6 @@ def define_stopping_flags():
 
 
 
-def fail(message, code=USAGE_ERROR, this_rank_only=False):
-    """Ends this process with `code` after one line on stderr, printed by rank 0 for what
-    every rank finds alike, or by this rank for what only it met (`this_rank_only`)."""
-    if this_rank_only or rank_from_environment() == 0:
-        print(f"{cli.program()}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
 
 def parser(check):
     """An absl flags_parser for app.run: parses, then calls `check(argv)`, which raises
@@ -294,7 +291,7 @@ def parser(check):
                 raise flags.Error(f"unexpected arguments: {' '.join(remaining[1:])}")
             check(argv)
         except (flags.Error, FlagError) as error:
-            fail(error)
+            cli.fail(error)
         return remaining
     return parse
 
@@ -303,7 +300,7 @@ def _check_training_flags(argv):
     """app.train's: the experiment's defaults where nothing else was given, then validate."""
     _prefer_command_line_batch_flag(argv)
     _apply_experiment_defaults()
-    validate(world_size_from_environment())
+    validate(cli.world_size_from_environment())
 
 
 parse = parser(_check_training_flags)
@@ -331,6 +328,11 @@ def _apply_experiment_defaults():
         FLAGS.set_default("model_dir", os.path.join("runs", FLAGS.experiment))
 
 
+def _choices(descriptions):
+    """A flag's help listing its choices with what each is, from the table they are in."""
+    return "; ".join(f"{name}: {text}" for name, text in sorted(descriptions.items())) + "."
+
+
 def _invalid(name, reason):
     return FlagError(name, FLAGS[name].value, reason)
 
@@ -342,57 +344,21 @@ def validate(world_size):
     for name in ("model", "dataset", "epochs", "learning_rate"):
         if FLAGS[name].value is None:
             raise _invalid(name, "is required (the experiment sets no default)")
-    if pipelined():
-        _validate_pipeline(world_size)
-    batch, _ = arithmetic.batch_sizes(batch_request(), replicas(world_size))
-    if batch % FLAGS.microbatches:
-        raise _invalid("microbatches", f"must divide the batch of {batch} per replica")
+    run_parallelism = parallelism.choose(FLAGS)
+    run_parallelism.validate(world_size, batch_request())
+    arithmetic.batch_sizes(batch_request(), run_parallelism.replicas(world_size))
     if FLAGS.warmup_epochs and FLAGS.warmup_epochs >= FLAGS.epochs:
         raise _invalid("warmup_epochs", f"must be shorter than --epochs={FLAGS.epochs}")
     if FLAGS.lr_schedule == "step":
         arithmetic.decay_epochs(FLAGS.lr_decay_epochs, FLAGS.epochs)
     arithmetic.profile_steps(FLAGS.profile_steps)
-    if FLAGS.dataset in NEEDS_DATA_DIR and not FLAGS.data_dir:
+    if input_pipeline.DATASETS[FLAGS.dataset].needs_data_dir and not FLAGS.data_dir:
         raise _invalid("data_dir", f"is required by --dataset={FLAGS.dataset}")
     if FLAGS.target_accuracy is not None and FLAGS.benchmark:
         raise _invalid("target_accuracy", "needs validation, which --benchmark leaves out")
     if FLAGS.float64 and FLAGS.mixed_precision:
         raise _invalid("float64", f"computes in float64, --mixed_precision="
                                   f"{FLAGS.mixed_precision} in another type: choose one")
-    if FLAGS.adasum and world_size & (world_size - 1):
-        raise _invalid("adasum", f"needs a power-of-2 number of processes (Horovod's Adasum), "
-                                 f"not {world_size}")
-
-
-def pipelined():
-    """Whether the run trains through app.pipeline (stages, microbatches or recomputation)."""
-    return FLAGS.pipeline_stages > 1 or FLAGS.microbatches > 1 or FLAGS.recompute
-
-
-def replicas(world_size):
-    """The data-parallel replicas among `world_size` processes: one per pipeline."""
-    return world_size // FLAGS.pipeline_stages
-
-
-def _validate_pipeline(world_size):
-    stages = FLAGS.pipeline_stages
-    if world_size % stages:
-        raise _invalid("pipeline_stages", f"must divide the {world_size} processes")
-    blocks = models.count_blocks(FLAGS.model)
-    if stages > blocks:
-        raise _invalid("pipeline_stages", f"--model={FLAGS.model} has {blocks} blocks, so at "
-                                          f"most {blocks} stages")
-    if stages > 1 and "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ:
-        raise _invalid("pipeline_stages", "needs MPI (mpirun, srun, horovodrun --mpi); this run "
-                                          "uses Gloo")
-    for name, unsupported in (("elastic", FLAGS.elastic), ("adasum", FLAGS.adasum),
-                              ("sync_batch_norm", FLAGS.sync_batch_norm),
-                              ("accumulation_steps", FLAGS.accumulation_steps > 1),
-                              ("steps_per_execution", FLAGS.steps_per_execution > 1),
-                              ("mixed_precision", FLAGS.mixed_precision == "float16")):
-        if unsupported:
-            raise _invalid(name, "is not supported with --pipeline_stages, --microbatches or "
-                                 "--recompute")
 
 
 def _writable(folder):
@@ -437,28 +403,6 @@ def scaled_learning_rate(global_batch):
     """--learning_rate scaled from --reference_batch_size to `global_batch`."""
     return arithmetic.scaled_learning_rate(FLAGS.learning_rate, global_batch,
                                            FLAGS.reference_batch_size, FLAGS.lr_scaling)
-
-
-def rank_from_environment():
-    """This process's rank as the launcher set it (0 for a lone process)."""
-    rank = _set_by_launcher("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
-    return 0 if rank is None else rank
-
-
-def world_size_from_environment():
-    """The number of processes the launcher started (mpirun, horovodrun, srun, MPICH's
-    hydra), read from its environment so that flags are checked before Horovod starts."""
-    slurm_step = ("SLURM_NTASKS",) if "SLURM_STEP_ID" in os.environ else ()
-    size = _set_by_launcher("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", *slurm_step)
-    return 1 if size is None else size
-
-
-def _set_by_launcher(*variables):
-    """The first of the environment `variables` holding a whole number, None if none does."""
-    for variable in variables:
-        if os.environ.get(variable, "").isdigit():
-            return int(os.environ[variable])
-    return None
 
 
 def resolved_flagfile():

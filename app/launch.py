@@ -211,9 +211,9 @@ def _run_mpirun(arguments):
         lost = lost or LOST_NODE.search(line)
     code = process.wait()
     if lost and code:
-        print(f"app.launch: error: mpirun lost node {lost[1]} (no answer from it); the job was "
-              f"ended, and the same command on the nodes left resumes from the last "
-              f"checkpoint", file=sys.stderr, flush=True)
+        print(cli.error_line(f"mpirun lost node {lost[1]} (no answer from it); the job was "
+                             f"ended, and the same command on the nodes left resumes from "
+                             f"the last checkpoint"), file=sys.stderr, flush=True)
     sys.exit(code if code >= 0 else 128 - code)
 
 
@@ -228,10 +228,10 @@ def _run_horovodrun(arguments):
     except (RuntimeError, ValueError) as error:
         failed = HOROVODRUN_FAILURE.search(str(error))
         if not failed:
-            sys.exit(f"app.launch: error: horovodrun: {str(error).splitlines()[0]}")
+            sys.exit(cli.error_line(f"horovodrun: {cli.first_line(error)}"))
         name, code = failed[1], int(failed[2])
-        print(f"app.launch: error: horovodrun: process {name} exited first, with code {code}; "
-              f"the job was ended", file=sys.stderr)
+        print(cli.error_line(f"horovodrun: process {name} exited first, with code {code}; "
+                             f"the job was ended"), file=sys.stderr)
         sys.exit(code if code > 0 else 128 - code)
 
 

@@ -5,33 +5,52 @@ decay inside their update, so the model gets no L2 loss for them.
 
 The wrappers around them, in this order: Horovod's distributed optimizer (allreduce, or
 Adasum), then, for float16, Keras' loss scaling."""
+import dataclasses
+from typing import Callable
+
 import horovod._keras as horovod_keras_impl
 import horovod.tensorflow as horovod_tf
 import tensorflow as tf
 
 from app import large_batch_optimizers
 
-NAMES = ("sgd", "momentum", "adam", "lars", "lamb", "novograd")
-DECAY_INSIDE = ("lars", "lamb", "novograd")  # weight decay is theirs, not an L2 loss
+_legacy = tf.keras.optimizers.legacy
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """An optimizer: `build(learning_rate, momentum, weight_decay)`, and whether the weight
+    decay is inside its update (else the model gets it as an L2 loss)."""
+    build: Callable
+    description: str
+    decay_inside: bool = False
+
+
+OPTIMIZERS = {
+    "sgd": Optimizer(lambda lr, momentum, decay: _legacy.SGD(lr), "plain SGD"),
+    "momentum": Optimizer(lambda lr, momentum, decay: _legacy.SGD(lr, momentum=momentum),
+                          "SGD with --momentum"),
+    "adam": Optimizer(lambda lr, momentum, decay: _legacy.Adam(lr), "Adam"),
+    "lars": Optimizer(lambda lr, momentum, decay: large_batch_optimizers.LARS(
+        lr, momentum=momentum, weight_decay=decay), "LARS (You et al.), with --momentum",
+        decay_inside=True),
+    "lamb": Optimizer(lambda lr, momentum, decay: large_batch_optimizers.LAMB(
+        lr, weight_decay=decay), "LAMB (You et al.)", decay_inside=True),
+    "novograd": Optimizer(lambda lr, momentum, decay: large_batch_optimizers.NovoGrad(
+        lr, weight_decay=decay), "NovoGrad (Ginsburg et al.)", decay_inside=True),
+}
 
 
 def build(name, learning_rate, momentum=0.0, weight_decay=0.0):
-    """The optimizer `name`; `weight_decay` is used by those in DECAY_INSIDE only."""
-    legacy = tf.keras.optimizers.legacy
-    if name == "sgd":
-        return legacy.SGD(learning_rate)
-    if name == "momentum":
-        return legacy.SGD(learning_rate, momentum=momentum)
-    if name == "adam":
-        return legacy.Adam(learning_rate)
-    if name == "lars":
-        return large_batch_optimizers.LARS(learning_rate, momentum=momentum,
-                                           weight_decay=weight_decay)
-    if name == "lamb":
-        return large_batch_optimizers.LAMB(learning_rate, weight_decay=weight_decay)
-    if name == "novograd":
-        return large_batch_optimizers.NovoGrad(learning_rate, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}")
+    """The optimizer `name` of OPTIMIZERS; `weight_decay` is used by those that decay inside
+    their update only."""
+    return OPTIMIZERS[name].build(learning_rate, momentum, weight_decay)
+
+
+def l2_loss_weight_decay(name, weight_decay):
+    """The weight decay the model's L2 loss carries for optimizer `name`: none where the
+    optimizer decays the weights itself."""
+    return 0.0 if OPTIMIZERS[name].decay_inside else weight_decay
 
 
 def horovod_options(accumulation_steps=1, fp16_allreduce=False):

@@ -5,7 +5,8 @@ import resource
 import socket
 
 import numpy as np
-import tensorflow as tf
+
+from app.compat import hvd_tensorflow as hvd, tf
 
 _PRINTED = ("world_size", "global_batch_size", "precision", "epochs_completed", "val_accuracy",
             "wall_seconds", "images_per_sec", "images_per_sec_spread",
@@ -30,30 +31,35 @@ def throughput_summary(rank_rates, rank_windows, rank_cpu_per_image):
     }
 
 
-def gathered_throughput(throughput, allgather):
-    """Every rank's measured rates (callbacks.Throughput), gathered with `allgather` (a
-    collective: every rank calls it) and summarized; every rank measured the same steps."""
+def gathered(throughput):
+    """What every rank measured, gathered to every rank (collectives: every rank calls
+    this): throughput, peak memory, and where each rank ran."""
+    return {**gathered_throughput(throughput), **gathered_peak_memory(), **gathered_layout()}
+
+
+def gathered_throughput(throughput):
+    """Every rank's measured rates (callbacks.Throughput), gathered and summarized; every
+    rank measured the same steps."""
     if throughput.images_per_sec() is None:
         return {"images_per_sec": None}
-    gathered = allgather(tf.constant(
+    gathered_rates = hvd.allgather(tf.constant(
         [[throughput.images_per_sec(), throughput.cpu_seconds_per_image(),
           *throughput.window_rates()]], tf.float64)).numpy()
-    return throughput_summary(gathered[:, 0], gathered[:, 2:], gathered[:, 1])
+    return throughput_summary(gathered_rates[:, 0], gathered_rates[:, 2:],
+                              gathered_rates[:, 1])
 
 
-def gathered_peak_memory(allgather):
+def gathered_peak_memory():
     """Every rank's peak resident memory so far, in MiB (the kernel's high-water mark of the
-    process: the runtime's, the model's, its optimizer's and activations'), gathered with
-    `allgather` (a collective)."""
+    process: the runtime's, the model's, its optimizer's and activations')."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    gathered = allgather(tf.constant([peak], tf.float64)).numpy()
-    return {"peak_memory_mb_by_rank": [round(float(value), 1) for value in gathered]}
+    peaks = hvd.allgather(tf.constant([peak], tf.float64)).numpy()
+    return {"peak_memory_mb_by_rank": [round(float(value), 1) for value in peaks]}
 
 
-def gathered_layout(hvd):
+def gathered_layout():
     """Where every rank ran: its host, its rank on the host and among the hosts, and how many
-    of each (Horovod's own count), gathered to every rank (a collective). `hvd`:
-    horovod.tensorflow, as Horovod's Keras module has no allgather_object."""
+    of each (Horovod's own count)."""
     return {"processes": hvd.allgather_object({
         "rank": hvd.rank(), "host": socket.gethostname(), "local_rank": hvd.local_rank(),
         "local_size": hvd.local_size(), "cross_rank": hvd.cross_rank(),

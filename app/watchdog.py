@@ -97,7 +97,7 @@ def exit_process(code):
     in a TensorFlow op, where sys.exit from this thread would never be seen."""
     def end(message, print_line):
         if print_line:
-            print(f"{cli.program()}: error: {message}", file=sys.stderr, flush=True)
+            print(cli.error_line(message), file=sys.stderr, flush=True)
         sys.stderr.flush()
         os._exit(code)
     return end

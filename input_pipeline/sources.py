@@ -74,7 +74,7 @@ def synthetic(split, shape, num_classes, num_examples, seed=0):
     """Random images generated on the fly from their index (nothing held in memory), so any
     shape costs only the time to generate it; for benchmarks."""
     shape = tuple(shape)
-    split_seed = seed * 2 + (0 if split == "train" else 1)
+    split_seed = _split_seed(seed, split)
 
     def generate(index):
         image = tf.random.stateless_uniform(shape, seed=tf.stack([split_seed, index]))
@@ -89,7 +89,7 @@ def photographs(split, num_examples, shape=(375, 500, 3), num_classes=10, seed=0
     made from their index; for benchmarks of JPEG decoding and cropping."""
     from sklearn.datasets import load_sample_images
     photos = [tf.constant(photo) for photo in load_sample_images().images]
-    split_seed = seed * 2 + (0 if split == "train" else 1)
+    split_seed = _split_seed(seed, split)
 
     def generate(index):
         photo = tf.gather(photos, index % len(photos))  # both are 427x640
@@ -101,6 +101,11 @@ def photographs(split, num_examples, shape=(375, 500, 3), num_classes=10, seed=0
         return tf.image.resize(tf.cast(image, tf.float32) / 255.0, shape[:2]), index % num_classes
     return Source(f"photographs-{split}", num_examples, tuple(shape), num_classes,
                   records=lambda: tf.data.Dataset.range(num_examples), decode=generate)
+
+
+def _split_seed(seed, split):
+    """Each split of a generated data set draws from its own seeds."""
+    return seed * 2 + (0 if split == "train" else 1)
 
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -245,6 +250,21 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
     return Source(f"tfrecord-{split}", num_examples, shape, num_outputs, files=files,
                   read_file=read_file, decode=decode, augment=augment,
                   skip_errors=skip_corrupt, damaged=damaged, input_scaling=input_scaling)
+
+
+CLASS_NAMES = "classes.txt"
+
+
+def read_class_names(data_dir):
+    """The class names written beside image shards (input_pipeline.to_tfrecord
+    --image_folder), label 1 first; FileNotFoundError naming the file if it is not there."""
+    path = os.path.join(data_dir, CLASS_NAMES)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {path}; write the shards with python -m "
+                                f"input_pipeline.to_tfrecord --image_folder=FOLDER "
+                                f"--output_dir={data_dir}")
+    with open(path) as names:
+        return [name.rstrip("\n") for name in names if name.strip()]
 
 
 def _first_image_is_jpeg(path):

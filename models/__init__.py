@@ -20,15 +20,21 @@ from models.cnn import pooled_cnn, small_cnn
 from models.dense import float_dtype, linear, mlp
 from models.resnet import resnet20, resnet50, resnet56, wide_resnet16_10
 
+
+
+class Builder(collections.namedtuple("Builder", "blocks description")):
+    """A model: `blocks(num_outputs, normalization=...)` gives its list of blocks."""
+
+
 BUILDERS = {
-    "linear": linear,
-    "mlp": mlp,
-    "cnn": small_cnn,
-    "pooled_cnn": pooled_cnn,
-    "resnet20": resnet20,
-    "resnet56": resnet56,
-    "wrn16_10": wide_resnet16_10,
-    "resnet50": resnet50,
+    "linear": Builder(linear, "Lab 1's neuron y = w*x + b"),
+    "mlp": Builder(mlp, "a multilayer perceptron"),
+    "cnn": Builder(small_cnn, "two convolutions at full resolution, for 8x8 digits"),
+    "pooled_cnn": Builder(pooled_cnn, "two convolution and pooling stages, for 28x28 images"),
+    "resnet20": Builder(resnet20, "CIFAR ResNet-20 (He et al.)"),
+    "resnet56": Builder(resnet56, "CIFAR ResNet-56 (He et al.)"),
+    "wrn16_10": Builder(wide_resnet16_10, "WideResNet-16-10 (Zagoruyko and Komodakis)"),
+    "resnet50": Builder(resnet50, "ImageNet ResNet-50 v1.5"),
 }
 
 
@@ -39,7 +45,7 @@ def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormal
     the tensor block `first_block` takes; its random initial weights from `seed` (None: from
     Keras' random state as it is). `input_scaling`, (scale, offset) per channel, makes the
     first layer normalize the inputs (the data source's, e.g. ImageNet's statistics)."""
-    blocks = BUILDERS[name](num_outputs, normalization=normalization)
+    blocks = BUILDERS[name].blocks(num_outputs, normalization=normalization)
     stage = range(len(blocks))[first_block:last_block]
     if seed is not None:
         keras.utils.set_random_seed(seed)
@@ -61,8 +67,8 @@ def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormal
 
 def _rescaling(input_scaling, input_shape):
     """keras.layers.Rescaling by a per-channel (scale, offset) spread over the whole input
-    shape, because TensorFlow's CPU kernels broadcasting along a last axis of 3 are several
-    times slower (BENCHMARKS.md)."""
+    shape, because TensorFlow's CPU kernels broadcasting along a last axis of 3 are slower
+    (BENCHMARKS.md, ImageNet preprocessing)."""
     scale, offset = (np.broadcast_to(np.asarray(values, np.float32), input_shape).copy()
                      for values in input_scaling)
     return keras.layers.Rescaling(scale, offset, dtype=float_dtype(), name="input_scaling")
@@ -70,7 +76,7 @@ def _rescaling(input_scaling, input_shape):
 
 def count_blocks(name):
     """How many blocks model `name` has: at most that many pipeline stages."""
-    return len(BUILDERS[name](1))
+    return len(BUILDERS[name].blocks(1))
 
 
 Block = collections.namedtuple("Block", "input_shape parameters flops")
@@ -80,7 +86,7 @@ def blocks_of(name, input_shape, num_outputs):
     """[Block(input shape, parameters, forward FLOPs per example)] of each of the model's
     blocks, worked out in a graph that is thrown away, without allocating any weight."""
     with tf.Graph().as_default():
-        blocks = BUILDERS[name](num_outputs)
+        blocks = BUILDERS[name].blocks(num_outputs)
         x, found = keras.Input(input_shape), []
         for block in blocks:
             shape = tuple(x.shape[1:])

@@ -21,8 +21,8 @@ def small_cnn(num_outputs, normalization=None):
 
 def pooled_cnn(num_outputs, normalization=None, filters=(16, 32)):
     """Two convolution and max-pooling stages, then a hidden dense layer (the classic MNIST
-    convnet, at half its width): for 28x28 images such as Fashion-MNIST, several times
-    cheaper per image than small_cnn, which convolves at full resolution."""
+    convnet, at half its width): for 28x28 images such as Fashion-MNIST, cheaper per image
+    than small_cnn, which convolves at full resolution."""
     del normalization
 
     def convolution(width):

@@ -14,7 +14,7 @@ from conftest import run_concurrently, run_study, train_command
 from test_fault_tolerance import signal_rank_1
 from test_train import checkpoint_values, per_step_learning_rates
 
-from app import pipeline
+from app import pipeline, pipeline_plan
 from app.compat import tf
 import models
 
@@ -114,10 +114,10 @@ def test_a_bfloat16_pipeline_computes_the_bits_of_one_process(pipeline_runs):
 
 
 def test_stages_are_cut_where_the_largest_holds_the_least():
-    assert pipeline.balance([10, 10, 10, 10], 2) == [(0, 2), (2, 4)]
-    assert pipeline.balance([1, 1, 1, 100], 2) == [(0, 3), (3, 4)]
-    assert pipeline.balance([5, 1, 1, 1, 5], 3) == [(0, 1), (1, 4), (4, 5)]
-    assert pipeline.balance([3, 3, 3], 3) == [(0, 1), (1, 2), (2, 3)]
+    assert pipeline_plan.balance([10, 10, 10, 10], 2) == [(0, 2), (2, 4)]
+    assert pipeline_plan.balance([1, 1, 1, 100], 2) == [(0, 3), (3, 4)]
+    assert pipeline_plan.balance([5, 1, 1, 1, 5], 3) == [(0, 1), (1, 4), (4, 5)]
+    assert pipeline_plan.balance([3, 3, 3], 3) == [(0, 1), (1, 2), (2, 3)]
     blocks = models.blocks_of("mlp", (8, 8, 1), 10)
     assert [block.parameters for block in blocks] == [64 * 256 + 256, 256 * 128 + 128,
                                                       128 * 10 + 10]
@@ -133,7 +133,7 @@ def test_resnet_stages_balanced_by_flops_share_the_compute_and_by_parameters_the
     blocks = models.blocks_of("resnet20", (32, 32, 3), 10)
 
     def shares(balance_by, of):
-        cuts = pipeline.cut(blocks, 2, balance_by)
+        cuts = pipeline_plan.cut(blocks, 2, balance_by)
         total = sum(getattr(block, of) for block in blocks)
         return [sum(getattr(block, of) for block in blocks[first:last]) / total
                 for first, last in cuts]
@@ -146,7 +146,7 @@ def run_schedules(kind, stages, microbatches):
     """Steps every stage's passes as far as its messages allow (a forward needs the stage
     before's, a backward the stage after's); returns (whether every pass ran, the most
     microbatches any stage held between its forward and backward passes)."""
-    orders = [list(pipeline.schedule(kind, pipeline.position(stage, stages, stages),
+    orders = [list(pipeline_plan.schedule(kind, pipeline_plan.position(stage, stages, stages),
                                      microbatches)) for stage in range(stages)]
     done, held, most = set(), [set() for _ in range(stages)], 0
     progress = True
@@ -170,9 +170,9 @@ def run_schedules(kind, stages, microbatches):
 @pytest.mark.parametrize("stages, microbatches", [(2, 4), (4, 8), (4, 2), (3, 3), (1, 4)])
 def test_both_schedules_run_every_pass_once_without_deadlock_and_1f1b_holds_fewer(
         stages, microbatches):
-    for kind in pipeline.SCHEDULES:
+    for kind in pipeline_plan.SCHEDULES:
         for stage in range(stages):
-            order = pipeline.schedule(kind, pipeline.position(stage, stages, stages),
+            order = pipeline_plan.schedule(kind, pipeline_plan.position(stage, stages, stages),
                                       microbatches)
             assert sorted(order) == sorted((direction, index) for index in range(microbatches)
                                            for direction in ("forward", "backward"))
@@ -183,9 +183,9 @@ def test_both_schedules_run_every_pass_once_without_deadlock_and_1f1b_holds_fewe
 
 
 def test_ranks_are_laid_out_pipeline_by_pipeline():
-    assert [tuple(pipeline.position(rank, 4, 2)[:3]) for rank in range(4)] == [
+    assert [tuple(pipeline_plan.position(rank, 4, 2)[:3]) for rank in range(4)] == [
         (0, 2, 0), (1, 2, 0), (0, 2, 1), (1, 2, 1)]
-    assert pipeline.stage_ranks(1, 2, 6) == [1, 3, 5]
+    assert pipeline_plan.stage_ranks(1, 2, 6) == [1, 3, 5]
 
 
 def test_recomputation_gives_the_plain_gradients():
@@ -195,7 +195,7 @@ def test_recomputation_gives_the_plain_gradients():
     stage_model = models.build("resnet20", (8, 8, 1), 10, seed=3, first_block=1, last_block=4)
     gradients = []
     for recompute in (False, True):
-        stage = pipeline.PipelinedStage(stage_model, pipeline.position(0, 1, 1),
+        stage = pipeline.PipelinedStage(stage_model, pipeline_plan.position(0, 1, 1),
                                         pipeline.OneStage(), None, 1, 10, recompute)
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(stage.forward(images) ** 2)
@@ -300,11 +300,11 @@ def test_a_resume_that_would_cut_the_model_otherwise_stops_with_one_line(pipelin
     activations of another shape)."""
     run_dir = tmp_path / "resnet"
     shutil.copytree(pipeline_runs["resnet-stages2"], run_dir)
-    record = json.loads((run_dir / "checkpoints" / pipeline.CUT_RECORD).read_text())
+    record = json.loads((run_dir / "checkpoints" / pipeline_plan.CUT_RECORD).read_text())
     blocks = models.blocks_of("resnet20", (8, 8, 1), 10)
     assert record == {"model": "resnet20", "stages": [
-        list(bounds) for bounds in pipeline.cut(blocks, 2, "flops")]}
-    assert pipeline.cut(blocks, 2, "parameters") != pipeline.cut(blocks, 2, "flops")
+        list(bounds) for bounds in pipeline_plan.cut(blocks, 2, "flops")]}
+    assert pipeline_plan.cut(blocks, 2, "parameters") != pipeline_plan.cut(blocks, 2, "flops")
     for stage in (0, 1):
         for path in (run_dir / "checkpoints" / f"stage-{stage}").glob("epoch-16.*"):
             path.unlink()
@@ -315,7 +315,7 @@ def test_a_resume_that_would_cut_the_model_otherwise_stops_with_one_line(pipelin
         timeout=120, check=False)
     assert result.returncode != 0
     errors = error_lines(result)
-    assert len(errors) == 1 and pipeline.CUT_RECORD in errors[0], result.stderr[-2000:]
+    assert len(errors) == 1 and pipeline_plan.CUT_RECORD in errors[0], result.stderr[-2000:]
     assert "--pipeline_balance" in errors[0] and "Epoch" not in result.stdout
     assert sorted(path.name for path in (run_dir / "checkpoints").rglob("*")) == before
 

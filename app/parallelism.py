@@ -1,0 +1,227 @@
+"""How the model is spread over the ranks: one object, chosen once from the flags, owns
+everything that differs between the kinds of parallelism, so that app.train asks it and
+never branches on them.
+
+A kind is one entry of KINDS, tried in order (data parallelism last, the default). Each
+says which flags want it, what it refuses, how hvd.init() is called, where a rank sits, how
+many data-parallel replicas the batch is divided by, which blocks of the model a rank
+builds, what trains them (the optimizer wrapped by Horovod, or a stage's own step), which
+callback broadcasts the initial state, and where a rank's checkpoints go. A new kind is a
+new class here and an entry in KINDS.
+"""
+import models
+from app import checkpoints, cli, devices, optimizers, pipeline, pipeline_plan
+from app.arithmetic import FlagError, batch_sizes
+from app.compat import hvd
+
+# Where a rank sits: its pipeline stage (of `stages`) and its data-parallel replica (of
+# `replicas`); plain data parallelism has one stage.
+Position = pipeline_plan.Position
+
+
+class DataParallel:
+    """Horovod's data parallelism: every rank holds the whole model, reads its shard of
+    every global batch, and hvd.DistributedOptimizer averages the gradients (or Adasum
+    combines them) before each update."""
+    name = "data"
+
+    def __init__(self, flags):
+        self.flags = flags
+
+    @staticmethod
+    def wanted(flags):
+        del flags
+        return True
+
+    def validate(self, world_size, batch_request):
+        """Raises FlagError for what this kind cannot run on `world_size` processes with
+        app.arithmetic's `batch_request`."""
+        del batch_request
+        if self.flags.adasum and world_size & (world_size - 1):
+            raise FlagError("adasum", True, f"needs a power-of-2 number of processes "
+                                            f"(Horovod's Adasum), not {world_size}")
+
+    def init_arguments(self, world_size):
+        """hvd.init()'s keyword arguments."""
+        del world_size
+        return {}
+
+    def deprioritize_horovod_threads(self):
+        """Whether the threads hvd.init() starts run at the lowest CPU priority
+        (--deprioritize_horovod_threads: on CPUs only, where they poll beside the compute)."""
+        return self.flags.deprioritize_horovod_threads and not devices.has_gpu()
+
+    def place(self, rank, size):
+        return Position(0, 1, rank, size)
+
+    def replicas(self, world_size):
+        """The data-parallel replicas among `world_size` processes, which share each global
+        batch."""
+        return world_size
+
+    replica_noun = "processes"
+
+    def build_model(self, source, normalization):
+        """This rank's Keras model, from the same seed on every rank."""
+        return models.build(self.flags.model, source.feature_shape, source.num_outputs,
+                            normalization, seed=self.flags.seed,
+                            input_scaling=source.input_scaling)
+
+    def trainer(self, model, optimizer, num_outputs):
+        """(what fit() trains, its optimizer): here the model itself, with Horovod's
+        distributed optimizer (and float16's loss scaling around it, so that every rank
+        sees the same overflows)."""
+        del num_outputs
+        options = optimizers.horovod_options(self.flags.accumulation_steps,
+                                             self.flags.fp16_allreduce)
+        distributed = (optimizers.adasum_distributed_optimizer(optimizer, **options)
+                       if self.flags.adasum else hvd.DistributedOptimizer(optimizer, **options))
+        return model, optimizers.loss_scaled(distributed, self.flags.mixed_precision)
+
+    runs_eagerly = False
+
+    @staticmethod
+    def broadcast_callback():
+        """Rank 0's initial variables to every rank, after the first step made the
+        optimizer's slots."""
+        return hvd.callbacks.BroadcastGlobalVariablesCallback(0)
+
+    def checkpoint_folder(self, where):
+        """The folder of `where`'s checkpoints under the model_dir."""
+        del where
+        return checkpoints.stage_folder()
+
+    def check_checkpoints(self, model_dir):
+        """Raises pipeline_plan.CutError when `model_dir`'s checkpoints were laid out by
+        another cut of the model than this run's (none for data parallelism)."""
+
+    def record_layout(self, model_dir):
+        """Writes, beside the checkpoints of a new run, what check_checkpoints reads."""
+
+    def images_per_rank(self, batch):
+        """The images a rank counts per step of `batch` per replica."""
+        return batch
+
+    def results(self):
+        return {"parallelism": self.name, "pipeline_stages": 1, "microbatches": 1}
+
+
+class PipelineParallel(DataParallel):
+    """app.pipeline: the model cut into --pipeline_stages stages, one per rank, each step's
+    batch run through them as --microbatches (with --recompute, activations recomputed in
+    the backward pass); the replicas of each stage average their gradients in the stage's
+    process set."""
+    name = "pipeline"
+    replica_noun = "pipelines"
+    runs_eagerly = True  # its steps pass tensors through MPI between their operations
+
+    def __init__(self, flags):
+        super().__init__(flags)
+        self.stages = flags.pipeline_stages
+        self._cut, self._arguments = None, None
+
+    @staticmethod
+    def wanted(flags):
+        return flags.pipeline_stages > 1 or flags.microbatches > 1 or flags.recompute
+
+    def validate(self, world_size, batch_request):
+        flags, stages = self.flags, self.stages
+        if world_size % stages:
+            raise FlagError("pipeline_stages", stages, f"must divide the {world_size} processes")
+        blocks = models.count_blocks(flags.model)
+        if stages > blocks:
+            raise FlagError("pipeline_stages", stages,
+                            f"--model={flags.model} has {blocks} blocks, so at most {blocks} "
+                            f"stages")
+        if stages > 1 and cli.gloo_from_environment():
+            raise FlagError("pipeline_stages", stages,
+                            "needs MPI (mpirun, srun, horovodrun --mpi); this run uses Gloo")
+        unsupported = {"elastic": flags.elastic, "adasum": flags.adasum,
+                       "sync_batch_norm": flags.sync_batch_norm,
+                       "accumulation_steps": flags.accumulation_steps > 1,
+                       "steps_per_execution": flags.steps_per_execution > 1,
+                       "mixed_precision": flags.mixed_precision == "float16"}
+        for name, refused in unsupported.items():
+            if refused:
+                raise FlagError(name, flags[name].value, "is not supported with "
+                                "--pipeline_stages, --microbatches or --recompute")
+        batch, _ = batch_sizes(batch_request, self.replicas(world_size))
+        if batch % flags.microbatches:
+            raise FlagError("microbatches", flags.microbatches,
+                            f"must divide the batch of {batch} per replica")
+
+    def init_arguments(self, world_size):
+        """MPI's world communicator and a process set per stage (app.pipeline), kept for the
+        stage's step; FlagError if this MPI cannot give what the stages' messages need."""
+        try:
+            self._arguments = pipeline.init_arguments(self.stages, world_size)
+        except RuntimeError as error:
+            raise FlagError("pipeline_stages", self.stages, str(error)) from None
+        return self._arguments
+
+    def deprioritize_horovod_threads(self):
+        # with stages, the stages' messages wait for Horovod's threads (app.pipeline)
+        return super().deprioritize_horovod_threads() and self.stages == 1
+
+    def place(self, rank, size):
+        return pipeline_plan.position(rank, size, self.stages)
+
+    def replicas(self, world_size):
+        return world_size // self.stages
+
+    def cut(self, source):
+        """Each stage's (first, last) block, balanced by --pipeline_balance."""
+        if self._cut is None:
+            blocks = (models.blocks_of(self.flags.model, source.feature_shape,
+                                       source.num_outputs) if self.stages > 1 else [])
+            self._cut = pipeline_plan.cut(blocks, self.stages, self.flags.pipeline_balance)
+        return self._cut
+
+    def build_model(self, source, normalization):
+        """This rank's stage: its blocks, with the weights the whole model would give them."""
+        first_block, last_block = self.cut(source)[self._where().stage]
+        return models.build(self.flags.model, source.feature_shape, source.num_outputs,
+                            normalization, seed=self.flags.seed, first_block=first_block,
+                            last_block=last_block, input_scaling=source.input_scaling)
+
+    def trainer(self, model, optimizer, num_outputs):
+        """(this rank's PipelinedStage around `model`, the optimizer as it is): the stage's
+        step averages its gradients over the stage's replicas itself."""
+        flags = self.flags
+        stage = pipeline.stage(model, self._where(), self._arguments, flags.microbatches,
+                               num_outputs, flags.recompute, flags.pipeline_schedule)
+        return stage, optimizer
+
+    @staticmethod
+    def broadcast_callback():
+        return pipeline.BroadcastStageVariables()
+
+    def checkpoint_folder(self, where):
+        """Each stage's first replica saves its own blocks."""
+        return checkpoints.stage_folder(where.stage, self.stages)
+
+    def check_checkpoints(self, model_dir):
+        if self.stages > 1:
+            pipeline_plan.check_cut(model_dir, self.flags.model, self._cut)
+
+    def record_layout(self, model_dir):
+        if self.stages > 1:
+            pipeline_plan.record_cut(model_dir, self.flags.model, self._cut)
+
+    def images_per_rank(self, batch):
+        return batch / self.stages  # each stage counts its share of the pipeline's images
+
+    def results(self):
+        return {"parallelism": self.name, "pipeline_stages": self.stages,
+                "microbatches": self.flags.microbatches}
+
+    def _where(self):
+        return self.place(hvd.rank(), hvd.size())
+
+
+KINDS = {kind.name: kind for kind in (PipelineParallel, DataParallel)}
+
+
+def choose(flags):
+    """The first kind in KINDS whose flags are set (data parallelism by default)."""
+    return next(kind for kind in KINDS.values() if kind.wanted(flags))(flags)
