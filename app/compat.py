@@ -9,7 +9,7 @@ Why this module exists (BUILD.md has the whole story):
   which is Keras 3's backend even when `tf.keras` is tf_keras; the callbacks would then set
   the learning rate and broadcast through the wrong Keras. While Horovod is imported, the name
   `keras` stands for `tf.keras`, so that both take the backend of the Keras that builds the
-  models (and no process loads Keras 3, a third of the start-up time, for nothing).
+  models (and no process loads Keras 3, which it would not use, at start-up).
 - --jit_compile uses XLA's auto-clustering, which compiles the clusters of ops XLA can
   compile and leaves Horovod's collectives between them (Horovod 0.28.1 can lower its ops to
   XLA only in GPU builds, so Keras' compile(jit_compile=True) fails on CPUs). On CPUs TensorFlow

@@ -36,7 +36,37 @@ def define_training_flags():
                    define_optimizer_flags, define_data_flags, define_horovod_flags,
                    define_parallelism_flags, define_performance_flags, define_benchmark_flags,
                    define_monitoring_flags, define_stopping_flags):
+        before = set(FLAGS)
         define()
+        _GROUPS[" ".join(define.__doc__.split("\n\n")[0].split()).rstrip(".")] = sorted(
+            set(FLAGS) - before)
+
+
+_GROUPS = {}  # each define_*_flags() docstring's first sentence: the flags it defines
+
+
+def reference_page():
+    """docs/flags.md: every flag of app.train by group, with the help and default that
+    --helpfull prints (a test compares the two; `make flags-page` writes it)."""
+    define_training_flags()
+    lines = ["# Flags of app.train", "",
+             "Generated from `app/flags.py` by `make flags-page`; a test fails when this page "
+             "and `python -m app.train --helpfull` disagree. Flags resolve as the TF Model "
+             "Garden's do: the experiment's defaults (app/experiments.py), then the flagfile, "
+             "then the command line. What the flags that matter at scale mean: "
+             "[experiments.md](experiments.md).", ""]
+    for group, names in _GROUPS.items():
+        lines += [f"## {group}", "", "| flag | default | what it does |", "|---|---|---|"]
+        for name in names:
+            flag = FLAGS[name]
+            default = "" if flag.default is None else f"`{flag.default_as_str}`"
+            lines.append(f"| `--{name}` | {default} | {_cell(flag.help)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(text):
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def define_experiment_flags():
@@ -210,8 +240,8 @@ def define_performance_flags():
                       "Compute in this type, keep the variables in float32 (Keras' mixed "
                       "precision); float16 adds dynamic loss scaling around Horovod's optimizer.")
     flags.DEFINE_bool("float64", False,
-                      "Compute and keep the variables in float64 (several times slower than "
-                      "float32): for telling runs that differ by float32 rounding alone, such "
+                      "Compute and keep the variables in float64 (slower than float32): for "
+                      "telling runs that differ by float32 rounding alone, such "
                       "as the same training on different numbers of processes, from runs that "
                       "differ in what they compute.")
     flags.DEFINE_bool("jit_compile", False,

@@ -310,8 +310,8 @@ def failures_end_the_run(run):
     except OSError as error:  # rank 0's logs, on a full or lost filesystem
         cli.fail(f"--model_dir={FLAGS.model_dir}: {error}", cli.RUN_ERROR, this_rank_only=True)
     except tf.errors.DataLossError as error:
-        damaged = (input_pipeline.name_damaged_file((run.train_source, run.validation_source))
-                   or cli.first_line(error))
+        damaged = input_pipeline.name_damaged_file((run.train_source, run.validation_source),
+                                                   error)
         cli.fail(f"--data_dir={FLAGS.data_dir}: {damaged} {SKIP_CORRUPT_HINT}", cli.RUN_ERROR,
                  this_rank_only=True)
     except Exception as error:  # noqa: BLE001 (Horovod's shutdown surfaces as several types)

@@ -105,12 +105,12 @@ def load(dataset, split, *, data_dir=None, image_size=None, seed=0, skip_corrupt
     return DATASETS[dataset].load(split, LoadOptions(data_dir, image_size, seed, skip_corrupt))
 
 
-def name_damaged_file(split_sources):
-    """The damaged TFRecord file among `split_sources`' (found by reading them again), as
-    one line; None if every file reads whole."""
+def name_damaged_file(split_sources, error):
+    """One line for a DataLossError met while reading `split_sources`: the damaged file,
+    found by reading their TFRecord files again, else the error's own first line."""
     files = [path for source in split_sources for path in source.files]
     damaged = [count for count in sources.scan_tfrecords(files) if count.error]
-    return str(damaged[0]) if damaged else None
+    return str(damaged[0]) if damaged else str(error).strip().splitlines()[0]
 
 
 def _full_split_examples(data_dir, split, known_sizes):

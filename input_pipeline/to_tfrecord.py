@@ -70,7 +70,8 @@ def _example(encoded, label, shape):
         "image/width": _int(shape[1]),
         "image/channels": _int(shape[2]),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    example = tf.train.Example(features=tf.train.Features(feature=features))
+    return example.SerializeToString(deterministic=True)  # the same bytes in every run
 
 
 def _bytes(value):

@@ -15,7 +15,7 @@ import tensorflow as tf
 from conftest import PYTHON, REPO, error_lines, mpirun, read_log, run, train_command
 
 EPOCHS = 5
-# Long enough epochs (about 2 s at np=2) that a kill lands mid-epoch.
+# Epochs of 150 steps: long enough that a kill lands mid-epoch.
 FLAGS = ["--flagfile=configs/digits_cnn.cfg", f"--epochs={EPOCHS}", "--steps_per_epoch=150",
          "--warmup_epochs=1", "--validation_steps=2"]
 
