@@ -45,43 +45,16 @@ def define_training_flags():
 _GROUPS = {}  # each define_*_flags() docstring's first sentence: the flags it defines
 
 
-def reference_page():
-    """docs/flags.md: every flag of app.train by group, with the help and default that
-    --helpfull prints (a test compares the two; `make flags-page` writes it)."""
-    define_training_flags()
-    lines = ["# Flags of app.train", "",
-             "Generated from `app/flags.py` by `make flags-page`; a test fails when this page "
-             "and `python -m app.train --helpfull` disagree. Flags resolve as the TF Model "
-             "Garden's do: the experiment's defaults (app/experiments.py), then the flagfile, "
-             "then the command line. What the flags that matter at scale mean: "
-             "[experiments.md](experiments.md).", ""]
-    for group, names in _GROUPS.items():
-        lines += [f"## {group}", "", "| flag | default | what it does |", "|---|---|---|"]
-        for name in names:
-            flag = FLAGS[name]
-            default = "" if flag.default is None else f"`{flag.default_as_str}`"
-            lines.append(f"| `--{name}` | {default} | {_cell(flag.help)} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _cell(text):
-    return " ".join(text.split()).replace("|", "\\|")
-
-
 def define_experiment_flags():
     """The experiment, its model and data, and where the run's outputs go."""
     flags.DEFINE_enum("experiment", "digits_cnn", sorted(EXPERIMENTS),
                       "Registry entry (app/experiments.py) whose defaults the flagfile and "
-                      "command line override: " + _choices(
-                          {name: entry.description for name, entry in EXPERIMENTS.items()}))
+                      "command line override: " + _choices(EXPERIMENTS))
     flags.DEFINE_enum("model", None, sorted(models.BUILDERS),
-                      "Model to build (models.BUILDERS): " + _choices(
-                          {name: entry.description for name, entry in models.BUILDERS.items()}))
+                      "Model to build (models.BUILDERS): " + _choices(models.BUILDERS))
     flags.DEFINE_enum("dataset", None, sorted(input_pipeline.DATASETS),
-                      "Data set to train on (input_pipeline.DATASETS): " + _choices(
-                          {name: entry.description
-                           for name, entry in input_pipeline.DATASETS.items()}))
+                      "Data set to train on (input_pipeline.DATASETS): "
+                      + _choices(input_pipeline.DATASETS))
     flags.DEFINE_string("data_dir", None,
                         "Prepared data (TFDS data_dir, the folder of TFRecord shards, or of "
                         "Fashion-MNIST's IDX files); on a cluster, a shared filesystem. "
@@ -148,9 +121,8 @@ def define_learning_rate_flags():
 def define_optimizer_flags():
     """The optimizer and its regularization."""
     flags.DEFINE_enum("optimizer", "momentum", list(optimizers.OPTIMIZERS),
-                      "Optimizer (app.optimizers.OPTIMIZERS): " + _choices(
-                          {name: entry.description
-                           for name, entry in optimizers.OPTIMIZERS.items()}))
+                      "Optimizer (app.optimizers.OPTIMIZERS): "
+                      + _choices(optimizers.OPTIMIZERS))
     flags.DEFINE_float("momentum", 0.9, "Momentum of --optimizer=momentum and lars.",
                        lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_float("weight_decay", 0.0,
@@ -358,9 +330,10 @@ def _apply_experiment_defaults():
         FLAGS.set_default("model_dir", os.path.join("runs", FLAGS.experiment))
 
 
-def _choices(descriptions):
-    """A flag's help listing its choices with what each is, from the table they are in."""
-    return "; ".join(f"{name}: {text}" for name, text in sorted(descriptions.items())) + "."
+def _choices(table):
+    """A flag's help listing the choices of a table (name: entry with a description) with
+    what each is."""
+    return "; ".join(f"{name}: {table[name].description}" for name in sorted(table)) + "."
 
 
 def _invalid(name, reason):
@@ -445,3 +418,27 @@ def resolved_flagfile():
 def values():
     """{name: value} of every app.train flag."""
     return {flag.name: flag.value for flag in FLAGS.get_flags_for_module(__name__)}
+
+
+def reference_page():
+    """docs/flags.md: every flag of app.train by group, with the help and default that
+    --helpfull prints (a test compares the two; `make flags-page` writes it)."""
+    define_training_flags()
+    lines = ["# Flags of app.train", "",
+             "Generated from `app/flags.py` by `make flags-page`; a test fails when this page "
+             "and `python -m app.train --helpfull` disagree. Flags resolve as the TF Model "
+             "Garden's do: the experiment's defaults (app/experiments.py), then the flagfile, "
+             "then the command line. What the flags that matter at scale mean: "
+             "[experiments.md](experiments.md).", ""]
+    for group, names in _GROUPS.items():
+        lines += [f"## {group}", "", "| flag | default | what it does |", "|---|---|---|"]
+        for name in names:
+            flag = FLAGS[name]
+            default = "" if flag.default is None else f"`{flag.default_as_str}`"
+            lines.append(f"| `--{name}` | {default} | {_cell(flag.help)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(text):
+    return " ".join(text.split()).replace("|", "\\|")

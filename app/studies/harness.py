@@ -43,8 +43,8 @@ def check(command, name):
     """Runs `command`; a failure ends the study with the command and the end of its stderr."""
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
-        sys.exit(f"{cli.program()}: {name} failed ({' '.join(command)}):\n"
-                 f"{result.stderr[-3000:]}")
+        sys.exit(cli.error_line(f"{name} failed ({' '.join(command)}):\n"
+                                f"{result.stderr[-3000:]}"))
 
 
 def study_parser(module, doc):

@@ -80,7 +80,7 @@ def main(argv=None):
     try:
         runs = [read_run(model_dir) for model_dir in args.run_dirs]
     except RunError as error:
-        sys.exit(f"{cli.program()}: error: {error}")
+        sys.exit(cli.error_line(error))
     figures.runs_side_by_side(args.out, runs)
     print(f"wrote {args.out}")
 

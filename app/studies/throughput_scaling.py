@@ -62,7 +62,7 @@ def run_reference(model_dir, workers, train_args, independent=False):
     for process in processes:
         output = process.communicate()[0]
         if process.returncode:
-            sys.exit(f"{cli.program()}: {model_dir} failed:\n{output[-3000:]}")
+            sys.exit(cli.error_line(f"{model_dir} failed:\n{output[-3000:]}"))
     ranks = []
     for path in result_files:
         with open(path) as results:
