@@ -132,7 +132,9 @@ class ExactValidationMetrics(tf.keras.callbacks.Callback):
     """Makes each epoch's validation metrics those of all the examples the ranks evaluated:
     every Keras metric that is a running mean (the loss, accuracy, MAE: a `total` and a
     `count`) has its sums and counts added up over the ranks with `sum_over_ranks` (a
-    collective: every rank calls it), and its `val_` log becomes their quotient.
+    collective: every rank calls it), and its `val_` log becomes their quotient; a metric of
+    `counts` (models.segmentation.ConfusionCounts: voxel counts) has them added up, and its
+    `val_` logs become the scores of the sums.
 
     Horovod's MetricAverageCallback averages the ranks' means, which is the mean over the
     whole split only when every rank evaluated as many examples; the ranks' shards of a
@@ -146,16 +148,27 @@ class ExactValidationMetrics(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         # After validation, Keras' metric objects hold the validation run's sums.
+        logs = {} if logs is None else logs
         means = [metric for metric in self.model.metrics
-                 if f"val_{metric.name}" in (logs or {})
+                 if f"val_{metric.name}" in logs
                  and hasattr(metric, "total") and hasattr(metric, "count")]
-        if not means:
+        counted = [metric for metric in self.model.metrics if hasattr(metric, "counts")
+                   and any(name.startswith("val_") for name in logs)]
+        if not means and not counted:
             return
-        sums = self.sum_over_ranks(tf.stack(
-            [tf.cast(value, tf.float64) for metric in means
-             for value in (metric.total, metric.count)])).numpy()
-        for metric, total, count in zip(means, sums[0::2], sums[1::2]):
+        sums = self.sum_over_ranks(tf.concat(
+            [tf.cast(tf.stack([metric.total, metric.count]), tf.float64) for metric in means]
+            + [tf.reshape(metric.counts, [-1]) for metric in counted], axis=0)).numpy()
+        for index, metric in enumerate(means):
+            total, count = sums[2 * index:2 * index + 2]
             logs[f"val_{metric.name}"] = float(total / count) if count else float("nan")
+        offset = 2 * len(means)
+        for metric in counted:
+            size = int(tf.size(metric.counts))
+            metric.counts.assign(sums[offset:offset + size].reshape(metric.counts.shape))
+            offset += size
+            for name, value in metric.result().items():
+                logs[f"val_{name}"] = float(value)
 
 
 class NonFiniteLoss(RuntimeError):

@@ -49,8 +49,7 @@ def main(_):
 
     if FLAGS.float64:  # the variables' type (mixed precision keeps them in float32)
         tf.keras.mixed_precision.set_global_policy("float64")
-    source = input_pipeline.load(FLAGS.dataset, "train", data_dir=FLAGS.data_dir,
-                                 image_size=FLAGS.image_size, seed=FLAGS.seed)
+    source = input_pipeline.load(FLAGS.dataset, "train", **app_flags.load_options())
     model_blocks = models.blocks_of(FLAGS.model, source.feature_shape, source.num_outputs)
     from_cut, to_cut = (pipeline_plan.cut(model_blocks, stages, FLAGS.pipeline_balance)
                         for stages in (from_stages, to_stages))

@@ -57,6 +57,30 @@ EXPERIMENTS = {
         dict(model="resnet50", dataset="synthetic", batch_size=32, reference_batch_size=256,
              learning_rate=0.1, lr_scaling="linear", optimizer="momentum", momentum=0.9,
              epochs=1, steps_per_epoch=20, validation_steps=1, image_size=224)),
+    "faultseg3d": Experiment(
+        "FaultSeg3D (Wu et al. 2019): its 3D U-Net on 200 synthetic 128^3 surveys (20 for "
+        "validation) made by its recipe, Adam 1e-4, class-balanced cross-entropy, one volume "
+        "per GPU; for GPUs",
+        dict(model="unet3d", dataset="seismic_faults", volume_size=128, num_volumes=200,
+             batch_size=1, reference_batch_size=1, learning_rate=1e-4, lr_scaling="sqrt",
+             optimizer="adam", epochs=100, warmup_epochs=2, lr_schedule="constant",
+             segmentation_loss="balanced_crossentropy", cache="memory", shuffle_buffer=200)),
+    "seismic_faults_cpu": Experiment(
+        "fault segmentation that trains on the CPUs here: an 8-16-32 3D U-Net on 32^3 "
+        "patches of 64 synthetic 40^3 surveys",
+        dict(model="unet3d_small", dataset="seismic_faults", volume_size=40, patch_size=32,
+             num_volumes=64, batch_size=2, reference_batch_size=4, learning_rate=2e-3,
+             lr_scaling="sqrt", optimizer="adam", epochs=12, warmup_epochs=1,
+             lr_schedule="cosine", segmentation_loss="balanced_crossentropy", cache="memory",
+             shuffle_buffer=64)),
+    "seismic_facies_sections": Experiment(
+        "facies on inline sections (Alaudah et al.'s section-based setting): a 2D U-Net, "
+        "8 facies of 64 synthetic 64^3 surveys",
+        dict(model="unet2d_small", dataset="seismic_facies_sections", volume_size=64,
+             num_volumes=64, num_facies=8, batch_size=4, reference_batch_size=8,
+             learning_rate=2e-3, lr_scaling="sqrt", optimizer="adam", epochs=12,
+             warmup_epochs=1, lr_schedule="cosine", segmentation_loss="crossentropy",
+             cache="memory", shuffle_buffer=64)),
     "linear_regression": Experiment(
         "the neuron y = w*x + b of Lab 1, fitted with minibatch SGD and MSE",
         dict(model="linear", dataset="linear", batch_size=32, reference_batch_size=32,

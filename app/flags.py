@@ -18,6 +18,7 @@ from absl import flags
 
 import input_pipeline
 import models
+from models import segmentation
 from app import arithmetic, cli, optimizers, parallelism, pipeline_plan
 from app.arithmetic import FlagError
 from app.experiments import EXPERIMENTS
@@ -147,6 +148,19 @@ def define_data_flags():
     flags.DEFINE_bool("deterministic", False,
                       "Deterministic ops and data order; every global batch holds the same "
                       "examples at any number of processes, so results do not depend on it.")
+    flags.DEFINE_integer("volume_size", 128, "Seismic data sets: voxels along each side of a "
+                         "generated survey (FaultSeg3D's: 128).", lower_bound=8)
+    flags.DEFINE_integer("patch_size", None, "Seismic data sets: the side of the patches a "
+                         "segmentation model trains and validates on (default: the whole "
+                         "volume).", lower_bound=4)
+    flags.DEFINE_integer("num_volumes", 200, "Seismic data sets: generated training surveys "
+                         "(validation: a tenth as many, at least 2).", lower_bound=1)
+    flags.DEFINE_integer("num_facies", 8, "Seismic facies data sets: classes the layers are "
+                         "binned into.", lower_bound=2, upper_bound=255)
+    flags.DEFINE_enum("segmentation_loss", "balanced_crossentropy", list(segmentation.LOSSES),
+                      "Segmentation's loss: FaultSeg3D's class-balanced cross-entropy (each "
+                      "class weighted by the share of an example's voxels not of it), plain "
+                      "cross-entropy, or 1 - Dice.")
     flags.register_validator("cache", _cache_folder_exists)
 
 
@@ -357,11 +371,39 @@ def validate(world_size):
     arithmetic.profile_steps(FLAGS.profile_steps)
     if input_pipeline.DATASETS[FLAGS.dataset].needs_data_dir and not FLAGS.data_dir:
         raise _invalid("data_dir", f"is required by --dataset={FLAGS.dataset}")
+    _validate_task()
     if FLAGS.target_accuracy is not None and FLAGS.benchmark:
         raise _invalid("target_accuracy", "needs validation, which --benchmark leaves out")
     if FLAGS.float64 and FLAGS.mixed_precision:
         raise _invalid("float64", f"computes in float64, --mixed_precision="
                                   f"{FLAGS.mixed_precision} in another type: choose one")
+
+
+def _validate_task():
+    """A segmentation model needs a segmentation data set, and patches its down-sampling
+    divides, no larger than the volumes."""
+    model, dataset = models.BUILDERS[FLAGS.model], input_pipeline.DATASETS[FLAGS.dataset]
+    if (model.task == "segmentation") != (dataset.task == "segmentation"):
+        raise _invalid("model", f"is a {model.task} model, --dataset={FLAGS.dataset} a "
+                                f"{dataset.task} data set")
+    if dataset.task != "segmentation":
+        return
+    patch = FLAGS.patch_size or FLAGS.volume_size
+    if patch > FLAGS.volume_size:
+        raise _invalid("patch_size", f"is larger than the volumes (--volume_size="
+                                     f"{FLAGS.volume_size})")
+    if patch % model.downsampling:
+        raise _invalid("patch_size" if FLAGS.patch_size else "volume_size",
+                       f"must be divisible by {model.downsampling}, which --model="
+                       f"{FLAGS.model} divides its input's extents by")
+
+
+def load_options():
+    """input_pipeline.load's options from the flags."""
+    return dict(data_dir=FLAGS.data_dir, image_size=FLAGS.image_size, seed=FLAGS.seed,
+                skip_corrupt=FLAGS.skip_corrupt, volume_size=FLAGS.volume_size,
+                patch_size=FLAGS.patch_size, num_volumes=FLAGS.num_volumes,
+                num_facies=FLAGS.num_facies)
 
 
 def _writable(folder):

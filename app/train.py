@@ -109,9 +109,7 @@ def data_sources():
     """The training and validation sources, named and counted (each rank reads its shard
     of them in fit())."""
     try:
-        found = [input_pipeline.load(FLAGS.dataset, split, data_dir=FLAGS.data_dir,
-                                     image_size=FLAGS.image_size, seed=FLAGS.seed,
-                                     skip_corrupt=FLAGS.skip_corrupt)
+        found = [input_pipeline.load(FLAGS.dataset, split, **app_flags.load_options())
                  for split in input_pipeline.SPLITS]
     except input_pipeline.sources.DamagedFileError as error:
         cli.fail(f"--dataset={FLAGS.dataset}: {error} {SKIP_CORRUPT_HINT}")
@@ -139,7 +137,8 @@ def build_and_restore(parallel, source, resume):
                                  FLAGS.weight_decay)
     # Horovod: wrap the optimizer in hvd.DistributedOptimizer (fit() scales its LR).
     trainer, optimizer = parallel.trainer(model, optimizer, source.num_outputs)
-    models.compile_for_task(trainer, optimizer, source.task, FLAGS.steps_per_execution)
+    models.compile_for_task(trainer, optimizer, source.task, FLAGS.steps_per_execution,
+                            FLAGS.segmentation_loss)
     trainer.run_eagerly = parallel.runs_eagerly
     manager = checkpoints.manager(model, optimizer, FLAGS.model_dir,
                                   parallel.checkpoint_folder(parallel.place(hvd.rank(),

@@ -9,7 +9,7 @@ import glob
 import os
 from typing import Callable
 
-from input_pipeline import imagenet_preprocessing, sources
+from input_pipeline import imagenet_preprocessing, seismic, sources
 from input_pipeline.pipeline import evaluation_dataset, shard_by_file, training_dataset
 
 __all__ = ["DATASETS", "SPLITS", "Dataset", "LoadOptions", "evaluation_dataset", "load",
@@ -21,11 +21,16 @@ SPLITS = ("train", "validation")
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
     """What a loader may use besides the split: app.train's --data_dir, --image_size,
-    --seed and --skip_corrupt."""
+    --seed, --skip_corrupt, and the seismic data sets' --volume_size, --patch_size,
+    --num_volumes and --num_facies."""
     data_dir: str = None
     image_size: int = None
     seed: int = 0
     skip_corrupt: bool = False
+    volume_size: int = 128
+    patch_size: int = None  # None: the whole volume
+    num_volumes: int = 200
+    num_facies: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +40,7 @@ class Dataset:
     description: str
     needs_data_dir: bool = False
     images: bool = True  # input_pipeline.to_tfrecord can write it as image shards
+    task: str = "classification"  # or regression, or segmentation (one label per voxel)
 
 
 _TFDS_SPLITS = {"train": "train", "validation": "test"}
@@ -63,6 +69,20 @@ def _image_shards(split, options, num_outputs=1000, known_sizes=None):
         skip_corrupt=options.skip_corrupt)
 
 
+def _surveys(target, sections=False):
+    """FaultSeg3D's synthetic surveys (input_pipeline.seismic): --num_volumes for training,
+    a tenth as many (at least 2) for validation."""
+    def load(split, options):
+        volumes = (options.num_volumes if split == "train"
+                   else max(2, options.num_volumes // 10))
+        return seismic.synthetic_surveys(
+            split, volume_size=options.volume_size,
+            patch_size=options.patch_size or options.volume_size, num_volumes=volumes,
+            target=target, num_facies=options.num_facies, seed=options.seed,
+            sections=sections)
+    return load
+
+
 def _own_images(split, options):
     """to_tfrecord --image_folder's shards: their classes.txt says how many classes."""
     return _image_shards(split, options,
@@ -73,7 +93,8 @@ DATASETS = {
     "digits": Dataset(lambda split, options: sources.digits(split),
                       "scikit-learn's bundled 8x8 digits (offline)"),
     "linear": Dataset(lambda split, options: sources.linear(split, seed=options.seed),
-                      "Lab 1's y = 2x + 1 + noise, a regression", images=False),
+                      "Lab 1's y = 2x + 1 + noise, a regression", images=False,
+                      task="regression"),
     "synthetic": Dataset(
         lambda split, options: sources.synthetic(
             split, (options.image_size or 224,) * 2 + (3,), num_classes=1000,
@@ -91,18 +112,28 @@ DATASETS = {
         "ImageNet's TFRecord shards in --data_dir", needs_data_dir=True),
     "images": Dataset(_own_images, "your own images, written to shards in --data_dir by "
                       "python -m input_pipeline.to_tfrecord --image_folder", needs_data_dir=True),
+    "seismic_faults": Dataset(
+        _surveys("faults"), "synthetic seismic surveys with fault labels (FaultSeg3D's recipe), "
+        "--volume_size voxels a side, --patch_size patches", images=False, task="segmentation"),
+    "seismic_facies": Dataset(
+        _surveys("facies"), "the same surveys with --num_facies facies labels",
+        images=False, task="segmentation"),
+    "seismic_facies_sections": Dataset(
+        _surveys("facies", sections=True), "inline sections of those surveys, facies labels",
+        images=False, task="segmentation"),
 }
 
 
-def load(dataset, split, *, data_dir=None, image_size=None, seed=0, skip_corrupt=False):
-    """The `sources.Source` of `split` ("train" or "validation") of `dataset`.
+def load(dataset, split, **options):
+    """The `sources.Source` of `split` ("train" or "validation") of `dataset`; `options`,
+    those of LoadOptions.
 
     Raises FileNotFoundError, naming what is missing and how to prepare it, when the data is
     not there, and sources.DamagedFileError naming a damaged TFRecord file found while
     counting records (`skip_corrupt`: read such files up to the damage instead)."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; one of {', '.join(DATASETS)}")
-    return DATASETS[dataset].load(split, LoadOptions(data_dir, image_size, seed, skip_corrupt))
+    return DATASETS[dataset].load(split, LoadOptions(**options))
 
 
 def name_damaged_file(split_sources, error):

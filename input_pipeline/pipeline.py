@@ -15,6 +15,9 @@ is kept). With `deterministic`, every rank reads the whole split (its files perm
 epoch the same way), shuffles it identically and takes its own slice of each global batch
 instead, so a global batch holds the same examples at any number of processes.
 
+A source's `prepare` (making a generated volume from its index, say) runs before the cache,
+the rest of its decoding after it: `--cache` then keeps what `prepare` made.
+
 Augmentation draws its randomness from a seed per example, (epoch seed, the example's
 position in the epoch): with `deterministic` the position in the global epoch, so that an
 example is cropped and flipped alike at any number of processes; and a resumed run augments
@@ -42,16 +45,16 @@ def training_dataset(source, *, rank, size, batch_size, steps_per_epoch, seed, f
     buffer = min(shuffle_buffer, source.num_examples)
     fixed_records = None
     if cache != "none" or not (source.files and (deterministic or shard_by_file(source, size))):
-        fixed_records = _cached(source.all_records() if deterministic
-                                else _shard(source, rank, size), cache,
+        fixed_records = _cached(_prepared(source, source.all_records() if deterministic
+                                          else _shard(source, rank, size)), cache,
                                 source.name + ("-unsharded" if deterministic else ""), rank, size)
 
     def epoch(number):
         records = fixed_records
         if records is None:
             files = _permuted_files(source, seed, number)
-            records = (files.flat_map(source.read_file) if deterministic
-                       else _shard(source, rank, size, files))
+            records = _prepared(source, files.flat_map(source.read_file) if deterministic
+                                else _shard(source, rank, size, files))
         epoch_seed = shuffle_seed * _EPOCH_SEED_STRIDE + number
         shuffled = records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=True)
         epoch_records = shuffled.repeat().take(examples_per_epoch).enumerate()
@@ -73,7 +76,8 @@ def evaluation_dataset(source, *, rank, size, batch_size, cache="none", repeat=F
                        threads=None):
     """Rank `rank`'s disjoint share of the split, in order, in batches of `batch_size` (the
     last one partial), once; or forever with `repeat` (for a fixed number of steps)."""
-    records = _cached(_shard(source, rank, size), cache, source.name, rank, size)
+    records = _cached(_prepared(source, _shard(source, rank, size)), cache, source.name, rank,
+                      size)
     if repeat:
         records = records.repeat()
     examples = _decoded(records, source, training=False)
@@ -115,6 +119,14 @@ def _global_batch_slice(rank, size, batch_size):
     def keep(index, _record):
         return (index % global_batch) // batch_size == rank
     return keep
+
+
+def _prepared(source, records):
+    """`records` through the source's `prepare` (in parallel), if it has one: before the
+    cache, so that the cache keeps what it made."""
+    if source.prepare is None:
+        return records
+    return records.map(source.prepare, num_parallel_calls=AUTOTUNE)
 
 
 def _cached(records, cache, name, rank, size):

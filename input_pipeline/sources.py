@@ -3,7 +3,8 @@
 A source knows how many examples the split holds and how to read its raw records, either as
 one dataset of the whole split (in-memory and generated data, TFDS) or as a list of files with
 a reader per file (TFRecord shards, which the pipeline can shard by file). `decode` turns a
-raw record into (features, label), `augment(features, label, seed)` adds training-only
+raw record into (features, label) (after `prepare`, for what the cache should keep, such
+as a generated volume), `augment(features, label, seed)` adds training-only
 randomness drawn from a per-example `seed` (stateless random ops), and `task` says
 whether labels are classes or regression targets.
 """
@@ -26,6 +27,7 @@ class Source:
     files: tuple = ()
     read_file: Optional[Callable[[tf.Tensor], tf.data.Dataset]] = None
     decode: Callable = lambda *record: record
+    prepare: Optional[Callable] = None  # deterministic and costly: before the cache
     augment: Optional[Callable] = None
     task: str = "classification"  # or "regression"
     skip_errors: bool = False  # drop records that fail to read or decode

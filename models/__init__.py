@@ -16,18 +16,24 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from models import segmentation
 from models.cnn import pooled_cnn, small_cnn
 from models.dense import float_dtype, linear, mlp
 from models.resnet import resnet20, resnet50, resnet56, wide_resnet16_10
+from models.unet import unet2d, unet2d_small, unet3d, unet3d_small
 
 
 
-class Builder(collections.namedtuple("Builder", "blocks description")):
-    """A model: `blocks(num_outputs, normalization=...)` gives its list of blocks."""
+class Builder(collections.namedtuple("Builder", "blocks description task downsampling",
+                                     defaults=("classification", 1))):
+    """A model: `blocks(num_outputs, normalization=...)` gives its list of blocks; `task`,
+    what it predicts (classification, regression, or segmentation: one label per voxel);
+    `downsampling`, by how much it divides its input's spatial extents (which must be
+    divisible by it)."""
 
 
 BUILDERS = {
-    "linear": Builder(linear, "Lab 1's neuron y = w*x + b"),
+    "linear": Builder(linear, "Lab 1's neuron y = w*x + b", task="regression"),
     "mlp": Builder(mlp, "a multilayer perceptron"),
     "cnn": Builder(small_cnn, "two convolutions at full resolution, for 8x8 digits"),
     "pooled_cnn": Builder(pooled_cnn, "two convolution and pooling stages, for 28x28 images"),
@@ -35,6 +41,14 @@ BUILDERS = {
     "resnet56": Builder(resnet56, "CIFAR ResNet-56 (He et al.)"),
     "wrn16_10": Builder(wide_resnet16_10, "WideResNet-16-10 (Zagoruyko and Komodakis)"),
     "resnet50": Builder(resnet50, "ImageNet ResNet-50 v1.5"),
+    "unet3d": Builder(unet3d, "FaultSeg3D's 3D U-Net, 16-32-64-128 filters (Wu et al.)",
+                      "segmentation", 8),
+    "unet3d_small": Builder(unet3d_small, "a 3D U-Net of 8-16-32 filters, for CPUs",
+                            "segmentation", 4),
+    "unet2d": Builder(unet2d, "the 2D U-Net for sections, 16-32-64-128 filters",
+                      "segmentation", 8),
+    "unet2d_small": Builder(unet2d_small, "a 2D U-Net of 8-16-32 filters, for CPUs",
+                            "segmentation", 4),
 }
 
 
@@ -106,11 +120,19 @@ def forward_flops(model, input_shape):
     return tf.compat.v1.profiler.profile(graph=graph, cmd="op", options=options).total_float_ops
 
 
-def compile_for_task(model, optimizer, task, steps_per_execution=1):
+def compile_for_task(model, optimizer, task, steps_per_execution=1,
+                     segmentation_loss="balanced_crossentropy"):
     """Compiles with the loss and metrics of `task`: classification (softmax outputs, integer
-    labels: cross-entropy and accuracy) or regression (MSE and MAE)."""
-    loss, metrics = (("mse", ["mae"]) if task == "regression"
-                     else ("sparse_categorical_crossentropy", ["accuracy"]))
+    labels: cross-entropy and accuracy), regression (MSE and MAE) or segmentation (a label
+    per voxel: `segmentation_loss`, one of segmentation.LOSSES, and the confusion counts'
+    scores)."""
+    if task == "regression":
+        loss, metrics = "mse", ["mae"]
+    elif task == "segmentation":
+        loss = segmentation.loss(segmentation_loss)
+        metrics = [segmentation.ConfusionCounts(model.output_shape[-1])]
+    else:
+        loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
     model.compile(optimizer, loss=loss, metrics=metrics, steps_per_execution=steps_per_execution)
 
 

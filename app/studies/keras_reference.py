@@ -30,8 +30,7 @@ def main(_):
 
     request = app_flags.batch_request()
     batch, global_batch = arithmetic.batch_sizes(request, size)
-    source = input_pipeline.load(FLAGS.dataset, "train", data_dir=FLAGS.data_dir,
-                                 image_size=FLAGS.image_size, seed=FLAGS.seed)
+    source = input_pipeline.load(FLAGS.dataset, "train", **app_flags.load_options())
     steps_per_epoch = arithmetic.steps_per_epoch(request, source.num_examples, global_batch,
                                                  FLAGS.steps_per_epoch)
     tf.keras.utils.set_random_seed(FLAGS.seed)

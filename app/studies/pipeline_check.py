@@ -59,8 +59,7 @@ def main(_):
     devices.set_cpu_threads(threads)
     batch, _ = arithmetic.batch_sizes(app_flags.batch_request(), 1)
     steps = FLAGS.steps_per_epoch or 200
-    source = input_pipeline.load(FLAGS.dataset, "train", data_dir=FLAGS.data_dir,
-                                 image_size=FLAGS.image_size, seed=FLAGS.seed)
+    source = input_pipeline.load(FLAGS.dataset, "train", **app_flags.load_options())
     pipeline = input_pipeline.training_dataset(
         source, rank=0, size=1, batch_size=batch, steps_per_epoch=steps, seed=FLAGS.seed,
         shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache, threads=threads)

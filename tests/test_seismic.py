@@ -1,0 +1,216 @@
+"""The course's 3D application: synthetic seismic surveys (input_pipeline.seismic), their
+patches, the U-Nets and segmentation's loss and exact metrics (models.segmentation)."""
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import mpirun, read_log, run, train_command
+from scipy import ndimage
+
+import input_pipeline
+import models
+from app.compat import tf
+from input_pipeline import seismic
+from models import segmentation
+
+SEEDS = ([1, 0, 0], [2, 0, 5], [3, 1, 7])
+
+
+def offsets(layers):
+    """Voxels beside a jump of the layers' depth between neighbours: where reflectors are
+    offset (a smooth fold changes them by about the same from voxel to voxel)."""
+    found = np.zeros(layers.shape, bool)
+    for axis in range(3):
+        steps = np.abs(np.diff(layers.astype(np.float64), axis=axis))
+        jump = steps > np.median(steps) + 1.0
+        before, after = [slice(None)] * 3, [slice(None)] * 3
+        before[axis], after[axis] = slice(0, -1), slice(1, None)
+        found[tuple(before)] |= jump
+        found[tuple(after)] |= jump
+    return found
+
+
+def test_a_survey_is_its_seed_standardized_and_labelled_where_reflectors_are_offset():
+    for seed in SEEDS:
+        survey = seismic.synthetic_survey(32, seed)
+        again = seismic.synthetic_survey(32, seed)
+        for field in ("seismic", "faults", "facies", "layers"):
+            np.testing.assert_array_equal(getattr(survey, field), getattr(again, field))
+        assert abs(survey.seismic.mean()) < 1e-5 and abs(survey.seismic.std() - 1) < 1e-5
+        offset = offsets(survey.layers)
+        # offsets only at faults, and (but where a later fault moved an earlier one away
+        # from its offset) faults only at offsets
+        near_faults = ndimage.binary_dilation(survey.faults, None, 2)
+        assert offset.any() and not (offset & ~near_faults).any()
+        near_offset = ndimage.binary_dilation(offset, None, 2)[survey.faults.astype(bool)]
+        assert near_offset.mean() > 0.8, (seed, near_offset.mean())
+    other = seismic.synthetic_survey(32, [1, 0, 1])
+    assert not np.array_equal(other.seismic, seismic.synthetic_survey(32, SEEDS[0]).seismic)
+
+
+def test_facies_are_the_layers_binned_and_move_with_the_folding():
+    survey = seismic.synthetic_survey(32, SEEDS[1], num_facies=6)
+    layers = survey.layers.astype(np.float64)
+    expected = np.minimum((layers - layers.min()) / np.ptp(layers) * 6, 5).astype(np.uint8)
+    np.testing.assert_array_equal(survey.facies, expected)
+    assert set(np.unique(survey.facies)) == set(range(6))
+    unfaulted = ~survey.faults.any(axis=2)  # traces no fault crosses
+    assert unfaulted.sum() > 10
+    traces = survey.facies[unfaulted]
+    assert (np.diff(traces.astype(int), axis=1) >= 0).all()  # deeper, younger never
+    # a boundary between facies is folded: its depth changes from trace to trace
+    depth = np.argmax(traces >= 3, axis=1)
+    assert depth.max() - depth.min() >= 2, depth
+
+
+def test_a_patch_keeps_seismic_and_label_aligned_under_every_flip_and_rotation():
+    volume = tf.random.stateless_normal([12, 12, 10, 1], [0, 1])
+    label = tf.cast(volume > 0.3, tf.float32)
+    found = set()
+    for index in range(64):
+        seismic_patch, label_patch = seismic.augmented_patch(volume, label, 8, [7, index])
+        assert seismic_patch.shape == label_patch.shape == (8, 8, 8, 1)
+        np.testing.assert_array_equal(label_patch.numpy(), (seismic_patch > 0.3).numpy())
+        found.add(_symmetry(volume.numpy()[..., 0], seismic_patch.numpy()[..., 0]))
+    assert len(found) == 8, found  # the eight symmetries of the square, inline x crossline
+    section, section_label = seismic.augmented_patch(volume[0], label[0], 8, [7, 0])
+    np.testing.assert_array_equal(section_label.numpy(), (section > 0.3).numpy())
+
+
+def _symmetry(volume, patch):
+    """Which of the square's symmetries (in the inline-crossline plane) makes `patch` a
+    crop of `volume`."""
+    for turns in range(4):
+        for flip in (False, True):
+            turned = np.rot90(volume, turns, axes=(0, 1))
+            turned = turned[::-1] if flip else turned
+            for i in range(turned.shape[0] - 7):
+                for j in range(turned.shape[1] - 7):
+                    for k in range(turned.shape[2] - 7):
+                        if np.array_equal(turned[i:i + 8, j:j + 8, k:k + 8], patch):
+                            return turns, flip
+    raise AssertionError("the patch is no crop of the volume under any symmetry")
+
+
+def test_the_faultseg3d_unet_is_the_published_one_and_divides_its_input_by_8():
+    model = models.build("unet3d", (16, 16, 16, 1), 1)
+    assert model.count_params() == 1_459_585  # FaultSeg3D's
+    assert model.output_shape == (None, 16, 16, 16, 1)
+    assert models.BUILDERS["unet3d"].downsampling == 8
+    small = models.build("unet2d_small", (8, 8, 1), 5)
+    assert small.output_shape == (None, 8, 8, 5)
+    with pytest.raises(ValueError):  # 12 is not divisible by 8
+        models.build("unet3d", (12, 16, 16, 1), 1)
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:  # the output layer computes in float32 under mixed precision
+        assert models.build("unet3d_small", (8, 8, 8, 1), 3).output.dtype == tf.float32
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def test_the_balanced_loss_weights_each_example_by_its_own_class_shares():
+    labels = np.zeros([2, 4, 4, 4, 1], np.float32)
+    labels[0, 0] = 1  # a quarter of example 0 are faults, none of example 1
+    outputs = np.full(labels.shape, 0.3, np.float32)
+    loss = segmentation.loss("balanced_crossentropy")(labels, outputs).numpy()
+    beta = 0.75  # the negatives' share in example 0
+    expected_0 = -(beta * 0.25 * np.log(0.3) + (1 - beta) * 0.75 * np.log(0.7))
+    np.testing.assert_allclose(loss, [expected_0, -np.log(0.7) * 0.0], rtol=1e-6, atol=1e-7)
+    # the loss of an example does not depend on the others in its batch
+    alone = segmentation.loss("balanced_crossentropy")(labels[:1], outputs[:1]).numpy()
+    np.testing.assert_allclose(alone, loss[:1], rtol=1e-6)
+    dice = segmentation.loss("dice")(labels, np.where(labels > 0, 1.0, 0.0)).numpy()
+    np.testing.assert_allclose(dice[0], 0.0, atol=1e-6)
+
+
+def test_the_scores_of_summed_counts_are_those_of_all_the_voxels():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, [3, 8, 8, 8, 1]).astype(np.float32)
+    outputs = rng.uniform(size=labels.shape).astype(np.float32)
+    whole = segmentation.ConfusionCounts(1)
+    whole.update_state(labels, outputs)
+    parts = [segmentation.ConfusionCounts(1) for _ in range(2)]
+    parts[0].update_state(labels[:2], outputs[:2])  # unequal shards: 2 volumes and 1
+    parts[1].update_state(labels[2:], outputs[2:])
+    summed = segmentation.scores(parts[0].counts + parts[1].counts, 2)
+    predicted, truth = outputs > 0.5, labels > 0.5
+    tp, fp, fn = (predicted & truth).sum(), (predicted & ~truth).sum(), (~predicted & truth).sum()
+    expected = {"iou": tp / (tp + fp + fn), "dice": 2 * tp / (2 * tp + fp + fn),
+                "precision": tp / (tp + fp), "recall": tp / (tp + fn)}
+    for name, value in expected.items():
+        assert float(summed[name]) == pytest.approx(value, rel=1e-12)
+        assert float(whole.result()[name]) == pytest.approx(value, rel=1e-12)
+    shard_mean = np.mean([float(part.result()["iou"]) for part in parts])
+    assert abs(shard_mean - expected["iou"]) > 1e-6  # what averaging the ranks' IoUs gives
+    facies = segmentation.scores(np.array([[5, 1, 0], [2, 6, 0], [0, 0, 0]]), 3)
+    assert float(facies["pixel_accuracy"]) == pytest.approx(11 / 14)
+    assert float(facies["mean_class_accuracy"]) == pytest.approx((5 / 6 + 6 / 8) / 2)
+    iou = [5 / 8, 6 / 9]
+    assert float(facies["mean_iou"]) == pytest.approx(np.mean(iou))
+    assert float(facies["fw_iou"]) == pytest.approx(6 / 14 * iou[0] + 8 / 14 * iou[1])
+
+
+SMALL_SURVEYS = ["--flagfile=configs/seismic_faults_cpu.cfg", "--volume_size=16",
+                 "--patch_size=16", "--num_volumes=8", "--global_batch_size=4",
+                 "--steps_per_epoch=1", "--deterministic", "--float64"]
+
+
+@pytest.mark.distributed
+def test_the_unet_trains_alike_on_1_and_2_processes_with_exact_validation_counts(tmp_path):
+    """The 3D U-Net with the experiment's own schedule (a warmup epoch, then cosine) and
+    loss, at a global batch of 4, in float64: 1 and 2 processes end with the same weights;
+    on 2 processes the 2 validation volumes are split 1 and 1, and the logged IoU is that
+    of both volumes' voxels."""
+    for processes in (1, 2):
+        command = train_command(*SMALL_SURVEYS, f"--model_dir={tmp_path / str(processes)}")
+        run([*mpirun(processes), *command] if processes > 1 else command)
+    logs = [read_log(tmp_path / str(processes)) for processes in (1, 2)]
+    assert len(logs[0]) == 12 and [row["lr"] for row in logs[0]] == [row["lr"] for row in logs[1]]
+    for key in ("loss", "val_loss", "val_iou", "val_dice"):
+        assert float(logs[1][-1][key]) == pytest.approx(float(logs[0][-1][key]), rel=1e-9), key
+    readers = [tf.train.load_checkpoint(str(tmp_path / str(p) / "checkpoints" / "epoch-12"))
+               for p in (1, 2)]
+    names = [name for name in readers[0].get_variable_to_shape_map() if "model/" in name]
+    assert len(names) >= 14
+    for name in names:
+        np.testing.assert_allclose(readers[1].get_tensor(name), readers[0].get_tensor(name),
+                                   rtol=1e-10, atol=1e-12, err_msg=name)
+    results = json.loads((tmp_path / "2" / "results.json").read_text())
+    assert {"iou", "dice", "precision", "recall", "mean_iou"} <= set(results["final_metrics"])
+
+
+def test_bad_seismic_flags_are_refused_with_one_line(tmp_path):
+    cases = [(["--patch_size=48"],
+              "--patch_size=48: is larger than the volumes (--volume_size=40)"),
+             (["--patch_size=30"], "--patch_size=30: must be divisible by 4, which "
+                                   "--model=unet3d_small divides its input's extents by"),
+             (["--dataset=digits"], "--model=unet3d_small: is a segmentation model, "
+                                    "--dataset=digits a classification data set")]
+    for extra, line in cases:
+        result = run(train_command("--flagfile=configs/seismic_faults_cpu.cfg", *extra,
+                                   f"--model_dir={tmp_path}"), check=False)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert [text for text in result.stderr.splitlines() if "error:" in text] == [
+            f"app.train: error: {line}"]
+    assert not os.listdir(tmp_path)
+
+
+def test_the_seismic_sources_give_patches_and_central_validation_volumes():
+    options = dict(volume_size=16, patch_size=8, num_volumes=4, seed=3)
+    train = input_pipeline.load("seismic_faults", "train", **options)
+    validation = input_pipeline.load("seismic_facies", "validation", num_facies=5, **options)
+    batch = next(iter(input_pipeline.training_dataset(
+        train, rank=0, size=1, batch_size=2, steps_per_epoch=1, seed=3)))
+    assert batch[0].shape == batch[1].shape == (2, 8, 8, 8, 1)
+    assert set(np.unique(batch[1])) <= {0.0, 1.0}
+    volumes = list(input_pipeline.evaluation_dataset(validation, rank=0, size=1, batch_size=8))
+    assert len(volumes) == 1 and volumes[0][0].shape == (2, 8, 8, 8, 1)
+    assert volumes[0][1].shape == (2, 8, 8, 8) and volumes[0][1].dtype == tf.int64
+    survey = seismic.synthetic_survey(16, [3, 1, 0], num_facies=5)
+    np.testing.assert_array_equal(volumes[0][0][0, ..., 0], survey.seismic[4:12, 4:12, 4:12])
+    np.testing.assert_array_equal(volumes[0][1][0], survey.facies[4:12, 4:12, 4:12])
+    sections = input_pipeline.load("seismic_facies_sections", "train", **options)
+    section = next(iter(input_pipeline.training_dataset(
+        sections, rank=0, size=1, batch_size=2, steps_per_epoch=1, seed=3)))
+    assert section[0].shape == (2, 8, 8, 1) and section[1].shape == (2, 8, 8)
