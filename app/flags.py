@@ -380,22 +380,29 @@ def validate(world_size):
 
 
 def _validate_task():
-    """A segmentation model needs a segmentation data set, and patches its down-sampling
-    divides, no larger than the volumes."""
+    """A segmentation model needs a segmentation data set; generated volumes, patches no
+    larger than they are (check_extents checks the patches against the model, once the
+    data set is loaded)."""
     model, dataset = models.BUILDERS[FLAGS.model], input_pipeline.DATASETS[FLAGS.dataset]
     if (model.task == "segmentation") != (dataset.task == "segmentation"):
         raise _invalid("model", f"is a {model.task} model, --dataset={FLAGS.dataset} a "
                                 f"{dataset.task} data set")
-    if dataset.task != "segmentation":
-        return
-    patch = FLAGS.patch_size or FLAGS.volume_size
-    if patch > FLAGS.volume_size:
+    if dataset.task == "segmentation" and not dataset.needs_data_dir and (
+            FLAGS.patch_size or 0) > FLAGS.volume_size:
         raise _invalid("patch_size", f"is larger than the volumes (--volume_size="
                                      f"{FLAGS.volume_size})")
-    if patch % model.downsampling:
-        raise _invalid("patch_size" if FLAGS.patch_size else "volume_size",
-                       f"must be divisible by {model.downsampling}, which --model="
-                       f"{FLAGS.model} divides its input's extents by")
+
+
+def check_extents(source):
+    """Raises FlagError when the model's down-sampling does not divide the spatial extents
+    of `source`'s examples (a segmentation model's patches)."""
+    factor = models.BUILDERS[FLAGS.model].downsampling
+    extents = source.feature_shape[:-1]
+    if factor > 1 and any(extent % factor for extent in extents):
+        name = "patch_size" if FLAGS.patch_size else "volume_size"
+        raise _invalid(name, f"gives patches of {'x'.join(map(str, extents))}, which "
+                             f"--model={FLAGS.model}'s down-sampling by {factor} does not "
+                             f"divide")
 
 
 def load_options():

@@ -31,10 +31,15 @@ def throughput_summary(rank_rates, rank_windows, rank_cpu_per_image):
     }
 
 
-def gathered(throughput):
+def gathered(throughput, voxels_per_example=None):
     """What every rank measured, gathered to every rank (collectives: every rank calls
-    this): throughput, peak memory, and where each rank ran."""
-    return {**gathered_throughput(throughput), **gathered_peak_memory(), **gathered_layout()}
+    this): throughput (segmentation's also in voxels/s), peak memory, and where each rank
+    ran."""
+    measured = {**gathered_throughput(throughput), **gathered_peak_memory(),
+                **gathered_layout()}
+    if voxels_per_example and measured["images_per_sec"]:
+        measured["voxels_per_sec"] = measured["images_per_sec"] * voxels_per_example
+    return measured
 
 
 def gathered_throughput(throughput):

@@ -1,11 +1,13 @@
 """What rank 0 writes for TensorBoard under MODEL_DIR/tensorboard: Keras' loss and metric
 scalars per step and per epoch (train/ and validation/), the LR as applied, images/s and the
 global batch per step, the run's flags as an hparams entry (its metrics: the last epoch's),
-and a profiler trace of --profile_steps."""
+a profiler trace of --profile_steps, and segmentation's validation slices."""
 import os
 
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
+
+from app import slices
 
 # The hparams dashboard's metric columns: (tag, run group) of Keras' epoch scalars.
 HPARAMS_METRICS = [("epoch_loss", "train"), ("epoch_accuracy", "train"),
@@ -80,4 +82,27 @@ class StepScalars(tf.keras.callbacks.Callback):
                                   self.images_per_step * len(recent) / sum(recent))
 
     def on_train_end(self, logs=None):
+        self.writer.flush()
+
+
+class ValidationSlices(tf.keras.callbacks.Callback):
+    """Each epoch, one validation volume's middle inline, crossline and time slice (a 2D
+    section: itself), seismic, label and the model's prediction side by side, as an image
+    in TensorBoard's validation run (segmentation only)."""
+
+    def __init__(self, model_dir, seismic, label):
+        super().__init__()
+        self.seismic, self.label = seismic, label
+        self.writer = tf.summary.create_file_writer(os.path.join(log_dir(model_dir),
+                                                                 "validation"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        output = self.model(self.seismic[tf.newaxis], training=False)[0].numpy()
+        prediction = output[..., 0] if output.shape[-1] == 1 else output.argmax(-1)
+        label = self.label.numpy()
+        png = slices.figure_png(slices.columns(
+            self.seismic.numpy()[..., 0], label[..., 0] if label.ndim == output.ndim else label,
+            prediction))
+        with self.writer.as_default(step=epoch + 1):
+            tf.summary.image("slices", tf.image.decode_png(png)[tf.newaxis])
         self.writer.flush()

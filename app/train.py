@@ -11,6 +11,7 @@ of app.parallelism's object, which the recipe asks and never branches on.
 """
 import collections
 import contextlib
+import math
 import os
 import sys
 import time
@@ -115,6 +116,10 @@ def data_sources():
         cli.fail(f"--dataset={FLAGS.dataset}: {error} {SKIP_CORRUPT_HINT}")
     except (FileNotFoundError, ValueError) as error:
         cli.fail(f"--dataset={FLAGS.dataset}: {error}")
+    try:
+        app_flags.check_extents(found[0])
+    except arithmetic.FlagError as error:
+        cli.fail(error)
     if hvd.rank() == 0:
         for damaged in (*found[0].damaged, *found[1].damaged):
             cli.warn(f"--skip_corrupt: {damaged}")
@@ -209,7 +214,7 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
         FLAGS.target_accuracy, FLAGS.time_budget, lambda value: hvd.broadcast(value, 0))
     training_callbacks = callbacks_in_horovods_order(
         run, where, schedule, throughput, time_to_accuracy, steps_per_epoch, global_batch,
-        initial_epoch, elastic_state)
+        initial_epoch, elastic_state, validation_data)
 
     # Horovod: only rank 0 prints (one line per epoch, or Keras' bar for one process on a
     # terminal, whose per-step work the other ranks would wait for).
@@ -224,7 +229,8 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
             validation_steps=FLAGS.validation_steps, callbacks=training_callbacks,
             verbose=(1 if progress_bar else 2) if hvd.rank() == 0 else 0)
     return results.summary(
-        history, initial_epoch, time_to_accuracy.reached, results.gathered(throughput),
+        history, initial_epoch, time_to_accuracy.reached,
+        results.gathered(throughput, voxels_per_example(run.train_source)),
         experiment=FLAGS.experiment, world_size=hvd.size(), batch_size=batch,
         **run.parallel.results(), global_batch_size=global_batch, learning_rate=scaled_lr,
         steps_per_epoch=steps_per_epoch,
@@ -253,7 +259,8 @@ def batch_sizes(parallel, where, source, trained_global_batch):
 
 
 def callbacks_in_horovods_order(run, where, schedule, throughput, time_to_accuracy,
-                                steps_per_epoch, global_batch, initial_epoch, elastic_state):
+                                steps_per_epoch, global_batch, initial_epoch, elastic_state,
+                                validation_data):
     """The callbacks of fit(), in Horovod's order, each for the reason beside it."""
     found = []
     if FLAGS.stall_timeout:  # ends the job, naming the silent ranks, when one stalls
@@ -289,6 +296,9 @@ def callbacks_in_horovods_order(run, where, schedule, throughput, time_to_accura
             profile_steps=arithmetic.profile_steps(FLAGS.profile_steps))
         found.append(tf.keras.callbacks.CSVLogger(
             os.path.join(FLAGS.model_dir, "training_log.csv"), append=initial_epoch > 0))
+        if run.train_source.task == "segmentation":  # a validation volume's slices
+            found.append(summaries.ValidationSlices(FLAGS.model_dir, *next(iter(
+                validation_data.unbatch()))))
     if elastic_state is not None:  # last: a commit that meets a change of workers ends fit()
         found += [callbacks.UpdateEpochState(elastic_state),
                   hvd.elastic.CommitStateCallback(elastic_state, FLAGS.commit_steps)]
@@ -320,6 +330,13 @@ def failures_end_the_run(run):
         print(f"{cli.program()}: rank {hvd.rank()}: stopped, as Horovod was shut down by "
               f"another rank's failure", file=sys.stderr, flush=True)
         sys.exit(cli.RUN_ERROR)
+
+
+def voxels_per_example(source):
+    """A segmentation example's voxels (None for other tasks)."""
+    if source.task != "segmentation":
+        return None
+    return math.prod(source.feature_shape[:-1])
 
 
 def write_flagfile():

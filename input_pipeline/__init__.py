@@ -118,6 +118,12 @@ DATASETS = {
     "seismic_facies": Dataset(
         _surveys("facies"), "the same surveys with --num_facies facies labels",
         images=False, task="segmentation"),
+    "seismic_shards": Dataset(
+        lambda split, options: seismic.survey_blocks(split, options.data_dir,
+                                                     options.patch_size, options.skip_corrupt),
+        "your own survey's blocks, written to --data_dir by python -m "
+        "input_pipeline.to_tfrecord --seismic=VOLUME --labels=LABELS", needs_data_dir=True,
+        images=False, task="segmentation"),
     "seismic_facies_sections": Dataset(
         _surveys("facies", sections=True), "inline sections of those surveys, facies labels",
         images=False, task="segmentation"),
@@ -141,7 +147,7 @@ def name_damaged_file(split_sources, error):
     found by reading their TFRecord files again, else the error's own first line."""
     files = [path for source in split_sources for path in source.files]
     damaged = [count for count in sources.scan_tfrecords(files) if count.error]
-    return str(damaged[0]) if damaged else str(error).strip().splitlines()[0]
+    return str(damaged[0]) if damaged else sources.first_line(error)
 
 
 def _full_split_examples(data_dir, split, known_sizes):

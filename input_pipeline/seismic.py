@@ -16,6 +16,8 @@ series that each voxel came from, `facies` its bin among K, `faults` 1 within a 
 fault plane. Axes: inline, crossline, time (depth), as in a SEG-Y volume read by segyio.
 """
 import dataclasses
+import glob
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -134,17 +136,13 @@ def synthetic_surveys(split, *, volume_size, patch_size, num_volumes, target, nu
     """A sources.Source of `num_volumes` surveys (synthetic_survey) of `volume_size`, made
     from their index in the input pipeline's parallel workers (its `prepare`: with --cache,
     once), so that making them stays off the training's critical path. `target` is "faults"
-    (one sigmoid output) or "facies" (`num_facies` classes). Training examples are
-    augmented_patch's patches of `patch_size`; validation's, each volume's central patch.
-    `sections`: 2D inline sections instead (a random inline for training, the central one
-    for validation)."""
+    (one sigmoid output) or "facies" (`num_facies` classes); the examples are
+    segmentation_examples'."""
     split_id = SPLIT_IDS[split]
-    spatial = 2 if sections else 3
-    facies = target == "facies"
 
     def generate(index):
         survey = synthetic_survey(volume_size, [seed, split_id, int(index)], num_facies)
-        label = survey.facies if facies else survey.faults
+        label = survey.facies if target == "facies" else survey.faults
         return survey.seismic[..., np.newaxis], label[..., np.newaxis]
 
     def volume(index):
@@ -153,9 +151,49 @@ def synthetic_surveys(split, *, volume_size, patch_size, num_volumes, target, nu
         shape = [volume_size] * 3 + [1]
         return tf.ensure_shape(seismic, shape), tf.ensure_shape(label, shape)
 
+    return Source(f"seismic_{target}{'_sections' if sections else ''}-{split}", num_volumes,
+                  (), num_facies if target == "facies" else 1,
+                  records=lambda: tf.data.Dataset.range(num_volumes), prepare=volume,
+                  task="segmentation").with_examples(
+        segmentation_examples(split, volume_size, patch_size, target, sections))
+
+
+def survey_blocks(split, data_dir, patch_size=None, skip_corrupt=False):
+    """A sources.Source of the blocks of a user's survey, written by
+    input_pipeline.volumes.write_survey into `data_dir` (one record a block, sharded by
+    file across the ranks); the examples are segmentation_examples' of `patch_size`
+    (default: the block's side)."""
+    from input_pipeline import volumes  # segyio only where a survey is read
+    survey = volumes.read_survey(data_dir)
+    block = survey["block_size"]
+    patch_size = patch_size or block
+    if patch_size > block:
+        raise ValueError(f"--patch_size={patch_size}: larger than the blocks of "
+                         f"{data_dir}/{volumes.SURVEY_FILE} ({block} a side)")
+    files = tuple(sorted(glob.glob(os.path.join(data_dir, f"{split}-*"))))
+    if not files:
+        raise FileNotFoundError(f"no {split} shards in {data_dir}")
+
+    def read_file(path):
+        records = tf.data.TFRecordDataset(path)
+        return records.ignore_errors() if skip_corrupt else records
+    return Source(f"survey-{split}", survey["blocks"][split], (), survey["num_classes"],
+                  files=files, read_file=read_file, prepare=volumes.parse_block,
+                  task="segmentation", skip_errors=skip_corrupt).with_examples(
+        segmentation_examples(split, block, patch_size, survey["target"]))
+
+
+def segmentation_examples(split, volume_size, patch_size, target, sections=False):
+    """(feature shape, decode, augment) of segmentation's examples from volumes of
+    `volume_size`: training's augmented_patch's patches of `patch_size`, validation's each
+    volume's central patch; `sections`, 2D inline sections instead (a random inline for
+    training, the central one for validation). Labels: faults [..., 1] floats, facies
+    [...] class numbers."""
+    spatial = 2 if sections else 3
+
     def example(seismic, label):
         label = tf.cast(label, tf.float32)
-        return seismic, (tf.cast(label[..., 0], tf.int64) if facies else label)
+        return seismic, (tf.cast(label[..., 0], tf.int64) if target == "facies" else label)
 
     def central(seismic, label):
         middle = (volume_size - patch_size) // 2
@@ -171,9 +209,7 @@ def synthetic_surveys(split, *, volume_size, patch_size, num_volumes, target, nu
             seismic, label = seismic[inline], label[inline]
         return example(*augmented_patch(seismic, label, patch_size, example_seed))
 
-    training = split == "train"
-    return Source(f"seismic_{target}{'_sections' if sections else ''}-{split}", num_volumes,
-                  (patch_size,) * spatial + (1,), num_facies if facies else 1,
-                  records=lambda: tf.data.Dataset.range(num_volumes), prepare=volume,
-                  decode=(lambda *pair: pair) if training else central,
-                  augment=augment if training else None, task="segmentation")
+    shape = (patch_size,) * spatial + (1,)
+    if split == "train":
+        return shape, (lambda *pair: pair), augment
+    return shape, central, None

@@ -34,11 +34,22 @@ class Source:
     damaged: tuple = ()  # RecordCount of each file read only up to its damage
     input_scaling: Optional[tuple] = None  # (scale, offset) per channel: the model's first layer
 
+    def with_examples(self, examples):
+        """This source with (feature shape, decode, augment) of its examples."""
+        shape, decode, augment = examples
+        return dataclasses.replace(self, feature_shape=shape, decode=decode, augment=augment)
+
     def all_records(self):
         """The whole split, in a fixed order."""
         if self.records is not None:
             return self.records()
         return tf.data.Dataset.from_tensor_slices(list(self.files)).flat_map(self.read_file)
+
+
+def first_line(error):
+    """An exception's first line: TensorFlow's messages go on for pages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def digits(split):

@@ -1,10 +1,15 @@
 """Writes images to sharded TFRecord files in the standard ImageNet layout: your own images
-in one folder per class, or a split of any image data set this project reads.
+in one folder per class, or a split of any image data set this project reads; and a seismic
+survey with its label volume, cut into blocks (input_pipeline.volumes).
 
     python -m input_pipeline.to_tfrecord --image_folder=photos --output_dir=/data/photos_tfr
     python -m app.train --dataset=images --data_dir=/data/photos_tfr --model=resnet50 ...
 
     python -m input_pipeline.to_tfrecord --dataset=digits --output_dir=/tmp/digits_tfr
+
+    python -m input_pipeline.to_tfrecord --seismic=survey.segy --labels=faults.segy \
+        --target=faults --block_size=128 --output_dir=/data/survey_tfr
+    python -m app.train --dataset=seismic_shards --data_dir=/data/survey_tfr --model=unet3d ...
 
 `--image_folder` holds a folder per class (photos/cat/*.jpg, photos/dog/*.png: labels by
 folder name, in sorted order), split into train and validation by --validation_fraction,
@@ -146,9 +151,8 @@ def _encoded_image(path, encoding):
     try:
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ImageFolderError(f"{path}: not a readable image ({reason}); nothing was "
-                               f"written") from None
+        raise ImageFolderError(f"{path}: not a readable image ({sources.first_line(error)}); "
+                               f"nothing was written") from None
     same_format = (bool(tf.io.is_jpeg(data)) if encoding == "jpeg"
                    else data.startswith(_PNG_SIGNATURE))
     return (data if same_format else ENCODERS[encoding](image).numpy()), tuple(image.shape)
@@ -186,6 +190,16 @@ def _record(path, label, encoding):
 
 def main(_):
     try:
+        if FLAGS.seismic:
+            from input_pipeline import volumes  # segyio only for surveys
+            if not FLAGS.labels:
+                raise ImageFolderError("--labels: the label volume of --seismic is required")
+            counts = volumes.write_survey(FLAGS.seismic, FLAGS.labels, FLAGS.output_dir,
+                                          FLAGS.target, FLAGS.block_size,
+                                          FLAGS.validation_fraction, FLAGS.num_shards)
+            for split, count in counts.items():
+                print(f"{count} {split} blocks of {FLAGS.block_size}^3 -> {FLAGS.output_dir}")
+            return
         if FLAGS.image_folder:
             counts = write_image_folder(FLAGS.image_folder, FLAGS.output_dir, FLAGS.num_shards,
                                         FLAGS.validation_fraction, FLAGS.seed, FLAGS.encoding)
@@ -200,7 +214,7 @@ def main(_):
                                 FLAGS.encoding)
             print(f"{source.num_examples} {split} examples -> {len(paths)} files in "
                   f"{FLAGS.output_dir}")
-    except (ImageFolderError, FileNotFoundError, OSError) as error:
+    except (ValueError, FileNotFoundError, OSError) as error:  # ImageFolderError, VolumeError
         print(f"input_pipeline.to_tfrecord: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
 
@@ -211,9 +225,19 @@ def run():
     flags.DEFINE_string("image_folder", None,
                         "A folder of class folders of your images (or of train/ and "
                         "validation/ holding class folders) to convert instead of --dataset.")
+    flags.DEFINE_string("seismic", None,
+                        "A seismic volume (SEG-Y, or a NumPy .npy of [inlines, crosslines, "
+                        "samples]) to cut into --block_size blocks for --dataset=seismic_shards, "
+                        "with its --labels.")
+    flags.DEFINE_string("labels", None, "--seismic's label volume (SEG-Y or .npy), of its "
+                        "shape: faults 0/1, or facies classes from 0.")
+    flags.DEFINE_enum("target", "faults", ["faults", "facies"], "What --labels holds.")
+    flags.DEFINE_integer("block_size", 128, "--seismic: the side of the blocks written.",
+                         lower_bound=4)
     flags.DEFINE_float("validation_fraction", 0.1,
                        "--image_folder without train/ and validation/: each class's share "
-                       "held out for validation.", lower_bound=0.0, upper_bound=0.9)
+                       "held out for validation; --seismic: the share of the inlines' "
+                       "blocks (the last ones).", lower_bound=0.0, upper_bound=0.9)
     flags.DEFINE_integer("seed", 0, "Seed of --validation_fraction's draw.")
     flags.DEFINE_enum("dataset", "digits",
                       [name for name, dataset in input_pipeline.DATASETS.items()

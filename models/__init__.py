@@ -24,12 +24,14 @@ from models.unet import unet2d, unet2d_small, unet3d, unet3d_small
 
 
 
-class Builder(collections.namedtuple("Builder", "blocks description task downsampling",
-                                     defaults=("classification", 1))):
+class Builder(collections.namedtuple(
+        "Builder", "blocks description task downsampling example_dataset",
+        defaults=("classification", 1, "synthetic"))):
     """A model: `blocks(num_outputs, normalization=...)` gives its list of blocks; `task`,
     what it predicts (classification, regression, or segmentation: one label per voxel);
     `downsampling`, by how much it divides its input's spatial extents (which must be
-    divisible by it)."""
+    divisible by it); `example_dataset`, a generated data set of the inputs it takes (the
+    benchmarks')."""
 
 
 BUILDERS = {
@@ -42,13 +44,13 @@ BUILDERS = {
     "wrn16_10": Builder(wide_resnet16_10, "WideResNet-16-10 (Zagoruyko and Komodakis)"),
     "resnet50": Builder(resnet50, "ImageNet ResNet-50 v1.5"),
     "unet3d": Builder(unet3d, "FaultSeg3D's 3D U-Net, 16-32-64-128 filters (Wu et al.)",
-                      "segmentation", 8),
+                      "segmentation", 8, "seismic_faults"),
     "unet3d_small": Builder(unet3d_small, "a 3D U-Net of 8-16-32 filters, for CPUs",
-                            "segmentation", 4),
+                            "segmentation", 4, "seismic_faults"),
     "unet2d": Builder(unet2d, "the 2D U-Net for sections, 16-32-64-128 filters",
-                      "segmentation", 8),
+                      "segmentation", 8, "seismic_facies_sections"),
     "unet2d_small": Builder(unet2d_small, "a 2D U-Net of 8-16-32 filters, for CPUs",
-                            "segmentation", 4),
+                            "segmentation", 4, "seismic_facies_sections"),
 }
 
 

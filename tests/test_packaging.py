@@ -9,7 +9,8 @@ import pytest
 from app import flags as app_flags
 from conftest import PYTHON, REPO, run
 
-ABSL_PROGRAMS = {"hvd-train", "hvd-pipeline-check", "hvd-gd-study", "hvd-to-tfrecord"}
+ABSL_PROGRAMS = {"hvd-train", "hvd-pipeline-check", "hvd-gd-study", "hvd-to-tfrecord",
+                 "hvd-predict"}
 PROJECT_MODULES = ("app.", "input_pipeline.")
 
 
@@ -51,7 +52,8 @@ def test_every_tool_has_a_console_script():
     scripts = console_scripts()
     assert set(scripts) == {"hvd-train", "hvd-launch", "hvd-to-tfrecord", "hvd-plot",
                             "hvd-scaling", "hvd-pipeline-check", "hvd-gd-study",
-                            "hvd-batch-study", "hvd-scale-study", "hvd-imagenet-pipeline"}
+                            "hvd-batch-study", "hvd-scale-study", "hvd-imagenet-pipeline",
+                            "hvd-predict"}
     for script in scripts:
         assert os.access(os.path.join(os.path.dirname(PYTHON), script), os.X_OK), script
 

@@ -183,8 +183,8 @@ def test_the_unet_trains_alike_on_1_and_2_processes_with_exact_validation_counts
 def test_bad_seismic_flags_are_refused_with_one_line(tmp_path):
     cases = [(["--patch_size=48"],
               "--patch_size=48: is larger than the volumes (--volume_size=40)"),
-             (["--patch_size=30"], "--patch_size=30: must be divisible by 4, which "
-                                   "--model=unet3d_small divides its input's extents by"),
+             (["--patch_size=30"], "--patch_size=30: gives patches of 30x30x30, which "
+                                   "--model=unet3d_small's down-sampling by 4 does not divide"),
              (["--dataset=digits"], "--model=unet3d_small: is a segmentation model, "
                                     "--dataset=digits a classification data set")]
     for extra, line in cases:

@@ -207,7 +207,15 @@ EXPERIMENT_RUNS = [
     ("fashion_mnist_cnn", []),
     ("fashion_mnist_wrn", ["--batch_size=4"]),
     ("cifar10_resnet20", ["--batch_size=8"]),
+    ("faultseg3d", ["--volume_size=16", "--num_volumes=2"]),
+    ("seismic_faults_cpu", ["--volume_size=16", "--patch_size=16", "--num_volumes=4"]),
+    ("seismic_facies_sections", ["--volume_size=16", "--num_volumes=4"]),
 ]
+
+
+def test_every_experiment_has_its_short_run():
+    from app.experiments import EXPERIMENTS
+    assert sorted(experiment for experiment, _ in EXPERIMENT_RUNS) == sorted(EXPERIMENTS)
 
 
 
@@ -242,6 +250,10 @@ def test_every_experiment_runs_from_its_flagfile(case, experiment_runs):
     assert np.isfinite(results["loss"]) and np.isfinite(results["val_loss"])
     if experiment == "linear_regression":
         assert results["accuracy"] is None and "mae" in results["final_metrics"]
+    if experiment.startswith(("faultseg", "seismic_faults")):
+        assert {"iou", "dice", "val_iou", "val_dice"} <= set(results["final_metrics"])
+    if experiment == "seismic_facies_sections":
+        assert {"pixel_accuracy", "val_fw_iou"} <= set(results["final_metrics"])
 
 
 BAD_FLAGS = [

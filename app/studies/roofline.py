@@ -4,7 +4,8 @@ bfloat16.
 
     python -m app.studies.roofline --runs=resnet20:32:64,resnet50:224:16
 
-A run is MODEL:IMAGE_SIZE:BATCH on synthetic images. The FLOPs of a step are counted from the
+A run is MODEL:IMAGE_SIZE:BATCH on synthetic images (a U-Net: on synthetic seismic surveys of
+IMAGE_SIZE voxels a side, Conv3D's FLOPs counted alike). The FLOPs of a step are counted from the
 model: TensorFlow's profiler counts the forward pass of one image (a multiply-add is 2 FLOPs),
 and a training step costs three forward passes (the backward pass computes the gradients of
 the activations and of the weights, each about a forward pass). The peak is cores x clock x
@@ -30,9 +31,19 @@ VECTOR_UNITS = (("amx_bf16", 64, 1024), ("avx512_bf16", 64, 128), ("avx512f", 64
 SCALAR_FLOPS_PER_CYCLE = 8  # SSE: 4 floats, multiply and add
 
 
+def benchmark_data(model_name, size):
+    """(app.train's data flags, the source) of the generated data `model_name` trains on
+    (its Builder's example_dataset): images, or surveys, of `size` a side."""
+    dataset = models.BUILDERS[model_name].example_dataset
+    options = dict(image_size=size, volume_size=size, num_volumes=8)
+    flags = [f"--dataset={dataset}", f"--image_size={size}", f"--volume_size={size}",
+             "--num_volumes=8", "--cache=memory"]
+    return flags, input_pipeline.load(dataset, "train", **options)
+
+
 def training_flops_per_example(model_name, image_size):
-    """Forward and backward FLOPs of one synthetic image through `model_name`."""
-    source = input_pipeline.load("synthetic", "train", image_size=image_size)
+    """Forward and backward FLOPs of one example of `image_size` through `model_name`."""
+    _, source = benchmark_data(model_name, image_size)
     model = models.build(model_name, source.feature_shape, source.num_outputs)
     return 3 * models.forward_flops(model, source.feature_shape)
 
@@ -93,8 +104,8 @@ def main(argv=None):
         for precision in precisions:
             run_dir = os.path.join(args.out_dir, f"{name}-{size}-{batch}-{precision}")
             results = harness.run_benchmark(run_dir, 1, [
-                "--flagfile=configs/digits_cnn.cfg", "--dataset=synthetic", f"--model={name}",
-                f"--image_size={size}", f"--batch_size={batch}", "--epochs=1", "--warmup_epochs=0",
+                "--flagfile=configs/digits_cnn.cfg", *benchmark_data(name, size)[0],
+                f"--model={name}", f"--batch_size={batch}", "--epochs=1", "--warmup_epochs=0",
                 f"--steps_per_epoch={args.steps}", f"--warmup_steps={args.warmup_steps}",
                 *([f"--mixed_precision={precision}"] if precision != "float32" else []),
                 *train_args], [])
