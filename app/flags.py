@@ -215,7 +215,9 @@ def define_parallelism_flags():
                       "compute, for throughput) or their parameters (each stage's weights "
                       "and optimizer state, for memory).")
     flags.DEFINE_bool("recompute", False,
-                      "Keep only each stage's input per microbatch and recompute its activations "
+                      "A U-Net: keep only each level's input and recompute its convolutions in "
+                      "the backward pass. Other models: keep only each stage's input per "
+                      "microbatch and recompute its activations "
                       "in the backward pass (gradient checkpointing): less memory, one more "
                       "forward pass.")
 

@@ -62,10 +62,11 @@ class DataParallel:
     replica_noun = "processes"
 
     def build_model(self, source, normalization):
-        """This rank's Keras model, from the same seed on every rank."""
+        """This rank's Keras model, from the same seed on every rank (--recompute: a model
+        that recomputes parts of itself, such as a U-Net's levels)."""
         return models.build(self.flags.model, source.feature_shape, source.num_outputs,
                             normalization, seed=self.flags.seed,
-                            input_scaling=source.input_scaling)
+                            input_scaling=source.input_scaling, recompute=self.flags.recompute)
 
     def trainer(self, model, optimizer, num_outputs):
         """(what fit() trains, its optimizer): here the model itself, with Horovod's
@@ -122,7 +123,8 @@ class PipelineParallel(DataParallel):
 
     @staticmethod
     def wanted(flags):
-        return flags.pipeline_stages > 1 or flags.microbatches > 1 or flags.recompute
+        recompute_stage = flags.recompute and not models.BUILDERS[flags.model].recomputes
+        return flags.pipeline_stages > 1 or flags.microbatches > 1 or recompute_stage
 
     def validate(self, world_size, batch_request):
         flags, stages = self.flags, self.stages

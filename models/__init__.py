@@ -25,13 +25,14 @@ from models.unet import unet2d, unet2d_small, unet3d, unet3d_small
 
 
 class Builder(collections.namedtuple(
-        "Builder", "blocks description task downsampling example_dataset",
-        defaults=("classification", 1, "synthetic"))):
+        "Builder", "blocks description task downsampling example_dataset recomputes",
+        defaults=("classification", 1, "synthetic", False))):
     """A model: `blocks(num_outputs, normalization=...)` gives its list of blocks; `task`,
     what it predicts (classification, regression, or segmentation: one label per voxel);
     `downsampling`, by how much it divides its input's spatial extents (which must be
     divisible by it); `example_dataset`, a generated data set of the inputs it takes (the
-    benchmarks')."""
+    benchmarks'); `recomputes`, whether `blocks(..., recompute=True)` recomputes parts of
+    its blocks in the backward pass itself (else pipeline stages recompute whole ones)."""
 
 
 BUILDERS = {
@@ -44,24 +45,27 @@ BUILDERS = {
     "wrn16_10": Builder(wide_resnet16_10, "WideResNet-16-10 (Zagoruyko and Komodakis)"),
     "resnet50": Builder(resnet50, "ImageNet ResNet-50 v1.5"),
     "unet3d": Builder(unet3d, "FaultSeg3D's 3D U-Net, 16-32-64-128 filters (Wu et al.)",
-                      "segmentation", 8, "seismic_faults"),
+                      "segmentation", 8, "seismic_faults", True),
     "unet3d_small": Builder(unet3d_small, "a 3D U-Net of 8-16-32 filters, for CPUs",
-                            "segmentation", 4, "seismic_faults"),
+                            "segmentation", 4, "seismic_faults", True),
     "unet2d": Builder(unet2d, "the 2D U-Net for sections, 16-32-64-128 filters",
-                      "segmentation", 8, "seismic_facies_sections"),
+                      "segmentation", 8, "seismic_facies_sections", True),
     "unet2d_small": Builder(unet2d_small, "a 2D U-Net of 8-16-32 filters, for CPUs",
-                            "segmentation", 4, "seismic_facies_sections"),
+                            "segmentation", 4, "seismic_facies_sections", True),
 }
 
 
 def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormalization,
-          seed=None, first_block=0, last_block=None, input_scaling=None):
+          seed=None, first_block=0, last_block=None, input_scaling=None, recompute=False):
     """Returns the uncompiled Keras model `name` on inputs of `input_shape`, or the stage of
     it that runs blocks first_block to last_block (exclusive; None: to the end), which takes
     the tensor block `first_block` takes; its random initial weights from `seed` (None: from
     Keras' random state as it is). `input_scaling`, (scale, offset) per channel, makes the
-    first layer normalize the inputs (the data source's, e.g. ImageNet's statistics)."""
-    blocks = BUILDERS[name].blocks(num_outputs, normalization=normalization)
+    first layer normalize the inputs (the data source's, e.g. ImageNet's statistics);
+    `recompute`, for a model that `recomputes`, recomputes parts of it in the backward
+    pass."""
+    extra = {"recompute": True} if recompute else {}
+    blocks = BUILDERS[name].blocks(num_outputs, normalization=normalization, **extra)
     stage = range(len(blocks))[first_block:last_block]
     if seed is not None:
         keras.utils.set_random_seed(seed)

@@ -6,6 +6,7 @@ sigmoid (one output: faults) or a softmax (several: facies), in float32 under mi
 precision. The model is one block: the skip connections pass several tensors between its
 levels, so a pipeline cannot cut it.
 """
+import tensorflow as tf
 import tf_keras as keras
 
 from models.dense import float_dtype
@@ -13,18 +14,63 @@ from models.dense import float_dtype
 FAULTSEG3D_WIDTHS = (16, 32, 64, 128)
 
 
-def unet(num_outputs, normalization=None, dimensions=3, widths=FAULTSEG3D_WIDTHS):
+class MaxPooling3D(keras.layers.Layer):
+    """Max pooling by 2 along each spatial axis, as the maximum of neighbouring planes axis
+    by axis, because TensorFlow's MaxPool3D has no float64 kernel (the exactness tests
+    train in float64); the extents must be even, as the U-Net's are."""
+
+    def call(self, inputs):
+        pooled = inputs
+        for axis in (1, 2, 3):
+            even, odd = ([slice(None)] * 5 for _ in range(2))
+            even[axis], odd[axis] = slice(0, None, 2), slice(1, None, 2)
+            pooled = tf.maximum(pooled[tuple(even)], pooled[tuple(odd)])
+        return pooled
+
+
+class Recomputed(keras.layers.Layer):
+    """Runs `layers` one after the other under tf.recompute_grad: keeps their input, not
+    their activations, and recomputes those in the backward pass (one more forward). The
+    layers are built first: recompute_grad cannot create variables."""
+
+    def __init__(self, layers, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = layers
+
+    def build(self, input_shape):
+        shape = input_shape
+        for layer in self.inner:
+            layer.build(shape)
+            shape = layer.compute_output_shape(shape)
+        super().build(input_shape)
+
+    def call(self, inputs):
+        def forward(x):
+            for layer in self.inner:
+                x = layer(x)
+            return x
+        return tf.recompute_grad(forward)(inputs)
+
+
+def unet(num_outputs, normalization=None, dimensions=3, widths=FAULTSEG3D_WIDTHS,
+         recompute=False):
     """Blocks: the whole U-Net, `len(widths)` levels of `widths` filters; the input's
-    extent along every spatial axis must be divisible by 2 ** (levels - 1)."""
+    extent along every spatial axis must be divisible by 2 ** (levels - 1). `recompute`:
+    each encoder and decoder level keeps only its input for the backward pass (Recomputed),
+    so that a level's inner activation is not held."""
     del normalization  # FaultSeg3D's U-Net has none
     convolution = {2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[dimensions]
-    pooling = {2: keras.layers.MaxPooling2D, 3: keras.layers.MaxPooling3D}[dimensions]
+    pooling = {2: keras.layers.MaxPooling2D, 3: lambda size: MaxPooling3D()}[dimensions]
     upsampling = {2: keras.layers.UpSampling2D, 3: keras.layers.UpSampling3D}[dimensions]
 
     def level(x, width):
-        for _ in range(2):
-            x = convolution(width, 3, padding="same", activation="relu")(x)
-        return x
+        convolutions = [convolution(width, 3, padding="same", activation="relu")
+                        for _ in range(2)]
+        if not recompute:
+            for layer in convolutions:
+                x = layer(x)
+            return x
+        return Recomputed(convolutions)(x)
 
     def whole(x):
         skips = []
@@ -40,21 +86,23 @@ def unet(num_outputs, normalization=None, dimensions=3, widths=FAULTSEG3D_WIDTHS
     return [whole]
 
 
-def unet3d(num_outputs, normalization=None):
+def unet3d(num_outputs, normalization=None, recompute=False):
     """FaultSeg3D's 3D U-Net: 16-32-64-128 filters, 1,459,585 parameters with one output."""
-    return unet(num_outputs, normalization, dimensions=3)
+    return unet(num_outputs, normalization, dimensions=3, recompute=recompute)
 
 
-def unet3d_small(num_outputs, normalization=None):
+def unet3d_small(num_outputs, normalization=None, recompute=False):
     """An 8-16-32 3D U-Net, for the CPUs here."""
-    return unet(num_outputs, normalization, dimensions=3, widths=(8, 16, 32))
+    return unet(num_outputs, normalization, dimensions=3, widths=(8, 16, 32),
+                recompute=recompute)
 
 
-def unet2d(num_outputs, normalization=None):
+def unet2d(num_outputs, normalization=None, recompute=False):
     """The 2D U-Net for sections, FaultSeg3D's widths."""
-    return unet(num_outputs, normalization, dimensions=2)
+    return unet(num_outputs, normalization, dimensions=2, recompute=recompute)
 
 
-def unet2d_small(num_outputs, normalization=None):
+def unet2d_small(num_outputs, normalization=None, recompute=False):
     """An 8-16-32 2D U-Net, for the CPUs here."""
-    return unet(num_outputs, normalization, dimensions=2, widths=(8, 16, 32))
+    return unet(num_outputs, normalization, dimensions=2, widths=(8, 16, 32),
+                recompute=recompute)

@@ -97,7 +97,8 @@ def test_one_kind_of_parallelism_is_chosen_from_the_flags():
         app_flags.define_training_flags()
         for argv in ([], ["--microbatches=2"], ["--pipeline_stages=2"], ["--recompute"]):
             app_flags.FLAGS.unparse_flags()
-            app_flags.FLAGS(["train", "--flagfile=configs/digits_cnn.cfg", *argv])
+            app_flags.FLAGS(["train", "--flagfile=configs/digits_cnn.cfg", "--model=cnn",
+                             *argv])
             kind = parallelism.choose(app_flags.FLAGS)
             print(kind.name, kind.replicas(4), kind.place(3, 4))
         print(list(parallelism.KINDS))
