@@ -70,7 +70,7 @@ EXPERIMENTS = {
         "patches of 64 synthetic 40^3 surveys",
         dict(model="unet3d_small", dataset="seismic_faults", volume_size=40, patch_size=32,
              num_volumes=64, batch_size=2, reference_batch_size=4, learning_rate=2e-3,
-             lr_scaling="sqrt", optimizer="adam", epochs=12, warmup_epochs=1,
+             lr_scaling="sqrt", optimizer="adam", epochs=36, warmup_epochs=2,
              lr_schedule="cosine", segmentation_loss="balanced_crossentropy", cache="memory",
              shuffle_buffer=64)),
     "seismic_facies_sections": Experiment(

@@ -128,13 +128,13 @@ class PipelineParallel(DataParallel):
 
     def validate(self, world_size, batch_request):
         flags, stages = self.flags, self.stages
-        if world_size % stages:
-            raise FlagError("pipeline_stages", stages, f"must divide the {world_size} processes")
         blocks = models.count_blocks(flags.model)
-        if stages > blocks:
+        if stages > blocks:  # a U-Net is one block: its skip connections cross the levels
             raise FlagError("pipeline_stages", stages,
                             f"--model={flags.model} has {blocks} blocks, so at most {blocks} "
                             f"stages")
+        if world_size % stages:
+            raise FlagError("pipeline_stages", stages, f"must divide the {world_size} processes")
         if stages > 1 and cli.gloo_from_environment():
             raise FlagError("pipeline_stages", stages,
                             "needs MPI (mpirun, srun, horovodrun --mpi); this run uses Gloo")

@@ -35,6 +35,8 @@ Resume = collections.namedtuple("Resume", "epoch saved_step step global_batch")
 # pipeline stage), with its data and threads.
 Run = collections.namedtuple(
     "Run", "parallel model trainer checkpoint_manager train_source validation_source threads")
+# The steps fit() runs: from step `first_step` of `first_epoch`, at the global batch.
+Span = collections.namedtuple("Span", "first_epoch first_step steps_per_epoch global_batch")
 
 
 def main(_):
@@ -179,42 +181,23 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
     where = run.parallel.place(hvd.rank(), hvd.size())
     batch, global_batch, steps_per_epoch = batch_sizes(run.parallel, where,
                                                        run.train_source, trained_global_batch)
+    span = Span(initial_epoch, initial_step, steps_per_epoch, global_batch)
     if hvd.rank() == 0:
         write_flagfile()
     # Horovod: shard the data by rank (a pipeline's stages read their pipeline's shard).
-    tf.random.set_seed(FLAGS.seed)  # alike on every rank: files dealt out, shuffled alike
-    train_data = input_pipeline.training_dataset(
-        run.train_source, rank=where.replica, size=where.replicas, batch_size=batch,
-        steps_per_epoch=steps_per_epoch, first_epoch=initial_epoch, first_step=initial_step,
-        seed=FLAGS.seed, shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache,
-        deterministic=FLAGS.deterministic, threads=run.threads)
-    validation_data = input_pipeline.evaluation_dataset(
-        run.validation_source, rank=where.replica, size=where.replicas, batch_size=batch,
-        cache=FLAGS.cache, repeat=FLAGS.validation_steps is not None, threads=run.threads)
-    tf.random.set_seed(FLAGS.seed + hvd.rank())  # per-rank randomness from here on
-
+    train_data, validation_data = datasets(run, where, batch, span)
     # Horovod: scale the learning rate by the global batch, with a warmup.
-    scaled_lr = app_flags.scaled_learning_rate(
-        global_batch // hvd.size() * optimizers.adasum_averaged_processes() if FLAGS.adasum
-        else global_batch)
-    schedule = callbacks.learning_rate_schedule(
-        hvd, scaled_lr, reference_lr=FLAGS.learning_rate, warmup_epochs=FLAGS.warmup_epochs,
-        schedule=FLAGS.lr_schedule, epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
-        decay_epochs=app_flags.decay_epochs(), decay_factor=FLAGS.lr_decay_factor)
-    tf.keras.backend.set_value(run.trainer.optimizer.lr, callbacks.learning_rate_before(
-        schedule, initial_epoch, steps_per_epoch, scaled_lr, initial_step))
-    checkpoints.set_global_batch(run.checkpoint_manager, global_batch)
+    scaled_lr, schedule = learning_rate(run, span)
     if hvd.rank() == 0 and elastic_state is not None:
         print(f"app.train: elastic: world size {hvd.size()} from epoch {initial_epoch + 1}, "
               f"global batch {global_batch}, learning rate {scaled_lr:g}", flush=True)
-
     throughput = callbacks.Throughput(run.parallel.images_per_rank(batch), hvd.size(),
                                       FLAGS.warmup_steps)
     time_to_accuracy = callbacks.TimeToAccuracy(
         FLAGS.target_accuracy, FLAGS.time_budget, lambda value: hvd.broadcast(value, 0))
     training_callbacks = callbacks_in_horovods_order(
-        run, where, schedule, throughput, time_to_accuracy, steps_per_epoch, global_batch,
-        initial_epoch, elastic_state, validation_data)
+        run, where, span, schedule, (throughput, time_to_accuracy), elastic_state,
+        validation_data)
 
     # Horovod: only rank 0 prints (one line per epoch, or Keras' bar for one process on a
     # terminal, whose per-step work the other ranks would wait for).
@@ -258,10 +241,45 @@ def batch_sizes(parallel, where, source, trained_global_batch):
     return batch, global_batch, steps_per_epoch
 
 
-def callbacks_in_horovods_order(run, where, schedule, throughput, time_to_accuracy,
-                                steps_per_epoch, global_batch, initial_epoch, elastic_state,
+def datasets(run, where, batch, span):
+    """(training, validation) batches of this rank's shard: its replica's (the stages of a
+    pipeline read alike). The same seed on every rank: the files are dealt out, and with
+    --deterministic shuffled, alike."""
+    tf.random.set_seed(FLAGS.seed)
+    train_data = input_pipeline.training_dataset(
+        run.train_source, rank=where.replica, size=where.replicas, batch_size=batch,
+        steps_per_epoch=span.steps_per_epoch, first_epoch=span.first_epoch,
+        first_step=span.first_step, seed=FLAGS.seed, shuffle_buffer=FLAGS.shuffle_buffer,
+        cache=FLAGS.cache, deterministic=FLAGS.deterministic, threads=run.threads)
+    validation_data = input_pipeline.evaluation_dataset(
+        run.validation_source, rank=where.replica, size=where.replicas, batch_size=batch,
+        cache=FLAGS.cache, repeat=FLAGS.validation_steps is not None, threads=run.threads)
+    tf.random.set_seed(FLAGS.seed + hvd.rank())  # per-rank randomness from here on
+    return train_data, validation_data
+
+
+def learning_rate(run, span):
+    """(the LR scaled to the batch one update averages, Horovod's schedule callbacks): the
+    global batch's (under --adasum, that of the processes Horovod averages before Adasum
+    combines the rest); a resumed run starts where the schedule left the optimizer."""
+    scaled_lr = app_flags.scaled_learning_rate(
+        span.global_batch // hvd.size() * optimizers.adasum_averaged_processes()
+        if FLAGS.adasum else span.global_batch)
+    schedule = callbacks.learning_rate_schedule(
+        hvd, scaled_lr, reference_lr=FLAGS.learning_rate, warmup_epochs=FLAGS.warmup_epochs,
+        schedule=FLAGS.lr_schedule, epochs=FLAGS.epochs, steps_per_epoch=span.steps_per_epoch,
+        decay_epochs=app_flags.decay_epochs(), decay_factor=FLAGS.lr_decay_factor)
+    tf.keras.backend.set_value(run.trainer.optimizer.lr, callbacks.learning_rate_before(
+        schedule, span.first_epoch, span.steps_per_epoch, scaled_lr, span.first_step))
+    checkpoints.set_global_batch(run.checkpoint_manager, span.global_batch)
+    return scaled_lr, schedule
+
+
+def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_state,
                                 validation_data):
-    """The callbacks of fit(), in Horovod's order, each for the reason beside it."""
+    """The callbacks of fit(), in Horovod's order, each for the reason beside it; `meters`:
+    the throughput and the time to accuracy."""
+    throughput = meters[0]
     found = []
     if FLAGS.stall_timeout:  # ends the job, naming the silent ranks, when one stalls
         found.append(watchdog.StallWatchdog(
@@ -275,7 +293,7 @@ def callbacks_in_horovods_order(run, where, schedule, throughput, time_to_accura
     # validation over all the examples evaluated, however unequal the ranks' shards
     found.append(callbacks.ExactValidationMetrics(
         lambda sums: hvd.allreduce(sums, op=hvd.Sum, name="validation_sums")))
-    found.append(callbacks.StopOnNonFiniteLoss(hvd.allgather, steps_per_epoch))
+    found.append(callbacks.StopOnNonFiniteLoss(hvd.allgather, span.steps_per_epoch))
     # Horovod: warm up the learning rate, then schedule it.
     found += schedule
     if not (FLAGS.benchmark or elastic_state):  # after the schedule: its checkpoint holds the
@@ -284,18 +302,19 @@ def callbacks_in_horovods_order(run, where, schedule, throughput, time_to_accura
             lambda epochs, steps: (checkpoints.save_mid_epoch(run.checkpoint_manager, epochs,
                                                               steps)
                                    if where.replica == 0 else None),
-            steps_per_epoch, FLAGS.preemption_check_steps))
-    found += [throughput, time_to_accuracy]
+            span.steps_per_epoch, FLAGS.preemption_check_steps))
+    found += meters
     if where.replica == 0 and not FLAGS.benchmark:
         # Horovod: checkpoints on rank 0 only (each stage's on its first replica).
         found.append(checkpoints.SaveEveryEpoch(run.checkpoint_manager))
     if hvd.rank() == 0 and not FLAGS.benchmark:
         found += summaries.callbacks(
             FLAGS.model_dir, flag_values=app_flags.values(), every_steps=FLAGS.summary_steps,
-            steps_per_epoch=steps_per_epoch, global_batch=global_batch, throughput=throughput,
+            steps_per_epoch=span.steps_per_epoch, global_batch=span.global_batch,
+            throughput=throughput,
             profile_steps=arithmetic.profile_steps(FLAGS.profile_steps))
         found.append(tf.keras.callbacks.CSVLogger(
-            os.path.join(FLAGS.model_dir, "training_log.csv"), append=initial_epoch > 0))
+            os.path.join(FLAGS.model_dir, "training_log.csv"), append=span.first_epoch > 0))
         if run.train_source.task == "segmentation":  # a validation volume's slices
             found.append(summaries.ValidationSlices(FLAGS.model_dir, *next(iter(
                 validation_data.unbatch()))))

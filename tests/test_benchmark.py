@@ -219,3 +219,33 @@ def test_the_keras_reference_computes_in_the_precision_it_is_given(tmp_path):
          "--mixed_precision=bfloat16", f"--model_dir={tmp_path}"])
     found = json.loads((tmp_path / "reference-0.json").read_text())
     assert found["precision"] == "mixed_bfloat16" and found["images_per_sec"] > 0
+
+
+def test_conv3d_flops_are_counted_and_the_roofline_trains_a_unet_on_surveys(tmp_path):
+    """A 3x3x3 convolution of c to k channels on an n^3 volume: 2 * 27 * c * k FLOPs per
+    voxel and k for the bias; the roofline study's U-Net run measures patches/s."""
+    import tf_keras as keras
+
+    import models
+    from app.studies import roofline
+    conv = keras.Sequential([keras.Input((4, 4, 4, 2)),
+                             keras.layers.Conv3D(3, 3, padding="same")])
+    assert models.forward_flops(conv, (4, 4, 4, 2)) == 4 ** 3 * (2 * 27 * 2 * 3 + 3)
+    flops = roofline.training_flops_per_example("unet3d_small", 8)
+    assert flops > 3 * 8 ** 3 * 2 * 27 * 8  # at least its first convolution's, three times
+    run([PYTHON, "-m", "app.studies.roofline", "--runs=unet3d_small:8:2",
+         "--precisions=float32", "--steps=4", "--warmup_steps=1", f"--out_dir={tmp_path}"])
+    row = json.loads((tmp_path / "roofline.json").read_text())["rows"][0]
+    assert row["gflop_per_image"] == pytest.approx(flops / 1e9) and 0 < row["of_peak"] < 1
+    results = json.loads((tmp_path / "unet3d_small-8-2-float32" / "results.json").read_text())
+    assert results["voxels_per_sec"] == pytest.approx(results["images_per_sec"] * 8 ** 3)
+
+
+def test_the_survey_study_tables_the_generator_against_training(tmp_path):
+    run([PYTHON, "-m", "app.studies.survey_throughput", "--sizes=8", "--steps=3",
+         "--warmup_steps=1", "--repeats=1", f"--out_dir={tmp_path}"])
+    row = json.loads((tmp_path / "survey_throughput.json").read_text())["rows"][0]
+    trained = json.loads((tmp_path / "unet3d_small-8-0" / "results.json").read_text())
+    assert row["trained_per_sec"] == pytest.approx(trained["images_per_sec"])
+    assert row["ratio"] == pytest.approx(row["generated_per_sec"] / row["trained_per_sec"])
+    assert "| 8^3 |" in (tmp_path / "survey_throughput.md").read_text()

@@ -172,7 +172,7 @@ def test_the_scores_of_summed_counts_are_those_of_all_the_voxels():
 
 
 SMALL_SURVEYS = ["--flagfile=configs/seismic_faults_cpu.cfg", "--volume_size=16",
-                 "--patch_size=16", "--num_volumes=8", "--global_batch_size=4",
+                 "--patch_size=16", "--num_volumes=30", "--global_batch_size=4",
                  "--steps_per_epoch=1", "--deterministic", "--float64"]
 
 
@@ -180,8 +180,8 @@ SMALL_SURVEYS = ["--flagfile=configs/seismic_faults_cpu.cfg", "--volume_size=16"
 def test_the_unet_trains_alike_on_1_and_2_processes_with_exact_validation_counts(tmp_path):
     """The 3D U-Net with the experiment's own schedule (a warmup epoch, then cosine) and
     loss, at a global batch of 4, in float64: 1 and 2 processes end with the same weights;
-    on 2 processes the 2 validation volumes are split 1 and 1, and the logged IoU is that
-    of both volumes' voxels."""
+    on 2 processes the 3 validation volumes are split 2 and 1, and the logged IoU and Dice
+    are those of all three volumes' voxels, as one process evaluates them."""
     for processes in (1, 2):
         command = train_command(*SMALL_SURVEYS, f"--model_dir={tmp_path / str(processes)}")
         run([*mpirun(processes), *command] if processes > 1 else command)
@@ -198,6 +198,16 @@ def test_the_unet_trains_alike_on_1_and_2_processes_with_exact_validation_counts
                                    rtol=1e-10, atol=1e-12, err_msg=name)
     results = json.loads((tmp_path / "2" / "results.json").read_text())
     assert {"iou", "dice", "precision", "recall", "mean_iou"} <= set(results["final_metrics"])
+    # TensorBoard's validation run: each epoch's slices of a validation volume
+    images = []
+    events = tmp_path / "2" / "tensorboard" / "validation"
+    for path in sorted(events.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            images += [(event.step, value) for value in event.summary.value
+                       if value.tag == "slices"]
+    assert [step for step, _ in images] == list(range(1, 13))
+    picture = tf.image.decode_png(images[-1][1].tensor.string_val[2])  # width, height, PNG
+    assert picture.shape[0] > 100 and picture.shape[1] > 200  # 3 rows, 3 columns
 
 
 def test_bad_seismic_flags_are_refused_with_one_line(tmp_path):
@@ -206,7 +216,9 @@ def test_bad_seismic_flags_are_refused_with_one_line(tmp_path):
              (["--patch_size=30"], "--patch_size=30: gives patches of 30x30x30, which "
                                    "--model=unet3d_small's down-sampling by 4 does not divide"),
              (["--dataset=digits"], "--model=unet3d_small: is a segmentation model, "
-                                    "--dataset=digits a classification data set")]
+                                    "--dataset=digits a classification data set"),
+             (["--pipeline_stages=2"], "--pipeline_stages=2: --model=unet3d_small has 1 "
+                                       "blocks, so at most 1 stages")]
     for extra, line in cases:
         result = run(train_command("--flagfile=configs/seismic_faults_cpu.cfg", *extra,
                                    f"--model_dir={tmp_path}"), check=False)
