@@ -189,8 +189,9 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
     # Horovod: scale the learning rate by the global batch, with a warmup.
     scaled_lr, schedule = learning_rate(run, span)
     if hvd.rank() == 0 and elastic_state is not None:
-        print(f"app.train: elastic: world size {hvd.size()} from epoch {initial_epoch + 1}, "
-              f"global batch {global_batch}, learning rate {scaled_lr:g}", flush=True)
+        print(f"{cli.program()}: elastic: world size {hvd.size()} from epoch "
+              f"{initial_epoch + 1}, global batch {global_batch}, learning rate {scaled_lr:g}",
+              flush=True)
     throughput = callbacks.Throughput(run.parallel.images_per_rank(batch), hvd.size(),
                                       FLAGS.warmup_steps)
     time_to_accuracy = callbacks.TimeToAccuracy(

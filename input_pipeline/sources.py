@@ -268,15 +268,21 @@ def tfrecord_images(split, data_dir, image_size, channels=3, num_outputs=1000,
 CLASS_NAMES = "classes.txt"
 
 
-def read_class_names(data_dir):
-    """The class names written beside image shards (input_pipeline.to_tfrecord
-    --image_folder), label 1 first; FileNotFoundError naming the file if it is not there."""
-    path = os.path.join(data_dir, CLASS_NAMES)
+def written_beside(data_dir, name, converter_flags):
+    """The path of the file `name` input_pipeline.to_tfrecord wrote beside its shards in
+    `data_dir`; FileNotFoundError, saying how to write them, if it is not there."""
+    path = os.path.join(data_dir, name)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {path}; write the shards with python -m "
-                                f"input_pipeline.to_tfrecord --image_folder=FOLDER "
+                                f"input_pipeline.to_tfrecord {converter_flags} "
                                 f"--output_dir={data_dir}")
-    with open(path) as names:
+    return path
+
+
+def read_class_names(data_dir):
+    """The class names written beside image shards (input_pipeline.to_tfrecord
+    --image_folder), label 1 first."""
+    with open(written_beside(data_dir, CLASS_NAMES, "--image_folder=FOLDER")) as names:
         return [name.rstrip("\n") for name in names if name.strip()]
 
 

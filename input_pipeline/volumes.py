@@ -15,7 +15,7 @@ import numpy as np
 import segyio
 import tensorflow as tf
 
-from input_pipeline.sources import first_line
+from input_pipeline.sources import first_line, written_beside
 
 SURVEY_FILE = "survey.json"
 FEATURES = {"seismic": tf.io.FixedLenFeature([], tf.string),
@@ -136,13 +136,8 @@ def _bytes(value):
 
 
 def read_survey(data_dir):
-    """SURVEY_FILE of shards written by write_survey; FileNotFoundError naming it."""
-    path = os.path.join(data_dir, SURVEY_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no {path}; write the shards with python -m "
-                                f"input_pipeline.to_tfrecord --seismic=VOLUME "
-                                f"--labels=LABELS --output_dir={data_dir}")
-    with open(path) as survey:
+    """SURVEY_FILE of shards written by write_survey."""
+    with open(written_beside(data_dir, SURVEY_FILE, "--seismic=VOLUME --labels=LABELS")) as survey:
         return json.load(survey)
 
 

@@ -48,7 +48,8 @@ def main(_):
         optimizer = optimizers.loss_scaled(
             optimizers.build(FLAGS.optimizer, app_flags.scaled_learning_rate(global_batch),
                              FLAGS.momentum), FLAGS.mixed_precision)
-        models.compile_for_task(model, optimizer, source.task, FLAGS.steps_per_execution)
+        models.compile_for_task(model, optimizer, source.task, FLAGS.steps_per_execution,
+                                FLAGS.segmentation_loss)
     throughput = callbacks.Throughput(batch, size, FLAGS.warmup_steps)
     model.fit(data, steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs, verbose=0,
               callbacks=[throughput])
