@@ -48,6 +48,11 @@ def training_flops_per_example(model_name, image_size):
     return 3 * models.forward_flops(model, source.feature_shape)
 
 
+def example_extent(model_name, size):
+    """An example's spatial extent, as 32x32 or 32x32x32."""
+    return "x".join(map(str, benchmark_data(model_name, size)[1].feature_shape[:-1]))
+
+
 def cpu_peak(cpuinfo, cores):
     """{precision: nominal peak FLOP/s} of `cores` cores of the CPU /proc/cpuinfo describes,
     and the flag it was taken from."""
@@ -110,7 +115,8 @@ def main(argv=None):
                 *([f"--mixed_precision={precision}"] if precision != "float32" else []),
                 *train_args], [])
             achieved = results["images_per_sec"] * flops
-            rows.append({"model": name, "image_size": size, "batch": batch,
+            rows.append({"model": name, "image_size": size,
+                         "example": example_extent(name, size), "batch": batch,
                          "precision": results["precision"], "gflop_per_image": flops / 1e9,
                          "images_per_sec": results["images_per_sec"],
                          "achieved_gflops": achieved / 1e9,
@@ -123,7 +129,7 @@ def main(argv=None):
              ["This CPU has no bfloat16 arithmetic: bfloat16 runs convert to float32 to "
               "compute, so their peak is float32's."])
     columns = [("model", lambda row: row["model"]),
-               ("image", lambda row: f"{row['image_size']}x{row['image_size']}"),
+               ("example", lambda row: row["example"]),
                ("batch", lambda row: str(row["batch"])),
                ("precision", lambda row: row["precision"]),
                ("GFLOP/image (train)", lambda row: f"{row['gflop_per_image']:.3f}"),
