@@ -3,11 +3,7 @@ seismic, label and prediction side by side (TensorBoard's image each epoch; app.
 PNG). Volumes are [inlines, crosslines, samples]; 2D sections [crosslines, samples]."""
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 (after the backend)
-import numpy as np  # noqa: E402
+import numpy as np
 
 SLICES = ("inline", "crossline", "time slice")
 
@@ -24,15 +20,20 @@ def middle_slices(volume):
 
 def figure_png(columns):
     """PNG bytes of a grid: one row per slice, one column per (title, volume, colormap)."""
+    import matplotlib  # only where a figure is drawn: app.train starts without it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     rows = middle_slices(columns[0][1])
     figure, axes = plt.subplots(len(rows), len(columns), squeeze=False,
                                 figsize=(3 * len(columns), 3 * len(rows)))
     for column, (title, volume, colormap) in enumerate(columns):
+        # labels and probabilities on one scale from 0, seismic on its own
+        scale = {} if column == 0 else {"vmin": 0, "vmax": max(1.0, float(np.max(volume)))}
         for row, (name, image) in enumerate(middle_slices(volume)):
             axis = axes[row][column]
             # time (depth) downwards, as seismic sections are drawn
             axis.imshow(np.asarray(image).T if name != "time slice" else image,
-                        cmap=colormap, aspect="auto")
+                        cmap=colormap, aspect="auto", **scale)
             axis.set_title(f"{title}: {name}", fontsize=8)
             axis.set_xticks([])
             axis.set_yticks([])
