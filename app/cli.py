@@ -5,6 +5,7 @@ launcher starts at once and a bad flag is refused before TensorFlow loads."""
 import argparse
 import os
 import sys
+import time
 
 USAGE_ERROR = 2  # a flag or file that cannot run: refused before any work
 RUN_ERROR = 1  # a run that failed on its way (damaged data, a full disk, divergence)
@@ -32,11 +33,18 @@ def error_line(message):
     return f"{program()}: error: {message}"
 
 
+SILENT_RANKS_WAIT_SECONDS = 2.0
+
+
 def fail(message, code=USAGE_ERROR, this_rank_only=False):
     """Ends this process with `code` after one line on stderr, printed by rank 0 for what
-    every rank finds alike, or by this rank for what only it met (`this_rank_only`)."""
+    every rank finds alike, or by this rank for what only it met (`this_rank_only`). The
+    other ranks exit a moment later: the launcher ends every rank when the first one exits,
+    which must not be before rank 0 has said why."""
     if this_rank_only or rank_from_environment() == 0:
         print(error_line(message), file=sys.stderr, flush=True)
+    elif world_size_from_environment() > 1:
+        time.sleep(SILENT_RANKS_WAIT_SECONDS)
     sys.exit(code)
 
 

@@ -88,13 +88,13 @@ class StepScalars(tf.keras.callbacks.Callback):
 class ValidationSlices(tf.keras.callbacks.Callback):
     """Each epoch, one validation volume's middle inline, crossline and time slice (a 2D
     section: itself), seismic, label and the model's prediction side by side, as an image
-    in TensorBoard's validation run (segmentation only)."""
+    in TensorBoard's run `slices` (segmentation only; a run of its own, as a second writer
+    in Keras' validation folder can take its event file's name)."""
 
     def __init__(self, model_dir, seismic, label):
         super().__init__()
         self.seismic, self.label = seismic, label
-        self.writer = tf.summary.create_file_writer(os.path.join(log_dir(model_dir),
-                                                                 "validation"))
+        self.writer = tf.summary.create_file_writer(os.path.join(log_dir(model_dir), "slices"))
 
     def on_epoch_end(self, epoch, logs=None):
         output = self.model(self.seismic[tf.newaxis], training=False)[0].numpy()
@@ -103,6 +103,7 @@ class ValidationSlices(tf.keras.callbacks.Callback):
         png = slices.figure_png(slices.columns(
             self.seismic.numpy()[..., 0], label[..., 0] if label.ndim == output.ndim else label,
             prediction))
-        with self.writer.as_default(step=epoch + 1):
+        # record_if: Keras' TensorBoard callback records only every --summary_steps steps
+        with self.writer.as_default(step=epoch + 1), tf.summary.record_if(True):
             tf.summary.image("slices", tf.image.decode_png(png)[tf.newaxis])
         self.writer.flush()
