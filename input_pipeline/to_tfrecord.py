@@ -49,10 +49,10 @@ def write_split(source, split, output_dir, num_shards, encoding="png"):
         for image, label in examples:
             uint8 = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
             yield _example(encode(uint8).numpy(), int(label) + 1, image.shape)
-    return _write_shards(records(), source.num_examples, split, output_dir, num_shards)
+    return write_shards(records(), source.num_examples, split, output_dir, num_shards)
 
 
-def _write_shards(records, count, split, output_dir, num_shards, interleave=False):
+def write_shards(records, count, split, output_dir, num_shards, interleave=False):
     """Writes `count` serialized records to `num_shards` files of `split`: consecutive
     records in each, or dealt out in turn (`interleave`: each shard then holds every
     class of a list sorted by class); returns the paths."""
@@ -172,7 +172,7 @@ def write_image_folder(folder, output_dir, num_shards=4, validation_fraction=0.1
     try:
         for split, files in splits.items():
             records = (_record(path, label, encoding) for path, label in files)
-            _write_shards(records, len(files), split, staging,
+            write_shards(records, len(files), split, staging,
                           max(1, min(num_shards, len(files))), interleave=True)
         with open(os.path.join(staging, sources.CLASS_NAMES), "w") as class_names:
             class_names.write("".join(f"{name}\n" for name in names))
@@ -193,7 +193,7 @@ def main(_):
         if FLAGS.seismic:
             from input_pipeline import volumes  # segyio only for surveys
             if not FLAGS.labels:
-                raise ImageFolderError("--labels: the label volume of --seismic is required")
+                raise ValueError("--labels: the label volume of --seismic is required")
             counts = volumes.write_survey(FLAGS.seismic, FLAGS.labels, FLAGS.output_dir,
                                           FLAGS.target, FLAGS.block_size,
                                           FLAGS.validation_fraction, FLAGS.num_shards)

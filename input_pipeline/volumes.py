@@ -16,6 +16,7 @@ import segyio
 import tensorflow as tf
 
 from input_pipeline.sources import first_line, written_beside
+from input_pipeline.to_tfrecord import write_shards
 
 SURVEY_FILE = "survey.json"
 FEATURES = {"seismic": tf.io.FixedLenFeature([], tf.string),
@@ -106,14 +107,11 @@ def write_survey(seismic_path, label_path, output_dir, target, block_size=128,
                            for k in block_starts(seismic.shape[2], block_size)]
     os.makedirs(output_dir, exist_ok=True)
     for split, found in corners.items():
-        shards = max(1, min(num_shards, len(found)))
-        writers = [tf.io.TFRecordWriter(os.path.join(
-            output_dir, f"{split}-{shard:05d}-of-{shards:05d}")) for shard in range(shards)]
-        for index, (i, j, k) in enumerate(found):
-            window = np.s_[i:i + block_size, j:j + block_size, k:k + block_size]
-            writers[index % shards].write(_record(seismic[window], labels[window]))
-        for writer in writers:
-            writer.close()
+        windows = (np.s_[i:i + block_size, j:j + block_size, k:k + block_size]
+                   for i, j, k in found)
+        write_shards((_record(seismic[window], labels[window]) for window in windows),
+                     len(found), split, output_dir, max(1, min(num_shards, len(found))),
+                     interleave=True)
     num_classes = 1 if target == "faults" else int(labels.max()) + 1
     with open(os.path.join(output_dir, SURVEY_FILE), "w") as survey:
         json.dump({"target": target, "num_classes": num_classes, "block_size": block_size,
