@@ -194,8 +194,15 @@ def define_horovod_flags():
 
 
 def define_parallelism_flags():
-    """Pipeline parallelism across ranks, alone or with Horovod's data parallelism, and
-    recomputation (app.pipeline)."""
+    """Pipeline parallelism (app.pipeline) and spatial parallelism (app.spatial) across
+    ranks, alone or with Horovod's data parallelism, and recomputation."""
+    flags.DEFINE_integer("spatial_parts", 1,
+                         "Split every example along its first spatial axis into this many "
+                         "slabs, one per rank of a spatial group, the convolutions exchanging "
+                         "halos with Horovod's alltoall; the processes / spatial_parts groups "
+                         "are data-parallel replicas. For fully convolutional models (U-Nets) "
+                         "whose activations of one example do not fit one device. Needs MPI "
+                         "(mpirun, srun, horovodrun --mpi).", lower_bound=1)
     flags.DEFINE_integer("pipeline_stages", 1,
                          "Cut the model into this many stages of consecutive blocks, one per "
                          "rank, balanced by --pipeline_balance; the processes / stages replicas "
@@ -397,7 +404,8 @@ def _validate_task():
 
 def check_extents(source):
     """Raises FlagError when the model's down-sampling does not divide the spatial extents
-    of `source`'s examples (a segmentation model's patches)."""
+    of `source`'s examples (a segmentation model's patches), or, with --spatial_parts, the
+    first extent's slabs."""
     factor = models.BUILDERS[FLAGS.model].downsampling
     extents = source.feature_shape[:-1]
     if factor > 1 and any(extent % factor for extent in extents):
@@ -405,6 +413,10 @@ def check_extents(source):
         raise _invalid(name, f"gives patches of {'x'.join(map(str, extents))}, which "
                              f"--model={FLAGS.model}'s down-sampling by {factor} does not "
                              f"divide")
+    if FLAGS.spatial_parts > 1 and extents and extents[0] % (factor * FLAGS.spatial_parts):
+        raise _invalid("spatial_parts", f"splits examples of {extents[0]} planes, which are "
+                                        f"not divisible by {FLAGS.spatial_parts} slabs times "
+                                        f"--model={FLAGS.model}'s down-sampling by {factor}")
 
 
 def load_options():

@@ -10,7 +10,7 @@ callback broadcasts the initial state, and where a rank's checkpoints go. A new 
 new class here and an entry in KINDS.
 """
 import models
-from app import checkpoints, cli, devices, optimizers, pipeline, pipeline_plan
+from app import checkpoints, cli, devices, optimizers, pipeline, pipeline_plan, spatial
 from app.arithmetic import FlagError, batch_sizes
 from app.compat import hvd
 
@@ -103,8 +103,19 @@ class DataParallel:
         """The images a rank counts per step of `batch` per replica."""
         return batch
 
+    # A function summing a tensor over the ranks that share each example, for the losses that
+    # sum over it (models.segmentation); None: each rank holds whole examples.
+    example_sum = None
+
+    @staticmethod
+    def whole_examples(examples):
+        """The whole examples of this rank's share `examples` (a collective where ranks hold
+        parts of them)."""
+        return examples
+
     def results(self):
-        return {"parallelism": self.name, "pipeline_stages": 1, "microbatches": 1}
+        return {"parallelism": self.name, "pipeline_stages": 1, "microbatches": 1,
+                "spatial_parts": 1}
 
 
 class PipelineParallel(DataParallel):
@@ -214,14 +225,97 @@ class PipelineParallel(DataParallel):
         return batch / self.stages  # each stage counts its share of the pipeline's images
 
     def results(self):
-        return {"parallelism": self.name, "pipeline_stages": self.stages,
+        return {**super().results(), "pipeline_stages": self.stages,
                 "microbatches": self.flags.microbatches}
 
     def _where(self):
         return self.place(hvd.rank(), hvd.size())
 
 
-KINDS = {kind.name: kind for kind in (PipelineParallel, DataParallel)}
+class SpatialParallel(DataParallel):
+    """app.spatial: every example split along its first spatial axis into --spatial_parts
+    slabs, one per rank of a spatial group (a process set), the convolutions exchanging
+    halos; the groups are data-parallel replicas, and Horovod's optimizer averages the
+    gradients over all ranks (each rank's loss is scaled so that this is the replicas'
+    average). Ranks are laid out group by group: rank = replica * parts + part, so that the
+    ranks exchanging halos are neighbours."""
+    name = "spatial"
+    replica_noun = "spatial groups"
+
+    def __init__(self, flags):
+        super().__init__(flags)
+        self.parts = flags.spatial_parts
+        self._process_sets = None
+
+    @staticmethod
+    def wanted(flags):
+        return flags.spatial_parts > 1
+
+    def validate(self, world_size, batch_request):
+        flags = self.flags
+        if world_size % self.parts:
+            raise FlagError("spatial_parts", self.parts,
+                            f"must divide the {world_size} processes")
+        if cli.gloo_from_environment():
+            raise FlagError("spatial_parts", self.parts,
+                            "needs MPI (mpirun, srun, horovodrun --mpi); this run uses Gloo")
+        unsupported = {"pipeline_stages": flags.pipeline_stages > 1,
+                       "microbatches": flags.microbatches > 1, "elastic": flags.elastic,
+                       "adasum": flags.adasum}
+        for name, refused in unsupported.items():
+            if refused:
+                raise FlagError(name, flags[name].value,
+                                "is not supported with --spatial_parts")
+
+    def init_arguments(self, world_size):
+        """A process set per spatial group (none when one group is all the ranks)."""
+        groups = world_size // self.parts
+        if groups == 1:
+            return {}
+        self._process_sets = [hvd.ProcessSet(list(range(group * self.parts,
+                                                        (group + 1) * self.parts)))
+                              for group in range(groups)]
+        return {"process_sets": self._process_sets}
+
+    def place(self, rank, size):
+        return Position(0, 1, rank // self.parts, size // self.parts, rank % self.parts,
+                        self.parts)
+
+    def replicas(self, world_size):
+        return world_size // self.parts
+
+    def process_set(self):
+        """This rank's spatial group."""
+        if self._process_sets is None:
+            return hvd.global_process_set
+        return self._process_sets[hvd.rank() // self.parts]
+
+    def build_model(self, source, normalization):
+        """The whole model rewritten for this rank's slab (app.spatial.split_model); raises
+        FlagError naming a layer that cannot be split."""
+        whole = super().build_model(source, normalization)
+        try:
+            return spatial.split_model(whole, hvd.rank() % self.parts, self.parts,
+                                       self.process_set())
+        except spatial.SpatialError as error:
+            raise FlagError("spatial_parts", self.parts,
+                            f"cannot split --model={self.flags.model}: {error}") from None
+
+    @property
+    def example_sum(self):
+        return spatial.group_sum(self.process_set())
+
+    def whole_examples(self, examples):
+        return spatial.gather_slabs(examples, self.process_set())
+
+    def images_per_rank(self, batch):
+        return batch / self.parts  # each rank counts its share of its group's examples
+
+    def results(self):
+        return {**super().results(), "spatial_parts": self.parts}
+
+
+KINDS = {kind.name: kind for kind in (SpatialParallel, PipelineParallel, DataParallel)}
 
 
 def choose(flags):

@@ -13,9 +13,14 @@ import os
 
 import numpy as np
 
-Position = collections.namedtuple("Position", "stage stages replica replicas")
+# A rank's pipeline stage (of `stages`), its data-parallel replica (of `replicas`) and, in a
+# spatially parallel run, its slab of each example (`part` of `parts`).
+Position = collections.namedtuple("Position", "stage stages replica replicas part parts",
+                                  defaults=(0, 1))
 Position.first = property(lambda self: self.stage == 0)
 Position.last = property(lambda self: self.stage == self.stages - 1)
+# the rank that saves its stage's checkpoints: the stage's first replica's first slab
+Position.saves = property(lambda self: self.replica == 0 and self.part == 0)
 
 
 def position(rank, size, stages):

@@ -91,18 +91,22 @@ class ValidationSlices(tf.keras.callbacks.Callback):
     in TensorBoard's run `slices` (segmentation only; a run of its own, as a second writer
     in Keras' validation folder can take its event file's name)."""
 
-    def __init__(self, model_dir, seismic, label):
+    def __init__(self, model_dir, seismic, label, whole_examples=lambda examples: examples):
+        """`model_dir` None: only help put the volume together (`whole_examples`: a batch of
+        this rank's parts of examples to the whole ones, a collective)."""
         super().__init__()
-        self.seismic, self.label = seismic, label
-        self.writer = tf.summary.create_file_writer(os.path.join(log_dir(model_dir), "slices"))
+        self.seismic, self.label, self.whole_examples = seismic, label, whole_examples
+        self.writer = (tf.summary.create_file_writer(os.path.join(log_dir(model_dir), "slices"))
+                       if model_dir else None)
 
     def on_epoch_end(self, epoch, logs=None):
-        output = self.model(self.seismic[tf.newaxis], training=False)[0].numpy()
+        output, seismic, label = (self.whole_examples(tensor[tf.newaxis])[0].numpy() for tensor in (
+            self.model(self.seismic[tf.newaxis], training=False)[0], self.seismic, self.label))
+        if self.writer is None:
+            return
         prediction = output[..., 0] if output.shape[-1] == 1 else output.argmax(-1)
-        label = self.label.numpy()
         png = slices.figure_png(slices.columns(
-            self.seismic.numpy()[..., 0], label[..., 0] if label.ndim == output.ndim else label,
-            prediction))
+            seismic[..., 0], label[..., 0] if label.ndim == output.ndim else label, prediction))
         # record_if: Keras' TensorBoard callback records only every --summary_steps steps
         with self.writer.as_default(step=epoch + 1), tf.summary.record_if(True):
             tf.summary.image("slices", tf.image.decode_png(png)[tf.newaxis])

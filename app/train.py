@@ -137,7 +137,10 @@ def build_and_restore(parallel, source, resume):
         tf.keras.mixed_precision.set_global_policy("float64")
     normalization = (sync_batch_norm.SyncBatchNormalization if FLAGS.sync_batch_norm
                      else tf.keras.layers.BatchNormalization)
-    model = parallel.build_model(source, normalization)
+    try:
+        model = parallel.build_model(source, normalization)
+    except arithmetic.FlagError as error:
+        cli.fail(error)
     models.add_weight_decay(
         model, optimizers.l2_loss_weight_decay(FLAGS.optimizer, FLAGS.weight_decay))
     optimizer = optimizers.build(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum,
@@ -145,7 +148,7 @@ def build_and_restore(parallel, source, resume):
     # Horovod: wrap the optimizer in hvd.DistributedOptimizer (fit() scales its LR).
     trainer, optimizer = parallel.trainer(model, optimizer, source.num_outputs)
     models.compile_for_task(trainer, optimizer, source.task, FLAGS.steps_per_execution,
-                            FLAGS.segmentation_loss)
+                            FLAGS.segmentation_loss, parallel.example_sum)
     trainer.run_eagerly = parallel.runs_eagerly
     manager = checkpoints.manager(model, optimizer, FLAGS.model_dir,
                                   parallel.checkpoint_folder(parallel.place(hvd.rank(),
@@ -251,10 +254,12 @@ def datasets(run, where, batch, span):
         run.train_source, rank=where.replica, size=where.replicas, batch_size=batch,
         steps_per_epoch=span.steps_per_epoch, first_epoch=span.first_epoch,
         first_step=span.first_step, seed=FLAGS.seed, shuffle_buffer=FLAGS.shuffle_buffer,
-        cache=FLAGS.cache, deterministic=FLAGS.deterministic, threads=run.threads)
+        cache=FLAGS.cache, deterministic=FLAGS.deterministic, threads=run.threads,
+        slab=(where.part, where.parts))
     validation_data = input_pipeline.evaluation_dataset(
         run.validation_source, rank=where.replica, size=where.replicas, batch_size=batch,
-        cache=FLAGS.cache, repeat=FLAGS.validation_steps is not None, threads=run.threads)
+        cache=FLAGS.cache, repeat=FLAGS.validation_steps is not None, threads=run.threads,
+        slab=(where.part, where.parts))
     tf.random.set_seed(FLAGS.seed + hvd.rank())  # per-rank randomness from here on
     return train_data, validation_data
 
@@ -302,10 +307,10 @@ def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_stat
             lambda value: int(max(hvd.allgather(tf.constant([value]), name="signal"))),
             lambda epochs, steps: (checkpoints.save_mid_epoch(run.checkpoint_manager, epochs,
                                                               steps)
-                                   if where.replica == 0 else None),
+                                   if where.saves else None),
             span.steps_per_epoch, FLAGS.preemption_check_steps))
     found += meters
-    if where.replica == 0 and not FLAGS.benchmark:
+    if where.saves and not FLAGS.benchmark:
         # Horovod: checkpoints on rank 0 only (each stage's on its first replica).
         found.append(checkpoints.SaveEveryEpoch(run.checkpoint_manager))
     if hvd.rank() == 0 and not FLAGS.benchmark:
@@ -316,9 +321,11 @@ def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_stat
             profile_steps=arithmetic.profile_steps(FLAGS.profile_steps))
         found.append(tf.keras.callbacks.CSVLogger(
             os.path.join(FLAGS.model_dir, "training_log.csv"), append=span.first_epoch > 0))
-        if run.train_source.task == "segmentation":  # a validation volume's slices
-            found.append(summaries.ValidationSlices(FLAGS.model_dir, *next(iter(
-                validation_data.unbatch()))))
+    if run.train_source.task == "segmentation" and where.replica == 0 and not FLAGS.benchmark:
+        # a validation volume's slices, put together by its replica's ranks, drawn by rank 0
+        found.append(summaries.ValidationSlices(
+            FLAGS.model_dir if hvd.rank() == 0 else None, *next(iter(validation_data.unbatch())),
+            run.parallel.whole_examples))
     if elastic_state is not None:  # last: a commit that meets a change of workers ends fit()
         found += [callbacks.UpdateEpochState(elastic_state),
                   hvd.elastic.CommitStateCallback(elastic_state, FLAGS.commit_steps)]

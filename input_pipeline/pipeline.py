@@ -18,6 +18,10 @@ instead, so a global batch holds the same examples at any number of processes.
 A source's `prepare` (making a generated volume from its index, say) runs before the cache,
 the rest of its decoding after it: `--cache` then keeps what `prepare` made.
 
+A spatially parallel run gives each rank of a group `slab` = (part, parts): the group's ranks
+read the same examples in the same order (their replica's), augment them alike, and each
+keeps slab `part` of `parts` of every example along its first spatial axis, labels alike.
+
 Augmentation draws its randomness from a seed per example, (epoch seed, the example's
 position in the epoch): with `deterministic` the position in the global epoch, so that an
 example is cropped and flipped alike at any number of processes; and a resumed run augments
@@ -31,11 +35,11 @@ _EPOCH_SEED_STRIDE = 1_000_003  # a prime: seeds (seed, epoch) do not collide ac
 
 def training_dataset(source, *, rank, size, batch_size, steps_per_epoch, seed, first_epoch=0,
                      first_step=0, shuffle_buffer=10_000, cache="none", deterministic=False,
-                     threads=None):
+                     threads=None, slab=(0, 1)):
     """Batches of `batch_size` (per process) for rank `rank` of `size`, epoch after epoch
     from step `first_step` of `first_epoch` on (the batches before it are skipped, as a run
-    resumed mid-epoch needs), each epoch exactly `steps_per_epoch` batches. `seed` is the
-    same on every rank."""
+    resumed mid-epoch needs), each epoch exactly `steps_per_epoch` batches, of slab `slab`
+    (part, parts) of each example. `seed` is the same on every rank."""
     if deterministic:
         examples_per_epoch = steps_per_epoch * batch_size * size
         shuffle_seed = seed
@@ -47,7 +51,8 @@ def training_dataset(source, *, rank, size, batch_size, steps_per_epoch, seed, f
     if cache != "none" or not (source.files and (deterministic or shard_by_file(source, size))):
         fixed_records = _cached(_prepared(source, source.all_records() if deterministic
                                           else _shard(source, rank, size)), cache,
-                                source.name + ("-unsharded" if deterministic else ""), rank, size)
+                                source.name + ("-unsharded" if deterministic else ""), rank, size,
+                                slab)
 
     def epoch(number):
         records = fixed_records
@@ -67,20 +72,22 @@ def training_dataset(source, *, rank, size, batch_size, steps_per_epoch, seed, f
         return epoch_records.map(lambda index, record: (tf.stack([epoch_seed, index]), record))
 
     epochs = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch)
-    examples = _decoded(epochs, source, training=True)
+    examples = _sliced(_decoded(epochs, source, training=True), slab)
     batches = examples.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-    return batches.with_options(_options(deterministic, threads))
+    # a spatial group's ranks must see the same examples in the same order
+    return batches.with_options(_options(deterministic or slab[1] > 1, threads))
 
 
 def evaluation_dataset(source, *, rank, size, batch_size, cache="none", repeat=False,
-                       threads=None):
+                       threads=None, slab=(0, 1)):
     """Rank `rank`'s disjoint share of the split, in order, in batches of `batch_size` (the
-    last one partial), once; or forever with `repeat` (for a fixed number of steps)."""
+    last one partial), once; or forever with `repeat` (for a fixed number of steps); slab
+    `slab` (part, parts) of each example."""
     records = _cached(_prepared(source, _shard(source, rank, size)), cache, source.name, rank,
-                      size)
+                      size, slab)
     if repeat:
         records = records.repeat()
-    examples = _decoded(records, source, training=False)
+    examples = _sliced(_decoded(records, source, training=False), slab)
     batches = examples.batch(batch_size, drop_remainder=repeat).prefetch(AUTOTUNE)
     return batches.with_options(_options(True, threads))
 
@@ -129,13 +136,28 @@ def _prepared(source, records):
     return records.map(source.prepare, num_parallel_calls=AUTOTUNE)
 
 
-def _cached(records, cache, name, rank, size):
-    """`cache` is none, memory, or a file path prefix; a file cache is one per split and rank."""
+def _cached(records, cache, name, rank, size, slab=(0, 1)):
+    """`cache` is none, memory, or a file path prefix; a file cache is one per split and rank
+    (each rank of a spatial group writes its own)."""
     if cache == "none":
         return records
     if cache == "memory":
         return records.cache()
-    return records.cache(f"{cache}.{name}.{rank}-of-{size}")
+    part = f".part{slab[0]}-of-{slab[1]}" if slab[1] > 1 else ""
+    return records.cache(f"{cache}.{name}.{rank}-of-{size}{part}")
+
+
+def _sliced(examples, slab):
+    """Slab `part` of `parts` of every (features, label) along its first axis."""
+    part, parts = slab
+    if parts == 1:
+        return examples
+
+    def sliced(features, label):
+        planes = features.shape[0] // parts
+        return (features[part * planes:(part + 1) * planes],
+                label[part * planes:(part + 1) * planes])
+    return examples.map(sliced, num_parallel_calls=AUTOTUNE)
 
 
 def _decoded(records, source, training):

@@ -127,15 +127,15 @@ def forward_flops(model, input_shape):
 
 
 def compile_for_task(model, optimizer, task, steps_per_execution=1,
-                     segmentation_loss="balanced_crossentropy"):
+                     segmentation_loss="balanced_crossentropy", example_sum=None):
     """Compiles with the loss and metrics of `task`: classification (softmax outputs, integer
     labels: cross-entropy and accuracy), regression (MSE and MAE) or segmentation (a label
     per voxel: `segmentation_loss`, one of segmentation.LOSSES, and the confusion counts'
-    scores)."""
+    scores; `example_sum`, segmentation.loss's, where the model sees parts of examples)."""
     if task == "regression":
         loss, metrics = "mse", ["mae"]
     elif task == "segmentation":
-        loss = segmentation.loss(segmentation_loss)
+        loss = segmentation.loss(segmentation_loss, example_sum)
         metrics = [segmentation.ConfusionCounts(model.output_shape[-1])]
     else:
         loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]

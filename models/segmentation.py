@@ -30,11 +30,20 @@ def _one_hot_probabilities(labels, outputs):
     return tf.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype), outputs
 
 
-def loss(name):
-    """The per-example loss `name` (one of LOSSES) for Keras' compile."""
+def loss(name, example_sum=None):
+    """The per-example loss `name` (one of LOSSES) for Keras' compile. Where a model sees a
+    part of each example (a slab: app.spatial), `example_sum` sums a tensor over the parts,
+    with its gradient: the class shares and Dice's sums are then the whole example's, and a
+    part's loss is its voxels' mean (the whole example's Dice), so that the parts' gradients
+    add up to as many times the example's as there are parts."""
     def balanced_crossentropy(labels, outputs):
         one_hot, probabilities = _one_hot_probabilities(labels, outputs)
-        share = tf.reduce_mean(one_hot, axis=1, keepdims=True)  # each class's, per example
+        if example_sum is None:
+            share = tf.reduce_mean(one_hot, axis=1, keepdims=True)  # each class's, per example
+        else:
+            voxels = tf.cast(tf.shape(one_hot)[1], one_hot.dtype)
+            share = (example_sum(tf.reduce_sum(one_hot, axis=1, keepdims=True))
+                     / example_sum(voxels))
         weights = (1 - share) / (one_hot.shape[-1] - 1)
         log_likelihood = tf.math.log(tf.clip_by_value(probabilities, _EPSILON, 1.0))
         return -tf.reduce_mean(tf.reduce_sum(weights * one_hot * log_likelihood, -1), axis=1)
@@ -51,6 +60,8 @@ def loss(name):
             one_hot, probabilities = one_hot[..., 1:], probabilities[..., 1:]
         overlap = tf.reduce_sum(one_hot * probabilities, axis=1)
         total = tf.reduce_sum(one_hot + probabilities, axis=1)
+        if example_sum is not None:
+            overlap, total = example_sum(overlap), example_sum(total)
         return 1 - tf.reduce_mean((2 * overlap + _EPSILON) / (total + _EPSILON), axis=-1)
 
     return {"balanced_crossentropy": balanced_crossentropy, "crossentropy": crossentropy,
