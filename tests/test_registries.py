@@ -95,7 +95,8 @@ def test_one_kind_of_parallelism_is_chosen_from_the_flags():
         import app.compat
         from app import flags as app_flags, parallelism
         app_flags.define_training_flags()
-        for argv in ([], ["--microbatches=2"], ["--pipeline_stages=2"], ["--recompute"]):
+        for argv in ([], ["--microbatches=2"], ["--pipeline_stages=2"], ["--recompute"],
+                     ["--spatial_parts=2"]):
             app_flags.FLAGS.unparse_flags()
             app_flags.FLAGS(["train", "--flagfile=configs/digits_cnn.cfg", "--model=cnn",
                              *argv])
@@ -105,9 +106,10 @@ def test_one_kind_of_parallelism_is_chosen_from_the_flags():
     """)
     lines = run([PYTHON, "-c", code]).stdout.splitlines()
     assert lines == [
-        "data 4 Position(stage=0, stages=1, replica=3, replicas=4)",
-        "pipeline 4 Position(stage=0, stages=1, replica=3, replicas=4)",
-        "pipeline 2 Position(stage=1, stages=2, replica=1, replicas=2)",
-        "pipeline 4 Position(stage=0, stages=1, replica=3, replicas=4)",
-        "['pipeline', 'data']",
+        "data 4 Position(stage=0, stages=1, replica=3, replicas=4, part=0, parts=1)",
+        "pipeline 4 Position(stage=0, stages=1, replica=3, replicas=4, part=0, parts=1)",
+        "pipeline 2 Position(stage=1, stages=2, replica=1, replicas=2, part=0, parts=1)",
+        "pipeline 4 Position(stage=0, stages=1, replica=3, replicas=4, part=0, parts=1)",
+        "spatial 2 Position(stage=0, stages=1, replica=1, replicas=2, part=1, parts=2)",
+        "['spatial', 'pipeline', 'data']",
     ]

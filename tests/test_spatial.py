@@ -1,0 +1,182 @@
+"""Spatial parallelism (app.spatial, --spatial_parts): slabs compute what the whole model
+computes, training on slabs ends where one process ends, one checkpoint format, a signal
+mid-epoch, each rank's memory, and the refusals."""
+import concurrent.futures
+import json
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+from conftest import (PYTHON, error_lines, horovodrun, mpirun, read_log, run, train_command)
+from test_fault_tolerance import signal_rank_1
+
+import tensorflow as tf
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("parts", [2, 4])
+def test_slabs_give_the_whole_models_outputs_and_gradients(parts, tmp_path):
+    """tests/workers/spatial_check.py in float64: a 3D stack of convolutions (kernels 3 and
+    5, strided, anisotropic) with pooling and upsampling, a 2D stack with batch normalization,
+    Keras' pooling, a strided even kernel, a dilated one and a skip connection, FaultSeg3D's
+    U-Net and a recomputing U-Net, each split into `parts` slabs: every rank's slab of the
+    output, the weights' gradients summed over the ranks and the input's gradient equal
+    the whole model's on the whole batch to 1e-10, with the whole model's variables."""
+    run([*mpirun(parts), PYTHON, "tests/workers/spatial_check.py", str(tmp_path)])
+    for rank in range(parts):
+        cases = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert set(cases) == {"stack3d", "stack2d", "unet3d", "unet3d_recompute"}
+        for name, case in cases.items():
+            assert case["variables"], name
+            assert case["slab_shape"][0] * parts in (16, 32), name
+            for measure in ("output", "weights", "input"):
+                assert case[measure] < 1e-10, (name, measure, case)
+
+
+# The seismic experiment's schedule (2 warmup epochs, then cosine) shortened to 8 epochs of
+# one step, on 16^3 volumes, in float64.
+SURVEYS = ["--flagfile=configs/seismic_faults_cpu.cfg", "--volume_size=16", "--patch_size=16",
+           "--num_volumes=30", "--global_batch_size=4", "--steps_per_epoch=1",
+           "--deterministic", "--float64", "--summary_steps=1"]
+
+
+def _train(model_dir, processes, *flags):
+    command = train_command(*SURVEYS, f"--model_dir={model_dir}", *flags)
+    return run([*mpirun(processes), *command] if processes > 1 else command)
+
+
+def _checkpoint_values(model_dir, epoch):
+    """{name: value} of every float variable of the run's epoch-`epoch` checkpoint: the
+    model's and the optimizer's."""
+    reader = tf.train.load_checkpoint(str(model_dir / "checkpoints" / f"epoch-{epoch}"))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if ("model/" in name or "optimizer/" in name)
+            and reader.get_tensor(name).dtype.kind == "f"}
+
+
+def _assert_same_values(found, expected):
+    assert found.keys() == expected.keys() and len(expected) >= 30
+    for name in expected:
+        np.testing.assert_allclose(found[name], expected[name], rtol=1e-10, atol=1e-12,
+                                   err_msg=name)
+
+
+def _slices_image(model_dir):
+    events = model_dir / "tensorboard" / "slices"
+    images = [value.tensor.string_val[2] for path in sorted(events.glob("events.out.*"))
+              for event in tf.compat.v1.train.summary_iterator(str(path))
+              for value in event.summary.value if value.tag == "slices"]
+    return tf.image.decode_png(images[-1]).numpy()
+
+
+@pytest.mark.distributed
+def test_training_on_slabs_ends_with_one_processs_weights_and_checkpoints_cross_over(tmp_path):
+    """At a global batch of 4 with the experiment's loss, 8 epochs: P=2 on 2 processes ends
+    with one process's weights and Adam's moments (1e-10) and logs its loss and exact
+    validation scores; one process's checkpoint after epoch 6 resumed by P=2 x R=2 on 4
+    processes, and a P=2 checkpoint after epoch 6 resumed by one process, end there too (one
+    checkpoint format). TensorBoard's slices of the P=2 run are the whole volume's."""
+    epochs = "--epochs=8"
+    _train(tmp_path / "one", 1, epochs)
+    _train(tmp_path / "slabs", 2, epochs, "--spatial_parts=2")
+    for run_dir, resumed_from in (("one_then_hybrid", "one"), ("slabs_then_one", "slabs")):
+        shutil.copytree(tmp_path / resumed_from, tmp_path / run_dir)
+        for path in (tmp_path / run_dir / "checkpoints").glob("epoch-[78].*"):
+            path.unlink()  # as if the run had stopped after epoch 6 of its 8
+    hybrid = _train(tmp_path / "one_then_hybrid", 4, epochs, "--spatial_parts=2")
+    resumed = _train(tmp_path / "slabs_then_one", 1, epochs)
+    for resumed_run in (hybrid, resumed):
+        assert "Epoch 7/8" in resumed_run.stdout and "Epoch 6/8" not in resumed_run.stdout
+
+    reference = _checkpoint_values(tmp_path / "one", 8)
+    for run_dir in ("slabs", "one_then_hybrid", "slabs_then_one"):
+        _assert_same_values(_checkpoint_values(tmp_path / run_dir, 8), reference)
+    one, slabs = read_log(tmp_path / "one"), read_log(tmp_path / "slabs")
+    for key in ("loss", "val_loss", "val_iou", "val_dice", "lr"):
+        assert float(slabs[-1][key]) == pytest.approx(float(one[-1][key]), rel=1e-9), key
+    results = json.loads((tmp_path / "slabs" / "results.json").read_text())
+    assert results["parallelism"] == "spatial" and results["spatial_parts"] == 2
+    assert len(results["peak_memory_mb_by_rank"]) == 2
+    hybrid_results = json.loads((tmp_path / "one_then_hybrid" / "results.json").read_text())
+    assert hybrid_results["world_size"] == 4 and hybrid_results["global_batch_size"] == 4
+    whole, from_slabs = _slices_image(tmp_path / "one"), _slices_image(tmp_path / "slabs")
+    assert whole.shape == from_slabs.shape
+    assert np.mean(np.abs(whole.astype(float) - from_slabs)) < 0.5
+
+
+@pytest.mark.distributed
+def test_a_rank_holds_only_its_slabs_activations(tmp_path):
+    """A 64^3 survey, one step of the small U-Net (float32, batch 1): each of the 2 ranks of
+    P=2 peaks at most at 0.8 of one process's peak memory on the whole volume (measured
+    here: 0.67; the runtime's own few hundred MiB are on both sides)."""
+    flags = ["--volume_size=64", "--patch_size=64", "--num_volumes=4", "--global_batch_size=1",
+             "--epochs=1", "--warmup_epochs=0", "--steps_per_epoch=1", "--validation_steps=1"]
+    peaks = {}
+    for processes, extra in ((1, []), (2, ["--spatial_parts=2"])):
+        model_dir = tmp_path / str(processes)
+        command = train_command("--flagfile=configs/seismic_faults_cpu.cfg", *flags, *extra,
+                                f"--model_dir={model_dir}")
+        run([*mpirun(processes), *command] if processes > 1 else command)
+        peaks[processes] = json.loads((model_dir / "results.json").read_text())[
+            "peak_memory_mb_by_rank"]
+    assert len(peaks[2]) == 2 and max(peaks[2]) < 0.8 * peaks[1][0], peaks
+
+
+@pytest.mark.distributed
+def test_a_signal_stops_a_spatial_run_mid_epoch_and_the_rerun_ends_as_if_uninterrupted(
+        tmp_path):
+    """SIGUSR1 to rank 1 (the second slab) in epoch 2: rank 0 saves the step both reached,
+    the job exits 75, and the same command resumes there and ends with the uninterrupted
+    run's weights (float64, 1e-10)."""
+    flags = [*SURVEYS, "--spatial_parts=2", "--model=unet3d_small", "--epochs=3",
+             "--warmup_epochs=1", "--steps_per_epoch=40", "--validation_steps=1",
+             "--global_batch_size=2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+
+    def command(model_dir):
+        return [PYTHON, "-m", "app.launch", "-np", "2", *flags, f"--model_dir={model_dir}"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        uninterrupted = pool.submit(run, command(straight))
+        returncode, _, stderr = signal_rank_1(command(stopped), stopped, signal.SIGUSR1, 120,
+                                              epoch=2)
+        uninterrupted.result()
+    assert returncode == 75, stderr[-3000:]
+    saved = sorted(path.name for path in (stopped / "checkpoints").glob("epoch-*-step-*.index"))
+    assert len(saved) == 1, saved
+    epochs_done, steps_done = map(int, saved[0][len("epoch-"):-len(".index")].split("-step-"))
+    assert epochs_done in (1, 2) and 0 < steps_done < 40, saved  # 2: the signal came late
+    result = run(command(stopped))
+    assert f"Epoch {epochs_done + 1}/3" in result.stdout
+    _assert_same_values(_checkpoint_values(stopped, 3), _checkpoint_values(straight, 3))
+
+
+@pytest.mark.distributed
+def test_what_cannot_be_split_is_refused_on_every_rank_with_one_line(tmp_path):
+    """Before any training, exit 2 on both ranks and one line naming the flag and why: a
+    model with a layer that mixes the slabs (named), slabs the model's down-sampling does
+    not divide, --spatial_parts with --pipeline_stages, under Gloo, and a P that does not
+    divide the processes."""
+    cases = [
+        (mpirun(2), ["--flagfile=configs/digits_cnn.cfg", "--spatial_parts=2"],
+         ["--spatial_parts=2", "cannot split --model=cnn", "'flatten'", "Flatten"]),
+        (mpirun(2), [*SURVEYS, "--spatial_parts=2", "--volume_size=12", "--patch_size=12"],
+         ["--spatial_parts=2", "12 planes", "down-sampling by 4"]),
+        (mpirun(2), [*SURVEYS, "--spatial_parts=2", "--pipeline_stages=2"],
+         ["--pipeline_stages=2", "not supported with --spatial_parts"]),
+        (horovodrun(2), [*SURVEYS, "--spatial_parts=2"], ["--spatial_parts=2", "needs MPI"]),
+        (mpirun(2), [*SURVEYS, "--spatial_parts=4"],
+         ["--spatial_parts=4", "must divide the 2 processes"]),
+    ]
+    for launcher, flags, expected in cases:
+        model_dir = tmp_path / str(len(list(tmp_path.iterdir())))
+        result = run([*launcher, *train_command(*flags, f"--model_dir={model_dir}")],
+                     timeout=120, check=False)
+        errors = error_lines(result)
+        exited_2 = (result.returncode == 2 if launcher[0] == "mpirun"  # horovodrun exits 1
+                    else result.returncode == 1 and "Exit code: 2" in result.stderr)
+        assert exited_2 and len(errors) == 1, (flags, result.stderr[-3000:])
+        for part in expected:
+            assert part in errors[0], (part, errors)
+        assert "Epoch" not in result.stdout and not (model_dir / "checkpoints").exists()
