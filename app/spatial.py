@@ -18,7 +18,7 @@ sum of the group's gradients is `parts` times the example's, and Horovod's avera
 N = parts x replicas ranks is the average of the replicas' gradients: what one process
 computes on the whole global batch.
 """
-import horovod.tensorflow
+import math
 
 from app.compat import hvd_tensorflow, tf
 from app.sync_batch_norm import SyncBatchNormalization
@@ -195,14 +195,39 @@ def check_layer(layer, slab_shape):
     elif isinstance(layer, keras.layers.BatchNormalization):
         if layer.axis not in ([len(slab_shape)], [-1]):
             raise _refused(layer, "normalizes along a spatial axis")
-    elif isinstance(layer, Recomputed):
-        shape = (None, *slab_shape)
-        for inner in layer.inner:
-            check_layer(inner, shape[1:])
-            shape = inner.compute_output_shape(shape)
     elif not isinstance(layer, _VOXELWISE):
         raise _refused(layer, "mixes the slabs (it is not a convolution, pooling, "
                               "upsampling, normalization or voxel-wise layer)")
+
+
+def _layers_and_input_shapes(model):
+    """(layer, input shape with the batch axis) of every layer after the input, those a
+    Recomputed runs included; a layer of several inputs once per input."""
+    for layer in model.layers[1:]:
+        shapes = layer.input_shape if isinstance(layer.input_shape, list) else [layer.input_shape]
+        for shape in shapes:
+            if isinstance(layer, Recomputed):
+                for inner in layer.inner:
+                    yield inner, tuple(shape)
+                    shape = inner.compute_output_shape(shape)
+            else:
+                yield layer, tuple(shape)
+
+
+def halo_bytes(model, parts, batch, bytes_per_value):
+    """The bytes a spatial group's halo exchanges send in one training step of `batch`
+    examples of `model`'s input split into `parts` slabs: every inner slab boundary's halo
+    planes, forward and their gradients backward (a recomputed level sends its forward ones
+    again)."""
+    values = 0
+    for layer, shape in _layers_and_input_shapes(model):
+        if isinstance(layer, _CONVOLUTIONS) and not isinstance(layer, _TRANSPOSED):
+            planes = sum(same_padding(shape[1] // parts, layer.kernel_size[0], layer.strides[0],
+                                      layer.dilation_rate[0]))
+            passes = 3 if any(isinstance(outer, Recomputed) and layer in outer.inner
+                              for outer in model.layers) else 2
+            values += passes * (parts - 1) * planes * math.prod(shape[2:]) * batch
+    return values * bytes_per_value
 
 
 def split_model(model, part, parts, process_set):
@@ -214,13 +239,11 @@ def split_model(model, part, parts, process_set):
         raise SpatialError(f"its input's {whole_shape[0]} planes do not divide into "
                            f"{parts} slabs")
     planes = whole_shape[0] // parts
-    for layer in model.layers[1:]:  # after the InputLayer
-        shapes = layer.input_shape if isinstance(layer.input_shape, list) else [layer.input_shape]
-        for shape in shapes:
-            if shape[1] % parts:
-                raise _refused(layer, f"takes {shape[1]} planes, which do not divide into "
-                                      f"{parts} slabs")
-            check_layer(layer, (shape[1] // parts, *shape[2:]))
+    for layer, shape in _layers_and_input_shapes(model):
+        if shape[1] % parts:
+            raise _refused(layer, f"takes {shape[1]} planes, which do not divide into "
+                                  f"{parts} slabs")
+        check_layer(layer, (shape[1] // parts, *shape[2:]))
 
     def slab_layer(layer):
         if isinstance(layer, Recomputed):
@@ -231,7 +254,7 @@ def split_model(model, part, parts, process_set):
             return _halo_convolution(type(layer))(part=part, parts=parts,
                                                   process_set=process_set, **config)
         if isinstance(layer, keras.layers.BatchNormalization) and not isinstance(
-                layer, horovod.tensorflow.SyncBatchNormalization):
+                layer, hvd_tensorflow.SyncBatchNormalization):
             return GroupBatchNormalization(process_set=process_set, group_size=parts,
                                            **{**config, "fused": False})
         if isinstance(layer, keras.layers.Rescaling) and getattr(

@@ -9,7 +9,8 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import (PYTHON, error_lines, horovodrun, mpirun, read_log, run, train_command)
+from conftest import (PYTHON, error_lines, horovodrun, mpirun, read_log, run, run_study,
+                      train_command)
 from test_fault_tolerance import signal_rank_1
 
 import tensorflow as tf
@@ -180,3 +181,42 @@ def test_what_cannot_be_split_is_refused_on_every_rank_with_one_line(tmp_path):
         for part in expected:
             assert part in errors[0], (part, errors)
         assert "Epoch" not in result.stdout and not (model_dir / "checkpoints").exists()
+
+
+def test_halo_bytes_are_the_planes_beside_each_inner_slab_boundary():
+    """Two convolutions over a 3D input of 8 planes of 4x4: kernel 3 (one plane each way)
+    on 1 channel, kernel 5 (two) on 2 channels; a 1x1 convolution sends none. P=4 slabs
+    have 3 inner boundaries, forward and backward."""
+    import models  # noqa: F401 (app.compat first, through app.spatial)
+    from app import spatial
+    inputs = tf.keras.Input((8, 4, 4, 1))
+    x = tf.keras.layers.Conv3D(2, 3, padding="same")(inputs)
+    x = tf.keras.layers.Conv3D(2, 5, padding="same")(x)
+    model = tf.keras.Model(inputs, tf.keras.layers.Conv3D(1, 1)(x))
+    per_boundary = 2 * 16 * 1 + 4 * 16 * 2
+    assert spatial.halo_bytes(model, 4, batch=3, bytes_per_value=4) == (
+        2 * 3 * per_boundary * 3 * 4)
+    assert spatial.same_padding(16, 4, 2) == (1, 1) and spatial.same_padding(16, 3, 1, 2) == (2, 2)
+
+
+@pytest.mark.distributed
+def test_the_spatial_study_tables_what_its_runs_measured(tmp_path):
+    """app.studies.spatial_parallelism at its smallest: 16^3, P=2, two steps, under a budget
+    far too small to train in (every such run fails)."""
+    stdout, rows = run_study(tmp_path, "app.studies.spatial_parallelism", "spatial_study.csv",
+                             "--sizes=16", "--parts=2", "--steps=2", "--warmup_steps=1",
+                             "--memory_budget_mb=64", "--budget_sizes=16")
+    modes = ["one process", "recompute", "data parallel", "spatial P=2",
+             "spatial P=2 + recompute"]
+    assert [row["mode"] for row in rows] == modes + modes
+    one = json.loads((tmp_path / "16-one-process" / "results.json").read_text())
+    slabs = json.loads((tmp_path / "16-spatial-P=2" / "results.json").read_text())
+    assert slabs["spatial_parts"] == 2 and len(slabs["peak_memory_mb_by_rank"]) == 2
+    assert float(rows[3]["peak_memory_mb"]) == max(slabs["peak_memory_mb_by_rank"])
+    assert float(rows[3]["cpu_per_voxel_over_one_process"]) == pytest.approx(
+        slabs["cpu_ms_per_image"] / one["cpu_ms_per_image"])
+    assert float(rows[0]["halo_mb_per_step"]) == 0 < float(rows[3]["halo_mb_per_step"]) < float(
+        rows[4]["halo_mb_per_step"])  # recomputing levels send their halos again
+    assert all(row["largest_size_within_budget"] == "" for row in rows[5:])
+    assert "16^3, spatial P=2: " in stdout and "under 64 MiB per process" in stdout
+    assert (tmp_path / "spatial_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -183,3 +183,27 @@ def pipeline_study(path, bubble_rows, memory_rows, budget_mb, title):
     memory.set_ylim(0, 1.15 * max(row["peak_memory_mb"] for row in memory_rows))
     figure.suptitle(title, fontsize=9)
     _save(figure, path)
+
+
+def spatial_study(path, rows, budget_mb, title):
+    """Left: each mode's peak memory per rank against the volume's side, with the budget.
+    Right: its throughput in voxels/s."""
+    figure, (memory, speed) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for number, mode in enumerate(dict.fromkeys(row["mode"] for row in rows)):
+        own = [row for row in rows if row["mode"] == mode]
+        sizes = [row["size"] for row in own]
+        style = dict(color=f"C{number}", marker="o",
+                     label=mode + (" (more processes than cores)" if own[0]["oversubscribed"]
+                                   else ""))
+        memory.plot(sizes, [row["peak_memory_mb"] for row in own], **style)
+        speed.plot(sizes, [row["voxels_per_sec"] / 1e6 for row in own], **style)
+    if budget_mb:
+        memory.axhline(budget_mb, color="tab:red", linestyle="--",
+                       label=f"budget: {budget_mb} MiB of data segment per process")
+    memory.set_ylabel("peak resident MiB, largest rank")
+    speed.set_ylabel("million voxels trained per second")
+    for axes in (memory, speed):
+        axes.set_xlabel("volume side (voxels)")
+        axes.legend(fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    _save(figure, path)

@@ -55,6 +55,18 @@ def study_parser(module, doc):
         "Other arguments go to every run (app.train flags: python -m app.train --helpfull).")
 
 
+def whole_numbers(parser, name, text):
+    """The positive whole numbers of option --`name`'s comma-separated `text`; a usage error
+    otherwise."""
+    try:
+        values = [int(value) for value in text.split(",")]
+    except ValueError:
+        parser.error(f"--{name}={text}: must be whole numbers, comma-separated")
+    if min(values) < 1:
+        parser.error(f"--{name}={text}: must be positive")
+    return values
+
+
 def write_table(stem, rows, csv_columns, markdown_columns, title=None, notes=()):
     """Writes a study's table: `rows` (dicts) to STEM.csv, the values of `csv_columns` in
     full, and to STEM.md, a markdown table under `# title` of `markdown_columns`, each

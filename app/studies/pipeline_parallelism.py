@@ -142,16 +142,6 @@ _COLUMNS = ("part", "run", "stages", "microbatches", "processes", "images_per_se
             "trained_within_budget")
 
 
-def _whole_numbers(parser, name, text):
-    try:
-        values = [int(value) for value in text.split(",")]
-    except ValueError:
-        parser.error(f"--{name}={text}: must be whole numbers, comma-separated")
-    if min(values) < 1:
-        parser.error(f"--{name}={text}: must be positive")
-    return values
-
-
 def main(argv=None):
     parser = harness.study_parser("app.studies.pipeline_parallelism", __doc__)
     parser.add_argument("--model", default="resnet20", help="the bubble runs' model")
@@ -173,8 +163,8 @@ def main(argv=None):
     parser.add_argument("--out_dir", default="runs/pipeline_study",
                         help="where the runs, the table and the figure go")
     args, train_args = parser.parse_known_args(argv)
-    args.stages = _whole_numbers(parser, "stages", args.stages)
-    args.microbatches = _whole_numbers(parser, "microbatches", args.microbatches)
+    args.stages = harness.whole_numbers(parser, "stages", args.stages)
+    args.microbatches = harness.whole_numbers(parser, "microbatches", args.microbatches)
     os.makedirs(args.out_dir, exist_ok=True)
     bubble_rows = measure_bubble(args, train_args)
     memory_rows = measure_memory(args, train_args)
