@@ -1,5 +1,6 @@
 """Preemption and lost ranks: a job that loses a rank stops promptly instead of hanging, and
 the same command resumes it from its last complete checkpoint."""
+import concurrent.futures
 import json
 import os
 import shutil
@@ -60,6 +61,24 @@ def signal_rank_1(command, model_dir, signal_number, timeout, epoch=3, checkpoin
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
+
+
+def signalled_beside_uninterrupted(flags, tmp_path, timeout, checkpoints="checkpoints"):
+    """`app.launch -np 2 FLAGS` twice at once: into TMP/straight uninterrupted, and into
+    TMP/stopped with SIGUSR1 to rank 1 early in epoch 2 (once epoch 1 is saved in its
+    `checkpoints` folder); (the command for a model_dir, straight, stopped, the signalled
+    job's return code and stderr)."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+
+    def command(model_dir):
+        return [PYTHON, "-m", "app.launch", "-np", "2", *flags, f"--model_dir={model_dir}"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        uninterrupted = pool.submit(run, command(straight))
+        returncode, _, stderr = signal_rank_1(command(stopped), stopped, signal.SIGUSR1,
+                                              timeout, epoch=2,
+                                              checkpoints=stopped / checkpoints)
+        uninterrupted.result()
+    return command, straight, stopped, returncode, stderr
 
 
 @pytest.mark.distributed

@@ -1,17 +1,15 @@
 """Pipeline parallelism (app.pipeline): stages on ranks, microbatches, hybrid with Horovod's
 data parallelism, recomputation; the same weights as one process."""
-import concurrent.futures
 import json
 import os
 import re
 import shutil
-import signal
 
 import numpy as np
 import pytest
 from conftest import INTEGRITY_FLAGS, PYTHON, error_lines, horovodrun, mpirun, run
 from conftest import run_concurrently, run_study, train_command
-from test_fault_tolerance import signal_rank_1
+from test_fault_tolerance import signalled_beside_uninterrupted
 from test_train import checkpoint_values, per_step_learning_rates
 
 from app import pipeline, pipeline_plan
@@ -330,16 +328,8 @@ def test_a_signal_stops_a_staged_run_mid_epoch_and_the_rerun_ends_as_if_uninterr
     flags = ["--flagfile=configs/digits_cnn.cfg", "--model=mlp", "--pipeline_stages=2",
              "--microbatches=2", "--deterministic", "--float64", "--global_batch_size=128",
              "--steps_per_epoch=60", "--epochs=3", "--validation_steps=1"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-
-    def command(model_dir):
-        return [PYTHON, "-m", "app.launch", "-np", "2", *flags, f"--model_dir={model_dir}"]
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        uninterrupted = pool.submit(run, command(straight))
-        returncode, _, stderr = signal_rank_1(command(stopped), stopped, signal.SIGUSR1, 60,
-                                              epoch=2, checkpoints=stopped / "checkpoints" /
-                                              "stage-1")
-        uninterrupted.result()
+    command, straight, stopped, returncode, stderr = signalled_beside_uninterrupted(
+        flags, tmp_path, 60, checkpoints="checkpoints/stage-1")
     assert returncode == 75, stderr[-3000:]
     saved = [sorted(path.name for path in (stopped / "checkpoints" / f"stage-{stage}").glob(
         "epoch-*-step-*.index")) for stage in (0, 1)]

@@ -1,17 +1,15 @@
 """Spatial parallelism (app.spatial, --spatial_parts): slabs compute what the whole model
 computes, training on slabs ends where one process ends, one checkpoint format, a signal
 mid-epoch, each rank's memory, and the refusals."""
-import concurrent.futures
 import json
 import shutil
-import signal
 
 import numpy as np
 import pytest
 
 from conftest import (PYTHON, error_lines, horovodrun, mpirun, read_log, run, run_study,
                       train_command)
-from test_fault_tolerance import signal_rank_1
+from test_fault_tolerance import signalled_beside_uninterrupted
 
 import tensorflow as tf
 
@@ -134,15 +132,8 @@ def test_a_signal_stops_a_spatial_run_mid_epoch_and_the_rerun_ends_as_if_uninter
     flags = [*SURVEYS, "--spatial_parts=2", "--model=unet3d_small", "--epochs=3",
              "--warmup_epochs=1", "--steps_per_epoch=40", "--validation_steps=1",
              "--global_batch_size=2"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-
-    def command(model_dir):
-        return [PYTHON, "-m", "app.launch", "-np", "2", *flags, f"--model_dir={model_dir}"]
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        uninterrupted = pool.submit(run, command(straight))
-        returncode, _, stderr = signal_rank_1(command(stopped), stopped, signal.SIGUSR1, 120,
-                                              epoch=2)
-        uninterrupted.result()
+    command, straight, stopped, returncode, stderr = signalled_beside_uninterrupted(
+        flags, tmp_path, 120)
     assert returncode == 75, stderr[-3000:]
     saved = sorted(path.name for path in (stopped / "checkpoints").glob("epoch-*-step-*.index"))
     assert len(saved) == 1, saved
