@@ -113,6 +113,14 @@ class PipelinedStage(tf.keras.Model):
                                    else self._call_training, reduce_retracing=True)
         self.infer = tf.function(self.stage_model, reduce_retracing=True)
         self.loss_and_metrics = tf.function(self._loss_and_metrics, reduce_retracing=True)
+        # The last stage's outputs and loss in one function, as in one process's step:
+        # Keras takes a softmax's cross-entropy from its logits only where it sees the
+        # softmax, and from the probabilities (other rounding) past a function's boundary.
+        # Under 1F1B the last stage holds one microbatch's activations at a time, so not
+        # recomputing them there costs nothing.
+        self.fuses_loss = where.last and not (recompute and order == "gpipe")
+        self.forward_and_loss = tf.function(self._forward_and_loss, reduce_retracing=True)
+        self.evaluate_and_loss = tf.function(self._evaluate_and_loss, reduce_retracing=True)
 
     def call(self, inputs, training=None):
         return self.stage_model(inputs, training=training)
@@ -135,10 +143,14 @@ class PipelinedStage(tf.keras.Model):
                     stage_input = self._receive(input_parts[index], index)
                     if not where.first:
                         tape.watch(stage_input)
-                    outputs = self.forward(stage_input)
-                    target = (self.loss_and_metrics(label_parts[index], outputs,
-                                                    regularization)
-                              if where.last else outputs)
+                    if self.fuses_loss:
+                        target = self.forward_and_loss(stage_input, label_parts[index],
+                                                       regularization)
+                    else:
+                        outputs = self.forward(stage_input)
+                        target = (self.loss_and_metrics(label_parts[index], outputs,
+                                                        regularization)
+                                  if where.last else outputs)
                 if not where.last:
                     pending.append(self.pipe.isend(outputs.numpy(), where.stage + 1, index))
                 kept[index] = (tape, stage_input, target)
@@ -163,11 +175,12 @@ class PipelinedStage(tf.keras.Model):
     def test_step(self, data):
         inputs, labels = data[:2]
         regularization, _ = self._regularization([])
-        outputs = self.infer(self._receive(inputs, 0), training=False)
+        stage_input = self._receive(inputs, 0)
         if self.where.last:
-            self.loss_and_metrics(labels, outputs, regularization)
+            self.evaluate_and_loss(stage_input, labels, regularization)
         else:
-            self.pipe.send(outputs.numpy(), self.where.stage + 1, 0)
+            self.pipe.send(self.infer(stage_input, training=False).numpy(),
+                           self.where.stage + 1, 0)
         return self._shared_metrics(labels)
 
     def average(self, gradients):
@@ -184,6 +197,13 @@ class PipelinedStage(tf.keras.Model):
         loss = self.compiled_loss(labels, outputs, regularization_losses=[regularization])
         self.compiled_metrics.update_state(labels, outputs)
         return loss
+
+    def _forward_and_loss(self, inputs, labels, regularization):
+        return self._loss_and_metrics(labels, self._call_training(inputs), regularization)
+
+    def _evaluate_and_loss(self, inputs, labels, regularization):
+        return self._loss_and_metrics(labels, self.stage_model(inputs, training=False),
+                                      regularization)
 
     def _receive(self, own, tag):
         """The stage's input: its own (the first stage's data), or the previous stage's."""

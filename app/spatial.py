@@ -54,10 +54,12 @@ def with_halos(slab, before, after, part, parts, process_set):
     if part < parts - 1:
         sends.append(slab[:, slab.shape[1] - before:])
         splits[part + 1] = before
-    received, _ = hvd_tensorflow.alltoall(
-        _first_axis_first(tf.concat(sends, axis=1)), splits=splits, process_set=process_set)
+    sent = _first_axis_first(tf.concat(sends, axis=1))
+    if sent.dtype == tf.bfloat16:  # Horovod's alltoall takes no bfloat16; float32 holds it
+        sent = tf.cast(sent, tf.float32)
+    received, _ = hvd_tensorflow.alltoall(sent, splits=splits, process_set=process_set)
     got_before, got_after = (before if part > 0 else 0), (after if part < parts - 1 else 0)
-    received = tf.ensure_shape(_first_axis_first(received),
+    received = tf.ensure_shape(_first_axis_first(tf.cast(received, slab.dtype)),
                                [slab.shape[0], got_before + got_after, *slab.shape[2:]])
     front = received[:, :got_before] if part > 0 else tf.zeros_like(slab[:, :before])
     back = received[:, got_before:] if part < parts - 1 else tf.zeros_like(slab[:, :after])

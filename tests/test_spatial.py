@@ -106,6 +106,25 @@ def test_training_on_slabs_ends_with_one_processs_weights_and_checkpoints_cross_
 
 
 @pytest.mark.distributed
+def test_slabs_compose_with_accumulation_steps_and_bfloat16(tmp_path):
+    """--accumulation_steps=2 (Horovod's optimizer averages two batches per update) at P=2
+    ends with one process's weights at the same flags (float64, 1e-10); under
+    --mixed_precision=bfloat16 the halos cross as bfloat16 values (in float32: Horovod's
+    alltoall takes no bfloat16) and training stays finite."""
+    accumulated = ["--epochs=4", "--accumulation_steps=2", "--steps_per_epoch=2"]
+    _train(tmp_path / "one", 1, *accumulated)
+    _train(tmp_path / "slabs", 2, *accumulated, "--spatial_parts=2")
+    _assert_same_values(_checkpoint_values(tmp_path / "slabs", 4),
+                        _checkpoint_values(tmp_path / "one", 4))
+    command = train_command(*[flag for flag in SURVEYS if flag != "--float64"], "--epochs=3",
+                            "--spatial_parts=2", "--mixed_precision=bfloat16",
+                            f"--model_dir={tmp_path / 'bfloat16'}")
+    run([*mpirun(2), *command])
+    results = json.loads((tmp_path / "bfloat16" / "results.json").read_text())
+    assert results["precision"] == "mixed_bfloat16" and np.isfinite(results["loss"])
+
+
+@pytest.mark.distributed
 def test_a_rank_holds_only_its_slabs_activations(tmp_path):
     """A 64^3 survey, one step of the small U-Net (float32, batch 1): each of the 2 ranks of
     P=2 peaks at most at 0.8 of one process's peak memory on the whole volume (measured
