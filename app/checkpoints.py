@@ -5,6 +5,7 @@ tf.train.CheckpointManager writes each checkpoint's files first and only then po
 included, finds its last complete epoch. Each checkpoint also records the global batch it
 was trained with, so that a run resumed on another number of processes keeps it. A run
 resumes from the newest checkpoint that reads whole, passing over damaged newer ones."""
+import contextlib
 import glob
 import os
 import re
@@ -109,12 +110,16 @@ def restore(checkpoint_manager, epochs, steps=0):
     _restore_matching(checkpoint_manager.checkpoint, path)
 
 
-def save_mid_epoch(checkpoint_manager, epochs, steps):
-    """Writes epoch-N-step-S (after N epochs and S steps) beside the epoch checkpoints, and
-    returns its path; the next epoch's save removes it."""
+def save_mid_epoch(checkpoint_manager, epochs, steps, saves=True,
+                   whole_state=contextlib.nullcontext):
+    """Writes epoch-N-step-S (after N epochs and S steps) beside the epoch checkpoints where
+    `saves`, and returns its path; the next epoch's save removes it. Every rank calls it,
+    inside `whole_state()` (which gathers a sharded optimizer's state)."""
     path = os.path.join(checkpoint_manager.directory, checkpoint_name(epochs, steps))
-    _saving(checkpoint_manager, path, lambda: checkpoint_manager.checkpoint.write(path))
-    return path
+    with whole_state():
+        if saves:
+            _saving(checkpoint_manager, path, lambda: checkpoint_manager.checkpoint.write(path))
+    return path if saves else None
 
 
 def _saving(checkpoint_manager, path, save):
@@ -151,17 +156,22 @@ class SaveError(RuntimeError):
 
 
 class SaveEveryEpoch(tf.keras.callbacks.Callback):
-    """Saves epoch-N after N epochs; raises SaveError naming the model_dir when the save
-    fails (the manager writes a checkpoint's files before it points its index at them, so
-    the checkpoints before stay intact)."""
+    """Saves epoch-N after N epochs where `saves` (on every rank, inside `whole_state()`,
+    which gathers a sharded optimizer's state); raises SaveError naming the model_dir when
+    the save fails (the manager writes a checkpoint's files before it points its index at
+    them, so the checkpoints before stay intact)."""
 
-    def __init__(self, checkpoint_manager):
+    def __init__(self, checkpoint_manager, saves=True, whole_state=contextlib.nullcontext):
         super().__init__()
         self.checkpoint_manager = checkpoint_manager
+        self.saves, self.whole_state = saves, whole_state
 
     def on_epoch_end(self, epoch, logs=None):
-        _saving(self.checkpoint_manager, checkpoint_name(epoch + 1),
-                lambda: self.checkpoint_manager.save(checkpoint_number=epoch + 1))
+        with self.whole_state():
+            if not self.saves:
+                return
+            _saving(self.checkpoint_manager, checkpoint_name(epoch + 1),
+                    lambda: self.checkpoint_manager.save(checkpoint_number=epoch + 1))
         for mid_epoch in glob.glob(os.path.join(self.checkpoint_manager.directory,
                                                 "epoch-*-step-*")):
             os.remove(mid_epoch)

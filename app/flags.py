@@ -174,6 +174,17 @@ def define_horovod_flags():
                       "what they share is averaged, what they do not is added up, so the LR "
                       "scales with one process's batch (one node's on GPUs with NCCL). Needs "
                       "Horovod's MPI controller and a power-of-2 number of processes.")
+    flags.DEFINE_bool("shard_optimizer_state", False,
+                      "ZeRO stage 1: each data-parallel rank keeps the optimizer's state "
+                      "(momentum, Adam's, LAMB's or NovoGrad's moments) for 1/N of every "
+                      "variable; the gradients are reduce-scattered and the updated weights "
+                      "allgathered (the bytes of one allreduce). Checkpoints keep the "
+                      "unsharded format, so a run resumes on any number of processes.")
+    flags.DEFINE_bool("shard_gradients", False,
+                      "ZeRO stage 2: --shard_optimizer_state, and under --accumulation_steps "
+                      "the gradients kept between batches are this rank's 1/N of them, "
+                      "reduce-scattered at every batch (stage 1 keeps whole gradients and "
+                      "reduce-scatters once per update).")
     flags.DEFINE_bool("sync_batch_norm", False,
                       "Batch normalization over the global batch: the models' BatchNormalization "
                       "layers become SyncBatchNormalization (Horovod's, guarded against a "

@@ -9,6 +9,9 @@ wraps them like SGD and Horovod's LR callbacks drive their `learning_rate`:
   gradient norm squared), the gradient normalized by it plus decoupled weight decay, then
   momentum with gradient averaging.
 
+Their norms are taken through `_norm`, whose sums a sharded optimizer (app.sharded_optimizer)
+completes over the ranks that hold the other pieces of a variable.
+
 Biases and normalization parameters (names holding one of EXCLUDED) get neither the trust
 ratio nor weight decay, as the papers and their reference implementations do. A trust
 ratio whose norms are zero is 1. Dense gradients only (the models here have no embeddings).
@@ -36,6 +39,17 @@ class _LayerwiseOptimizer(tf.keras.optimizers.legacy.Optimizer):
         super().__init__(name, **kwargs)
         self._set_hyper("learning_rate", kwargs.get("lr", learning_rate))
         self.weight_decay = weight_decay
+
+    def _summed_over_shards(self, partial):
+        """The sum over a whole variable of `partial`, a sum over the part of it this
+        optimizer updates: all of it here (app.sharded_optimizer overrides this)."""
+        return partial
+
+    def _squared_norm(self, tensor):
+        return self._summed_over_shards(tf.reduce_sum(tf.square(tensor)))
+
+    def _norm(self, tensor):
+        return tf.sqrt(self._squared_norm(tensor))
 
     def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
         raise NotImplementedError(f"{self.__class__.__name__} takes dense gradients only")
@@ -65,7 +79,7 @@ class LARS(_LayerwiseOptimizer):
         if excluded(var):
             update = grad
         else:
-            weight_norm, grad_norm = tf.norm(var), tf.norm(grad)
+            weight_norm, grad_norm = self._norm(var), self._norm(grad)
             local_lr = self.eta * _trust_ratio(weight_norm,
                                                grad_norm + self.weight_decay * weight_norm)
             update = local_lr * (grad + self.weight_decay * var)
@@ -103,7 +117,7 @@ class LAMB(_LayerwiseOptimizer):
         update = m_hat / (tf.sqrt(v_hat) + self.epsilon)
         if not excluded(var):
             update += self.weight_decay * var
-            update *= _trust_ratio(tf.norm(var), tf.norm(update))
+            update *= _trust_ratio(self._norm(var), self._norm(update))
         return var.assign_sub(learning_rate * update)
 
     def get_config(self):
@@ -128,7 +142,7 @@ class NovoGrad(_LayerwiseOptimizer):
         dtype = var.dtype.base_dtype
         learning_rate = self._decayed_lr(dtype)
         beta_1, beta_2 = self._get_hyper("beta_1", dtype), self._get_hyper("beta_2", dtype)
-        squared_norm = tf.reduce_sum(tf.square(grad))
+        squared_norm = self._squared_norm(grad)
         v_slot = self.get_slot(var, "v")
         v = v_slot.assign(tf.where(self.iterations == 0, squared_norm,
                                    beta_2 * v_slot + (1 - beta_2) * squared_norm))

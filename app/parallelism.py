@@ -10,7 +10,8 @@ callback broadcasts the initial state, and where a rank's checkpoints go. A new 
 new class here and an entry in KINDS.
 """
 import models
-from app import checkpoints, cli, devices, optimizers, pipeline, pipeline_plan, spatial
+from app import (checkpoints, cli, devices, optimizers, pipeline, pipeline_plan,
+                 sharded_optimizer, spatial)
 from app.arithmetic import FlagError, batch_sizes
 from app.compat import hvd
 
@@ -40,6 +41,21 @@ class DataParallel:
         if self.flags.adasum and world_size & (world_size - 1):
             raise FlagError("adasum", True, f"needs a power-of-2 number of processes "
                                             f"(Horovod's Adasum), not {world_size}")
+        self.refuse_with_sharding(adasum=self.flags.adasum, elastic=self.flags.elastic)
+
+    def sharding(self):
+        """The ZeRO stage of the optimizer state: 0 (none), 1 (--shard_optimizer_state) or
+        2 (--shard_gradients)."""
+        return 2 if self.flags.shard_gradients else int(self.flags.shard_optimizer_state)
+
+    def refuse_with_sharding(self, **refused):
+        """Raises FlagError naming the first flag of `refused` (name -> whether set) that is
+        set while the optimizer state is sharded."""
+        stage = self.sharding()
+        for name, value in refused.items():
+            if stage and value:
+                raise FlagError(name, self.flags[name].value, "is not supported with "
+                                f"--{'shard_gradients' if stage == 2 else 'shard_optimizer_state'}")
 
     def init_arguments(self, world_size):
         """hvd.init()'s keyword arguments."""
@@ -73,11 +89,19 @@ class DataParallel:
         distributed optimizer (and float16's loss scaling around it, so that every rank
         sees the same overflows)."""
         del num_outputs
-        options = optimizers.horovod_options(self.flags.accumulation_steps,
-                                             self.flags.fp16_allreduce)
-        distributed = (optimizers.adasum_distributed_optimizer(optimizer, **options)
-                       if self.flags.adasum else hvd.DistributedOptimizer(optimizer, **options))
-        return model, optimizers.loss_scaled(distributed, self.flags.mixed_precision)
+        flags = self.flags
+        options = optimizers.horovod_options(flags.accumulation_steps, flags.fp16_allreduce)
+        if self.sharding():  # ZeRO: reduce-scatter, update this rank's pieces, allgather
+            distributed = sharded_optimizer.shard(
+                optimizer, gradients_too=self.sharding() == 2,
+                accumulation_steps=flags.accumulation_steps,
+                compression=options["compression"],
+                agree_on_overflow=flags.mixed_precision == "float16")
+        elif flags.adasum:
+            distributed = optimizers.adasum_distributed_optimizer(optimizer, **options)
+        else:
+            distributed = hvd.DistributedOptimizer(optimizer, **options)
+        return model, optimizers.loss_scaled(distributed, flags.mixed_precision)
 
     runs_eagerly = False
 
@@ -115,7 +139,7 @@ class DataParallel:
 
     def results(self):
         return {"parallelism": self.name, "pipeline_stages": 1, "microbatches": 1,
-                "spatial_parts": 1}
+                "spatial_parts": 1, "optimizer_state_sharding": self.sharding()}
 
 
 class PipelineParallel(DataParallel):
@@ -153,7 +177,9 @@ class PipelineParallel(DataParallel):
                        "sync_batch_norm": flags.sync_batch_norm,
                        "accumulation_steps": flags.accumulation_steps > 1,
                        "steps_per_execution": flags.steps_per_execution > 1,
-                       "mixed_precision": flags.mixed_precision == "float16"}
+                       "mixed_precision": flags.mixed_precision == "float16",
+                       "shard_optimizer_state": flags.shard_optimizer_state,
+                       "shard_gradients": flags.shard_gradients}
         for name, refused in unsupported.items():
             if refused:
                 raise FlagError(name, flags[name].value, "is not supported with "

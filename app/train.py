@@ -11,6 +11,7 @@ of app.parallelism's object, which the recipe asks and never branches on.
 """
 import collections
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -23,7 +24,8 @@ from absl import app
 import input_pipeline
 import models
 from app import (arithmetic, callbacks, checkpoints, cli, devices, optimizers, parallelism,
-                 pipeline_plan, preemption, results, summaries, sync_batch_norm, watchdog)
+                 pipeline_plan, preemption, results, sharded_optimizer, summaries,
+                 sync_batch_norm, watchdog)
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
@@ -160,6 +162,8 @@ def build_and_restore(parallel, source, resume):
         if resumed:
             parallel.check_checkpoints(FLAGS.model_dir)
             checkpoints.restore(manager, resume.epoch, resume.saved_step)
+            # a sharded optimizer keeps its ranks' pieces of the restored state
+            sharded_optimizer.take_restored_slots(optimizer, model.trainable_variables)
         elif FLAGS.init_checkpoint:
             checkpoints.initialize_from(model, FLAGS.init_checkpoint)
     except checkpoints.MismatchError as error:
@@ -302,17 +306,20 @@ def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_stat
     found.append(callbacks.StopOnNonFiniteLoss(hvd.allgather, span.steps_per_epoch))
     # Horovod: warm up the learning rate, then schedule it.
     found += schedule
+    # the optimizer's whole state for a save (a sharded one's gathered from every rank)
+    whole_state = functools.partial(sharded_optimizer.whole_state, run.trainer.optimizer,
+                                    where.saves)
     if not (FLAGS.benchmark or elastic_state):  # after the schedule: its checkpoint holds the
         found.append(preemption.StopOnSignal(  # optimizer's own momentum
             lambda value: int(max(hvd.allgather(tf.constant([value]), name="signal"))),
-            lambda epochs, steps: (checkpoints.save_mid_epoch(run.checkpoint_manager, epochs,
-                                                              steps)
-                                   if where.saves else None),
+            lambda epochs, steps: checkpoints.save_mid_epoch(
+                run.checkpoint_manager, epochs, steps, where.saves, whole_state),
             span.steps_per_epoch, FLAGS.preemption_check_steps))
     found += meters
-    if where.saves and not FLAGS.benchmark:
+    if not FLAGS.benchmark:
         # Horovod: checkpoints on rank 0 only (each stage's on its first replica).
-        found.append(checkpoints.SaveEveryEpoch(run.checkpoint_manager))
+        found.append(checkpoints.SaveEveryEpoch(run.checkpoint_manager, where.saves,
+                                                whole_state))
     if hvd.rank() == 0 and not FLAGS.benchmark:
         found += summaries.callbacks(
             FLAGS.model_dir, flag_values=app_flags.values(), every_steps=FLAGS.summary_steps,

@@ -1,0 +1,103 @@
+"""Run under mpirun -np N: in float64, a small CNN (a bias of 3 elements, fewer than 4 ranks'
+pieces) trained some steps through Keras' fit() by each optimizer with its state sharded
+(app.sharded_optimizer; stage 1 and 2, with and without --accumulation_steps) and by
+Horovod's DistributedOptimizer on the same data: the largest relative differences of the
+weights and of the optimizer's whole slots (gathered from the pieces), this rank's slot
+elements and the unsharded optimizer's. Writes OUT_DIR/rank-R.json.
+
+    mpirun -np N python tests/workers/sharded_optimizer_check.py OUT_DIR
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
+
+from app import optimizers, sharded_optimizer
+
+keras = tf.keras
+OPTIMIZERS = {"momentum": 0.05, "adam": 0.01, "lamb": 0.01, "lars": 1.0, "novograd": 0.05}
+SETTINGS = {"stage1": (False, 1), "stage2": (True, 1), "stage1_accumulated": (False, 2),
+            "stage2_accumulated": (True, 2)}
+STEPS, BATCH = 4, 2  # per rank, per step
+
+
+def model():
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([
+        keras.Input((6, 6, 1)),
+        keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.BatchNormalization(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3)])
+
+
+def data(accumulation_steps):
+    """This rank's shard of the same global batches on every rank."""
+    examples = STEPS * accumulation_steps * BATCH * hvd.size()
+    generator = np.random.default_rng(0)
+    images = generator.normal(size=(examples, 6, 6, 1))
+    labels = generator.integers(0, 3, size=examples)
+    return (tf.data.Dataset.from_tensor_slices((images, labels))
+            .shard(hvd.size(), hvd.rank()).batch(BATCH))
+
+
+def train(name, sharded, gradients_too=False, accumulation_steps=1):
+    net = model()
+    optimizer = optimizers.build(name, OPTIMIZERS[name], momentum=0.9, weight_decay=1e-3)
+    if sharded:
+        optimizer = sharded_optimizer.shard(optimizer, gradients_too=gradients_too,
+                                            accumulation_steps=accumulation_steps)
+    else:
+        optimizer = hvd.DistributedOptimizer(
+            optimizer, **optimizers.horovod_options(accumulation_steps))
+    net.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    net.fit(data(accumulation_steps), epochs=1, verbose=0)
+    return net, optimizer
+
+
+def slots(net, optimizer):
+    """{(variable's index, slot): whole value} of the optimizer's slots."""
+    return {(index, slot_name): optimizer.get_slot(variable, slot_name).numpy()
+            for index, variable in enumerate(net.trainable_variables)
+            for slot_name in optimizer.get_slot_names()}
+
+
+def largest_difference(found, expected):
+    return max(float(np.max(np.abs(found[key] - expected[key])
+                            / np.maximum(np.abs(expected[key]), 1e-3))) for key in expected)
+
+
+def main(out_dir):
+    hvd.init()
+    keras.mixed_precision.set_global_policy("float64")
+    tf.config.experimental.enable_op_determinism()
+    cases = {}
+    for name in OPTIMIZERS:
+        for setting, (gradients_too, accumulation_steps) in SETTINGS.items():
+            reference, reference_optimizer = train(name, False,
+                                                   accumulation_steps=accumulation_steps)
+            net, optimizer = train(name, True, gradients_too, accumulation_steps)
+            elements = sharded_optimizer.slot_elements(optimizer)
+            expected_slots = slots(reference, reference_optimizer)
+            with sharded_optimizer.whole_state(optimizer, keep=True):
+                found_slots = slots(net, optimizer)
+            cases[f"{name}_{setting}"] = {
+                "weights": largest_difference(
+                    dict(enumerate(net.get_weights())), dict(enumerate(reference.get_weights()))),
+                "slots": largest_difference(found_slots, expected_slots),
+                "slot_names": sorted(reference_optimizer.get_slot_names()),
+                "iterations": [int(optimizer.iterations), int(reference_optimizer.iterations)],
+                "slot_elements": elements,
+                "slot_elements_after_save": sharded_optimizer.slot_elements(optimizer),
+                "unsharded_slot_elements": sharded_optimizer.slot_elements(reference_optimizer),
+                "slot_variables": len(expected_slots)}
+    with open(os.path.join(out_dir, f"rank-{hvd.rank()}.json"), "w") as out:
+        json.dump(cases, out, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
