@@ -177,9 +177,7 @@ class PipelineParallel(DataParallel):
                        "sync_batch_norm": flags.sync_batch_norm,
                        "accumulation_steps": flags.accumulation_steps > 1,
                        "steps_per_execution": flags.steps_per_execution > 1,
-                       "mixed_precision": flags.mixed_precision == "float16",
-                       "shard_optimizer_state": flags.shard_optimizer_state,
-                       "shard_gradients": flags.shard_gradients}
+                       "mixed_precision": flags.mixed_precision == "float16"}
         for name, refused in unsupported.items():
             if refused:
                 raise FlagError(name, flags[name].value, "is not supported with "
@@ -224,11 +222,15 @@ class PipelineParallel(DataParallel):
                             last_block=last_block, input_scaling=source.input_scaling)
 
     def trainer(self, model, optimizer, num_outputs):
-        """(this rank's PipelinedStage around `model`, the optimizer as it is): the stage's
-        step averages its gradients over the stage's replicas itself."""
+        """(this rank's PipelinedStage around `model`, the optimizer, its state sharded
+        over the stage's replicas under --shard_optimizer_state): the stage's step averages
+        its gradients over the stage's replicas itself."""
         flags = self.flags
         stage = pipeline.stage(model, self._where(), self._arguments, flags.microbatches,
                                num_outputs, flags.recompute, flags.pipeline_schedule)
+        if self.sharding():  # each stage's replicas shard that stage's state
+            optimizer = sharded_optimizer.shard(optimizer, gradients_too=self.sharding() == 2,
+                                                process_set=stage.process_set)
         return stage, optimizer
 
     @staticmethod

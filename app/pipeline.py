@@ -22,6 +22,7 @@ PIPELINE_CYCLE_TIME_MS, and keeps Horovod's threads at normal priority (BENCHMAR
 """
 import os
 
+from app import sharded_optimizer
 from app.compat import hvd, hvd_tensorflow, tf
 from app.pipeline_plan import schedule, stage_ranks
 
@@ -165,9 +166,9 @@ class PipelinedStage(tf.keras.Model):
                 pending.append(self.pipe.isend(gradients[-1].numpy(), where.stage - 1,
                                                count + index))
             totals = [total + gradient for total, gradient in zip(totals, gradients)]
-        gradients = self.average([total / count + own for total, own
-                                  in zip(totals, regularization_gradients)])
-        self.optimizer.apply_gradients(zip(gradients, variables))
+        self.optimizer.apply_gradients(self.reduced(
+            [total / count + own for total, own in zip(totals, regularization_gradients)],
+            variables))
         for request in pending:
             request.wait()
         return self._shared_metrics(labels)
@@ -183,14 +184,19 @@ class PipelinedStage(tf.keras.Model):
                            self.where.stage + 1, 0)
         return self._shared_metrics(labels)
 
-    def average(self, gradients):
-        """The gradients averaged over the stage's replicas (Horovod's grouped allreduce in
-        the stage's process set: the gradients come from the microbatches' backward passes,
-        not from the one loss hvd.DistributedOptimizer's compute_gradients would take)."""
-        if self.process_set.size() == 1:
-            return gradients
-        return hvd_tensorflow.grouped_allreduce(gradients, op=hvd_tensorflow.Average,
-                                                process_set=self.process_set)
+    def reduced(self, gradients, variables):
+        """(gradient, variable) pairs to apply: the gradients averaged over the stage's
+        replicas (Horovod's grouped allreduce in the stage's process set: the gradients come
+        from the microbatches' backward passes, not from the one loss
+        hvd.DistributedOptimizer's compute_gradients would take), or, for an optimizer whose
+        state is sharded over them, this rank's pieces of that average."""
+        sharded = sharded_optimizer.sharded_inside(self.optimizer)
+        if sharded is not None:
+            return sharded.reduce_scattered(gradients, variables)
+        if self.process_set.size() > 1:
+            gradients = hvd_tensorflow.grouped_allreduce(gradients, op=hvd_tensorflow.Average,
+                                                         process_set=self.process_set)
+        return list(zip(gradients, variables))
 
     def _loss_and_metrics(self, labels, outputs, regularization):
         """The last stage's loss, with the whole model's weight decay; the metrics updated."""

@@ -93,6 +93,12 @@ def slot_elements(optimizer):
                for slot in slots.values())
 
 
+def _flattened(gradients, variables):
+    """The gradients as vectors (zeros for a variable the loss does not reach)."""
+    return [tf.reshape(tf.zeros_like(variable) if gradient is None else gradient, [-1])
+            for gradient, variable in zip(gradients, variables)]
+
+
 class ShardedState:
     """The mix-in `shard` puts before an optimizer's class. Its slots are made for this
     rank's pieces (one variable per model variable, `piece_of[variable]`), which each update
@@ -113,14 +119,17 @@ class ShardedState:
         """This rank's pieces of the gradients averaged over the ranks (and, with
         accumulation, over the batches), paired with the whole variables."""
         grads_and_vars = super()._compute_gradients(loss, var_list, grad_loss, tape)
-        variables = [variable for _, variable in grads_and_vars]
-        flat = [tf.reshape(tf.zeros_like(variable) if grad is None else grad, [-1])
-                for grad, variable in grads_and_vars]
+        gradients, variables = zip(*grads_and_vars)
         if self.accumulation_steps == 1:
-            pieces = self._reduce_scatter(flat)
-        else:
-            pieces = self._accumulated_pieces(flat, variables)
+            return self.reduce_scattered(gradients, variables)
+        pieces = self._accumulated_pieces(_flattened(gradients, variables), variables)
         return list(zip(pieces, variables))
+
+    def reduce_scattered(self, gradients, variables):
+        """(this rank's piece of each gradient averaged over the ranks, its variable), which
+        apply_gradients takes; also for steps that compute their gradients themselves
+        (app.pipeline's stages)."""
+        return list(zip(self._reduce_scatter(_flattened(gradients, variables)), variables))
 
     def _reduce_scatter(self, flat_grads):
         pieces = hvd_tensorflow.grouped_reducescatter(
