@@ -24,6 +24,9 @@ RUNS = {  # name: (processes, flags), each after the integrity test's (conftest)
     "cnn-np1": (1, ["--model=cnn"]),
     "cnn-stages2x2-recompute": (4, ["--model=cnn", "--pipeline_stages=2", "--microbatches=2",
                                     "--recompute"]),
+    # each stage's 2 replicas shard that stage's momentum (app.sharded_optimizer)
+    "cnn-stages2x2-sharded": (4, ["--model=cnn", "--pipeline_stages=2", "--microbatches=2",
+                                  "--shard_optimizer_state"]),
     # batch norm normalizes each microbatch: the one process splits its batch alike
     "resnet-np1-microbatches2": (1, ["--model=resnet20", "--microbatches=2"]),
     "resnet-stages2": (2, ["--model=resnet20", "--pipeline_stages=2", "--microbatches=2"]),
@@ -71,12 +74,14 @@ def whole_model_values(model_dir, epoch, stages):
 @pytest.mark.parametrize("one, pipelined, stages", [
     ("mlp-np1", "mlp-stages2", 2),
     ("cnn-np1", "cnn-stages2x2-recompute", 2),
+    ("cnn-np1", "cnn-stages2x2-sharded", 2),
     ("resnet-np1-microbatches2", "resnet-stages2", 2),
 ])
 def test_pipelined_runs_end_with_the_weights_of_one_process(pipeline_runs, one, pipelined,
                                                             stages):
     """S=2 on 2 processes (MLP in GPipe's order, ResNet-20 cut between residual blocks in
-    1F1B's), S=2 x 2 replicas on 4 (CNN, recomputing, 1F1B): the stages' weights and
+    1F1B's), S=2 x 2 replicas on 4 (CNN, recomputing, 1F1B; and with each stage's momentum
+    sharded over its replicas, gathered into the stage's checkpoint): the stages' weights and
     momentum (and batch norm's statistics), put together, are one process's to 1e-10 after
     the 16 steps, every step at the same LR; each stage holds only its own part of the
     model. In float64, as the integrity test: in float32 the sums' order alone parts such

@@ -3,9 +3,10 @@ pieces) trained some steps through Keras' fit() by each optimizer with its state
 (app.sharded_optimizer; stage 1 and 2, with and without --accumulation_steps) and by
 Horovod's DistributedOptimizer on the same data: the largest relative differences of the
 weights and of the optimizer's whole slots (gathered from the pieces), this rank's slot
-elements and the unsharded optimizer's. Writes OUT_DIR/rank-R.json.
+elements and the unsharded optimizer's, for each of SETTINGS named. Writes
+OUT_DIR/rank-R.json.
 
-    mpirun -np N python tests/workers/sharded_optimizer_check.py OUT_DIR
+    mpirun -np N python tests/workers/sharded_optimizer_check.py OUT_DIR SETTING[,SETTING]
 """
 import json
 import os
@@ -71,13 +72,14 @@ def largest_difference(found, expected):
                             / np.maximum(np.abs(expected[key]), 1e-3))) for key in expected)
 
 
-def main(out_dir):
+def main(out_dir, settings):
     hvd.init()
     keras.mixed_precision.set_global_policy("float64")
     tf.config.experimental.enable_op_determinism()
     cases = {}
     for name in OPTIMIZERS:
-        for setting, (gradients_too, accumulation_steps) in SETTINGS.items():
+        for setting in settings.split(","):
+            gradients_too, accumulation_steps = SETTINGS[setting]
             reference, reference_optimizer = train(name, False,
                                                    accumulation_steps=accumulation_steps)
             net, optimizer = train(name, True, gradients_too, accumulation_steps)
@@ -100,4 +102,4 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

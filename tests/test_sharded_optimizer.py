@@ -1,0 +1,174 @@
+"""Optimizer state sharded over the ranks (app.sharded_optimizer, --shard_optimizer_state,
+--shard_gradients): every optimizer ends where Horovod's unsharded optimizer ends, each rank
+holds 1/N of the state, one checkpoint format at any number of processes, a signal
+mid-epoch, the spatial groups, and the refusals."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import (INTEGRITY_FLAGS, PYTHON, error_lines, mpirun, read_log, run,
+                      train_command)
+from test_fault_tolerance import signalled_beside_uninterrupted
+from test_train import checkpoint_values
+
+from app.sharded_optimizer import piece_bounds
+
+OPTIMIZERS = ("momentum", "adam", "lamb", "lars", "novograd")
+
+
+def test_pieces_are_horovods_reducescatter_split_and_cover_each_variable_once():
+    """The first `elements % N` ranks get one element more; the pieces tile the range, and
+    a variable with fewer elements than ranks leaves some ranks an empty piece."""
+    for elements, size in ((10, 4), (3, 4), (8, 2), (1, 3), (0, 2)):
+        bounds = [piece_bounds(elements, rank, size) for rank in range(size)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == elements
+        assert all(stop == start for (_, stop), (start, _) in zip(bounds, bounds[1:]))
+        sizes = [stop - start for start, stop in bounds]
+        assert sizes == [elements // size + (rank < elements % size) for rank in range(size)]
+    assert piece_bounds(10, 1, 4) == (3, 6)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("processes, settings", [
+    (2, "stage1,stage2,stage1_accumulated,stage2_accumulated"),
+    (4, "stage1,stage2_accumulated")])
+def test_each_optimizer_sharded_ends_with_horovods_weights_and_state(processes, settings,
+                                                                     tmp_path):
+    """tests/workers/sharded_optimizer_check.py in float64: momentum SGD, Adam, LAMB, LARS
+    and NovoGrad (weight decay on), stage 1 and 2, with and without --accumulation_steps=2,
+    trained by Keras' fit() on a CNN whose output bias (3 elements) leaves the fourth of 4
+    ranks an empty piece: the weights and the whole slots gathered from the pieces equal
+    those of Horovod's DistributedOptimizer on the same batches to 1e-10, the iteration
+    counts too; each rank's slots hold its pieces' elements (1/N, within one element per
+    variable), the ranks' elements add up to the unsharded optimizer's, and gathering them
+    for a save leaves no whole slot behind."""
+    run([*mpirun(processes), PYTHON, "tests/workers/sharded_optimizer_check.py",
+         str(tmp_path), settings])
+    by_rank = [json.loads((tmp_path / f"rank-{rank}.json").read_text())
+               for rank in range(processes)]
+    expected = {f"{name}_{setting}" for name in OPTIMIZERS for setting in settings.split(",")}
+    assert set(by_rank[0]) == expected
+    for case in sorted(expected):
+        for rank, cases in enumerate(by_rank):
+            found = cases[case]
+            assert found["weights"] < 1e-10 and found["slots"] < 1e-10, (case, rank, found)
+            assert found["iterations"][0] == found["iterations"][1] > 0, (case, found)
+            whole = found["unsharded_slot_elements"]
+            assert found["slot_elements"] <= whole / processes + found["slot_variables"], found
+            assert found["slot_elements_after_save"] == found["slot_elements"], found
+        shards = sum(cases[case]["slot_elements"] for cases in by_rank)
+        variables = by_rank[0][case]["slot_variables"] // len(by_rank[0][case]["slot_names"])
+        # NovoGrad's second moment is one number per variable, which every rank keeps
+        scalars = (processes - 1) * variables if case.startswith("novograd") else 0
+        assert shards == whole + scalars, (case, shards, whole)
+
+
+def _train(model_dir, processes, *flags):
+    command = train_command(*INTEGRITY_FLAGS, f"--model_dir={model_dir}", *flags)
+    return run([*mpirun(processes), *command] if processes > 1 else command)
+
+
+def _assert_same_values(found, expected):
+    assert found.keys() == expected.keys() and len(expected) == 16  # 8 weights, 8 momenta
+    for name in expected:
+        np.testing.assert_allclose(found[name], expected[name], rtol=0, atol=1e-10,
+                                   err_msg=name)
+
+
+@pytest.mark.distributed
+def test_sharded_runs_end_with_one_processs_checkpoint_and_resume_at_any_number(
+        integrity_runs, tmp_path):
+    """The integrity run (digits_cnn's own schedule, momentum with Horovod's warmup and its
+    momentum correction, float64): --shard_optimizer_state on 2 processes ends with one
+    process's weights and momentum in one process's checkpoint format (1e-10); its checkpoint
+    after epoch 14 resumed on one process unsharded, and one process's resumed on 4 processes
+    with --shard_gradients, end there too; --init_checkpoint starts a sharded run from the
+    trained weights."""
+    one = checkpoint_values(integrity_runs[1], 16, "model/")
+    _train(tmp_path / "sharded", 2, "--shard_optimizer_state")
+    _assert_same_values(checkpoint_values(tmp_path / "sharded", 16, "model/"), one)
+    for run_dir, resumed_from in (("sharded_then_one", tmp_path / "sharded"),
+                                  ("one_then_sharded4", integrity_runs[1])):
+        shutil.copytree(resumed_from, tmp_path / run_dir)
+        for path in (tmp_path / run_dir / "checkpoints").glob("epoch-1[56].*"):
+            path.unlink()  # as if the run had stopped after epoch 14 of its 16
+    resumed = [_train(tmp_path / "sharded_then_one", 1),
+               _train(tmp_path / "one_then_sharded4", 4, "--shard_gradients")]
+    for run_dir, result in zip(("sharded_then_one", "one_then_sharded4"), resumed):
+        assert "Epoch 15/16" in result.stdout and "Epoch 14/16" not in result.stdout
+        _assert_same_values(checkpoint_values(tmp_path / run_dir, 16, "model/"), one)
+    results = json.loads((tmp_path / "one_then_sharded4" / "results.json").read_text())
+    assert results["optimizer_state_sharding"] == 2 and results["world_size"] == 4
+
+    _train(tmp_path / "initialized", 2, "--shard_optimizer_state", "--epochs=3",
+           f"--init_checkpoint={integrity_runs[1] / 'checkpoints' / 'epoch-16'}")
+    fresh = read_log(integrity_runs[1])[0]
+    assert float(read_log(tmp_path / "initialized")[0]["loss"]) < 0.9 * float(fresh["loss"])
+
+
+@pytest.mark.distributed
+def test_a_signal_stops_a_sharded_run_mid_epoch_and_the_rerun_ends_as_if_uninterrupted(
+        tmp_path):
+    """SIGUSR1 to rank 1 in epoch 2 of a --shard_gradients run: every rank gathers the
+    state, rank 0 saves the step, the job exits 75, and the same command resumes there and
+    ends with the uninterrupted run's weights and momentum (float64, 1e-10)."""
+    flags = [*INTEGRITY_FLAGS, "--shard_gradients", "--epochs=3", "--warmup_epochs=1",
+             "--steps_per_epoch=150", "--global_batch_size=64"]
+    command, straight, stopped, returncode, stderr = signalled_beside_uninterrupted(
+        flags, tmp_path, 120)
+    assert returncode == 75, stderr[-3000:]
+    saved = sorted(path.name for path in (stopped / "checkpoints").glob("epoch-*-step-*.index"))
+    assert len(saved) == 1, saved
+    epochs_done, _ = map(int, saved[0][len("epoch-"):-len(".index")].split("-step-"))
+    result = run(command(stopped))
+    assert f"Epoch {epochs_done + 1}/3" in result.stdout
+    _assert_same_values(checkpoint_values(stopped, 3, "model/"),
+                        checkpoint_values(straight, 3, "model/"))
+
+
+@pytest.mark.distributed
+def test_sharding_composes_with_spatial_groups_and_float16_loss_scaling(tmp_path):
+    """Spatial slabs P=2 x R=2 on 4 processes with --shard_optimizer_state end with one
+    process's weights and Adam's moments (the seismic experiment's loss and schedule,
+    float64, 1e-10); float16 with loss scaling, --fp16_allreduce and --accumulation_steps
+    under --shard_gradients train on 2 processes with a finite loss."""
+    from test_spatial import SURVEYS, _assert_same_values as same_survey_values
+    from test_spatial import _checkpoint_values
+    surveys = [*SURVEYS, "--epochs=4"]
+    one = tmp_path / "one"
+    run(train_command(*surveys, f"--model_dir={one}"))
+    run([*mpirun(4), *train_command(*surveys, f"--model_dir={tmp_path / 'hybrid'}",
+                                    "--spatial_parts=2", "--shard_optimizer_state")])
+    same_survey_values(_checkpoint_values(tmp_path / "hybrid", 4), _checkpoint_values(one, 4))
+
+    run([*mpirun(2), *train_command(
+        "--flagfile=configs/digits_cnn.cfg", "--epochs=3", "--steps_per_epoch=4",
+        "--mixed_precision=float16", "--fp16_allreduce", "--accumulation_steps=2",
+        "--shard_gradients", f"--model_dir={tmp_path / 'float16'}")])
+    results = json.loads((tmp_path / "float16" / "results.json").read_text())
+    assert results["precision"] == "mixed_float16" and np.isfinite(results["loss"])
+    assert results["optimizer_state_sharding"] == 2
+
+
+@pytest.mark.distributed
+def test_what_sharding_does_not_support_is_refused_on_every_rank_with_one_line(tmp_path):
+    """--adasum and --elastic with sharded state: exit 2 on both ranks before any work, one
+    line naming the flag and why."""
+    cases = [
+        (["--adasum", "--shard_optimizer_state"],
+         ["--adasum=True", "not supported with --shard_optimizer_state"], {}),
+        (["--elastic", "--shard_gradients"],
+         ["--elastic=True", "not supported with --shard_gradients"], {"HOROVOD_ELASTIC": "1"}),
+    ]
+    for flags, expected, env in cases:
+        model_dir = tmp_path / str(len(list(tmp_path.iterdir())))
+        result = run([*mpirun(2), *train_command("--flagfile=configs/digits_cnn.cfg", *flags,
+                                                 f"--model_dir={model_dir}")],
+                     timeout=120, check=False, env=env)
+        errors = error_lines(result)
+        assert result.returncode == 2 and len(errors) == 1, (flags, result.stderr[-3000:])
+        for part in expected:
+            assert part in errors[0], (part, errors)
+        assert "Epoch" not in result.stdout and not (model_dir / "checkpoints").exists()
