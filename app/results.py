@@ -31,11 +31,14 @@ def throughput_summary(rank_rates, rank_windows, rank_cpu_per_image):
     }
 
 
-def gathered(throughput, voxels_per_example=None):
+def gathered(throughput, voxels_per_example=None, optimizer_state_elements=0):
     """What every rank measured, gathered to every rank (collectives: every rank calls
-    this): throughput (segmentation's also in voxels/s), peak memory, and where each rank
+    this): throughput (segmentation's also in voxels/s), peak memory, the elements of the
+    optimizer's state it holds (its slots: 1/N of them when sharded), and where each rank
     ran."""
     measured = {**gathered_throughput(throughput), **gathered_peak_memory(),
+                "optimizer_state_elements_by_rank": [int(value) for value in hvd.allgather(
+                    tf.constant([optimizer_state_elements], tf.int64)).numpy()],
                 **gathered_layout()}
     if voxels_per_example and measured["images_per_sec"]:
         measured["voxels_per_sec"] = measured["images_per_sec"] * voxels_per_example

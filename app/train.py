@@ -221,7 +221,8 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
             verbose=(1 if progress_bar else 2) if hvd.rank() == 0 else 0)
     return results.summary(
         history, initial_epoch, time_to_accuracy.reached,
-        results.gathered(throughput, voxels_per_example(run.train_source)),
+        results.gathered(throughput, voxels_per_example(run.train_source),
+                         sharded_optimizer.slot_elements(run.trainer.optimizer)),
         experiment=FLAGS.experiment, world_size=hvd.size(), batch_size=batch,
         **run.parallel.results(), global_batch_size=global_batch, learning_rate=scaled_lr,
         steps_per_epoch=steps_per_epoch,

@@ -36,6 +36,23 @@ def test_overlap_hides_at_most_the_backward_pass_and_never_the_last_buffer():
         0.3 + scaling_model.ring_allreduce_seconds(1 * MB, 16, *network) + coordination)
 
 
+def test_sharded_state_moves_an_allreduces_bytes_and_hides_only_the_reduce_scatter():
+    """--sharded: the reduce-scatter (half a ring) overlaps the backward pass, the weights'
+    allgather (the other half) comes after the update: without overlap the step is the
+    allreduce's, with it the allgather stays whole."""
+    network = (1e-5, 1e9)
+    flat = dict(per_node=1, network=network, node_network=network, fusion_bytes=64 * MB,
+                cycle=0.0)
+    plain_worst, plain_best = scaling_model.step_seconds(0.3, 200 * MB, 16, **flat)
+    worst, best = scaling_model.step_seconds(0.3, 200 * MB, 16, **flat, sharded=True)
+    assert worst == pytest.approx(plain_worst)
+    half = sum(scaling_model.ring_allreduce_seconds(size, 16, *network) / 2
+               for size in [64 * MB] * 3 + [8 * MB])
+    last_half = scaling_model.ring_allreduce_seconds(8 * MB, 16, *network) / 2
+    assert best == pytest.approx(0.3 + max(half - 0.2, last_half) + half + 2 * 4 * 1e-5)
+    assert best > plain_best
+
+
 def test_horovods_published_efficiencies_fall_inside_the_predicted_range(tmp_path):
     """Horovod's paper at 512 GPUs: inside the range; NVIDIA's ResNet-50 in one NVLink
     server: below the model, which counts only the allreduce there."""

@@ -207,3 +207,31 @@ def spatial_study(path, rows, budget_mb, title):
         axes.legend(fontsize=7)
     figure.suptitle(title, fontsize=9)
     _save(figure, path)
+
+
+def sharded_study(path, rows, budget_mb, title):
+    """Left: each mode's optimizer state and peak memory per rank against the processes, at
+    the largest model. Right: its time per update over the allreduce's."""
+    largest = max(row["parameters_m"] for row in rows)
+    own_size = [row for row in rows if row["parameters_m"] == largest]
+    figure, (memory, speed) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for number, mode in enumerate(dict.fromkeys(row["mode"] for row in own_size)):
+        own = [row for row in own_size if row["mode"] == mode]
+        processes = [row["processes"] for row in own]
+        memory.plot(processes, [row["peak_memory_mb"] for row in own], color=f"C{number}",
+                    marker="o", label=f"{mode}: peak")
+        memory.plot(processes, [row["optimizer_state_mb"] for row in own], color=f"C{number}",
+                    marker="s", linestyle=":", label=f"{mode}: optimizer state")
+        speed.plot(processes, [row["update_over_allreduce"] for row in own],
+                   color=f"C{number}", marker="o", label=mode)
+    if budget_mb:
+        memory.axhline(budget_mb, color="tab:red", linestyle="--",
+                       label=f"budget: {budget_mb} MiB of data segment per process")
+    memory.set_ylabel(f"MiB per rank (largest rank), {largest:.0f}M parameters")
+    speed.set_ylabel("time per update / allreduce's")
+    for axes in (memory, speed):
+        axes.set_xlabel("processes")
+        axes.set_xticks(sorted({row["processes"] for row in rows}))
+        axes.legend(fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    _save(figure, path)

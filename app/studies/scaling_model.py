@@ -21,6 +21,11 @@ Weak scaling (the batch per process stays): a step on p processes is the one-pro
 - overlap: Horovod sends each buffer while the backward pass (2/3 of the step) goes on, so
   at best only what outlasts the backward pass shows, and never less than the last buffer,
   which waits for the last gradients; at worst nothing overlaps. The table gives both.
+- --sharded (--shard_optimizer_state, app.sharded_optimizer): the gradients are
+  reduce-scattered (a ring's first half: (p-1) latencies, (p-1)/p B) while the backward
+  pass goes on, and the updated weights allgathered (its second half) after the update,
+  which nothing hides; Horovod's reducescatter and allgather are flat rings over all the
+  processes (no hierarchical form).
 
 A model, not a measurement: it leaves out stragglers, the network's congestion, the data
 pipeline and the allreduce's own compute. BENCHMARKS.md compares it with runs here and with
@@ -80,6 +85,14 @@ def ring_allreduce_seconds(size_bytes, processes, latency, bandwidth):
     return 2 * (processes - 1) * (latency + size_bytes / processes / bandwidth)
 
 
+def ring_half_seconds(size_bytes, processes, per_node, network, node_network):
+    """A flat ring's reduce-scatter (or allgather) of `size_bytes` over `processes`: half a
+    ring allreduce, over `node_network` inside one node, else at `network`'s pace."""
+    inside = processes <= per_node
+    return ring_allreduce_seconds(size_bytes, processes,
+                                  *(node_network if inside else network)) / 2
+
+
 def allreduce_seconds(size_bytes, processes, per_node, network, node_network, hierarchical):
     """One buffer's allreduce over `processes`, `per_node` to a node, flat over `network` or
     hierarchical (inside the node over `node_network`, across nodes over `network`)."""
@@ -93,30 +106,38 @@ def allreduce_seconds(size_bytes, processes, per_node, network, node_network, hi
 
 
 def step_seconds(compute, gradient_bytes, processes, per_node, network, node_network,
-                 hierarchical=False, fusion_bytes=64 * MB, cycle=0.001):
-    """(step without overlap, step with the best overlap) on `processes`, in seconds."""
+                 hierarchical=False, fusion_bytes=64 * MB, cycle=0.001, sharded=False):
+    """(step without overlap, step with the best overlap) on `processes`, in seconds;
+    `sharded`: reduce-scatter during the backward pass, allgather after the update."""
     if processes == 1:
         return compute, compute
     buffers = max(1, math.ceil(gradient_bytes / fusion_bytes))
     last = gradient_bytes - (buffers - 1) * fusion_bytes
-    full = allreduce_seconds(fusion_bytes, processes, per_node, network, node_network,
-                             hierarchical)
-    last_buffer = allreduce_seconds(last, processes, per_node, network, node_network,
-                                    hierarchical)
-    communication = (buffers - 1) * full + last_buffer
+    if sharded:
+        def reduction(size):
+            return ring_half_seconds(size, processes, per_node, network, node_network)
+    else:
+        def reduction(size):
+            return allreduce_seconds(size, processes, per_node, network, node_network,
+                                     hierarchical)
+    last_buffer = reduction(last)
+    communication = (buffers - 1) * reduction(fusion_bytes) + last_buffer
     coordination = cycle / 2 + 2 * math.log2(processes) * network[0]
     hidden = max(communication - BACKWARD_SHARE * compute, last_buffer)
-    return compute + communication + coordination, compute + hidden + coordination
+    # the weights' allgather moves what the reduce-scatter moved, after the update
+    allgather = communication if sharded else 0.0
+    return (compute + communication + allgather + coordination,
+            compute + hidden + allgather + coordination)
 
 
 def predict(compute, gradient_bytes, batch, per_node, network, node_network, hierarchical,
-            fusion_bytes, cycle, most=1024):
+            fusion_bytes, cycle, most=1024, sharded=False):
     """Rows for 1, 2, 4, ... `most` processes: images/s and efficiency, no overlap and best."""
     rows = []
     processes = 1
     while processes <= most:
         worst, best = step_seconds(compute, gradient_bytes, processes, per_node, network,
-                                   node_network, hierarchical, fusion_bytes, cycle)
+                                   node_network, hierarchical, fusion_bytes, cycle, sharded)
         rows.append({"processes": processes, "nodes": math.ceil(processes / per_node),
                      "step_ms_no_overlap": 1000 * worst, "step_ms_overlap": 1000 * best,
                      "images_per_sec_no_overlap": processes * batch / worst,
@@ -187,6 +208,9 @@ def main(argv=None):
     parser.add_argument("--processes_per_node", type=int, default=1)
     parser.add_argument("--hierarchical", action="store_true",
                         help="allreduce inside each node, then across the nodes")
+    parser.add_argument("--sharded", action="store_true",
+                        help="optimizer state sharded (--shard_optimizer_state): the "
+                             "gradients reduce-scattered, the weights allgathered")
     parser.add_argument("--fusion_mb", type=float, default=64.0,
                         help="HOROVOD_FUSION_THRESHOLD in MiB")
     parser.add_argument("--cycle_ms", type=float, default=1.0, help="HOROVOD_CYCLE_TIME")
@@ -203,6 +227,9 @@ def main(argv=None):
         return measure_network()
     if args.processes_per_node < 1 or args.max_processes < 1:
         parser.error("--processes_per_node and --max_processes: at least 1")
+    if args.sharded and args.hierarchical:
+        parser.error("--sharded: Horovod's reducescatter and allgather have no hierarchical "
+                     "form; leave out --hierarchical")
     settings = dict(network=NETWORKS[args.network], node_network=NETWORKS[args.node_network],
                     hierarchical=args.hierarchical, fusion_bytes=args.fusion_mb * MB,
                     cycle=args.cycle_ms / 1000)
@@ -222,7 +249,7 @@ def main(argv=None):
     if min(compute, gradient_bytes, batch) <= 0:
         parser.error("--step_ms, --gradient_mb and --batch: must be positive")
     rows = predict(compute, gradient_bytes, batch, args.processes_per_node,
-                   most=args.max_processes, **settings)
+                   most=args.max_processes, sharded=args.sharded, **settings)
     notes = []
     for threshold in (0.9, 0.8):
         worst = first_below(rows, threshold, "efficiency_no_overlap")
@@ -232,7 +259,8 @@ def main(argv=None):
     title = (f"Predicted weak scaling: {compute * 1000:.1f} ms a step, "
              f"{gradient_bytes / MB:.1f} MiB of gradients, batch {batch}, "
              f"{args.processes_per_node} per node, {args.network}"
-             f"{' (hierarchical, ' + args.node_network + ' inside)' if args.hierarchical else ''}")
+             f"{' (hierarchical, ' + args.node_network + ' inside)' if args.hierarchical else ''}"
+             f"{'; optimizer state sharded' if args.sharded else ''}")
     columns = [("processes", lambda row: str(row["processes"])),
                ("nodes", lambda row: str(row["nodes"])),
                ("images/s (no overlap - overlap)",
