@@ -101,9 +101,11 @@ def _flattened(gradients, variables):
 
 class ShardedState:
     """The mix-in `shard` puts before an optimizer's class. Its slots are made for this
-    rank's pieces (one variable per model variable, `piece_of[variable]`), which each update
-    refreshes from the weights, so that a broadcast or a restore of the weights needs no
-    more."""
+    rank's pieces (one variable per model variable, `piece_of[variable]`), taken from the
+    weights on first use (after a restore or --init_checkpoint) and the source of the
+    weights from then on: each update allgathers them into the weights, so that Horovod's
+    broadcast of rank 0's weights after the first step sends what every rank already
+    holds."""
 
     def shard_over(self, process_set, gradients_too, accumulation_steps, compression,
                    agree_on_overflow):
@@ -193,12 +195,9 @@ class ShardedState:
     def _apply_to_pieces(self, grads_and_vars, name):
         variables = [variable for _, variable in grads_and_vars]
         pieces = self._pieces(variables)
-        refreshed = [piece.assign(self._my_piece(variable))
-                     for piece, variable in zip(pieces, variables)]
-        with tf.control_dependencies(refreshed):
-            applied = super().apply_gradients(
-                [(grad, piece) for (grad, _), piece in zip(grads_and_vars, pieces)],
-                name=name, experimental_aggregate_gradients=False)
+        applied = super().apply_gradients(
+            [(grad, piece) for (grad, _), piece in zip(grads_and_vars, pieces)],
+            name=name, experimental_aggregate_gradients=False)
         with tf.control_dependencies([applied]):
             whole = hvd_tensorflow.grouped_allgather([piece.read_value() for piece in pieces],
                                                      process_set=self.process_set)
