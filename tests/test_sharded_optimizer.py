@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import (INTEGRITY_FLAGS, PYTHON, error_lines, mpirun, read_log, run,
-                      train_command)
+                      run_study, train_command)
 from test_fault_tolerance import signalled_beside_uninterrupted
 from test_train import checkpoint_values
 
@@ -172,3 +172,38 @@ def test_what_sharding_does_not_support_is_refused_on_every_rank_with_one_line(t
         for part in expected:
             assert part in errors[0], (part, errors)
         assert "Epoch" not in result.stdout and not (model_dir / "checkpoints").exists()
+
+
+@pytest.mark.distributed
+def test_the_sharded_state_study_tables_what_its_runs_measured(tmp_path):
+    """app.studies.sharded_optimizer_state at its smallest: 16x16 images, 2 processes, two
+    updates of two batches, then under a budget far too small to train in (every run
+    fails): each mode's row reads its run's results, the state per rank is half the
+    allreduce's, stage 2's accumulators half stage 1's."""
+    stdout, rows = run_study(tmp_path, "app.studies.sharded_optimizer_state",
+                             "sharded_study.csv", "--sizes=16", "--processes=2", "--steps=2",
+                             "--warmup_steps=1", "--repeats=1", "--memory_budget_mb=64",
+                             "--budget_sizes=16")
+    modes = ["allreduce", "sharded, stage 1", "sharded, stage 2"]
+    assert [row["mode"] for row in rows] == modes + modes
+    plain, stage1, stage2 = rows[:3]
+    runs = {mode: json.loads((tmp_path / f"16-np2-{name}" / "results.json").read_text())
+            for mode, name in zip(modes, ["allreduce", "sharded-stage-1", "sharded-stage-2"])}
+    assert runs["sharded, stage 2"]["optimizer_state_sharding"] == 2
+    for row in rows[:3]:
+        results = runs[row["mode"]]
+        assert float(row["peak_memory_mb"]) == max(results["peak_memory_mb_by_rank"])
+        assert float(row["optimizer_state_mb"]) == pytest.approx(
+            4 * max(results["optimizer_state_elements_by_rank"]) / 2 ** 20)
+        assert float(row["cpu_over_allreduce"]) == pytest.approx(
+            results["cpu_ms_per_image"] / runs["allreduce"]["cpu_ms_per_image"])
+    parameters = runs["allreduce"]["trainable_parameters"]
+    assert sum(runs["allreduce"]["optimizer_state_elements_by_rank"]) == 2 * 2 * parameters
+    assert runs["sharded, stage 1"]["optimizer_state_elements_by_rank"] == [parameters] * 2
+    assert float(stage1["optimizer_state_mb"]) == pytest.approx(
+        float(plain["optimizer_state_mb"]) / 2)
+    assert float(stage2["accumulators_mb"]) == pytest.approx(float(stage1["accumulators_mb"]) / 2)
+    assert all(row["largest_parameters_m"] == "" for row in rows[3:])
+    assert "on 2 processes, sharded, stage 1: optimizer state" in stdout
+    assert "under 64 MiB per process" in stdout
+    assert (tmp_path / "sharded_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ per-process memory budget, the largest model each mode trains.
 
 Every run is `app.train --benchmark` with Adam (two slots per weight) at --batch_size per
 process and --accumulation_steps (2 by default: stage 1 keeps whole gradient accumulators,
-stage 2 its 1/N of them). Memory: the weights and accumulators from the parameter count,
+stage 2 its 1/N of them), --repeats times with the modes interleaved (medians reported). Memory: the weights and accumulators from the parameter count,
 the optimizer state from the slot elements each rank holds (results.json's
 optimizer_state_elements_by_rank, counted by the optimizer), and the peak resident memory
 of the largest rank (TensorFlow's runtime, the input pipeline and every transient
@@ -25,6 +25,7 @@ arguments go to every run.
 """
 import json
 import os
+import statistics
 import sys
 
 from app.studies import figures, harness
@@ -59,23 +60,32 @@ def memory_row(results, mode, processes, accumulation_steps):
 
 
 def measure(args, train_args):
-    """A row per (size, processes, mode), the modes interleaved at each setting."""
+    """A row per (size, processes, mode): the medians of --repeats runs, the modes
+    interleaved at each setting, with the spread of the time per update."""
     rows = []
     for size in args.sizes:
         for processes in args.processes:
-            for mode, flags in MODES.items():
-                name = f"{size}-np{processes}-{mode.replace(', ', '-').replace(' ', '-')}"
-                results = harness.run_benchmark(
-                    os.path.join(args.out_dir, name), processes,
-                    [*_run_flags(args, size, processes, flags), *train_args], [])
-                images = results["images_per_sec"]
+            runs = {mode: [] for mode in MODES}
+            for repeat in range(args.repeats):
+                for mode, flags in MODES.items():
+                    name = (f"{size}-np{processes}-{mode.replace(', ', '-').replace(' ', '-')}"
+                            + (f"-{repeat}" if repeat else ""))
+                    runs[mode].append(harness.run_benchmark(
+                        os.path.join(args.out_dir, name), processes,
+                        [*_run_flags(args, size, processes, flags), *train_args], []))
+            for mode, found in runs.items():
+                updates = [1000 * args.batch_size * processes * args.accumulation_steps
+                           / results["images_per_sec"] for results in found]
+                memory = [memory_row(results, mode, processes, args.accumulation_steps)
+                          for results in found]
                 rows.append({
                     "part": "memory and time", "image_size": size, "processes": processes,
-                    "mode": mode, "parameters_m": results["trainable_parameters"] / 1e6,
-                    **memory_row(results, mode, processes, args.accumulation_steps),
-                    "update_ms": 1000 * args.batch_size * processes * args.accumulation_steps
-                    / images,
-                    "cpu_ms_per_image": results["cpu_ms_per_image"],
+                    "mode": mode, "parameters_m": found[0]["trainable_parameters"] / 1e6,
+                    **{key: statistics.median(row[key] for row in memory) for key in memory[0]},
+                    "update_ms": statistics.median(updates),
+                    "update_ms_spread": max(updates) - min(updates),
+                    "cpu_ms_per_image": statistics.median(
+                        results["cpu_ms_per_image"] for results in found),
                     "oversubscribed": processes > os.cpu_count()})
     for row in rows:
         plain = next(other for other in rows if other["mode"] == "allreduce"
@@ -128,7 +138,7 @@ def conclusions(rows, budget_rows, budget_mb):
 
 _COLUMNS = ("part", "image_size", "processes", "mode", "parameters_m", "weights_mb",
             "optimizer_state_mb", "accumulators_mb", "peak_memory_mb", "update_ms",
-            "update_over_allreduce", "cpu_ms_per_image", "cpu_over_allreduce", "oversubscribed",
+            "update_ms_spread", "update_over_allreduce", "cpu_ms_per_image", "cpu_over_allreduce", "oversubscribed",
             "largest_image_size_within_budget", "largest_parameters_m")
 
 
@@ -142,7 +152,8 @@ def write_outputs(out_dir, rows, budget_rows, title, budget_mb):
                ("optimizer state MiB per rank", number("optimizer_state_mb", ".0f")),
                ("accumulators MiB", number("accumulators_mb", ".0f")),
                ("peak MiB, largest rank", number("peak_memory_mb", ".0f")),
-               ("ms per update", number("update_ms", ".0f")),
+               ("ms per update (spread)", lambda row: "" if row.get("update_ms") is None
+                else f"{row['update_ms']:.0f} ({row['update_ms_spread']:.0f})"),
                ("update vs allreduce", number("update_over_allreduce", ".2f")),
                ("CPU per image vs allreduce", number("cpu_over_allreduce", ".2f")),
                ("largest M parameters within budget", number("largest_parameters_m", ".0f"))]
@@ -163,6 +174,8 @@ def main(argv=None):
     parser.add_argument("--accumulation_steps", type=int, default=2,
                         help="batches per update (stage 2 shards their accumulated gradients)")
     parser.add_argument("--steps", type=int, default=4, help="updates of each run")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each setting, the modes interleaved (medians reported)")
     parser.add_argument("--warmup_steps", type=int, default=1, help="updates not timed")
     parser.add_argument("--memory_budget_mb", type=int, default=None,
                         help="per-process memory limit (MiB) for the largest-model runs")
@@ -173,7 +186,7 @@ def main(argv=None):
     args, train_args = parser.parse_known_args(argv)
     for name in ("sizes", "processes", "budget_sizes"):
         setattr(args, name, harness.whole_numbers(parser, name, getattr(args, name)))
-    for name in ("batch_size", "accumulation_steps", "steps"):
+    for name in ("batch_size", "accumulation_steps", "steps", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)}: must be positive")
     os.makedirs(args.out_dir, exist_ok=True)
