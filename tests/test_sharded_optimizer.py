@@ -179,13 +179,14 @@ def test_the_sharded_state_study_tables_what_its_runs_measured(tmp_path):
     """app.studies.sharded_optimizer_state at its smallest: 16x16 images, 2 processes, two
     updates of two batches, then under a budget far too small to train in (every run
     fails): each mode's row reads its run's results, the state per rank is half the
-    allreduce's, stage 2's accumulators half stage 1's."""
+    allreduce's, stage 2's accumulators half stage 1's; the models' variables dealt over 2
+    ranks."""
     stdout, rows = run_study(tmp_path, "app.studies.sharded_optimizer_state",
                              "sharded_study.csv", "--sizes=16", "--processes=2", "--steps=2",
                              "--warmup_steps=1", "--repeats=1", "--memory_budget_mb=64",
-                             "--budget_sizes=16")
+                             "--budget_sizes=16", "--balance_processes=2")
     modes = ["allreduce", "sharded, stage 1", "sharded, stage 2"]
-    assert [row["mode"] for row in rows] == modes + modes
+    assert [row["mode"] for row in rows[:6]] == modes + modes
     plain, stage1, stage2 = rows[:3]
     runs = {mode: json.loads((tmp_path / f"16-np2-{name}" / "results.json").read_text())
             for mode, name in zip(modes, ["allreduce", "sharded-stage-1", "sharded-stage-2"])}
@@ -203,7 +204,13 @@ def test_the_sharded_state_study_tables_what_its_runs_measured(tmp_path):
     assert float(stage1["optimizer_state_mb"]) == pytest.approx(
         float(plain["optimizer_state_mb"]) / 2)
     assert float(stage2["accumulators_mb"]) == pytest.approx(float(stage1["accumulators_mb"]) / 2)
-    assert all(row["largest_parameters_m"] == "" for row in rows[3:])
+    assert all(row["largest_parameters_m"] == "" for row in rows[3:6])
+    balance = {row["model"]: row for row in rows[6:]}
+    assert set(balance) == {"resnet50", "wrn16_10", "unet3d", "mlp"}
+    # the MLP is one 100M-parameter layer: whole variables put it all on one of 2 ranks
+    assert float(balance["mlp"]["whole_variables_over_even"]) > 1.99
+    assert all(float(row["split_variables_over_even"]) == pytest.approx(1, abs=1e-4)
+               for row in balance.values())
     assert "on 2 processes, sharded, stage 1: optimizer state" in stdout
     assert "under 64 MiB per process" in stdout
     assert (tmp_path / "sharded_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,7 +3,8 @@ parameters (app.train's `mlp` on synthetic images, whose side sets the first lay
 width), each rank's memory (weights, optimizer state, gradient accumulators, measured peak)
 and the step time against the number of processes, for Horovod's allreduce and the sharded
 state of stages 1 and 2 (--shard_optimizer_state, --shard_gradients); and, under a
-per-process memory budget, the largest model each mode trains.
+per-process memory budget, the largest model each mode trains; and, counted from the
+models' variables, how evenly whole variables or split ones deal the state out.
 
     python -m app.studies.sharded_optimizer_state --out_dir=runs/sharded_study
 
@@ -18,7 +19,11 @@ ranks, which oversubscribed cores cannot inflate.
 
 With --memory_budget_mb, each mode runs again at the largest --processes on each of
 --budget_sizes under that limit of every process's data segment (RLIMIT_DATA), from the
-smallest up until one fails: the table's last part is the largest model each trained.
+smallest up until one fails: the table's budget part is the largest model each trained.
+The balance part builds ResNet-50, WRN-16-10, FaultSeg3D's U-Net and the 100M MLP and
+counts the largest rank's share of their state over the even share on --balance_processes
+ranks, dealt as whole variables balanced by size (largest first to the least loaded) and as
+every variable split N ways (what app.sharded_optimizer does).
 
 Writes sharded_study.md, .csv and .json and sharded_study.png to --out_dir; other
 arguments go to every run.
@@ -117,7 +122,37 @@ def largest_within_budget(args, train_args):
     return rows
 
 
-def conclusions(rows, budget_rows, budget_mb):
+# models whose variables the balance part deals out: (name, input shape, outputs)
+BALANCED_MODELS = (("resnet50", (224, 224, 3), 1000), ("wrn16_10", (28, 28, 1), 10),
+                   ("unet3d", (128, 128, 128, 1), 1), ("mlp", (362, 362, 3), 1000))
+
+
+def balance(processes, models_to_deal=BALANCED_MODELS):
+    """A row per (model, processes): the largest rank's share of the optimizer state over
+    the even share (1.0 is perfect) when whole variables are dealt out balanced by size
+    (largest first to the least loaded rank) and when every variable is split N ways
+    (app.sharded_optimizer's pieces), counted from the models' variables."""
+    import models  # app.compat first (through app.sharded_optimizer)
+    from app.sharded_optimizer import piece_bounds
+    rows = []
+    for name, shape, outputs in models_to_deal:
+        sizes = sorted((variable.shape.num_elements() for variable in
+                        models.build(name, shape, outputs).trainable_variables), reverse=True)
+        for count in processes:
+            loads = [0] * count
+            for size in sizes:
+                loads[loads.index(min(loads))] += size
+            even = sum(sizes) / count
+            split = sum(stop - start for start, stop in (piece_bounds(size, 0, count)
+                                                         for size in sizes))
+            rows.append({"part": "balance", "model": name, "processes": count,
+                         "parameters_m": sum(sizes) / 1e6, "variables": len(sizes),
+                         "whole_variables_over_even": max(loads) / even,
+                         "split_variables_over_even": split / even})
+    return rows
+
+
+def conclusions(rows, budget_rows, balance_rows, budget_mb):
     lines = []
     for row in rows:
         if row["mode"] != "allreduce":
@@ -133,21 +168,29 @@ def conclusions(rows, budget_rows, budget_mb):
         lines.append(f"under {budget_mb} MiB per process on {row['processes']} processes, "
                      f"{row['mode']}: " + (f"{largest:.0f}M parameters trained" if largest
                                            else "no size trained"))
+    most = max((row["processes"] for row in balance_rows), default=None)
+    for row in balance_rows:
+        if row["processes"] == most:
+            lines.append(f"{row['model']} over {most} ranks: the largest rank holds "
+                         f"{row['whole_variables_over_even']:.2f}x the even share of the state "
+                         f"dealt as whole variables, {row['split_variables_over_even']:.4f}x "
+                         f"split")
     return lines
 
 
-_COLUMNS = ("part", "image_size", "processes", "mode", "parameters_m", "weights_mb",
+_COLUMNS = ("part", "model", "image_size", "processes", "mode", "parameters_m", "weights_mb",
             "optimizer_state_mb", "accumulators_mb", "peak_memory_mb", "update_ms",
             "update_ms_spread", "update_over_allreduce", "cpu_ms_per_image", "cpu_over_allreduce", "oversubscribed",
-            "largest_image_size_within_budget", "largest_parameters_m")
+            "largest_image_size_within_budget", "largest_parameters_m", "variables",
+            "whole_variables_over_even", "split_variables_over_even")
 
 
-def write_outputs(out_dir, rows, budget_rows, title, budget_mb):
+def write_outputs(out_dir, rows, budget_rows, balance_rows, title, budget_mb):
     def number(key, form):
         return lambda row: "" if row.get(key) is None else format(row[key], form)
-    columns = [("part", lambda row: row["part"]), ("M parameters", number("parameters_m",
-                                                                           ".0f")),
-               ("processes", number("processes", "d")), ("mode", lambda row: row["mode"]),
+    columns = [("part", lambda row: row["part"]), ("model", lambda row: row.get("model") or "mlp"),
+               ("M parameters", number("parameters_m", ".1f")),
+               ("processes", number("processes", "d")), ("mode", lambda row: row.get("mode") or ""),
                ("weights MiB", number("weights_mb", ".0f")),
                ("optimizer state MiB per rank", number("optimizer_state_mb", ".0f")),
                ("accumulators MiB", number("accumulators_mb", ".0f")),
@@ -156,11 +199,14 @@ def write_outputs(out_dir, rows, budget_rows, title, budget_mb):
                 else f"{row['update_ms']:.0f} ({row['update_ms_spread']:.0f})"),
                ("update vs allreduce", number("update_over_allreduce", ".2f")),
                ("CPU per image vs allreduce", number("cpu_over_allreduce", ".2f")),
-               ("largest M parameters within budget", number("largest_parameters_m", ".0f"))]
+               ("largest M parameters within budget", number("largest_parameters_m", ".0f")),
+               ("largest rank's state / even: whole variables",
+                number("whole_variables_over_even", ".2f")),
+               ("split variables", number("split_variables_over_even", ".4f"))]
     stem = os.path.join(out_dir, "sharded_study")
     harness.write_study(stem, [{key: row.get(key) for key in _COLUMNS}
-                               for row in rows + budget_rows],
-                        columns, title, conclusions(rows, budget_rows, budget_mb),
+                               for row in rows + budget_rows + balance_rows],
+                        columns, title, conclusions(rows, budget_rows, balance_rows, budget_mb),
                         memory_budget_mb=budget_mb)
     figures.sharded_study(f"{stem}.png", rows, budget_mb, title)
 
@@ -181,10 +227,12 @@ def main(argv=None):
                         help="per-process memory limit (MiB) for the largest-model runs")
     parser.add_argument("--budget_sizes", default="256,362,443,512",
                         help="image sides tried under the budget, smallest first")
+    parser.add_argument("--balance_processes", default="2,4,8,64",
+                        help="ranks the balance part deals the models' variables over")
     parser.add_argument("--out_dir", default="runs/sharded_study",
                         help="where the runs, the table and the figure go")
     args, train_args = parser.parse_known_args(argv)
-    for name in ("sizes", "processes", "budget_sizes"):
+    for name in ("sizes", "processes", "budget_sizes", "balance_processes"):
         setattr(args, name, harness.whole_numbers(parser, name, getattr(args, name)))
     for name in ("batch_size", "accumulation_steps", "steps", "repeats"):
         if getattr(args, name) < 1:
@@ -192,9 +240,10 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     rows = measure(args, train_args)
     budget_rows = largest_within_budget(args, train_args) if args.memory_budget_mb else []
+    balance_rows = balance(args.balance_processes)
     title = (f"mlp on synthetic images, Adam, {args.batch_size} images per process x "
              f"{args.accumulation_steps} batches per update, float32; {os.cpu_count()} cores")
-    write_outputs(args.out_dir, rows, budget_rows, title, args.memory_budget_mb)
+    write_outputs(args.out_dir, rows, budget_rows, balance_rows, title, args.memory_budget_mb)
 
 
 if __name__ == "__main__":
