@@ -63,6 +63,22 @@ def signal_rank_1(command, model_dir, signal_number, timeout, epoch=3, checkpoin
             os.killpg(job.pid, signal.SIGKILL)
 
 
+def resumed_after_a_signal_mid_epoch(flags, tmp_path, timeout, steps_per_epoch):
+    """signalled_beside_uninterrupted over 3 epochs: the signalled job exited 75 with one
+    mid-epoch checkpoint (in epoch 2, or 3 when the signal came late), and the same command
+    resumed it from there to the end; (straight, stopped), the two runs' model_dirs."""
+    command, straight, stopped, returncode, stderr = signalled_beside_uninterrupted(
+        flags, tmp_path, timeout)
+    assert returncode == 75, stderr[-3000:]
+    saved = sorted(path.name for path in (stopped / "checkpoints").glob("epoch-*-step-*.index"))
+    assert len(saved) == 1, saved
+    epochs_done, steps_done = map(int, saved[0][len("epoch-"):-len(".index")].split("-step-"))
+    assert epochs_done in (1, 2) and 0 < steps_done < steps_per_epoch, saved
+    result = run(command(stopped))
+    assert f"Epoch {epochs_done + 1}/3" in result.stdout
+    return straight, stopped
+
+
 def signalled_beside_uninterrupted(flags, tmp_path, timeout, checkpoints="checkpoints"):
     """`app.launch -np 2 FLAGS` twice at once: into TMP/straight uninterrupted, and into
     TMP/stopped with SIGUSR1 to rank 1 early in epoch 2 (once epoch 1 is saved in its

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import (INTEGRITY_FLAGS, PYTHON, error_lines, mpirun, read_log, run,
                       run_study, train_command)
-from test_fault_tolerance import signalled_beside_uninterrupted
+from test_fault_tolerance import resumed_after_a_signal_mid_epoch
 from test_train import checkpoint_values
 
 from app.sharded_optimizer import piece_bounds
@@ -116,14 +116,7 @@ def test_a_signal_stops_a_sharded_run_mid_epoch_and_the_rerun_ends_as_if_uninter
     ends with the uninterrupted run's weights and momentum (float64, 1e-10)."""
     flags = [*INTEGRITY_FLAGS, "--shard_gradients", "--epochs=3", "--warmup_epochs=1",
              "--steps_per_epoch=150", "--global_batch_size=64"]
-    command, straight, stopped, returncode, stderr = signalled_beside_uninterrupted(
-        flags, tmp_path, 120)
-    assert returncode == 75, stderr[-3000:]
-    saved = sorted(path.name for path in (stopped / "checkpoints").glob("epoch-*-step-*.index"))
-    assert len(saved) == 1, saved
-    epochs_done, _ = map(int, saved[0][len("epoch-"):-len(".index")].split("-step-"))
-    result = run(command(stopped))
-    assert f"Epoch {epochs_done + 1}/3" in result.stdout
+    straight, stopped = resumed_after_a_signal_mid_epoch(flags, tmp_path, 120, 150)
     _assert_same_values(checkpoint_values(stopped, 3, "model/"),
                         checkpoint_values(straight, 3, "model/"))
 

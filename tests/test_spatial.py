@@ -9,7 +9,7 @@ import pytest
 
 from conftest import (PYTHON, error_lines, horovodrun, mpirun, read_log, run, run_study,
                       train_command)
-from test_fault_tolerance import signalled_beside_uninterrupted
+from test_fault_tolerance import resumed_after_a_signal_mid_epoch
 
 import tensorflow as tf
 
@@ -151,15 +151,7 @@ def test_a_signal_stops_a_spatial_run_mid_epoch_and_the_rerun_ends_as_if_uninter
     flags = [*SURVEYS, "--spatial_parts=2", "--model=unet3d_small", "--epochs=3",
              "--warmup_epochs=1", "--steps_per_epoch=40", "--validation_steps=1",
              "--global_batch_size=2"]
-    command, straight, stopped, returncode, stderr = signalled_beside_uninterrupted(
-        flags, tmp_path, 120)
-    assert returncode == 75, stderr[-3000:]
-    saved = sorted(path.name for path in (stopped / "checkpoints").glob("epoch-*-step-*.index"))
-    assert len(saved) == 1, saved
-    epochs_done, steps_done = map(int, saved[0][len("epoch-"):-len(".index")].split("-step-"))
-    assert epochs_done in (1, 2) and 0 < steps_done < 40, saved  # 2: the signal came late
-    result = run(command(stopped))
-    assert f"Epoch {epochs_done + 1}/3" in result.stdout
+    straight, stopped = resumed_after_a_signal_mid_epoch(flags, tmp_path, 120, 40)
     _assert_same_values(_checkpoint_values(stopped, 3), _checkpoint_values(straight, 3))
 
 

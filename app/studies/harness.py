@@ -55,6 +55,17 @@ def study_parser(module, doc):
         "Other arguments go to every run (app.train flags: python -m app.train --helpfull).")
 
 
+def add_budget_arguments(parser, what, sizes, out_dir):
+    """A study's --memory_budget_mb and --budget_sizes (the sides of `what` tried under the
+    budget, `sizes` by default) and --out_dir (`out_dir` by default)."""
+    parser.add_argument("--memory_budget_mb", type=int, default=None,
+                        help="per-process memory limit (MiB) for the largest-size runs")
+    parser.add_argument("--budget_sizes", default=sizes,
+                        help=f"{what} tried under the budget, smallest first")
+    parser.add_argument("--out_dir", default=out_dir,
+                        help="where the runs, the table and the figure go")
+
+
 def whole_numbers(parser, name, text):
     """The positive whole numbers of option --`name`'s comma-separated `text`; a usage error
     otherwise."""

@@ -10,11 +10,12 @@ models' variables, how evenly whole variables or split ones deal the state out.
 
 Every run is `app.train --benchmark` with Adam (two slots per weight) at --batch_size per
 process and --accumulation_steps (2 by default: stage 1 keeps whole gradient accumulators,
-stage 2 its 1/N of them), --repeats times with the modes interleaved (medians reported). Memory: the weights and accumulators from the parameter count,
-the optimizer state from the slot elements each rank holds (results.json's
-optimizer_state_elements_by_rank, counted by the optimizer), and the peak resident memory
-of the largest rank (TensorFlow's runtime, the input pipeline and every transient
-included). Time: the step's milliseconds and the CPU seconds per image summed over the
+stage 2 its 1/N of them), --repeats times with the modes interleaved (medians reported).
+Memory: the weights and accumulators from the parameter count, the optimizer state from
+the slot elements each rank holds (results.json's optimizer_state_elements_by_rank,
+counted by the optimizer), and the peak resident memory of the largest rank (TensorFlow's
+runtime, the input pipeline and every transient included). Time: the milliseconds per
+update (with the spread over the repeats) and the CPU seconds per image summed over the
 ranks, which oversubscribed cores cannot inflate.
 
 With --memory_budget_mb, each mode runs again at the largest --processes on each of
@@ -157,7 +158,7 @@ def conclusions(rows, budget_rows, balance_rows, budget_mb):
     for row in rows:
         if row["mode"] != "allreduce":
             lines.append(
-                f"{row['parameters_m']:.0f}M parameters on {row['processes']} processes, "
+                f"{row['parameters_m']:.3g}M parameters on {row['processes']} processes, "
                 f"{row['mode']}: optimizer state {row['optimizer_state_mb']:.0f} MiB per "
                 f"rank, peak {row['peak_memory_mb']:.0f} MiB; update time "
                 f"{row['update_over_allreduce']:.2f}x, CPU per image "
@@ -180,7 +181,8 @@ def conclusions(rows, budget_rows, balance_rows, budget_mb):
 
 _COLUMNS = ("part", "model", "image_size", "processes", "mode", "parameters_m", "weights_mb",
             "optimizer_state_mb", "accumulators_mb", "peak_memory_mb", "update_ms",
-            "update_ms_spread", "update_over_allreduce", "cpu_ms_per_image", "cpu_over_allreduce", "oversubscribed",
+            "update_ms_spread", "update_over_allreduce", "cpu_ms_per_image",
+            "cpu_over_allreduce", "oversubscribed",
             "largest_image_size_within_budget", "largest_parameters_m", "variables",
             "whole_variables_over_even", "split_variables_over_even")
 
@@ -223,14 +225,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each setting, the modes interleaved (medians reported)")
     parser.add_argument("--warmup_steps", type=int, default=1, help="updates not timed")
-    parser.add_argument("--memory_budget_mb", type=int, default=None,
-                        help="per-process memory limit (MiB) for the largest-model runs")
-    parser.add_argument("--budget_sizes", default="256,362,443,512",
-                        help="image sides tried under the budget, smallest first")
     parser.add_argument("--balance_processes", default="2,4,8,64",
                         help="ranks the balance part deals the models' variables over")
-    parser.add_argument("--out_dir", default="runs/sharded_study",
-                        help="where the runs, the table and the figure go")
+    harness.add_budget_arguments(parser, "image sides", "256,362,443,512",
+                                 "runs/sharded_study")
     args, train_args = parser.parse_known_args(argv)
     for name in ("sizes", "processes", "budget_sizes", "balance_processes"):
         setattr(args, name, harness.whole_numbers(parser, name, getattr(args, name)))

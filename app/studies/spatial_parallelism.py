@@ -161,12 +161,7 @@ def main(argv=None):
     parser.add_argument("--parts", default="2,4", help="slabs of the spatial runs")
     parser.add_argument("--steps", type=int, default=4, help="steps of each run")
     parser.add_argument("--warmup_steps", type=int, default=1, help="steps not timed")
-    parser.add_argument("--memory_budget_mb", type=int, default=None,
-                        help="per-process memory limit (MiB) for the largest-volume runs")
-    parser.add_argument("--budget_sizes", default="32,64,96,128",
-                        help="volume sides tried under the budget, smallest first")
-    parser.add_argument("--out_dir", default="runs/spatial_study",
-                        help="where the runs, the table and the figure go")
+    harness.add_budget_arguments(parser, "volume sides", "32,64,96,128", "runs/spatial_study")
     args, train_args = parser.parse_known_args(argv)
     for name in ("sizes", "parts", "budget_sizes"):
         setattr(args, name, harness.whole_numbers(parser, name, getattr(args, name)))
