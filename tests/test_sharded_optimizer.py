@@ -126,7 +126,8 @@ def test_sharding_composes_with_spatial_groups_and_float16_loss_scaling(tmp_path
     """Spatial slabs P=2 x R=2 on 4 processes with --shard_optimizer_state end with one
     process's weights and Adam's moments (the seismic experiment's loss and schedule,
     float64, 1e-10); float16 with loss scaling, --fp16_allreduce and --accumulation_steps
-    under --shard_gradients train on 2 processes with a finite loss."""
+    under --shard_gradients, and bfloat16 under --shard_optimizer_state, train on 2
+    processes with a finite loss."""
     from test_spatial import SURVEYS, _assert_same_values as same_survey_values
     from test_spatial import _checkpoint_values
     surveys = [*SURVEYS, "--epochs=4"]
@@ -136,13 +137,15 @@ def test_sharding_composes_with_spatial_groups_and_float16_loss_scaling(tmp_path
                                     "--spatial_parts=2", "--shard_optimizer_state")])
     same_survey_values(_checkpoint_values(tmp_path / "hybrid", 4), _checkpoint_values(one, 4))
 
-    run([*mpirun(2), *train_command(
-        "--flagfile=configs/digits_cnn.cfg", "--epochs=3", "--steps_per_epoch=4",
-        "--mixed_precision=float16", "--fp16_allreduce", "--accumulation_steps=2",
-        "--shard_gradients", f"--model_dir={tmp_path / 'float16'}")])
-    results = json.loads((tmp_path / "float16" / "results.json").read_text())
-    assert results["precision"] == "mixed_float16" and np.isfinite(results["loss"])
-    assert results["optimizer_state_sharding"] == 2
+    for precision, flags in (("float16", ["--fp16_allreduce", "--accumulation_steps=2",
+                                          "--shard_gradients"]),
+                             ("bfloat16", ["--shard_optimizer_state"])):
+        run([*mpirun(2), *train_command(
+            "--flagfile=configs/digits_cnn.cfg", "--epochs=3", "--steps_per_epoch=4",
+            f"--mixed_precision={precision}", *flags, f"--model_dir={tmp_path / precision}")])
+        results = json.loads((tmp_path / precision / "results.json").read_text())
+        assert results["precision"] == f"mixed_{precision}" and np.isfinite(results["loss"])
+        assert results["optimizer_state_sharding"] == (2 if precision == "float16" else 1)
 
 
 @pytest.mark.distributed

@@ -34,7 +34,10 @@ import os
 import statistics
 import sys
 
+from app.sharded_optimizer import piece_bounds  # first: app.compat sets TF_USE_LEGACY_KERAS
 from app.studies import figures, harness
+
+import models
 
 MB = 2 ** 20
 MODES = {  # name: flags
@@ -133,8 +136,6 @@ def balance(processes, models_to_deal=BALANCED_MODELS):
     the even share (1.0 is perfect) when whole variables are dealt out balanced by size
     (largest first to the least loaded rank) and when every variable is split N ways
     (app.sharded_optimizer's pieces), counted from the models' variables."""
-    import models  # app.compat first (through app.sharded_optimizer)
-    from app.sharded_optimizer import piece_bounds
     rows = []
     for name, shape, outputs in models_to_deal:
         sizes = sorted((variable.shape.num_elements() for variable in
