@@ -161,17 +161,19 @@ class ShardedState:
                 self._accumulated = [tf.Variable(tf.zeros([size], value.dtype),
                                                  trainable=False)
                                      for size, value in zip(kept, added)]
-        # read now: an assignment's value is read lazily, which would be after the reset
-        sums = [tf.convert_to_tensor(total.assign_add(value))
-                for total, value in zip(self._accumulated, added)]
+        # an update's first batch replaces the sums (no zeros to allocate), the others add
+        sums = tf.cond(tf.equal(self._accumulated_batches, 0),
+                       lambda: [total.assign(value) for total, value in
+                                zip(self._accumulated, added)],
+                       lambda: [total.assign_add(value) for total, value in
+                                zip(self._accumulated, added)])
         batches = self._accumulated_batches.assign_add(1)
 
         def averaged():
             reduced = (sums if self.gradients_too else self._reduce_scatter(sums))
             with tf.control_dependencies(reduced):
-                resets = [total.assign(tf.zeros_like(total)) for total in self._accumulated]
-                resets.append(self._accumulated_batches.assign(0))
-            with tf.control_dependencies(resets):
+                restart = self._accumulated_batches.assign(0)
+            with tf.control_dependencies([restart]):
                 return [piece / self.accumulation_steps for piece in reduced]
 
         def not_yet():

@@ -80,11 +80,13 @@ def test_adasum_adds_what_the_ranks_gradients_do_not_share(allreduced):
 
 
 @pytest.mark.distributed
-def test_float16_loss_scaling_skips_an_overflow_on_every_rank(tmp_path):
+@pytest.mark.parametrize("optimizer", ["distributed", "sharded"])
+def test_float16_loss_scaling_skips_an_overflow_on_every_rank(optimizer, tmp_path):
     """Loss scaling wraps the distributed optimizer: the overflow of rank 1 alone reaches
     rank 0 through the allreduce, both skip the step and halve the scale; the next step is
-    the plain average."""
-    run([*mpirun(2), PYTHON, "tests/workers/loss_scale_check.py", str(tmp_path)])
+    the plain average. Sharded, the overflow lands in rank 0's half of the reduce-scatter
+    only, and the ranks' agreement makes rank 1 skip too."""
+    run([*mpirun(2), PYTHON, "tests/workers/loss_scale_check.py", str(tmp_path), optimizer])
     ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0] == ranks[1]
     assert ranks[0]["compute_dtype"] == "float16" and ranks[0]["variable_dtype"] == "float32"

@@ -1,14 +1,19 @@
 """Run under mpirun -np 2: the optimizer of --mixed_precision=float16 (Keras' dynamic loss
-scaling around hvd.DistributedOptimizer, SGD at LR 1) on a Dense layer that computes in
-float16. Step 1: rank 1's input overflows float16 once the loss is scaled, rank 0's does not;
-step 2: both are finite. Writes the kernel and the loss scale after each step, and the layer's
-dtypes, to OUT_DIR/rank-R.json."""
+scaling around hvd.DistributedOptimizer, SGD at LR 1; with `sharded`, around the optimizer
+whose state app.sharded_optimizer shards, where each rank reduces half the kernel) on a
+Dense layer that computes in float16. Step 1: rank 1's input overflows float16 once the loss
+is scaled in the kernel's first element (rank 0's half), rank 0's does not; step 2: both are
+finite. Writes the kernel and the loss scale after each step, and the layer's dtypes, to
+OUT_DIR/rank-R.json.
+
+    mpirun -np 2 python tests/workers/loss_scale_check.py OUT_DIR [sharded]
+"""
 import json
 import sys
 
 from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
 
-from app import optimizers
+from app import optimizers, sharded_optimizer
 
 INPUTS = ({0: [[1.0, 2.0]], 1: [[1000.0, 1.0]]},  # step 1: 1000 x 32768 > float16's 65504
           {0: [[1.0, 2.0]], 1: [[3.0, 0.5]]})     # step 2
@@ -17,8 +22,10 @@ hvd.init()
 tf.keras.mixed_precision.set_global_policy("mixed_float16")
 layer = tf.keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")
 layer.build((None, 2))
+sgd = tf.keras.optimizers.legacy.SGD(1.0)
 optimizer = optimizers.loss_scaled(
-    hvd.DistributedOptimizer(tf.keras.optimizers.legacy.SGD(1.0)), "float16")
+    sharded_optimizer.shard(sgd, agree_on_overflow=True) if sys.argv[2:] == ["sharded"]
+    else hvd.DistributedOptimizer(sgd), "float16")
 steps = []
 for inputs in INPUTS:
     with tf.GradientTape() as tape:
