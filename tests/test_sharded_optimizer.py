@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import (INTEGRITY_FLAGS, PYTHON, error_lines, mpirun, read_log, run,
-                      run_study, train_command)
+                      run_concurrently, run_study, train_command)
 from test_fault_tolerance import resumed_after_a_signal_mid_epoch
 from test_train import checkpoint_values
 
@@ -132,17 +132,19 @@ def test_sharding_composes_with_spatial_groups_and_float16_loss_scaling(tmp_path
     from test_spatial import _checkpoint_values
     surveys = [*SURVEYS, "--epochs=4"]
     one = tmp_path / "one"
-    run(train_command(*surveys, f"--model_dir={one}"))
-    run([*mpirun(4), *train_command(*surveys, f"--model_dir={tmp_path / 'hybrid'}",
-                                    "--spatial_parts=2", "--shard_optimizer_state")])
+    run_concurrently(run, [
+        train_command(*surveys, f"--model_dir={one}"),
+        [*mpirun(4), *train_command(*surveys, f"--model_dir={tmp_path / 'hybrid'}",
+                                    "--spatial_parts=2", "--shard_optimizer_state")]])
     same_survey_values(_checkpoint_values(tmp_path / "hybrid", 4), _checkpoint_values(one, 4))
 
-    for precision, flags in (("float16", ["--fp16_allreduce", "--accumulation_steps=2",
-                                          "--shard_gradients"]),
-                             ("bfloat16", ["--shard_optimizer_state"])):
-        run([*mpirun(2), *train_command(
-            "--flagfile=configs/digits_cnn.cfg", "--epochs=3", "--steps_per_epoch=4",
-            f"--mixed_precision={precision}", *flags, f"--model_dir={tmp_path / precision}")])
+    precisions = {"float16": ["--fp16_allreduce", "--accumulation_steps=2", "--shard_gradients"],
+                  "bfloat16": ["--shard_optimizer_state"]}
+    run_concurrently(run, [[*mpirun(2), *train_command(
+        "--flagfile=configs/digits_cnn.cfg", "--epochs=3", "--steps_per_epoch=4",
+        f"--mixed_precision={precision}", *flags, f"--model_dir={tmp_path / precision}")]
+        for precision, flags in precisions.items()])
+    for precision in precisions:
         results = json.loads((tmp_path / precision / "results.json").read_text())
         assert results["precision"] == f"mixed_{precision}" and np.isfinite(results["loss"])
         assert results["optimizer_state_sharding"] == (2 if precision == "float16" else 1)
