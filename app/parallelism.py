@@ -91,9 +91,10 @@ class DataParallel:
         del num_outputs
         flags = self.flags
         options = optimizers.horovod_options(flags.accumulation_steps, flags.fp16_allreduce)
-        if self.sharding():  # ZeRO: reduce-scatter, update this rank's pieces, allgather
+        stage = self.sharding()
+        if stage:  # ZeRO: reduce-scatter, update this rank's pieces, allgather
             distributed = sharded_optimizer.shard(
-                optimizer, gradients_too=self.sharding() == 2,
+                optimizer, gradients_too=stage == 2,
                 accumulation_steps=flags.accumulation_steps,
                 compression=options["compression"],
                 agree_on_overflow=flags.mixed_precision == "float16")

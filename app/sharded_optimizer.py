@@ -221,14 +221,17 @@ class ShardedState:
 
     # -- the pieces --------------------------------------------------------------------------
 
+    def _bounds(self, value):
+        """(start, stop) of this rank's piece of `value` flattened."""
+        return piece_bounds(value.shape.num_elements(), self.process_set.rank(),
+                            self.process_set.size())
+
     def _piece_size(self, variable):
-        start, stop = piece_bounds(variable.shape.num_elements(), self.process_set.rank(),
-                                   self.process_set.size())
+        start, stop = self._bounds(variable)
         return stop - start
 
     def _my_piece(self, value):
-        start, stop = piece_bounds(value.shape.num_elements(), self.process_set.rank(),
-                                   self.process_set.size())
+        start, stop = self._bounds(value)
         return tf.reshape(value, [-1])[start:stop]
 
     def _pieces(self, variables):
