@@ -22,7 +22,7 @@ import math
 
 from app.compat import hvd_tensorflow, tf
 from app.sync_batch_norm import SyncBatchNormalization
-from models.unet import MaxPooling3D, Recomputed
+from models.unet import Level, MaxPooling3D
 
 keras = tf.keras
 
@@ -204,11 +204,11 @@ def check_layer(layer, slab_shape):
 
 def _layers_and_input_shapes(model):
     """(layer, input shape with the batch axis) of every layer after the input, those a
-    Recomputed runs included; a layer of several inputs once per input."""
+    U-Net Level runs included; a layer of several inputs once per input."""
     for layer in model.layers[1:]:
         shapes = layer.input_shape if isinstance(layer.input_shape, list) else [layer.input_shape]
         for shape in shapes:
-            if isinstance(layer, Recomputed):
+            if isinstance(layer, Level):
                 for inner in layer.inner:
                     yield inner, tuple(shape)
                     shape = inner.compute_output_shape(shape)
@@ -226,8 +226,8 @@ def halo_bytes(model, parts, batch, bytes_per_value):
         if isinstance(layer, _CONVOLUTIONS) and not isinstance(layer, _TRANSPOSED):
             planes = sum(same_padding(shape[1] // parts, layer.kernel_size[0], layer.strides[0],
                                       layer.dilation_rate[0]))
-            passes = 3 if any(isinstance(outer, Recomputed) and layer in outer.inner
-                              for outer in model.layers) else 2
+            passes = 3 if any(isinstance(outer, Level) and outer.recompute
+                              and layer in outer.inner for outer in model.layers) else 2
             values += passes * (parts - 1) * planes * math.prod(shape[2:]) * batch
     return values * bytes_per_value
 
@@ -248,8 +248,9 @@ def split_model(model, part, parts, process_set):
         check_layer(layer, (shape[1] // parts, *shape[2:]))
 
     def slab_layer(layer):
-        if isinstance(layer, Recomputed):
-            return Recomputed([slab_layer(inner) for inner in layer.inner], name=layer.name)
+        if isinstance(layer, Level):
+            return Level([slab_layer(inner) for inner in layer.inner], layer.recompute,
+                         name=layer.name)
         config = layer.get_config()
         if isinstance(layer, _CONVOLUTIONS) and not isinstance(layer, _TRANSPOSED) and (
                 max(layer.kernel_size) > 1 or max(layer.strides) > 1):

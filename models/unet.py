@@ -28,14 +28,16 @@ class MaxPooling3D(keras.layers.Layer):
         return pooled
 
 
-class Recomputed(keras.layers.Layer):
-    """Runs `layers` one after the other under tf.recompute_grad: keeps their input, not
-    their activations, and recomputes those in the backward pass (one more forward). The
-    layers are built first: recompute_grad cannot create variables."""
+class Level(keras.layers.Layer):
+    """A U-Net level: its convolutions run one after the other. With `recompute`, under
+    tf.recompute_grad: the level keeps its input, not its activations, and recomputes those
+    in the backward pass (one more forward). A level is one layer whether it recomputes or
+    not, so that checkpoints have one layout with and without --recompute. The layers are
+    built first: recompute_grad cannot create variables."""
 
-    def __init__(self, layers, **kwargs):
+    def __init__(self, layers, recompute=False, **kwargs):
         super().__init__(**kwargs)
-        self.inner = layers
+        self.inner, self.recompute = layers, recompute
 
     def build(self, input_shape):
         shape = input_shape
@@ -49,28 +51,29 @@ class Recomputed(keras.layers.Layer):
             for layer in self.inner:
                 x = layer(x)
             return x
-        return tf.recompute_grad(forward)(inputs)
+        return tf.recompute_grad(forward)(inputs) if self.recompute else forward(inputs)
+
+    def compute_output_shape(self, input_shape):
+        shape = input_shape
+        for layer in self.inner:
+            shape = layer.compute_output_shape(shape)
+        return shape
 
 
 def unet(num_outputs, normalization=None, dimensions=3, widths=FAULTSEG3D_WIDTHS,
          recompute=False):
     """Blocks: the whole U-Net, `len(widths)` levels of `widths` filters; the input's
     extent along every spatial axis must be divisible by 2 ** (levels - 1). `recompute`:
-    each encoder and decoder level keeps only its input for the backward pass (Recomputed),
-    so that a level's inner activation is not held."""
+    each encoder and decoder level keeps only its input for the backward pass (Level), so
+    that a level's inner activation is not held."""
     del normalization  # FaultSeg3D's U-Net has none
     convolution = {2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[dimensions]
     pooling = {2: keras.layers.MaxPooling2D, 3: lambda size: MaxPooling3D()}[dimensions]
     upsampling = {2: keras.layers.UpSampling2D, 3: keras.layers.UpSampling3D}[dimensions]
 
     def level(x, width):
-        convolutions = [convolution(width, 3, padding="same", activation="relu")
-                        for _ in range(2)]
-        if not recompute:
-            for layer in convolutions:
-                x = layer(x)
-            return x
-        return Recomputed(convolutions)(x)
+        return Level([convolution(width, 3, padding="same", activation="relu")
+                      for _ in range(2)], recompute)(x)
 
     def whole(x):
         skips = []

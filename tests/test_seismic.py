@@ -120,7 +120,8 @@ def test_a_unet_recomputing_its_levels_computes_the_same_outputs_and_gradients()
                 output = model(volume, training=True)
                 loss = tf.reduce_sum(output ** 2)
             found.append((output, tape.gradient(loss, model.trainable_variables)))
-        assert any(isinstance(layer, models.unet.Recomputed) for layer in model.layers)
+        assert any(isinstance(layer, models.unet.Level) and layer.recompute
+                   for layer in model.layers)
         np.testing.assert_allclose(found[1][0], found[0][0], rtol=1e-12)
         assert len(found[1][1]) == len(found[0][1]) == 22  # 11 convolutions
         for plain, recomputed in zip(found[0][1], found[1][1]):
