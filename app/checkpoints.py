@@ -7,6 +7,7 @@ was trained with, so that a run resumed on another number of processes keeps it.
 resumes from the newest checkpoint that reads whole, passing over damaged newer ones."""
 import contextlib
 import glob
+import json
 import os
 import re
 
@@ -17,6 +18,29 @@ from app import cli
 KEEP = 3
 _GLOBAL_BATCH_KEY = "global_batch_size/.ATTRIBUTES/VARIABLE_VALUE"
 _INDEX_FILE = re.compile(r"epoch-(\d+)(?:-step-(\d+))?\.index")
+
+
+MODEL_RECORD = "model.json"
+
+
+def write_model_record(model_dir, model, source, precision):
+    """MODEL_DIR/MODEL_RECORD: what the checkpoints are of (the model's name, its inputs and
+    outputs, the task, how the inputs were scaled, the precision), so that app.predict
+    rebuilds the model from the run alone, wherever its training data has gone."""
+    record = {"model": model, "task": source.task, "input_shape": list(source.feature_shape),
+              "num_outputs": source.num_outputs, "standardization": source.standardization,
+              "precision": precision}
+    with open(os.path.join(model_dir, MODEL_RECORD), "w") as written:
+        json.dump(record, written, indent=2)
+
+
+def read_model_record(model_dir):
+    """The run's MODEL_RECORD, None where it has none."""
+    path = os.path.join(model_dir, MODEL_RECORD)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as record:
+        return json.load(record)
 
 
 class MismatchError(ValueError):

@@ -1,20 +1,26 @@
 """Applies a trained segmentation model to a whole survey, larger than its training patches:
 sliding windows with overlap whose seams are blended (MONAI's sliding-window inference is
-the reference behaviour: its Gaussian importance map, sigma 1/8 of the window), the windows
-dealt out across the ranks under mpirun.
+the reference behaviour: its Gaussian importance map, sigma 1/8 of the window), the survey's
+inlines dealt out across the ranks under mpirun.
 
     python -m app.predict --model_dir=runs/seismic_faults_cpu --input=survey.segy \\
         --output_dir=runs/survey_faults
     mpirun -np 4 python -m app.predict --model_dir=... --input=survey.npy --output_dir=...
 
-The model and its flags are the run's (MODEL_DIR/flags.cfg and its latest checkpoint). Every
-rank reads the survey (a shared filesystem), predicts its windows and adds them up into the
-blended sum, which Horovod's allreduce combines; rank 0 writes OUTPUT_DIR/probability.npy
-(float32 [inlines, crosslines, samples], and [..., classes] for several classes),
+The model is the run's own record (MODEL_DIR/model.json: which model, its inputs and
+outputs, how its inputs were scaled) and its latest checkpoint. The survey is scaled as the
+run's inputs were (input_pipeline.seismic.survey_scaling, from a sample of its amplitudes that
+every rank reads alike), and a window reaching past its end is filled by reflecting the
+survey, as if it went on, not by zeros, which a model reads as an edge. Each rank predicts
+the windows over its own range of inlines, reading only the inlines those need (a shared
+filesystem), and writes its rows of OUTPUT_DIR/probability.npy (float32 [inlines,
+crosslines, samples], and [..., classes] for several classes); rank 0 then writes
 probability.segy for a SEG-Y input (its geometry and headers; several classes: the most
-probable one), and slices.png (the middle inline, crossline and time slice).
+probable one), slices.png (the middle inline, crossline and time slice) and prediction.json
+(what was done to the survey: its scaling and padding, the windows).
 """
 import itertools
+import json
 import os
 
 from app.compat import hvd_tensorflow as hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
@@ -22,17 +28,18 @@ from app.compat import hvd_tensorflow as hvd, tf  # first: it sets TF_USE_LEGACY
 import numpy as np
 from absl import app, flags
 
-import input_pipeline
 import models
 from app import checkpoints, cli, slices
 from app import flags as app_flags
-from input_pipeline import volumes
+from input_pipeline import seismic, volumes
 
 FLAGS = flags.FLAGS
 BLENDS = ("gaussian", "constant")
 
 
 def define_flags():
+    flags.DEFINE_string("model_dir", None, "The run of app.train whose model predicts.",
+                        required=True)
     flags.DEFINE_string("input", None, "The survey: a SEG-Y file, or a NumPy .npy of "
                         "[inlines, crosslines, samples].", required=True)
     flags.DEFINE_string("output_dir", None, "Where the prediction goes.", required=True)
@@ -49,7 +56,7 @@ def define_flags():
 
 def window_starts(extent, window, overlap):
     """Where the windows of one axis start: every window * (1 - overlap), the last at the
-    end; one window where the axis is no longer than a window (padded)."""
+    end; one window where the axis is no longer than a window (filled by reflection)."""
     if extent <= window:
         return [0]
     step = max(1, int(window * (1 - overlap)))
@@ -70,106 +77,230 @@ def importance(window, spatial, blend):
     return np.maximum(weights / weights.max(), 1e-3)
 
 
-def sliding_window(predict, volume, window, *, overlap=0.25, blend="gaussian", rank=0,
-                   size=1, windows_per_batch=4):
-    """(blended sum [..., outputs], weights) of `predict` (windows [n, w, ..., 1] ->
-    [n, w, ..., outputs]) over rank `rank`'s share of `volume`'s windows, in float64 on
-    the volume padded with zeros to at least a window: added up over the ranks and divided,
-    the blended prediction."""
-    spatial = volume.ndim
-    padded = np.pad(volume, [(0, max(0, window - extent)) for extent in volume.shape])
-    corners = list(itertools.product(*(window_starts(extent, window, overlap)
-                                       for extent in padded.shape)))[rank::size]
+def reflected(indices, extent):
+    """`indices` along an axis of `extent`, those past its end mirrored back into it (as
+    numpy's `reflect` padding, repeated for indices more than an extent past it)."""
+    if extent == 1:
+        return np.zeros_like(indices)
+    period = 2 * (extent - 1)
+    folded = np.asarray(indices) % period
+    return np.where(folded < extent, folded, period - folded)
+
+
+def sliding_window(predict, read_rows, shape, window, rows, write_rows, *, overlap=0.25,
+                   blend="gaussian", windows_per_batch=4):
+    """Writes the blended prediction of rows [rows[0], rows[1]) along axis 0 of a volume of
+    `shape`: write_rows(first row, [rows, ..., outputs] float64) once the rows are final.
+    `predict` maps windows [n, w, ..., 1] to [n, w, ..., outputs]; `read_rows(start, stop)`
+    gives the volume's rows [start, stop) (float32). Every window that overlaps the rows is
+    predicted, whatever other rows another rank predicts, so that every voxel adds up the
+    same windows in the same order on any number of ranks. Held at a time: a window's rows
+    of the volume and the sums of the rows its windows cover."""
+    first, last = rows
+    if first >= last:
+        return
+    spatial = len(shape)
+    starts = [window_starts(extent, window, overlap) for extent in shape]
+    row_starts = [start for start in starts[0] if start < last and start + window > first]
+    corners = list(itertools.product(*starts[1:]))
     weights = importance(window, spatial, blend)
-    total, weight = None, np.zeros(padded.shape)
-    for first in range(0, len(corners), windows_per_batch):
-        batch = corners[first:first + windows_per_batch]
-        places = [tuple(slice(start, start + window) for start in corner) for corner in batch]
-        outputs = np.asarray(predict(np.stack([padded[place] for place in places])[..., None]),
-                             np.float64)
+    total = weight = None  # the sums of rows [done, ...)
+    done = first
+    for index, row_start in enumerate(row_starts):
+        row_indices = reflected(np.arange(row_start, row_start + window), shape[0])
+        block = read_rows(row_indices.min(), row_indices.max() + 1)[
+            row_indices - row_indices.min()]
+        for axis in range(1, spatial):
+            block = np.take(block, reflected(np.arange(max(shape[axis], window)),
+                                             shape[axis]), axis=axis)
+        outputs = []
+        for batch in range(0, len(corners), windows_per_batch):
+            places = [tuple(slice(start, start + window) for start in corner)
+                      for corner in corners[batch:batch + windows_per_batch]]
+            windows = np.stack([block[(slice(None), *place)] for place in places])
+            outputs += zip(places, np.asarray(predict(windows[..., None]), np.float64))
+        cover = slice(max(row_start, done), min(row_start + window, last, shape[0]))
         if total is None:
-            total = np.zeros(padded.shape + outputs.shape[-1:])
-        for place, output in zip(places, outputs):
-            total[place] += output * weights[..., None]
-            weight[place] += weights
-    return total, weight
+            total = np.zeros((0, *shape[1:], outputs[0][1].shape[-1]))
+            weight = np.zeros((0, *shape[1:]))
+        grow = cover.stop - done - len(total)
+        if grow > 0:
+            total = np.concatenate([total, np.zeros((grow, *total.shape[1:]))])
+            weight = np.concatenate([weight, np.zeros((grow, *weight.shape[1:]))])
+        window_rows = slice(cover.start - row_start, cover.stop - row_start)
+        sums_rows = slice(cover.start - done, cover.stop - done)
+        for place, output in zip(*zip(*outputs)):
+            inside = tuple(slice(part.start, min(part.stop, extent))
+                           for part, extent in zip(place, shape[1:]))
+            cut = tuple(slice(0, part.stop - part.start) for part in inside)
+            total[(sums_rows, *inside)] += (output * weights[..., None])[(window_rows, *cut)]
+            weight[(sums_rows, *inside)] += weights[(window_rows, *cut)]
+        final = row_starts[index + 1] if index + 1 < len(row_starts) else last
+        final = min(max(final, done), last)
+        if final > done:
+            write_rows(done, total[:final - done] / weight[:final - done, ..., None])
+            total, weight, done = total[final - done:], weight[final - done:], final
 
 
-def blended(total, weight, shape):
-    """The prediction from sliding_window's sums (over every rank), cut to `shape`."""
-    probability = total / weight[..., None]
-    return probability[tuple(slice(0, extent) for extent in shape)]
+def rows_of_rank(extent, rank, size):
+    """This rank's range of rows along axis 0: as equal as they come, in rank order."""
+    bounds = np.linspace(0, extent, size + 1).round().astype(int)
+    return int(bounds[rank]), int(bounds[rank + 1])
+
+
+class RunRecordError(ValueError):
+    """A model_dir that app.predict cannot use, and why."""
+
+
+def run_model(model_dir):
+    """(the run's record, its latest checkpoint's path) of app.train's run in `model_dir`."""
+    record = checkpoints.read_model_record(model_dir or "")
+    if record is None:
+        raise RunRecordError(f"no {checkpoints.MODEL_RECORD} (not a model_dir of app.train)")
+    if record["task"] != "segmentation":
+        raise RunRecordError(f"trained --model={record['model']}, a {record['task']} "
+                             f"model; app.predict applies segmentation models")
+    epochs, steps, _ = checkpoints.latest(model_dir)
+    if not epochs and not steps:
+        raise RunRecordError("no checkpoint to predict with")
+    return record, os.path.join(model_dir, "checkpoints",
+                                checkpoints.checkpoint_name(epochs, steps))
 
 
 def main(_):
-    model_dir, output_dir = FLAGS.model_dir, FLAGS.output_dir
-    run_flags = os.path.join(model_dir or "", "flags.cfg")
-    if not model_dir or not os.path.isfile(run_flags):
-        cli.fail(f"--model_dir={model_dir}: no flags.cfg (not a model_dir of app.train)")
-    window, overlap, blend = FLAGS.window, FLAGS.overlap, FLAGS.blend
-    FLAGS([cli.program(), f"--flagfile={run_flags}"], known_only=True)
-    builder = models.BUILDERS[FLAGS.model]
-    if builder.task != "segmentation":
-        cli.fail(f"--model_dir={model_dir}: trained --model={FLAGS.model}, a "
-                 f"{builder.task} model; app.predict applies segmentation models")
-    window = window or FLAGS.patch_size or FLAGS.volume_size
-    if window % builder.downsampling:
-        cli.fail(f"--window={window}: --model={FLAGS.model} divides its input's extents by "
-                 f"{builder.downsampling}")
-    epochs, steps, _ = checkpoints.latest(model_dir)
-    if not epochs and not steps:
-        cli.fail(f"--model_dir={model_dir}: no checkpoint to predict with")
     try:
-        survey = volumes.read_volume(FLAGS.input)
+        record, checkpoint = run_model(FLAGS.model_dir)
+    except (RunRecordError, checkpoints.NoIntactCheckpointError) as error:
+        cli.fail(f"--model_dir={FLAGS.model_dir}: {error}")
+    builder = models.BUILDERS[record["model"]]
+    window = FLAGS.window or record["input_shape"][0]
+    if window % builder.downsampling:
+        cli.fail(f"--window={window}: --model={record['model']} divides its input's extents "
+                 f"by {builder.downsampling}")
+    try:
+        survey = volumes.Survey(FLAGS.input)
     except volumes.VolumeError as error:
         cli.fail(f"--input: {error}")
 
     hvd.init()
-    if FLAGS.float64:
+    if record["precision"] == "float64":
         tf.keras.mixed_precision.set_global_policy("float64")
-    source = input_pipeline.load(FLAGS.dataset, "train", **app_flags.load_options())
-    spatial = len(source.feature_shape) - 1  # a model of sections: 2
-    model = models.build(FLAGS.model, (window,) * spatial + (1,), source.num_outputs)
+    spatial = len(record["input_shape"]) - 1  # a model of sections: 2
+    model = models.build(record["model"], (window,) * spatial + (1,), record["num_outputs"])
     try:
-        checkpoints.initialize_from(model, os.path.join(
-            model_dir, "checkpoints", checkpoints.checkpoint_name(epochs, steps)))
+        checkpoints.initialize_from(model, checkpoint)
     except checkpoints.MismatchError as error:
-        cli.fail(f"--model_dir={model_dir}: {error}", cli.RUN_ERROR)
+        cli.fail(f"--model_dir={FLAGS.model_dir}: {error}", cli.RUN_ERROR)
+    scaling = (seismic.survey_scaling(survey.sample(seismic.SCALING_SAMPLE_VALUES))
+               if record["standardization"] else None)
+    prepared = _agree(lambda: _create_outputs(survey.shape, record["num_outputs"]))
+    if prepared:
+        cli.fail(f"--output_dir={FLAGS.output_dir}: {prepared}", cli.RUN_ERROR)
     infer = tf.function(lambda windows: model(windows, training=False), reduce_retracing=True)
-    sections = [survey] if spatial == 3 else list(survey)  # a 2D model: inline by inline
-    outputs = []
-    for section in sections:
-        total, weight = sliding_window(
-            lambda windows: infer(tf.constant(windows, tf.float32)).numpy(), section, window,
-            overlap=overlap, blend=blend, rank=hvd.rank(), size=hvd.size(),
-            windows_per_batch=FLAGS.windows_per_batch)
-        if hvd.size() > 1:
-            total = hvd.allreduce(tf.constant(total), op=hvd.Sum, name="blended_sum").numpy()
-            weight = hvd.allreduce(tf.constant(weight), op=hvd.Sum, name="weights").numpy()
-        outputs.append(blended(total, weight, section.shape))
-    probability = (outputs[0] if spatial == 3 else np.stack(outputs)).astype(np.float32)
-    if probability.shape[-1] == 1:
-        probability = probability[..., 0]
+    probability = np.load(os.path.join(FLAGS.output_dir, "probability.npy"), mmap_mode="r+")
+
+    def write_rows(start, sums):
+        probability[start:start + len(sums)] = sums.reshape(
+            sums.shape[:1] + probability.shape[1:])
+
+    first, last = rows_of_rank(survey.shape[0], hvd.rank(), hvd.size())
+    options = dict(overlap=FLAGS.overlap, blend=FLAGS.blend,
+                   windows_per_batch=FLAGS.windows_per_batch)
+    predict = lambda windows: infer(tf.constant(windows, tf.float32)).numpy()  # noqa: E731
+    if spatial == 3:
+        sliding_window(predict, lambda start, stop: scaled(survey.inlines(start, stop), scaling),
+                       survey.shape, window, (first, last), write_rows,
+                       **options)
+    else:  # a model of sections: inline by inline
+        for inline in range(first, last):
+            section = scaled(survey.inlines(inline, inline + 1)[0], scaling)
+            sliding_window(predict, lambda start, stop: section[start:stop], section.shape,
+                           window, (0, section.shape[0]),
+                           lambda start, sums: write_rows(inline, sums[None]), **options)
+    probability.flush()
+    del probability
+    hvd.allreduce(tf.constant(0), name="rows_written")  # every rank's rows are on disk
     if hvd.rank() == 0:
-        write_prediction(output_dir, probability, survey)
+        write_beside(survey, scaling, window)
+    survey.close()
 
 
-def write_prediction(output_dir, probability, survey):
-    """probability.npy, probability.segy (a SEG-Y input's geometry), slices.png."""
-    os.makedirs(output_dir, exist_ok=True)
-    np.save(os.path.join(output_dir, "probability.npy"), probability)
-    single = probability if probability.ndim == survey.ndim else probability.argmax(-1)
+def scaled(rows, scaling):
+    return rows if scaling is None else scaling.apply(rows)
+
+
+def middle_planes(inline, shape):
+    """slices.middle_slices of the volume of `shape` whose inline i is inline(i), read an
+    inline at a time."""
+    middle = [extent // 2 for extent in shape]
+    crossline, time_slice = np.zeros((shape[0], shape[2])), np.zeros(shape[:2])
+    for index in range(shape[0]):
+        rows = inline(index)
+        crossline[index], time_slice[index] = rows[middle[1]], rows[:, middle[2]]
+    return [("inline", inline(middle[0])), ("crossline", crossline),
+            ("time slice", time_slice)]
+
+
+def _agree(prepare):
+    """Rank 0's prepare() (an error message, or "" when it went well), on every rank, so
+    that no rank waits for a rank 0 that failed."""
+    message = ""
+    if hvd.rank() == 0:
+        message = prepare()
+    return hvd.broadcast_object(message, root_rank=0, name="outputs_created")
+
+
+def _create_outputs(shape, num_outputs):
+    """OUTPUT_DIR/probability.npy of `shape`, for the ranks to fill; "" or why it failed."""
+    try:
+        os.makedirs(FLAGS.output_dir, exist_ok=True)
+        np.lib.format.open_memmap(
+            os.path.join(FLAGS.output_dir, "probability.npy"), mode="w+", dtype=np.float32,
+            shape=shape + ((num_outputs,) if num_outputs > 1 else ())).flush()
+    except OSError as error:
+        return cli.first_line(error)
+    return ""
+
+
+def write_beside(survey, scaling, window):
+    """probability.segy (a SEG-Y input's geometry), slices.png and prediction.json beside
+    probability.npy, holding an inline at a time (and the slices)."""
+    output_dir = FLAGS.output_dir
+    probability = np.load(os.path.join(output_dir, "probability.npy"), mmap_mode="r")
+    most_probable = (lambda rows: rows) if probability.ndim == 3 else (
+        lambda rows: rows.argmax(-1))
+    written = ["probability.npy"]
     if not FLAGS.input.endswith(".npy"):
         volumes.write_like(FLAGS.input, os.path.join(output_dir, "probability.segy"),
-                           single.astype(np.float32))
+                           lambda inline: most_probable(probability[inline]))
+        written.append("probability.segy")
+    seismic_planes = middle_planes(lambda i: scaled(survey.inlines(i, i + 1)[0], scaling),
+                                   survey.shape)
+    predicted_planes = middle_planes(lambda i: most_probable(probability[i]), survey.shape)
     with open(os.path.join(output_dir, "slices.png"), "wb") as png:
-        png.write(slices.figure_png(slices.columns(survey, prediction=single)))
-    print(f"{FLAGS.input} -> {output_dir}: probability.npy {probability.shape}"
-          f"{', probability.segy' if not FLAGS.input.endswith('.npy') else ''}, slices.png")
+        png.write(slices.figure_png(slices.columns(seismic_planes,
+                                                   prediction=predicted_planes)))
+    written.append("slices.png")
+    padded = [axis for axis, extent in enumerate(survey.shape) if extent < window]
+    done = {"input": os.path.abspath(FLAGS.input), "shape": list(survey.shape),
+            "scaling": ({"standardization": seismic.STANDARDIZATION,
+                         **vars(scaling)} if scaling else "none: the run's inputs were not "
+                        "scaled"),
+            "padding": {"mode": "reflect", "axes_shorter_than_a_window": padded},
+            "window": window, "overlap": FLAGS.overlap, "blend": FLAGS.blend,
+            "model_dir": os.path.abspath(FLAGS.model_dir), "ranks": hvd.size()}
+    with open(os.path.join(output_dir, "prediction.json"), "w") as described:
+        json.dump(done, described, indent=2)
+    written.append("prediction.json")
+    what = (f"scaled (clip {scaling.low:.4g}..{scaling.high:.4g}, centre {scaling.centre:.4g}, "
+            f"scale {scaling.scale:.4g})" if scaling else "not scaled")
+    padding = (f"axes {padded} shorter than the {window}-voxel window filled by reflection"
+               if padded else "no padding")
+    print(f"{FLAGS.input} -> {output_dir}: {', '.join(written)}; survey {survey.shape} "
+          f"{what}; {padding}")
 
 
 def run():
-    app_flags.define_training_flags()
     define_flags()
     app.run(main, flags_parser=app_flags.parser(lambda argv: None))
 

@@ -10,7 +10,9 @@ SLICES = ("inline", "crossline", "time slice")
 
 def middle_slices(volume):
     """[(name, 2D array)] of a volume's middle inline, crossline and time slice (a 2D
-    section: itself)."""
+    section: itself; a list of them: as it is)."""
+    if isinstance(volume, list):
+        return volume
     if volume.ndim == 2:
         return [("section", volume)]
     middle = [extent // 2 for extent in volume.shape]
@@ -28,8 +30,10 @@ def figure_png(columns):
                                 figsize=(3 * len(columns), 3 * len(rows)))
     for column, (title, volume, colormap) in enumerate(columns):
         # labels and probabilities on one scale from 0, seismic on its own
-        scale = {} if column == 0 else {"vmin": 0, "vmax": max(1.0, float(np.max(volume)))}
-        for row, (name, image) in enumerate(middle_slices(volume)):
+        planes = middle_slices(volume)
+        highest = max(float(np.max(image)) for _, image in planes)
+        scale = {} if column == 0 else {"vmin": 0, "vmax": max(1.0, highest)}
+        for row, (name, image) in enumerate(planes):
             axis = axes[row][column]
             # time (depth) downwards, as seismic sections are drawn
             axis.imshow(np.asarray(image).T if name != "time slice" else image,

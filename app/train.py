@@ -190,7 +190,7 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
                                                        run.train_source, trained_global_batch)
     span = Span(initial_epoch, initial_step, steps_per_epoch, global_batch)
     if hvd.rank() == 0:
-        write_flagfile()
+        write_run_record(run.train_source)
     # Horovod: shard the data by rank (a pipeline's stages read their pipeline's shard).
     train_data, validation_data = datasets(run, where, batch, span)
     # Horovod: scale the learning rate by the global batch, with a warmup.
@@ -374,11 +374,14 @@ def voxels_per_example(source):
     return math.prod(source.feature_shape[:-1])
 
 
-def write_flagfile():
-    """MODEL_DIR/flags.cfg: every flag's value, which reproduces the run."""
+def write_run_record(source):
+    """MODEL_DIR/flags.cfg, every flag's value, which reproduces the run; and the record of
+    its model (checkpoints.write_model_record), which app.predict rebuilds it from."""
     os.makedirs(FLAGS.model_dir, exist_ok=True)
     with open(os.path.join(FLAGS.model_dir, "flags.cfg"), "w") as flagfile:
         flagfile.write(app_flags.resolved_flagfile())
+    checkpoints.write_model_record(FLAGS.model_dir, FLAGS.model, source,
+                                   tf.keras.mixed_precision.global_policy().name)
 
 
 def write_results(run_results, started):

@@ -10,7 +10,9 @@ A survey is made, deterministically from its seed, in the order of the recipe:
 4. convolution with a Ricker wavelet of peak 20-35 Hz (2 ms samples);
 5. band-limited noise at a random signal-to-noise ratio;
 6. the central crop (the survey is made larger, so that no edge effect enters it),
-   standardized to mean 0 and standard deviation 1.
+   standardized as every survey is, the user's and those app.predict reads included
+   (survey_scaling: clipped to its 0.1-99.9 percentiles, then mean 0 and standard
+   deviation 1).
 What moves the reflectors moves the labels alike: `layers` is the depth in the original
 series that each voxel came from, `facies` its bin among K, `faults` 1 within a voxel of a
 fault plane. Axes: inline, crossline, time (depth), as in a SEG-Y volume read by segyio.
@@ -28,11 +30,42 @@ from input_pipeline.sources import Source
 SAMPLE_SECONDS = 0.002
 DIP_DEGREES = (60.0, 85.0)
 PEAK_HERTZ = (20.0, 35.0)
+# How every survey's amplitudes are scaled before a model sees them (a run records it, and
+# app.predict applies it): a few huge spikes of a real survey must not set its scale.
+STANDARDIZATION = "per-survey, clipped to its 0.1-99.9 percentiles, mean 0 and std 1"
+CLIP_PERCENTILE = 99.9
+SCALING_SAMPLE_VALUES = 1 << 22  # statistics from at most this many amplitudes of a survey
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaling:
+    """A survey's standardization: amplitudes clipped to [low, high], then minus `centre`
+    and divided by `scale`."""
+    centre: float
+    scale: float
+    low: float
+    high: float
+
+    def apply(self, volume):
+        clipped = np.clip(np.asarray(volume, np.float64), self.low, self.high)
+        return ((clipped - self.centre) / self.scale).astype(np.float32)
+
+
+def survey_scaling(amplitudes):
+    """The Scaling of a survey from its `amplitudes` (all of them, or a sample): statistics of
+    the values clipped to the CLIP_PERCENTILE range, so that spikes count as its edges. Scaling
+    every amplitude by a factor scales all four alike: the standardized survey is the same."""
+    values = np.asarray(amplitudes, np.float64).ravel()
+    low, high = np.percentile(values, [100 - CLIP_PERCENTILE, CLIP_PERCENTILE])
+    clipped = np.clip(values, low, high)
+    scale = clipped.std()
+    return Scaling(float(clipped.mean()), float(scale) if scale > 0 else 1.0, float(low),
+                   float(high))
 
 
 @dataclasses.dataclass(frozen=True)
 class Survey:
-    seismic: np.ndarray  # float32, standardized
+    seismic: np.ndarray  # float32, standardized (survey_scaling)
     faults: np.ndarray  # uint8: 1 within a voxel of a fault plane
     facies: np.ndarray  # uint8: the layer's bin among num_facies
     layers: np.ndarray  # float32: the depth in the reflectivity series each voxel came from
@@ -74,7 +107,7 @@ def synthetic_survey(size, seed, num_facies=8):
     # 6: the centre, standardized; facies bins over the layers the crop holds
     centre = (slice(margin, margin + size),) * 3
     seismic, faults, layers = seismic[centre], faults[centre], layers[centre]
-    seismic = (seismic - seismic.mean()) / seismic.std()
+    seismic = survey_scaling(seismic).apply(seismic)
     span = layers.max() - layers.min()
     facies = np.minimum((layers - layers.min()) / span * num_facies, num_facies - 1)
     return Survey(seismic.astype(np.float32), faults, facies.astype(np.uint8),
@@ -154,7 +187,7 @@ def synthetic_surveys(split, *, volume_size, patch_size, num_volumes, target, nu
     return Source(f"seismic_{target}{'_sections' if sections else ''}-{split}", num_volumes,
                   (), num_facies if target == "facies" else 1,
                   records=lambda: tf.data.Dataset.range(num_volumes), prepare=volume,
-                  task="segmentation").with_examples(
+                  task="segmentation", standardization=STANDARDIZATION).with_examples(
         segmentation_examples(split, volume_size, patch_size, target, sections))
 
 
@@ -179,7 +212,8 @@ def survey_blocks(split, data_dir, patch_size=None, skip_corrupt=False):
         return records.ignore_errors() if skip_corrupt else records
     return Source(f"survey-{split}", survey["blocks"][split], (), survey["num_classes"],
                   files=files, read_file=read_file, prepare=volumes.parse_block,
-                  task="segmentation", skip_errors=skip_corrupt).with_examples(
+                  task="segmentation", skip_errors=skip_corrupt,
+                  standardization=survey.get("standardization")).with_examples(
         segmentation_examples(split, block, patch_size, survey["target"]))
 
 

@@ -33,6 +33,7 @@ class Source:
     skip_errors: bool = False  # drop records that fail to read or decode
     damaged: tuple = ()  # RecordCount of each file read only up to its damage
     input_scaling: Optional[tuple] = None  # (scale, offset) per channel: the model's first layer
+    standardization: Optional[str] = None  # how each volume was scaled before (seismic's)
 
     def with_examples(self, examples):
         """This source with (feature shape, decode, augment) of its examples."""

@@ -1,6 +1,7 @@
 """Users' seismic volumes: SEG-Y files (Equinor's segyio) and NumPy arrays, with their label
 volumes, cut into blocks and written as TFRecord shards that `--dataset=seismic_shards`
-reads; and SEG-Y written with another file's geometry and headers (app.predict's output).
+reads (standardized as the synthetic surveys are); surveys read in parts (app.predict); and
+SEG-Y written with another file's geometry and headers (app.predict's output).
 
 A volume is [inlines, crosslines, samples], as segyio's cube of a post-stack file sorted by
 inline. A survey larger than the patches a model trains on is cut into cubes of
@@ -15,6 +16,7 @@ import numpy as np
 import segyio
 import tensorflow as tf
 
+from input_pipeline import seismic as seismic_scaling
 from input_pipeline.sources import first_line, written_beside
 from input_pipeline.to_tfrecord import write_shards
 
@@ -28,47 +30,95 @@ class VolumeError(ValueError):
     """A volume file that cannot be used, named with the reason in one line."""
 
 
-def read_volume(path):
-    """The float32 volume [inlines, crosslines, samples] of a SEG-Y file or a .npy array."""
-    if not os.path.isfile(path):
-        raise VolumeError(f"{path}: no such file")
-    if path.endswith(".npy"):
+class Survey:
+    """A volume file [inlines, crosslines, samples] opened to be read in parts: a rank reads
+    only the inlines it needs (a .npy through a memory map, a SEG-Y inline by inline through
+    segyio), so that a survey larger than one process's memory can be predicted. Checked
+    whole when opened: a file that ends early is a VolumeError."""
+
+    def __init__(self, path):
+        self.path = path
+        if not os.path.isfile(path):
+            raise VolumeError(f"{path}: no such file")
+        self._segy = None
+        if path.endswith(".npy"):
+            try:
+                self._array = np.load(path, mmap_mode="r")
+            except (OSError, ValueError, EOFError) as error:
+                raise VolumeError(f"{path}: not a readable NumPy array ({first_line(error)})"
+                                  ) from None
+            if self._array.ndim != 3:
+                raise VolumeError(f"{path}: an array of {self._array.ndim} dimensions, not a "
+                                  f"volume [inlines, crosslines, samples]")
+            if not np.issubdtype(self._array.dtype, np.number):
+                raise VolumeError(f"{path}: an array of {self._array.dtype}, not numbers")
+            self.shape = self._array.shape
+            return
         try:
-            volume = np.load(path)
-        except (OSError, ValueError, EOFError) as error:
-            raise VolumeError(f"{path}: not a readable NumPy array ({first_line(error)})"
-                              ) from None
-        if volume.ndim != 3:
-            raise VolumeError(f"{path}: an array of {volume.ndim} dimensions, not a volume "
-                              f"[inlines, crosslines, samples]")
-        return volume.astype(np.float32)
-    try:
-        with segyio.open(path, "r") as segy:
-            return np.asarray(segyio.tools.cube(segy), np.float32)
-    except (RuntimeError, OSError, ValueError, KeyError) as error:
-        raise VolumeError(f"{path}: not a readable 3D SEG-Y volume sorted by inline or "
-                          f"crossline ({first_line(error)})") from None
+            self._segy = segyio.open(path, "r")
+            self.shape = (len(self._segy.ilines), len(self._segy.xlines),
+                          len(self._segy.samples))
+            if self.shape[0] * self.shape[1] != self._segy.tracecount:
+                raise ValueError(f"{self._segy.tracecount} traces for {self.shape[0]} inlines "
+                                 f"x {self.shape[1]} crosslines")
+            self._segy.trace[self._segy.tracecount - 1]  # the last trace is all there
+        except (RuntimeError, OSError, ValueError, KeyError) as error:
+            self.close()
+            raise VolumeError(f"{path}: not a readable 3D SEG-Y volume sorted by inline or "
+                              f"crossline ({first_line(error)})") from None
+
+    def inlines(self, start, stop):
+        """float32 inlines [start, stop) of the volume."""
+        if self._segy is None:
+            return np.asarray(self._array[start:stop], np.float32)
+        numbers = self._segy.ilines[start:stop]
+        return np.stack([self._segy.iline[number] for number in numbers]).astype(
+            np.float32, copy=False) if len(numbers) else np.zeros((0, *self.shape[1:]),
+                                                                   np.float32)
+
+    def sample(self, max_values):
+        """At most about `max_values` amplitudes: every k-th trace in the file's order, all
+        of them where they are fewer; the same on every rank."""
+        traces = self.shape[0] * self.shape[1]
+        every = max(1, -(-traces * self.shape[2] // max_values))
+        if self._segy is None:
+            return np.asarray(self._array.reshape(traces, -1)[::every], np.float32)
+        return np.stack([self._segy.trace[index] for index in range(0, traces, every)])
+
+    def close(self):
+        if self._segy is not None:
+            self._segy.close()
+            self._segy = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
 
 
-def write_like(template, path, volume):
-    """Writes `volume` ([inlines, crosslines, samples] as `template`'s) as a SEG-Y file
-    with the template's text, binary and trace headers, so that it lands where the input
-    survey lies; float32 samples (IEEE)."""
+def read_volume(path):
+    """The whole float32 volume [inlines, crosslines, samples] of a SEG-Y file or a .npy
+    array."""
+    with Survey(path) as survey:
+        return survey.inlines(0, survey.shape[0])
+
+
+def write_like(template, path, inlines):
+    """Writes a volume of `template`'s geometry ([inlines, crosslines, samples]), whose
+    inline i is `inlines(i)`, as a SEG-Y file with the template's text, binary and trace
+    headers, so that it lands where the input survey lies; float32 samples (IEEE). One
+    inline is held at a time."""
     with segyio.open(template, "r") as source:
         spec = segyio.tools.metadata(source)
         spec.format = 5  # 4-byte IEEE floats, whatever the template's
-        if volume.shape != (len(spec.ilines), len(spec.xlines), len(spec.samples)):
-            raise VolumeError(f"{path}: a volume of shape {volume.shape} cannot take "
-                              f"{template}'s geometry")
         with segyio.create(path, spec) as target:
             target.text[0] = source.text[0]
             target.bin = source.bin
             target.bin[segyio.BinField.Format] = 5
             target.header = source.header
-            traces = volume.reshape(-1, volume.shape[-1])
-            if source.sorting == segyio.TraceSortingFormat.CROSSLINE_SORTING:
-                traces = volume.transpose(1, 0, 2).reshape(-1, volume.shape[-1])
-            target.trace = np.ascontiguousarray(traces, np.float32)
+            for index, number in enumerate(source.ilines):
+                target.iline[number] = np.ascontiguousarray(inlines(index), np.float32)
 
 
 def block_starts(extent, block_size):
@@ -86,6 +136,7 @@ def write_survey(seismic_path, label_path, output_dir, target, block_size=128,
     into blocks, written as shards of each split in `output_dir` with SURVEY_FILE beside
     them; returns {split: blocks}. VolumeError for a volume that does not fit."""
     seismic, labels = read_volume(seismic_path), read_volume(label_path)
+    seismic = seismic_scaling.survey_scaling(seismic).apply(seismic)  # as app.predict will
     if labels.shape != seismic.shape:
         raise VolumeError(f"{label_path}: a label volume of shape {labels.shape}; the "
                           f"seismic {seismic_path} is {seismic.shape}")
@@ -116,7 +167,8 @@ def write_survey(seismic_path, label_path, output_dir, target, block_size=128,
     with open(os.path.join(output_dir, SURVEY_FILE), "w") as survey:
         json.dump({"target": target, "num_classes": num_classes, "block_size": block_size,
                    "blocks": {split: len(found) for split, found in corners.items()},
-                   "seismic": os.path.abspath(seismic_path), "shape": list(seismic.shape)},
+                   "seismic": os.path.abspath(seismic_path), "shape": list(seismic.shape),
+                   "standardization": seismic_scaling.STANDARDIZATION},
                   survey, indent=2)
     return {split: len(found) for split, found in corners.items()}
 
