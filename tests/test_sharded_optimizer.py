@@ -14,6 +14,7 @@ from test_fault_tolerance import resumed_after_a_signal_mid_epoch
 from test_train import checkpoint_values
 
 from app.sharded_optimizer import piece_bounds
+from app.studies import harness
 
 OPTIMIZERS = ("momentum", "adam", "lamb", "lars", "novograd")
 
@@ -170,6 +171,19 @@ def test_what_sharding_does_not_support_is_refused_on_every_rank_with_one_line(t
         for part in expected:
             assert part in errors[0], (part, errors)
         assert "Epoch" not in result.stdout and not (model_dir / "checkpoints").exists()
+
+
+@pytest.mark.distributed
+def test_a_budget_run_is_out_of_memory_only_if_it_trains_without_the_limit(tmp_path):
+    """The studies' budget searches: a run that fails under the limit and trains without
+    it did not fit; one that fails either way ends the study with its error (before, any
+    failure counted as "does not fit")."""
+    tiny = ["--flagfile=configs/digits_cnn.cfg", "--epochs=1", "--warmup_epochs=0",
+            "--steps_per_epoch=1", "--validation_steps=1"]
+    assert not harness.trains_within(str(tmp_path / "tight"), ["-np", "1"], tiny, 50)
+    with pytest.raises(SystemExit, match="--warmup_epochs=2: must be shorter"):
+        harness.trains_within(str(tmp_path / "bad"), ["-np", "1"],
+                              [*tiny, "--warmup_epochs=2"], 50)
 
 
 @pytest.mark.distributed

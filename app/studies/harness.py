@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import resource
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,18 +21,37 @@ def run_app_train(model_dir, launch_args, train_args):
         return json.load(results)
 
 
-def trains_within(model_dir, launch_args, train_args, memory_limit_mb):
+# A run under a memory limit may hang instead of failing (OpenBLAS retries a failed
+# allocation in a loop): past this it is ended, as a run the limit stopped.
+LIMITED_RUN_SECONDS = 1800
+
+
+def trains_within(model_dir, launch_args, train_args, memory_limit_mb,
+                  timeout=LIMITED_RUN_SECONDS):
     """Whether app.train (through app.launch) runs to its end with each process's data
     segment (RLIMIT_DATA: the heap and private mappings, where TensorFlow's tensors live)
-    limited to `memory_limit_mb` MiB; mpirun's ranks inherit the limit."""
+    limited to `memory_limit_mb` MiB; mpirun's ranks inherit the limit. A run that fails
+    under the limit is run again without it: only if that one ends well was it the limit
+    (memory running out shows as a MemoryError, an abort, a thread that cannot start, a
+    failed import or a hang, which no message tells apart); if it fails too, the study
+    ends with its error, which is no answer about memory."""
     limit = memory_limit_mb * 2 ** 20
 
     def limited():
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    result = subprocess.run([sys.executable, "-m", "app.launch", *launch_args, *train_args,
-                             f"--model_dir={model_dir}"], capture_output=True, text=True,
-                            preexec_fn=limited)
-    return result.returncode == 0
+    command = [sys.executable, "-m", "app.launch", *launch_args, *train_args,
+               f"--model_dir={model_dir}"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               preexec_fn=limited, start_new_session=True)
+    try:
+        if process.wait(timeout=timeout) == 0:
+            return True
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # mpirun and its ranks too
+        process.wait()
+    shutil.rmtree(model_dir, ignore_errors=True)
+    check(command, model_dir)
+    return False
 
 
 def run_benchmark(model_dir, processes, train_args, launch_args):
