@@ -199,9 +199,13 @@ def main(_):
     infer = tf.function(lambda windows: model(windows, training=False), reduce_retracing=True)
     probability = np.load(os.path.join(FLAGS.output_dir, "probability.npy"), mmap_mode="r+")
 
-    def write_rows(start, sums):
-        probability[start:start + len(sums)] = sums.reshape(
-            sums.shape[:1] + probability.shape[1:])
+    def writer(inline=None):
+        """write_rows for the volume's rows, or for one inline's (a model of sections)."""
+        def write_rows(start, sums):
+            place = np.s_[start:start + len(sums)] if inline is None else np.s_[
+                inline, start:start + len(sums)]
+            probability[place] = sums.reshape(probability[place].shape)
+        return write_rows
 
     first, last = rows_of_rank(survey.shape[0], hvd.rank(), hvd.size())
     options = dict(overlap=FLAGS.overlap, blend=FLAGS.blend,
@@ -209,14 +213,13 @@ def main(_):
     predict = lambda windows: infer(tf.constant(windows, tf.float32)).numpy()  # noqa: E731
     if spatial == 3:
         sliding_window(predict, lambda start, stop: scaled(survey.inlines(start, stop), scaling),
-                       survey.shape, window, (first, last), write_rows,
+                       survey.shape, window, (first, last), writer(),
                        **options)
     else:  # a model of sections: inline by inline
         for inline in range(first, last):
             section = scaled(survey.inlines(inline, inline + 1)[0], scaling)
             sliding_window(predict, lambda start, stop: section[start:stop], section.shape,
-                           window, (0, section.shape[0]),
-                           lambda start, sums: write_rows(inline, sums[None]), **options)
+                           window, (0, section.shape[0]), writer(inline), **options)
     probability.flush()
     del probability
     hvd.allreduce(tf.constant(0), name="rows_written")  # every rank's rows are on disk

@@ -276,6 +276,26 @@ def test_a_survey_of_fewer_windows_than_ranks_is_predicted_by_every_rank(trained
 
 
 @pytest.mark.distributed
+def test_a_model_of_sections_predicts_every_inline_alike_on_1_and_2_ranks(tmp_path):
+    run(train_command("--flagfile=configs/seismic_facies_sections.cfg", "--volume_size=16",
+                      "--num_volumes=4", "--epochs=1", "--warmup_epochs=0",
+                      "--steps_per_epoch=1", "--validation_steps=1",
+                      f"--model_dir={tmp_path / 'run'}"))
+    amplitudes, _ = field_survey((5, 20, 18))  # sections longer and shorter than a window
+    np.save(tmp_path / "survey.npy", amplitudes)
+    outputs = []
+    for processes in (1, 2):
+        command = predict_command(f"--model_dir={tmp_path / 'run'}",
+                                  f"--input={tmp_path / 'survey.npy'}",
+                                  f"--output_dir={tmp_path / str(processes)}")
+        run([*mpirun(processes), *command] if processes > 1 else command)
+        outputs.append(np.load(tmp_path / str(processes) / "probability.npy"))
+    assert outputs[0].shape == (5, 20, 18, 8)  # the facies' probabilities
+    np.testing.assert_allclose(outputs[0].sum(-1), 1, rtol=1e-5)
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.distributed
 def test_one_window_of_the_whole_volume_is_the_model_on_the_scaled_volume(trained, tmp_path):
     from app.compat import tf  # noqa: F401 (first)
     import models
