@@ -304,7 +304,9 @@ def define_stopping_flags():
     flags.DEFINE_integer("preemption_check_steps", 10,
                          "Every this many steps the ranks agree whether one of them got "
                          "SIGTERM or SIGUSR1, and if so all stop there with a checkpoint of "
-                         "that step and exit code 75 (an allgather of one number each time).",
+                         "that step and exit code 75 (an allgather of one number each time). "
+                         "Rounded up to a multiple of --accumulation_steps, so that a stop "
+                         "follows an update and no accumulated gradients are lost.",
                          lower_bound=1)
     flags.DEFINE_float("stall_timeout", 300.0,
                        "End the job, naming the silent ranks, when a rank has made no training "

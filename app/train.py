@@ -315,7 +315,7 @@ def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_stat
             lambda value: int(max(hvd.allgather(tf.constant([value]), name="signal"))),
             lambda epochs, steps: checkpoints.save_mid_epoch(
                 run.checkpoint_manager, epochs, steps, where.saves, whole_state),
-            span.steps_per_epoch, FLAGS.preemption_check_steps))
+            span.steps_per_epoch, FLAGS.preemption_check_steps, FLAGS.accumulation_steps))
     found += meters
     if not FLAGS.benchmark:
         # Horovod: checkpoints on rank 0 only (each stage's on its first replica).
