@@ -140,7 +140,11 @@ def define_data_flags():
     flags.DEFINE_integer("seed", 42, "Seed of initialization, shuffling and augmentation.",
                          lower_bound=1)
     flags.DEFINE_string("cache", "none",
-                        "Cache of the (sharded) raw records: none, memory, or a file path prefix.")
+                        "Cache of the (sharded) raw records: none, memory, or a file path "
+                        "prefix: a cache file per split and rank whose name holds a digest of "
+                        "the data set, the split and the data flags (--data_dir, --image_size, "
+                        "--seed, --skip_corrupt, --volume_size, --patch_size, --num_volumes, "
+                        "--num_facies), so that a run never reads a cache of other data.")
     flags.DEFINE_bool("skip_corrupt", False,
                       "Drop TFRecord records that cannot be read or decoded, and report how many, "
                       "instead of stopping at the first one.")

@@ -33,6 +33,9 @@ class Source:
     skip_errors: bool = False  # drop records that fail to read or decode
     damaged: tuple = ()  # RecordCount of each file read only up to its damage
     input_scaling: Optional[tuple] = None  # (scale, offset) per channel: the model's first layer
+    # What made the split (input_pipeline.load's digest of the data set, split and options),
+    # in a file cache's name: a cache of other data is never read.
+    cache_key: str = ""
 
     def with_examples(self, examples):
         """This source with (feature shape, decode, augment) of its examples."""

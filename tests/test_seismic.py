@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import error_lines, mpirun, read_log, run, train_command
+from conftest import error_lines, mpirun, read_log, run, run_concurrently, train_command
 from scipy import ndimage
 
 import input_pipeline
@@ -210,6 +210,25 @@ def test_the_unet_trains_alike_on_1_and_2_processes_with_exact_validation_counts
     assert [step for step, _ in images] == list(range(1, 13))
     picture = tf.image.decode_png(images[-1][1].tensor.string_val[2])  # width, height, PNG
     assert picture.shape[0] > 100 and picture.shape[1] > 200  # 3 rows, 3 columns
+
+
+def test_a_file_cache_is_read_only_by_runs_of_the_data_that_made_it(tmp_path):
+    """--cache=PATH written by a run of seed 1 and then given to a run of seed 2: the second
+    trains on its own surveys, as a run without the file cache does (not on seed 1's)."""
+    surveys = ["--flagfile=configs/seismic_faults_cpu.cfg", "--volume_size=8",
+               "--patch_size=8", "--num_volumes=4", "--global_batch_size=2", "--epochs=1",
+               "--steps_per_epoch=2", "--warmup_epochs=0", "--deterministic", "--float64"]
+    cache = f"--cache={tmp_path / 'cache'}"
+
+    def train(name, *flags):
+        run(train_command(*surveys, *flags, f"--model_dir={tmp_path / name}"))
+        return read_log(tmp_path / name)[0]
+    run_concurrently(lambda case: train(*case), [("seed1", "--seed=1", cache),
+                                                 ("uncached", "--seed=2")])
+    cached, uncached = train("seed2", "--seed=2", cache), read_log(tmp_path / "uncached")[0]
+    for key in ("loss", "val_loss"):
+        assert float(cached[key]) == pytest.approx(float(uncached[key]), rel=1e-12), key
+    assert len(list(tmp_path.glob("cache.seismic_faults-train-unsharded.*.index"))) == 2
 
 
 def test_bad_seismic_flags_are_refused_with_one_line(tmp_path):
