@@ -300,8 +300,12 @@ def define_monitoring_flags():
 def define_stopping_flags():
     """Ending training early."""
     flags.DEFINE_float("target_accuracy", None,
-                       "End training after the first epoch whose validation accuracy (averaged "
-                       "over the ranks) reaches this.", lower_bound=0.0, upper_bound=1.0)
+                       "End training after the first epoch whose validation headline metric "
+                       "(over all the ranks' examples) reaches this: val_accuracy for "
+                       "classification; for segmentation val_iou (the positive class's, one "
+                       "output: faults) or val_mean_iou (several classes: facies); not for "
+                       "regression. results.json names it (headline_metric).",
+                       lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_float("time_budget", None,
                        "End training after the epoch in which this many seconds of training "
                        "(rank 0's clock, from the first step) have passed.", lower_bound=0.0)
@@ -400,6 +404,10 @@ def validate(world_size):
     _validate_task()
     if FLAGS.target_accuracy is not None and FLAGS.benchmark:
         raise _invalid("target_accuracy", "needs validation, which --benchmark leaves out")
+    if FLAGS.target_accuracy is not None and input_pipeline.DATASETS[
+            FLAGS.dataset].task == "regression":
+        raise _invalid("target_accuracy", f"--dataset={FLAGS.dataset} is a regression, "
+                                          f"whose errors (MSE, MAE) have no accuracy to reach")
     if FLAGS.float64 and FLAGS.mixed_precision:
         raise _invalid("float64", f"computes in float64, --mixed_precision="
                                   f"{FLAGS.mixed_precision} in another type: choose one")

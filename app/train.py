@@ -201,8 +201,10 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
               flush=True)
     throughput = callbacks.Throughput(run.parallel.images_per_rank(batch), hvd.size(),
                                       FLAGS.warmup_steps)
-    time_to_accuracy = callbacks.TimeToAccuracy(
-        FLAGS.target_accuracy, FLAGS.time_budget, lambda value: hvd.broadcast(value, 0))
+    headline = models.headline_metric(run.train_source.task, run.train_source.num_outputs)
+    time_to_accuracy = callbacks.TimeToAccuracy(FLAGS.target_accuracy, headline,
+                                                FLAGS.time_budget,
+                                                lambda value: hvd.broadcast(value, 0))
     training_callbacks = callbacks_in_horovods_order(
         run, where, span, schedule, (throughput, time_to_accuracy), elastic_state,
         validation_data)
@@ -224,6 +226,7 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
         results.gathered(throughput, voxels_per_example(run.train_source),
                          sharded_optimizer.slot_elements(run.trainer.optimizer)),
         experiment=FLAGS.experiment, world_size=hvd.size(), batch_size=batch,
+        headline_metric=f"val_{headline}" if headline else None,
         **run.parallel.results(), global_batch_size=global_batch, learning_rate=scaled_lr,
         steps_per_epoch=steps_per_epoch,
         trainable_parameters=sum(v.shape.num_elements() for v in run.model.trainable_variables),

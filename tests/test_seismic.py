@@ -231,6 +231,30 @@ def test_a_file_cache_is_read_only_by_runs_of_the_data_that_made_it(tmp_path):
     assert len(list(tmp_path.glob("cache.seismic_faults-train-unsharded.*.index"))) == 2
 
 
+def test_the_target_accuracy_of_a_fault_segmentation_is_its_validation_iou(tmp_path):
+    """--target_accuracy=0.34 on faults ends training after the first epoch whose val_iou
+    reaches 0.34 (the 5th here, of 8), which results.json names; a regression, which has no
+    accuracy, refuses it."""
+    target = 0.34
+    run(train_command("--flagfile=configs/seismic_faults_cpu.cfg", "--volume_size=16",
+                      "--patch_size=16", "--num_volumes=8", "--global_batch_size=2",
+                      "--epochs=8", "--steps_per_epoch=4", "--warmup_epochs=0",
+                      "--lr_schedule=constant", "--deterministic", f"--target_accuracy={target}",
+                      f"--model_dir={tmp_path / 'faults'}"))
+    ious = [float(row["val_iou"]) for row in read_log(tmp_path / "faults")]
+    assert 1 < len(ious) < 8 and ious[-1] >= target and max(ious[:-1]) < target, ious
+    results = json.loads((tmp_path / "faults" / "results.json").read_text())
+    assert results["headline_metric"] == "val_iou"
+    assert results["target_reached"]["epoch"] == results["epochs_completed"] == len(ious)
+
+    result = run(train_command("--flagfile=configs/linear_regression.cfg",
+                               "--target_accuracy=0.5", f"--model_dir={tmp_path / 'linear'}"),
+                 check=False)
+    assert result.returncode == 2 and error_lines(result) == [
+        "app.train: error: --target_accuracy=0.5: --dataset=linear is a regression, whose "
+        "errors (MSE, MAE) have no accuracy to reach"], result.stderr[-2000:]
+
+
 def test_bad_seismic_flags_are_refused_with_one_line(tmp_path):
     cases = [(["--patch_size=48"],
               "--patch_size=48: is larger than the volumes (--volume_size=40)"),
