@@ -4,10 +4,12 @@ how they are checked.
 
 Resolution follows the TF Model Garden: the experiment's registry defaults, then the
 flagfile, then the command line (absl expands --flagfile in place, so a later command-line
-flag overrides it). Everything is checked before Horovod starts or any data is read; a bad
-value ends the process with one line naming the flag and the reason, and exit code 2. Every
-rank parses the same arguments, so every rank exits the same way and nothing hangs; only
-rank 0 prints the line. The arithmetic the flags feed is app.arithmetic's.
+flag overrides it). Everything is checked before Horovod starts or any data is read, but
+what only the data or the built model shows, which app.train checks once they are there,
+before any training; a bad value ends the process with one line naming the flag and the
+reason, and exit code 2. Every rank parses the same arguments, so every rank exits the same
+way and nothing hangs; only rank 0 prints the line. The arithmetic the flags feed is
+app.arithmetic's.
 """
 import os
 import tempfile
@@ -192,7 +194,8 @@ def define_horovod_flags():
     flags.DEFINE_bool("sync_batch_norm", False,
                       "Batch normalization over the global batch: the models' BatchNormalization "
                       "layers become SyncBatchNormalization (Horovod's, guarded against a "
-                      "negative variance), which allreduces their statistics at every step.")
+                      "negative variance), which allreduces their statistics at every step. "
+                      "Refused for a model that has no batch normalization.")
     flags.DEFINE_bool("elastic", False,
                       "Elastic training: workers may leave and join while it runs (Horovod's "
                       "elastic mode; start it with python -m app.launch --host_discovery_script). "

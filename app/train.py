@@ -141,6 +141,11 @@ def build_and_restore(parallel, source, resume):
                      else tf.keras.layers.BatchNormalization)
     try:
         model = parallel.build_model(source, normalization)
+        # known once built: whether any block made a batch normalization layer
+        if FLAGS.sync_batch_norm and not any(isinstance(layer, tf.keras.layers.BatchNormalization)
+                                             for layer in model.submodules):
+            raise arithmetic.FlagError("sync_batch_norm", True, f"--model={FLAGS.model} has no "
+                                       f"batch normalization to synchronize")
     except arithmetic.FlagError as error:
         cli.fail(error)
     models.add_weight_decay(
