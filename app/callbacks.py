@@ -224,17 +224,19 @@ class UpdateEpochState(tf.keras.callbacks.Callback):
 
 class TimeToAccuracy(tf.keras.callbacks.Callback):
     """Adds `wall_seconds`, the training time so far, to every epoch's logs, and ends
-    training after the epoch whose validation accuracy reaches `target_accuracy` or in which
-    `time_budget` seconds ran out (either may be None).
+    training after the epoch whose validation `metric` (models.headline_metric's: accuracy,
+    IoU, mean IoU) reaches `target_accuracy` or in which `time_budget` seconds ran out
+    (either may be None).
 
-    Every rank must stop after the same epoch: the accuracy is the one averaged by Horovod's
-    MetricAverageCallback (which must come first), and the clock is rank 0's, sent to all
-    by `broadcast`. `reached` holds (epoch, seconds) of the first epoch at the target."""
+    Every rank must stop after the same epoch: the metric is the one MetricAverageCallback
+    and ExactValidationMetrics leave on every rank (they must come first), and the clock is
+    rank 0's, sent to all by `broadcast`. `reached` holds (epoch, seconds) of the first
+    epoch at the target."""
 
-    def __init__(self, target_accuracy, time_budget, broadcast):
+    def __init__(self, target_accuracy, metric, time_budget, broadcast):
         super().__init__()
-        self.target_accuracy, self.time_budget = target_accuracy, time_budget
-        self.broadcast = broadcast
+        self.target_accuracy, self.metric = target_accuracy, metric
+        self.time_budget, self.broadcast = time_budget, broadcast
         self.reached, self._started = None, None
 
     def on_train_begin(self, logs=None):
@@ -245,7 +247,7 @@ class TimeToAccuracy(tf.keras.callbacks.Callback):
         if self.time_budget is not None:
             logs["wall_seconds"] = float(self.broadcast(tf.constant(logs["wall_seconds"])))
         if (self.target_accuracy is not None and self.reached is None
-                and logs.get("val_accuracy", 0.0) >= self.target_accuracy):
+                and logs.get(f"val_{self.metric}", 0.0) >= self.target_accuracy):
             self.reached = (epoch + 1, logs["wall_seconds"])
             self.model.stop_training = True
         if self.time_budget is not None and logs["wall_seconds"] >= self.time_budget:

@@ -1,4 +1,8 @@
-"""The one place the project imports TensorFlow's Keras and Horovod; import `hvd` from here.
+"""Where the project imports TensorFlow and Horovod's TensorFlow layers first: import `tf`,
+`hvd` (Horovod's Keras layer) and `hvd_tensorflow` from here, before anything else of
+TensorFlow's. Horovod is imported elsewhere only after this module (app.optimizers takes
+Horovod's private `horovod._keras`, which this module's imports loaded) or without
+TensorFlow (app.launch runs Horovod's launcher, `horovod.runner`).
 
 Why this module exists (BUILD.md has the whole story):
 - Horovod 0.28.1's Keras layer needs the Keras 2 API. Under TensorFlow 2.21, `tf.keras` is

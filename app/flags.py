@@ -4,10 +4,12 @@ how they are checked.
 
 Resolution follows the TF Model Garden: the experiment's registry defaults, then the
 flagfile, then the command line (absl expands --flagfile in place, so a later command-line
-flag overrides it). Everything is checked before Horovod starts or any data is read; a bad
-value ends the process with one line naming the flag and the reason, and exit code 2. Every
-rank parses the same arguments, so every rank exits the same way and nothing hangs; only
-rank 0 prints the line. The arithmetic the flags feed is app.arithmetic's.
+flag overrides it). Everything is checked before Horovod starts or any data is read, but
+what only the data or the built model shows, which app.train checks once they are there,
+before any training; a bad value ends the process with one line naming the flag and the
+reason, and exit code 2. Every rank parses the same arguments, so every rank exits the same
+way and nothing hangs; only rank 0 prints the line. The arithmetic the flags feed is
+app.arithmetic's.
 """
 import os
 import tempfile
@@ -140,7 +142,11 @@ def define_data_flags():
     flags.DEFINE_integer("seed", 42, "Seed of initialization, shuffling and augmentation.",
                          lower_bound=1)
     flags.DEFINE_string("cache", "none",
-                        "Cache of the (sharded) raw records: none, memory, or a file path prefix.")
+                        "Cache of the (sharded) raw records: none, memory, or a file path "
+                        "prefix: a cache file per split and rank whose name holds a digest of "
+                        "the data set, the split and the data flags (--data_dir, --image_size, "
+                        "--seed, --skip_corrupt, --volume_size, --patch_size, --num_volumes, "
+                        "--num_facies), so that a run never reads a cache of other data.")
     flags.DEFINE_bool("skip_corrupt", False,
                       "Drop TFRecord records that cannot be read or decoded, and report how many, "
                       "instead of stopping at the first one.")
@@ -188,7 +194,8 @@ def define_horovod_flags():
     flags.DEFINE_bool("sync_batch_norm", False,
                       "Batch normalization over the global batch: the models' BatchNormalization "
                       "layers become SyncBatchNormalization (Horovod's, guarded against a "
-                      "negative variance), which allreduces their statistics at every step.")
+                      "negative variance), which allreduces their statistics at every step. "
+                      "Refused for a model that has no batch normalization.")
     flags.DEFINE_bool("elastic", False,
                       "Elastic training: workers may leave and join while it runs (Horovod's "
                       "elastic mode; start it with python -m app.launch --host_discovery_script). "
@@ -296,15 +303,21 @@ def define_monitoring_flags():
 def define_stopping_flags():
     """Ending training early."""
     flags.DEFINE_float("target_accuracy", None,
-                       "End training after the first epoch whose validation accuracy (averaged "
-                       "over the ranks) reaches this.", lower_bound=0.0, upper_bound=1.0)
+                       "End training after the first epoch whose validation headline metric "
+                       "(over all the ranks' examples) reaches this: val_accuracy for "
+                       "classification; for segmentation val_iou (the positive class's, one "
+                       "output: faults) or val_mean_iou (several classes: facies); not for "
+                       "regression. results.json names it (headline_metric).",
+                       lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_float("time_budget", None,
                        "End training after the epoch in which this many seconds of training "
                        "(rank 0's clock, from the first step) have passed.", lower_bound=0.0)
     flags.DEFINE_integer("preemption_check_steps", 10,
                          "Every this many steps the ranks agree whether one of them got "
                          "SIGTERM or SIGUSR1, and if so all stop there with a checkpoint of "
-                         "that step and exit code 75 (an allgather of one number each time).",
+                         "that step and exit code 75 (an allgather of one number each time). "
+                         "Rounded up to a multiple of --accumulation_steps, so that a stop "
+                         "follows an update and no accumulated gradients are lost.",
                          lower_bound=1)
     flags.DEFINE_float("stall_timeout", 300.0,
                        "End the job, naming the silent ranks, when a rank has made no training "
@@ -394,6 +407,10 @@ def validate(world_size):
     _validate_task()
     if FLAGS.target_accuracy is not None and FLAGS.benchmark:
         raise _invalid("target_accuracy", "needs validation, which --benchmark leaves out")
+    if FLAGS.target_accuracy is not None and input_pipeline.DATASETS[
+            FLAGS.dataset].task == "regression":
+        raise _invalid("target_accuracy", f"--dataset={FLAGS.dataset} is a regression, "
+                                          f"whose errors (MSE, MAE) have no accuracy to reach")
     if FLAGS.float64 and FLAGS.mixed_precision:
         raise _invalid("float64", f"computes in float64, --mixed_precision="
                                   f"{FLAGS.mixed_precision} in another type: choose one")

@@ -8,9 +8,9 @@ Adasum), then, for float16, Keras' loss scaling."""
 import dataclasses
 from typing import Callable
 
-import horovod._keras as horovod_keras_impl
-import horovod.tensorflow as horovod_tf
-import tensorflow as tf
+from app.compat import hvd_tensorflow as horovod_tf, tf  # first: it sets TF_USE_LEGACY_KERAS
+
+import horovod._keras as horovod_keras_impl  # Adasum's optimizer; app.compat loaded it
 
 from app import large_batch_optimizers
 

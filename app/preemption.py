@@ -8,6 +8,7 @@ the TF Model Garden's preemption handling needs a tf.distribute cluster's coordi
 service; with Horovod, the ranks agree through an allgather of the signal every
 `check_steps` steps instead, so that they all stop at the same step and rank 0 alone saves.
 """
+import math
 import signal
 
 import tensorflow as tf
@@ -24,12 +25,17 @@ class StopOnSignal(tf.keras.callbacks.Callback):
     returns the largest over the ranks, and a non-zero one makes every rank call
     `save(epochs done, steps done)` (rank 0 writes and returns the path), wait for the
     others with `agree(0)`, and raise Preempted. The last step of an epoch is not a stop:
-    the epoch's validation and checkpoint come first, then the next check."""
+    the epoch's validation and checkpoint come first, then the next check.
 
-    def __init__(self, agree, save, steps_per_epoch, check_steps=1):
+    With `accumulation_steps` batches per update, `check_steps` is rounded up to a multiple
+    of them: a stop then follows an update, when no gradients are held between batches
+    (Horovod's aggregation and the sharded optimizer's accumulators are not checkpointed)."""
+
+    def __init__(self, agree, save, steps_per_epoch, check_steps=1, accumulation_steps=1):
         super().__init__()
         self.agree, self.save = agree, save
-        self.steps_per_epoch, self.check_steps = steps_per_epoch, check_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.check_steps = math.ceil(check_steps / accumulation_steps) * accumulation_steps
         self._received, self._previous, self._epoch = 0, {}, 0
 
     def on_train_begin(self, logs=None):

@@ -1,11 +1,9 @@
 """Batch normalization whose batch statistics are those of the global batch (all ranks'
 examples), for --sync_batch_norm: Horovod's SyncBatchNormalization with two mends."""
-import horovod.tensorflow
-
-from app.compat import tf
+from app.compat import hvd_tensorflow, tf
 
 
-class SyncBatchNormalization(horovod.tensorflow.SyncBatchNormalization):
+class SyncBatchNormalization(hvd_tensorflow.SyncBatchNormalization):
     """Horovod's layer allreduces each rank's mean and mean of squares and takes the variance
     as E[x^2] - E[x]^2. In float32 that difference of two close numbers can come out
     negative (a channel with a large mean and a small spread), and normalizing by the square

@@ -141,6 +141,11 @@ def build_and_restore(parallel, source, resume):
                      else tf.keras.layers.BatchNormalization)
     try:
         model = parallel.build_model(source, normalization)
+        # known once built: whether any block made a batch normalization layer
+        if FLAGS.sync_batch_norm and not any(isinstance(layer, tf.keras.layers.BatchNormalization)
+                                             for layer in model.submodules):
+            raise arithmetic.FlagError("sync_batch_norm", True, f"--model={FLAGS.model} has no "
+                                       f"batch normalization to synchronize")
     except arithmetic.FlagError as error:
         cli.fail(error)
     models.add_weight_decay(
@@ -201,8 +206,10 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
               flush=True)
     throughput = callbacks.Throughput(run.parallel.images_per_rank(batch), hvd.size(),
                                       FLAGS.warmup_steps)
-    time_to_accuracy = callbacks.TimeToAccuracy(
-        FLAGS.target_accuracy, FLAGS.time_budget, lambda value: hvd.broadcast(value, 0))
+    headline = models.headline_metric(run.train_source.task, run.train_source.num_outputs)
+    time_to_accuracy = callbacks.TimeToAccuracy(FLAGS.target_accuracy, headline,
+                                                FLAGS.time_budget,
+                                                lambda value: hvd.broadcast(value, 0))
     training_callbacks = callbacks_in_horovods_order(
         run, where, span, schedule, (throughput, time_to_accuracy), elastic_state,
         validation_data)
@@ -224,6 +231,7 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
         results.gathered(throughput, voxels_per_example(run.train_source),
                          sharded_optimizer.slot_elements(run.trainer.optimizer)),
         experiment=FLAGS.experiment, world_size=hvd.size(), batch_size=batch,
+        headline_metric=f"val_{headline}" if headline else None,
         **run.parallel.results(), global_batch_size=global_batch, learning_rate=scaled_lr,
         steps_per_epoch=steps_per_epoch,
         trainable_parameters=sum(v.shape.num_elements() for v in run.model.trainable_variables),
@@ -315,7 +323,7 @@ def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_stat
             lambda value: int(max(hvd.allgather(tf.constant([value]), name="signal"))),
             lambda epochs, steps: checkpoints.save_mid_epoch(
                 run.checkpoint_manager, epochs, steps, where.saves, whole_state),
-            span.steps_per_epoch, FLAGS.preemption_check_steps))
+            span.steps_per_epoch, FLAGS.preemption_check_steps, FLAGS.accumulation_steps))
     found += meters
     if not FLAGS.benchmark:
         # Horovod: checkpoints on rank 0 only (each stage's on its first replica).

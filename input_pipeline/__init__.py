@@ -6,6 +6,8 @@ entry of DATASETS: its loader and what it needs; the flags' choices and help com
 """
 import dataclasses
 import glob
+import hashlib
+import json
 import os
 from typing import Callable
 
@@ -132,14 +134,17 @@ DATASETS = {
 
 def load(dataset, split, **options):
     """The `sources.Source` of `split` ("train" or "validation") of `dataset`; `options`,
-    those of LoadOptions.
+    those of LoadOptions. Its cache_key is a digest of all three: what made its examples.
 
     Raises FileNotFoundError, naming what is missing and how to prepare it, when the data is
     not there, and sources.DamagedFileError naming a damaged TFRecord file found while
     counting records (`skip_corrupt`: read such files up to the damage instead)."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; one of {', '.join(DATASETS)}")
-    return DATASETS[dataset].load(split, LoadOptions(**options))
+    load_options = LoadOptions(**options)
+    made_of = json.dumps([dataset, split, dataclasses.asdict(load_options)], sort_keys=True)
+    return dataclasses.replace(DATASETS[dataset].load(split, load_options),
+                               cache_key=hashlib.sha256(made_of.encode()).hexdigest()[:16])
 
 
 def name_damaged_file(split_sources, error):

@@ -50,9 +50,8 @@ def training_dataset(source, *, rank, size, batch_size, steps_per_epoch, seed, f
     fixed_records = None
     if cache != "none" or not (source.files and (deterministic or shard_by_file(source, size))):
         fixed_records = _cached(_prepared(source, source.all_records() if deterministic
-                                          else _shard(source, rank, size)), cache,
-                                source.name + ("-unsharded" if deterministic else ""), rank, size,
-                                slab)
+                                          else _shard(source, rank, size)), cache, source,
+                                rank, size, slab, "-unsharded" if deterministic else "")
 
     def epoch(number):
         records = fixed_records
@@ -83,8 +82,8 @@ def evaluation_dataset(source, *, rank, size, batch_size, cache="none", repeat=F
     """Rank `rank`'s disjoint share of the split, in order, in batches of `batch_size` (the
     last one partial), once; or forever with `repeat` (for a fixed number of steps); slab
     `slab` (part, parts) of each example."""
-    records = _cached(_prepared(source, _shard(source, rank, size)), cache, source.name, rank,
-                      size, slab)
+    records = _cached(_prepared(source, _shard(source, rank, size)), cache, source, rank, size,
+                      slab)
     if repeat:
         records = records.repeat()
     examples = _sliced(_decoded(records, source, training=False), slab)
@@ -136,15 +135,17 @@ def _prepared(source, records):
     return records.map(source.prepare, num_parallel_calls=AUTOTUNE)
 
 
-def _cached(records, cache, name, rank, size, slab=(0, 1)):
-    """`cache` is none, memory, or a file path prefix; a file cache is one per split and rank
-    (each rank of a spatial group writes its own)."""
+def _cached(records, cache, source, rank, size, slab=(0, 1), scope=""):
+    """`cache` is none, memory, or a file path prefix; a file cache is one per split, what
+    made it (the source's cache_key), `scope` (what of the split) and rank (each rank of a
+    spatial group writes its own), so that no run reads a cache of other data."""
     if cache == "none":
         return records
     if cache == "memory":
         return records.cache()
+    key = f".{source.cache_key}" if source.cache_key else ""
     part = f".part{slab[0]}-of-{slab[1]}" if slab[1] > 1 else ""
-    return records.cache(f"{cache}.{name}.{rank}-of-{size}{part}")
+    return records.cache(f"{cache}.{source.name}{scope}{key}.{rank}-of-{size}{part}")
 
 
 def _sliced(examples, slab):

@@ -34,6 +34,9 @@ class Source:
     damaged: tuple = ()  # RecordCount of each file read only up to its damage
     input_scaling: Optional[tuple] = None  # (scale, offset) per channel: the model's first layer
     standardization: Optional[str] = None  # how each volume was scaled before (seismic's)
+    # What made the split (input_pipeline.load's digest of the data set, split and options),
+    # in a file cache's name: a cache of other data is never read.
+    cache_key: str = ""
 
     def with_examples(self, examples):
         """This source with (feature shape, decode, augment) of its examples."""

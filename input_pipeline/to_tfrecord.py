@@ -18,9 +18,10 @@ layout), which are kept. The class names are written beside the shards (classes.
 1 first). An image that does not decode stops the conversion with one line naming it, and
 nothing is written.
 
-Each record holds `image/encoded` (PNG, or JPEG as ImageNet's are; an image already in that
-format keeps its bytes), `image/class/label` (1-based, as in ImageNet), `image/height`,
-`image/width` and `image/channels`; split S goes to S-00000-of-0000N ...
+Each record is input_pipeline.shards' image record: `image/encoded` (PNG, or JPEG as
+ImageNet's are; an image already in that format keeps its bytes), `image/class/label`
+(1-based, as in ImageNet), `image/height`, `image/width` and `image/channels`; split S goes
+to S-00000-of-0000N ...
 """
 import os
 import shutil
@@ -33,58 +34,10 @@ from absl import app, flags
 
 import input_pipeline
 from input_pipeline import sources
+from input_pipeline.shards import ENCODERS, image_record, write_shards, write_split
 
 FLAGS = flags.FLAGS
-ENCODERS = {"png": tf.io.encode_png, "jpeg": lambda image: tf.io.encode_jpeg(image, quality=90)}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def write_split(source, split, output_dir, num_shards, encoding="png"):
-    """Writes `source` to `num_shards` files, consecutive examples in each, each image
-    encoded as `encoding` (png or jpeg); returns the paths."""
-    encode = ENCODERS[encoding]
-    examples = source.all_records().map(source.decode).as_numpy_iterator()
-
-    def records():
-        for image, label in examples:
-            uint8 = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
-            yield _example(encode(uint8).numpy(), int(label) + 1, image.shape)
-    return write_shards(records(), source.num_examples, split, output_dir, num_shards)
-
-
-def write_shards(records, count, split, output_dir, num_shards, interleave=False):
-    """Writes `count` serialized records to `num_shards` files of `split`: consecutive
-    records in each, or dealt out in turn (`interleave`: each shard then holds every
-    class of a list sorted by class); returns the paths."""
-    paths = [os.path.join(output_dir, f"{split}-{shard:05d}-of-{num_shards:05d}")
-             for shard in range(num_shards)]
-    writers = [tf.io.TFRecordWriter(path) for path in paths]
-    for index, record in enumerate(records):
-        shard = index % num_shards if interleave else index * num_shards // count
-        writers[shard].write(record)
-    for writer in writers:
-        writer.close()
-    return paths
-
-
-def _example(encoded, label, shape):
-    features = {
-        "image/encoded": _bytes(encoded),
-        "image/class/label": _int(label),
-        "image/height": _int(shape[0]),
-        "image/width": _int(shape[1]),
-        "image/channels": _int(shape[2]),
-    }
-    example = tf.train.Example(features=tf.train.Features(feature=features))
-    return example.SerializeToString(deterministic=True)  # the same bytes in every run
-
-
-def _bytes(value):
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-
-def _int(value):
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
 
 class ImageFolderError(ValueError):
@@ -185,7 +138,7 @@ def write_image_folder(folder, output_dir, num_shards=4, validation_fraction=0.1
 
 def _record(path, label, encoding):
     encoded, shape = _encoded_image(path, encoding)
-    return _example(encoded, label, shape)
+    return image_record(encoded, label, shape)
 
 
 def main(_):
@@ -220,8 +173,8 @@ def main(_):
 
 
 def run():
-    """The command line; its flags are defined here, not on import, so that importing
-    write_split beside app.train's flags defines nothing twice."""
+    """The command line; its flags are defined here, not on import, so that importing this
+    module beside app.train's flags defines nothing twice."""
     flags.DEFINE_string("image_folder", None,
                         "A folder of class folders of your images (or of train/ and "
                         "validation/ holding class folders) to convert instead of --dataset.")

@@ -17,8 +17,8 @@ import segyio
 import tensorflow as tf
 
 from input_pipeline import seismic as seismic_scaling
+from input_pipeline.shards import bytes_feature, int64_feature, serialized, write_shards
 from input_pipeline.sources import first_line, written_beside
-from input_pipeline.to_tfrecord import write_shards
 
 SURVEY_FILE = "survey.json"
 FEATURES = {"seismic": tf.io.FixedLenFeature([], tf.string),
@@ -174,15 +174,10 @@ def write_survey(seismic_path, label_path, output_dir, target, block_size=128,
 
 
 def _record(seismic, labels):
-    feature = {"seismic": _bytes(np.ascontiguousarray(seismic, np.float32).tobytes()),
-               "label": _bytes(np.ascontiguousarray(labels, np.uint8).tobytes()),
-               "shape": tf.train.Feature(int64_list=tf.train.Int64List(value=seismic.shape))}
-    example = tf.train.Example(features=tf.train.Features(feature=feature))
-    return example.SerializeToString(deterministic=True)
-
-
-def _bytes(value):
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+    return serialized({
+        "seismic": bytes_feature(np.ascontiguousarray(seismic, np.float32).tobytes()),
+        "label": bytes_feature(np.ascontiguousarray(labels, np.uint8).tobytes()),
+        "shape": int64_feature(seismic.shape)})
 
 
 def read_survey(data_dir):

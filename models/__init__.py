@@ -142,6 +142,19 @@ def compile_for_task(model, optimizer, task, steps_per_execution=1,
     model.compile(optimizer, loss=loss, metrics=metrics, steps_per_execution=steps_per_execution)
 
 
+def headline_metric(task, num_outputs):
+    """The metric of compile_for_task's that says how good a model of `task` with
+    `num_outputs` outputs is (what --target_accuracy reaches): classification's accuracy, a
+    one-output segmentation's (faults) IoU of its positive class, a segmentation's of
+    several classes (facies) mean IoU; None for regression, whose errors have no target to
+    reach from below."""
+    if task == "regression":
+        return None
+    if task == "segmentation":
+        return "iou" if num_outputs == 1 else "mean_iou"
+    return "accuracy"
+
+
 def add_weight_decay(model, weight_decay):
     """Adds L2 weight decay, weight_decay * sum(||w||^2) / 2 over the kernels (not biases or
     normalization parameters), as a model loss."""

@@ -23,7 +23,7 @@ TIMEOUT = 600
 def digits_tfrecords(tmp_path_factory):
     """The digits written as 4 TFRecord shards per split in the ImageNet layout."""
     import input_pipeline
-    from input_pipeline.to_tfrecord import write_split
+    from input_pipeline.shards import write_split
     folder = tmp_path_factory.mktemp("digits_tfrecords")
     for split in input_pipeline.SPLITS:
         write_split(input_pipeline.load("digits", split), split, str(folder), num_shards=4)

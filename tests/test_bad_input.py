@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import input_pipeline
-from conftest import error_lines, mpirun, run, train_command
+from conftest import error_lines, mpirun, run, run_concurrently, train_command
 from test_train import checkpoint_values
 
 DIGITS = ["--flagfile=configs/digits_cnn.cfg", "--steps_per_epoch=5", "--validation_steps=1",
@@ -120,3 +120,38 @@ def test_init_checkpoint_starts_a_new_run_from_another_runs_weights(tmp_path):
     assert optimizer_b["optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE"] == 5  # a fresh optimizer
     fails_with(train_command(*DIGITS, "--epochs=1", f"--init_checkpoint={start}-missing",
                              f"--model_dir={tmp_path / 'c'}"), 2, "--init_checkpoint=")
+
+
+@pytest.mark.distributed
+def test_sync_batch_norm_on_a_model_without_batch_normalization_is_refused_on_every_rank(
+        tmp_path):
+    """The CNN and the U-Nets have no batch normalization for --sync_batch_norm to
+    synchronize: each rank says why once built (rank 0 prints it) and exits 2, before any
+    training; a shell after each rank reports its exit code."""
+    cases = [("cnn", ["--flagfile=configs/digits_cnn.cfg"]),
+             ("unet3d_small", ["--flagfile=configs/seismic_faults_cpu.cfg", "--volume_size=8",
+                               "--patch_size=8", "--num_volumes=2"])]
+
+    def refused(case):
+        model, flags = case
+        command = train_command(*flags, "--sync_batch_norm", f"--model_dir={tmp_path / model}")
+        return run([*mpirun(2), "sh", "-c",
+                    '"$0" "$@"; echo "rank $OMPI_COMM_WORLD_RANK exited $?"', *command],
+                   timeout=120)
+    for (model, _), result in zip(cases, run_concurrently(refused, cases)):
+        assert error_lines(result) == [
+            f"app.train: error: --sync_batch_norm=True: --model={model} has no batch "
+            f"normalization to synchronize"], result.stderr[-3000:]
+        assert sorted(line for line in result.stdout.splitlines() if " exited " in line) == [
+            "rank 0 exited 2", "rank 1 exited 2"], result.stdout[-2000:]
+        assert "Traceback" not in result.stderr and "Epoch" not in result.stdout
+        assert not (tmp_path / model / "checkpoints").exists()
+
+
+def test_a_regression_refuses_a_target_accuracy(tmp_path):
+    result = run(train_command("--flagfile=configs/linear_regression.cfg",
+                               "--target_accuracy=0.5", f"--model_dir={tmp_path / 'linear'}"),
+                 check=False)
+    assert result.returncode == 2 and error_lines(result) == [
+        "app.train: error: --target_accuracy=0.5: --dataset=linear is a regression, whose "
+        "errors (MSE, MAE) have no accuracy to reach"], result.stderr[-2000:]

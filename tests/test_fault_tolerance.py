@@ -13,7 +13,8 @@ import psutil
 import pytest
 import tensorflow as tf
 
-from conftest import PYTHON, REPO, error_lines, mpirun, read_log, run, train_command
+from conftest import (INTEGRITY_FLAGS, PYTHON, REPO, error_lines, mpirun, read_log, run,
+                      train_command)
 
 EPOCHS = 5
 # Epochs of 150 steps: long enough that a kill lands mid-epoch.
@@ -63,10 +64,11 @@ def signal_rank_1(command, model_dir, signal_number, timeout, epoch=3, checkpoin
             os.killpg(job.pid, signal.SIGKILL)
 
 
-def resumed_after_a_signal_mid_epoch(flags, tmp_path, timeout, steps_per_epoch):
+def resumed_after_a_signal_mid_epoch(flags, tmp_path, timeout, steps_per_epoch, every=1):
     """signalled_beside_uninterrupted over 3 epochs: the signalled job exited 75 with one
-    mid-epoch checkpoint (in epoch 2, or 3 when the signal came late), and the same command
-    resumed it from there to the end; (straight, stopped), the two runs' model_dirs."""
+    mid-epoch checkpoint (in epoch 2, or 3 when the signal came late) at a multiple of
+    `every` steps, and the same command resumed it from there to the end; (straight,
+    stopped), the two runs' model_dirs."""
     command, straight, stopped, returncode, stderr = signalled_beside_uninterrupted(
         flags, tmp_path, timeout)
     assert returncode == 75, stderr[-3000:]
@@ -74,6 +76,7 @@ def resumed_after_a_signal_mid_epoch(flags, tmp_path, timeout, steps_per_epoch):
     assert len(saved) == 1, saved
     epochs_done, steps_done = map(int, saved[0][len("epoch-"):-len(".index")].split("-step-"))
     assert epochs_done in (1, 2) and 0 < steps_done < steps_per_epoch, saved
+    assert steps_done % every == 0, saved
     result = run(command(stopped))
     assert f"Epoch {epochs_done + 1}/3" in result.stdout
     return straight, stopped
@@ -211,6 +214,24 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_step_and_the_rerun_ends_as
     assert final_stopped.keys() == final_straight.keys()
     for name, value in final_straight.items():
         np.testing.assert_allclose(final_stopped[name], value, rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+
+
+@pytest.mark.distributed
+def test_a_signal_under_accumulation_stops_at_an_update_and_the_rerun_ends_as_if_uninterrupted(
+        tmp_path):
+    """--accumulation_steps=4 with checks every 25 steps: a stop at step 25, 50 or 75 would
+    drop the batches accumulated since the last update (Horovod's aggregation is not in the
+    checkpoint); the checks fall at 28, 56 and 84 instead, and the rerun ends with the
+    uninterrupted run's weights and momentum (float64, 1e-10)."""
+    flags = [*INTEGRITY_FLAGS, "--accumulation_steps=4", "--preemption_check_steps=25",
+             "--epochs=3", "--warmup_epochs=1", "--steps_per_epoch=96"]
+    straight, stopped = resumed_after_a_signal_mid_epoch(flags, tmp_path, 120, 96, every=4)
+    final_stopped, final_straight = (checkpoint_values(folder / "checkpoints" / "epoch-3")
+                                     for folder in (stopped, straight))
+    assert final_stopped.keys() == final_straight.keys()
+    for name, value in final_straight.items():
+        np.testing.assert_allclose(final_stopped[name], value, rtol=0, atol=1e-10,
                                    err_msg=name)
 
 

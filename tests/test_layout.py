@@ -1,5 +1,6 @@
 """The architecture the folders show holds in the imports: the training core (app/) never
-imports a study, models/ never imports Horovod, input_pipeline/ neither Horovod nor app/."""
+imports a study, models/ never imports Horovod, input_pipeline/ neither Horovod, app/ nor
+one of its commands (to_tfrecord)."""
 import ast
 import glob
 import os
@@ -48,3 +49,19 @@ def test_the_studies_share_helpers_through_harness_not_through_each_other():
         others = {name.split(".")[2] for name in imported_modules(path)
                   if name.startswith("app.studies.") and name.split(".")[2] in studies}
         assert others <= shared, f"{os.path.relpath(path, REPO)} imports {sorted(others)}"
+
+
+def test_no_module_of_input_pipeline_imports_one_of_its_commands():
+    """A command (a module with a __main__ entry, such as to_tfrecord) may import the
+    library; the library never imports a command (volumes took its shard writer from
+    to_tfrecord, which imports volumes: a cycle)."""
+    paths = files("input_pipeline/*.py")
+    commands = set()
+    for path in paths:
+        with open(path) as source:
+            if 'if __name__ == "__main__":' in source.read():
+                commands.add(f"input_pipeline.{os.path.basename(path)[:-3]}")
+    assert "input_pipeline.to_tfrecord" in commands
+    for path in paths:
+        wrong = imported_modules(path) & commands
+        assert not wrong, f"{os.path.relpath(path, REPO)} imports {sorted(wrong)}"

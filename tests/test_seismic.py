@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 import pytest
-from conftest import PYTHON, error_lines, mpirun, read_log, run, train_command
+from conftest import (PYTHON, error_lines, mpirun, read_log, run, run_concurrently,
+                      train_command)
 from scipy import ndimage
 
 import input_pipeline
@@ -212,23 +213,38 @@ def test_the_unet_trains_alike_on_1_and_2_processes_with_exact_validation_counts
     assert picture.shape[0] > 100 and picture.shape[1] > 200  # 3 rows, 3 columns
 
 
-def test_the_unet_learns_faults_beyond_what_chance_gives(tmp_path):
+def test_the_unet_learns_faults_beyond_what_chance_gives_and_stops_at_its_target(tmp_path):
     """120 steps of the CPU experiment on 24^3 surveys: the validation IoU well above the
     chance level, the IoU of calling every voxel a fault (the share of faults; no guess
-    that ignores the seismic does better), which the ~1-step runs above never show."""
-    flags = ["--volume_size=24", "--patch_size=16", "--num_volumes=16"]
-    run(train_command("--flagfile=configs/seismic_faults_cpu.cfg", *flags,
-                      "--global_batch_size=4", "--epochs=10", "--steps_per_epoch=12",
-                      "--warmup_epochs=1", "--deterministic", f"--model_dir={tmp_path}"))
+    that ignores the seismic does better), which the ~1-step runs above never show. The
+    same run with --target_accuracy between two epochs' IoUs stops at the later one: on a
+    fault segmentation the target is the validation IoU, which results.json names."""
+    surveys = ["--flagfile=configs/seismic_faults_cpu.cfg", "--volume_size=24",
+               "--patch_size=16", "--num_volumes=16", "--global_batch_size=4", "--epochs=10",
+               "--steps_per_epoch=12", "--warmup_epochs=1", "--deterministic"]
+    run(train_command(*surveys, f"--model_dir={tmp_path / 'whole'}"))
     validation = input_pipeline.load("seismic_faults", "validation", volume_size=24,
                                      patch_size=16, num_volumes=16, seed=42)
     labels = np.concatenate([label.numpy().ravel() for _, label in
                              input_pipeline.evaluation_dataset(
                                  validation, rank=0, size=1, batch_size=2)])
     chance = labels.mean()  # 0.27 at seed 42
-    last = read_log(tmp_path)[-1]
+    log = read_log(tmp_path / "whole")
+    last = log[-1]
     assert float(last["val_iou"]) > chance + 0.15, (last["val_iou"], chance)  # measured: 0.50
     assert float(last["val_precision"]) > 2 * chance, (last["val_precision"], chance)
+
+    ious = [float(row["val_iou"]) for row in log]
+    stop = next(epoch for epoch in range(2, len(ious) - 1)
+                if ious[epoch] > max(ious[:epoch]) + 0.01)  # a new best, by a margin
+    target = (ious[stop] + max(ious[:stop])) / 2
+    run(train_command(*surveys, f"--target_accuracy={target}",
+                      f"--model_dir={tmp_path / 'target'}"))
+    stopped = [float(row["val_iou"]) for row in read_log(tmp_path / "target")]
+    assert stopped == pytest.approx(ious[:stop + 1], rel=1e-6)
+    results = json.loads((tmp_path / "target" / "results.json").read_text())
+    assert results["headline_metric"] == "val_iou"
+    assert results["target_reached"]["epoch"] == results["epochs_completed"] == stop + 1
 
 
 TINY_SURVEYS = ["--flagfile=configs/seismic_faults_cpu.cfg", "--volume_size=16",
@@ -259,6 +275,25 @@ def test_checkpoints_cross_between_recomputed_and_plain_levels(tmp_path):
     run([PYTHON, "-m", "app.predict", f"--model_dir={recomputed}",
          f"--input={tmp_path / 'cube.npy'}", f"--output_dir={tmp_path / 'predicted'}"])
     assert np.load(tmp_path / "predicted" / "probability.npy").shape == (16, 16, 16)
+
+
+def test_a_file_cache_is_read_only_by_runs_of_the_data_that_made_it(tmp_path):
+    """--cache=PATH written by a run of seed 1 and then given to a run of seed 2: the second
+    trains on its own surveys, as a run without the file cache does (not on seed 1's)."""
+    surveys = ["--flagfile=configs/seismic_faults_cpu.cfg", "--volume_size=8",
+               "--patch_size=8", "--num_volumes=4", "--global_batch_size=2", "--epochs=1",
+               "--steps_per_epoch=2", "--warmup_epochs=0", "--deterministic", "--float64"]
+    cache = f"--cache={tmp_path / 'cache'}"
+
+    def train(name, *flags):
+        run(train_command(*surveys, *flags, f"--model_dir={tmp_path / name}"))
+        return read_log(tmp_path / name)[0]
+    run_concurrently(lambda case: train(*case), [("seed1", "--seed=1", cache),
+                                                 ("uncached", "--seed=2")])
+    cached, uncached = train("seed2", "--seed=2", cache), read_log(tmp_path / "uncached")[0]
+    for key in ("loss", "val_loss"):
+        assert float(cached[key]) == pytest.approx(float(uncached[key]), rel=1e-12), key
+    assert len(list(tmp_path.glob("cache.seismic_faults-train-unsharded.*.index"))) == 2
 
 
 def test_bad_seismic_flags_are_refused_with_one_line(tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 from app import cli
 from app.studies import harness
 from input_pipeline import imagenet_preprocessing, sources
-from input_pipeline.to_tfrecord import write_split
+from input_pipeline.shards import write_split
 
 IMAGE_SIZE = 224
 

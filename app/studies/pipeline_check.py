@@ -22,7 +22,7 @@ import input_pipeline
 from app import arithmetic, devices
 from app import flags as app_flags
 from app.studies import harness
-from input_pipeline.to_tfrecord import write_split
+from input_pipeline.shards import write_split
 
 FLAGS = app_flags.FLAGS
 
