@@ -196,11 +196,21 @@ def main(_):
     prepared = _agree(lambda: _create_outputs(survey.shape, record["num_outputs"]))
     if prepared:
         cli.fail(f"--output_dir={FLAGS.output_dir}: {prepared}", cli.RUN_ERROR)
+    predict_own_rows(model, survey, scaling, window, spatial)
+    hvd.allreduce(tf.constant(0), name="rows_written")  # every rank's rows are on disk
+    if hvd.rank() == 0:
+        write_beside(survey, scaling, window)
+    survey.close()
+
+
+def predict_own_rows(model, survey, scaling, window, spatial):
+    """This rank's inlines of OUTPUT_DIR/probability.npy, predicted by sliding windows (a
+    model of sections: inline by inline)."""
     infer = tf.function(lambda windows: model(windows, training=False), reduce_retracing=True)
     probability = np.load(os.path.join(FLAGS.output_dir, "probability.npy"), mmap_mode="r+")
 
     def writer(inline=None):
-        """write_rows for the volume's rows, or for one inline's (a model of sections)."""
+        """write_rows for the volume's rows, or for one inline's."""
         def write_rows(start, sums):
             place = np.s_[start:start + len(sums)] if inline is None else np.s_[
                 inline, start:start + len(sums)]
@@ -213,19 +223,13 @@ def main(_):
     predict = lambda windows: infer(tf.constant(windows, tf.float32)).numpy()  # noqa: E731
     if spatial == 3:
         sliding_window(predict, lambda start, stop: scaled(survey.inlines(start, stop), scaling),
-                       survey.shape, window, (first, last), writer(),
-                       **options)
-    else:  # a model of sections: inline by inline
+                       survey.shape, window, (first, last), writer(), **options)
+    else:
         for inline in range(first, last):
             section = scaled(survey.inlines(inline, inline + 1)[0], scaling)
             sliding_window(predict, lambda start, stop: section[start:stop], section.shape,
                            window, (0, section.shape[0]), writer(inline), **options)
     probability.flush()
-    del probability
-    hvd.allreduce(tf.constant(0), name="rows_written")  # every rank's rows are on disk
-    if hvd.rank() == 0:
-        write_beside(survey, scaling, window)
-    survey.close()
 
 
 def scaled(rows, scaling):
