@@ -1,8 +1,9 @@
 """Run under mpirun -np P: in float64, each model split into P slabs (app.spatial.split_model)
 against the whole model on the whole batch, which every rank also computes alone: the slab
 of the output, the gradient of a loss on the output with respect to every weight (summed
-over the ranks) and to the slab of the input. Writes each case's largest relative errors
-to OUT_DIR/rank-R.json.
+over the ranks) and to the slab of the input; and the split model's Keras clone (what
+--init_checkpoint reads into) against the split model. Writes each case's largest relative
+errors to OUT_DIR/rank-R.json.
 
     mpirun -np P python tests/workers/spatial_check.py OUT_DIR
 """
@@ -22,7 +23,8 @@ keras = tf.keras
 
 
 def convolution_stack_3d(shape):
-    """Kernels 3 and 5, a strided convolution, pooling and upsampling, a 1x1 output."""
+    """Kernels 3 and 5, a strided convolution, pooling and upsampling, a `valid` strided
+    convolution of one plane along the slabs' axis, a 1x1 output."""
     inputs = keras.Input(shape)
     x = keras.layers.Conv3D(4, 3, padding="same", activation="relu")(inputs)
     x = keras.layers.Conv3D(3, 5, padding="same", activation="tanh")(x)
@@ -30,6 +32,8 @@ def convolution_stack_3d(shape):
     x = MaxPooling3D()(x)
     x = keras.layers.Conv3D(4, (3, 1, 3), padding="same")(x)
     x = keras.layers.UpSampling3D(4)(x)
+    x = keras.layers.Conv3D(4, (1, 3, 3), strides=(2, 1, 1), padding="valid")(x)
+    x = keras.layers.UpSampling3D((2, 1, 1))(x)
     return keras.Model(inputs, keras.layers.Conv3D(2, 1, activation="softmax")(x))
 
 
@@ -91,11 +95,14 @@ def check(builder, shape):
         slab_output = split(slab, training=True)
         slab_loss = tf.reduce_sum(slab_output * weights[:, rows])
     found = tape.gradient(slab_loss, [split.trainable_variables, slab])
+    clone = keras.models.clone_model(split)
+    clone.set_weights(split.get_weights())
     summed = [hvd.allreduce(gradient, op=hvd.Sum) for gradient in found[0]]
     scale = 1e-3 * max(float(np.max(np.abs(gradient))) for gradient in expected[0])
     return {"output": relative_error(slab_output, output[:, rows]),
             "weights": max(relative_error(f, e, scale) for f, e in zip(summed, expected[0])),
             "input": relative_error(found[1], expected[1][:, rows]),
+            "clone": relative_error(clone(slab, training=True), slab_output),
             "variables": [v.name for v in split.variables] == [v.name for v in whole.variables],
             "slab_shape": list(split.input_shape[1:])}
 
