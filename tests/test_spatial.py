@@ -15,6 +15,19 @@ from test_train import checkpoint_values
 import tensorflow as tf
 
 
+def _spatial_check(tmp_path, parts, *policy):
+    """Each rank's cases of tests/workers/spatial_check.py at P=`parts` (under `policy`),
+    each with the whole model's variables and its slab of the example."""
+    run([*mpirun(parts), PYTHON, "tests/workers/spatial_check.py", str(tmp_path), *policy])
+    by_rank = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(parts)]
+    for cases in by_rank:
+        assert set(cases) == {"stack3d", "stack2d", "unet3d", "unet3d_recompute"}
+        for name, case in cases.items():
+            assert case["variables"], name
+            assert case["slab_shape"][0] * parts in (16, 32), name
+    return by_rank
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("parts", [2, 4])
 def test_slabs_give_the_whole_models_outputs_and_gradients(parts, tmp_path):
@@ -27,15 +40,25 @@ def test_slabs_give_the_whole_models_outputs_and_gradients(parts, tmp_path):
     whole batch to 1e-10, with the whole model's variables; the split model's Keras clone
     (halo convolutions and the group's batch normalization from their configs) computes
     the split model's output."""
-    run([*mpirun(parts), PYTHON, "tests/workers/spatial_check.py", str(tmp_path)])
-    for rank in range(parts):
-        cases = json.loads((tmp_path / f"rank-{rank}.json").read_text())
-        assert set(cases) == {"stack3d", "stack2d", "unet3d", "unet3d_recompute"}
+    for cases in _spatial_check(tmp_path, parts):
         for name, case in cases.items():
-            assert case["variables"], name
-            assert case["slab_shape"][0] * parts in (16, 32), name
             for measure in ("output", "weights", "input", "clone"):
                 assert case[measure] < 1e-10, (name, measure, case)
+
+
+@pytest.mark.distributed
+def test_bfloat16_slabs_give_the_whole_models_outputs_to_bfloat16s_precision(tmp_path):
+    """The same models' P=2 slabs computing in mixed bfloat16 (the halos cross as bfloat16
+    values, in float32: Horovod's alltoall takes no bfloat16): every rank's slab of the
+    output is within 2^-5 of the whole float64 model's largest output value. bfloat16 keeps
+    8 significant bits (a rounding of 2^-8 per operation), and each model rounds its input,
+    weights and each layer's result, some 8 times in a row (measured: 0.006); halos of zeros
+    in place of the neighbours' planes miss the bound on every model (measured: 0.04 to
+    0.22). The gradients, sums of many terms of both signs, cancel too far at bfloat16's
+    precision for a bound (the float64 test checks their halos)."""
+    for cases in _spatial_check(tmp_path, 2, "mixed_bfloat16"):
+        for name, case in cases.items():
+            assert case["output"] < 2 ** -5 and case["clone"] == 0, (name, case)
 
 
 # The seismic experiment's schedule (2 warmup epochs, then cosine) shortened to 8 epochs of
@@ -110,22 +133,14 @@ def test_training_on_slabs_ends_with_one_processs_weights_and_checkpoints_cross_
 
 
 @pytest.mark.distributed
-def test_slabs_compose_with_accumulation_steps_and_bfloat16(tmp_path):
+def test_slabs_compose_with_accumulation_steps(tmp_path):
     """--accumulation_steps=2 (Horovod's optimizer averages two batches per update) at P=2
-    ends with one process's weights at the same flags (float64, 1e-10); under
-    --mixed_precision=bfloat16 the halos cross as bfloat16 values (in float32: Horovod's
-    alltoall takes no bfloat16) and training stays finite."""
+    ends with one process's weights at the same flags (float64, 1e-10)."""
     accumulated = ["--epochs=4", "--accumulation_steps=2", "--steps_per_epoch=2"]
     _train(tmp_path / "one", 1, *accumulated)
     _train(tmp_path / "slabs", 2, *accumulated, "--spatial_parts=2")
     _assert_same_values(_checkpoint_values(tmp_path / "slabs", 4),
                         _checkpoint_values(tmp_path / "one", 4))
-    command = train_command(*[flag for flag in SURVEYS if flag != "--float64"], "--epochs=3",
-                            "--spatial_parts=2", "--mixed_precision=bfloat16",
-                            f"--model_dir={tmp_path / 'bfloat16'}")
-    run([*mpirun(2), *command])
-    results = json.loads((tmp_path / "bfloat16" / "results.json").read_text())
-    assert results["precision"] == "mixed_bfloat16" and np.isfinite(results["loss"])
 
 
 @pytest.mark.distributed
