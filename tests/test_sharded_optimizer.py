@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import (INTEGRITY_FLAGS, PYTHON, error_lines, mpirun, read_log, run,
+from conftest import (INTEGRITY_FLAGS, PYTHON, error_lines, horovodrun, mpirun, read_log, run,
                       run_concurrently, run_study, train_command)
 from test_fault_tolerance import resumed_after_a_signal_mid_epoch
 from test_train import checkpoint_values
@@ -31,11 +31,12 @@ def test_pieces_are_horovods_reducescatter_split_and_cover_each_variable_once():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("processes, settings", [
-    (2, "stage1,stage2,stage1_accumulated,stage2_accumulated"),
-    (4, "stage1,stage2_accumulated")])
-def test_each_optimizer_sharded_ends_with_horovods_weights_and_state(processes, settings,
-                                                                     tmp_path):
+@pytest.mark.parametrize("launcher, processes, settings", [
+    (mpirun, 2, "stage1,stage2,stage1_accumulated,stage2_accumulated"),
+    (mpirun, 4, "stage1,stage2_accumulated"),
+    (horovodrun, 2, "stage2_accumulated")], ids=["mpi-2", "mpi-4", "gloo-2"])
+def test_each_optimizer_sharded_ends_with_horovods_weights_and_state(launcher, processes,
+                                                                     settings, tmp_path):
     """tests/workers/sharded_optimizer_check.py in float64: momentum SGD, Adam, LAMB, LARS
     and NovoGrad (weight decay on), stage 1 and 2, with and without --accumulation_steps=2,
     trained by Keras' fit() on a CNN whose output bias (3 elements) leaves the fourth of 4
@@ -45,8 +46,9 @@ def test_each_optimizer_sharded_ends_with_horovods_weights_and_state(processes, 
     batches to 1e-10, the iteration counts too; neither moves the unreached head; each
     rank's slots hold its pieces' elements (1/N, within one element per variable), the
     ranks' elements add up to the unsharded optimizer's (none for the head), and gathering
-    them for a save leaves no whole slot behind."""
-    run([*mpirun(processes), PYTHON, "tests/workers/sharded_optimizer_check.py",
+    them for a save leaves no whole slot behind. Under MPI, and under Gloo (horovodrun
+    --gloo) at 2 ranks."""
+    run([*launcher(processes), PYTHON, "tests/workers/sharded_optimizer_check.py",
          str(tmp_path), settings])
     by_rank = [json.loads((tmp_path / f"rank-{rank}.json").read_text())
                for rank in range(processes)]
