@@ -1,11 +1,11 @@
-"""Run under mpirun -np N: in float64, a small CNN (a bias of 3 elements, fewer than 4 ranks'
-pieces; without accumulation, a head the loss does not reach) trained some steps through
-Keras' fit() by each optimizer with its state sharded (app.sharded_optimizer; stage 1 and
-2, with and without --accumulation_steps) and by Horovod's DistributedOptimizer on the same
-data: the largest relative differences of the weights and of the optimizer's whole slots
-(gathered from the pieces), how far each moved the unreached head, this rank's slot
-elements and the unsharded optimizer's, for each of SETTINGS named. Writes
-OUT_DIR/rank-R.json.
+"""Run under mpirun -np N (or horovodrun -np N --gloo): in float64, a small CNN (a bias of 3
+elements, fewer than 4 ranks' pieces; without accumulation, a head the loss does not reach)
+trained some steps through Keras' fit() by each optimizer with its state sharded
+(app.sharded_optimizer; stage 1 and 2, with and without --accumulation_steps) and by
+Horovod's DistributedOptimizer on the same data: the largest relative differences of the
+weights and of the optimizer's whole slots (gathered from the pieces), how far each moved
+the unreached head, this rank's slot elements and the unsharded optimizer's, for each of
+SETTINGS named. Writes OUT_DIR/rank-R.json.
 
     mpirun -np N python tests/workers/sharded_optimizer_check.py OUT_DIR SETTING[,SETTING]
 """
