@@ -93,10 +93,16 @@ def slot_elements(optimizer):
                for slot in slots.values())
 
 
-def _flattened(gradients, variables):
-    """The gradients as vectors (zeros for a variable the loss does not reach)."""
-    return [tf.reshape(tf.zeros_like(variable) if gradient is None else gradient, [-1])
-            for gradient, variable in zip(gradients, variables)]
+def _over_reached(function, gradients, variables):
+    """function(the gradients as vectors, their variables) for the variables the loss
+    reaches, its results in their places and None in the others': as with Horovod's
+    optimizer, whose allreduce leaves them None, apply_gradients leaves those variables
+    alone and gives them no state. Which they are is the graph's, alike on every rank, so
+    that every rank takes part in the same collectives."""
+    reached = [index for index, gradient in enumerate(gradients) if gradient is not None]
+    results = iter(function([tf.reshape(gradients[index], [-1]) for index in reached],
+                            [variables[index] for index in reached]))
+    return [None if gradient is None else next(results) for gradient in gradients]
 
 
 class ShardedState:
@@ -124,14 +130,15 @@ class ShardedState:
         gradients, variables = zip(*grads_and_vars)
         if self.accumulation_steps == 1:
             return self.reduce_scattered(gradients, variables)
-        pieces = self._accumulated_pieces(_flattened(gradients, variables), variables)
-        return list(zip(pieces, variables))
+        return list(zip(_over_reached(self._accumulated_pieces, gradients, variables),
+                        variables))
 
     def reduce_scattered(self, gradients, variables):
         """(this rank's piece of each gradient averaged over the ranks, its variable), which
         apply_gradients takes; also for steps that compute their gradients themselves
         (app.pipeline's stages)."""
-        return list(zip(self._reduce_scatter(_flattened(gradients, variables)), variables))
+        return list(zip(_over_reached(lambda flat, _: self._reduce_scatter(flat), gradients,
+                                      variables), variables))
 
     def _reduce_scatter(self, flat_grads):
         pieces = hvd_tensorflow.grouped_reducescatter(
@@ -195,6 +202,8 @@ class ShardedState:
                        lambda: self.iterations.assign_add(1).op)
 
     def _apply_to_pieces(self, grads_and_vars, name):
+        grads_and_vars = [(grad, variable) for grad, variable in grads_and_vars
+                          if grad is not None]  # the others keep their value (no piece)
         variables = [variable for _, variable in grads_and_vars]
         pieces = self._pieces(variables)
         applied = super().apply_gradients(
@@ -280,9 +289,9 @@ class ShardedState:
         restored = [variable for variable in variables if _var_key(variable) in self._slots]
         if not restored:
             return
-        pieces = self._pieces(variables)
+        pieces = self._pieces(restored)  # none for a variable without state (no gradient)
         self._create_all_weights(pieces)
-        for variable, piece in zip(variables, pieces):
+        for variable, piece in zip(restored, pieces):
             for slot_name, whole in self._slots.get(_var_key(variable), {}).items():
                 kept = self._my_piece(whole) if whole.shape == variable.shape else whole
                 self.get_slot(piece, slot_name).assign(kept)

@@ -7,10 +7,12 @@ looks across that axis needs its neighbours' boundary planes: a convolution with
 padding receives them (the halos) from the ranks before and after it with one Horovod
 alltoall on the group's process set, whose registered gradient sends the halos' gradients
 back to their owners in the backward pass, where they are added. Pooling by its own stride,
-upsampling and everything that acts voxel by voxel stay local, batch normalization takes its
+nearest upsampling and everything that acts voxel by voxel stay local, batch normalization takes its
 statistics over the group, and the losses sum what they sum over the whole example
-(models.segmentation's `example_sum`). A layer that would mix the slabs otherwise (Flatten,
-global pooling, a Dense over space, a `valid` convolution) is refused by name.
+(models.segmentation's `example_sum`). A convolution whose kernel spans one plane along the
+axis needs no halo and stays as it is. A layer that would mix the slabs otherwise (Flatten,
+global pooling, a Dense over space, a convolution over several planes that is not `same`,
+non-nearest upsampling) is refused by name.
 
 Each rank's loss is its slab's share of the example's loss times `parts` (a mean over the
 slab's voxels, or the whole example's loss where the loss sums over the group), so that the
@@ -83,15 +85,28 @@ def group_sum(process_set):
 _HALO_CLASSES = {}
 
 
+def _planes_spanned(convolution):
+    """How many planes along axis 1 one output of `convolution` reads (its dilated kernel)."""
+    return (convolution.kernel_size[0] - 1) * convolution.dilation_rate[0] + 1
+
+
 def _halo_convolution(convolution_class):
-    """The subclass of a Keras convolution class that pads its input itself: halos along
-    axis 1, TensorFlow's `same` zeros along the others, then a `valid` convolution; its
-    variables are the convolution's, so that checkpoints are those of the whole model."""
+    """The subclass of a Keras convolution class for a `same` convolution over several
+    planes along axis 1 (check_layer refuses any other padding there) that pads its input
+    itself: halos along axis 1, TensorFlow's `same` zeros along the others, then a `valid`
+    convolution; its variables are the convolution's, so that checkpoints are those of the
+    whole model."""
     if convolution_class not in _HALO_CLASSES:
         class HaloConvolution(convolution_class):
             def __init__(self, part=0, parts=1, process_set=None, **config):
                 super().__init__(**{**config, "padding": "valid"})
                 self.part, self.parts, self.process_set = part, parts, process_set
+
+            def get_config(self):
+                """The whole model's `same` convolution and this slab's place (the process
+                set as the object itself: clone_model works from configs in memory)."""
+                return {**super().get_config(), "padding": "same", "part": self.part,
+                        "parts": self.parts, "process_set": self.process_set}
 
             def same_paddings(self, shape):
                 """(before, after) along each spatial axis of an input of `shape`."""
@@ -128,6 +143,10 @@ class GroupBatchNormalization(SyncBatchNormalization):
     def __init__(self, process_set=None, group_size=1, **kwargs):
         super().__init__(**kwargs)
         self.process_set, self.group_size = process_set, group_size
+
+    def get_config(self):
+        return {**super().get_config(), "process_set": self.process_set,
+                "group_size": self.group_size}
 
     def _moments(self, inputs, reduction_axes, keep_dims, **kwargs):
         mean, variance = keras.layers.BatchNormalization._moments(  # noqa: SLF001
@@ -168,7 +187,7 @@ def check_layer(layer, slab_shape):
         kernel, stride = layer.kernel_size[0], layer.strides[0]
         if layer.groups > 1:
             raise _refused(layer, "is a grouped convolution")
-        if (kernel - 1) * layer.dilation_rate[0] + 1 > 1 and layer.padding != "same":
+        if _planes_spanned(layer) > 1 and layer.padding != "same":
             raise _refused(layer, f"has {layer.padding} padding: only `same` padding "
                                   f"splits along the slabs' axis")
         if planes % stride:
@@ -197,15 +216,21 @@ def check_layer(layer, slab_shape):
     elif isinstance(layer, keras.layers.BatchNormalization):
         if layer.axis not in ([len(slab_shape)], [-1]):
             raise _refused(layer, "normalizes along a spatial axis")
+    elif isinstance(layer, keras.layers.UpSampling2D) and layer.interpolation != "nearest":
+        raise _refused(layer, f"interpolates ({layer.interpolation}) between planes across "
+                              f"the slabs' seams: only nearest upsampling stays within them")
     elif not isinstance(layer, _VOXELWISE):
         raise _refused(layer, "mixes the slabs (it is not a convolution, pooling, "
                               "upsampling, normalization or voxel-wise layer)")
 
 
 def _layers_and_input_shapes(model):
-    """(layer, input shape with the batch axis) of every layer after the input, those a
-    U-Net Level runs included; a layer of several inputs once per input."""
-    for layer in model.layers[1:]:
+    """(layer, input shape with the batch axis) of every layer but the input (a Sequential
+    model lists none), those a U-Net Level runs included; a layer of several inputs once per
+    input."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
         shapes = layer.input_shape if isinstance(layer.input_shape, list) else [layer.input_shape]
         for shape in shapes:
             if isinstance(layer, Level):
@@ -252,8 +277,10 @@ def split_model(model, part, parts, process_set):
             return Level([slab_layer(inner) for inner in layer.inner], layer.recompute,
                          name=layer.name)
         config = layer.get_config()
+        # a convolution that reads one plane along axis 1 computes its slab as it is: `valid`
+        # or `same` with a stride that divides the slab starts each slab at a stride multiple
         if isinstance(layer, _CONVOLUTIONS) and not isinstance(layer, _TRANSPOSED) and (
-                max(layer.kernel_size) > 1 or max(layer.strides) > 1):
+                _planes_spanned(layer) > 1):
             return _halo_convolution(type(layer))(part=part, parts=parts,
                                                   process_set=process_set, **config)
         if isinstance(layer, keras.layers.BatchNormalization) and not isinstance(

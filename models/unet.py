@@ -53,6 +53,16 @@ class Level(keras.layers.Layer):
             return x
         return tf.recompute_grad(forward)(inputs) if self.recompute else forward(inputs)
 
+    def get_config(self):
+        """The inner layers as objects: Keras' clone_model (--init_checkpoint's twin) works
+        from configs in memory, and from_config copies each from its own config."""
+        return {**super().get_config(), "layers": self.inner, "recompute": self.recompute}
+
+    @classmethod
+    def from_config(cls, config):
+        copies = [type(layer).from_config(layer.get_config()) for layer in config["layers"]]
+        return cls(**{**config, "layers": copies})
+
     def compute_output_shape(self, input_shape):
         shape = input_shape
         for layer in self.inner:

@@ -1,10 +1,11 @@
-"""Run under mpirun -np N: in float64, a small CNN (a bias of 3 elements, fewer than 4 ranks'
-pieces) trained some steps through Keras' fit() by each optimizer with its state sharded
+"""Run under mpirun -np N (or horovodrun -np N --gloo): in float64, a small CNN (a bias of 3
+elements, fewer than 4 ranks' pieces; without accumulation, a head the loss does not reach)
+trained some steps through Keras' fit() by each optimizer with its state sharded
 (app.sharded_optimizer; stage 1 and 2, with and without --accumulation_steps) and by
 Horovod's DistributedOptimizer on the same data: the largest relative differences of the
-weights and of the optimizer's whole slots (gathered from the pieces), this rank's slot
-elements and the unsharded optimizer's, for each of SETTINGS named. Writes
-OUT_DIR/rank-R.json.
+weights and of the optimizer's whole slots (gathered from the pieces), how far each moved
+the unreached head, this rank's slot elements and the unsharded optimizer's, for each of
+SETTINGS named. Writes OUT_DIR/rank-R.json.
 
     mpirun -np N python tests/workers/sharded_optimizer_check.py OUT_DIR SETTING[,SETTING]
 """
@@ -25,14 +26,18 @@ SETTINGS = {"stage1": (False, 1), "stage2": (True, 1), "stage1_accumulated": (Fa
 STEPS, BATCH = 4, 2  # per rank, per step
 
 
-def model():
+def model(unused_head):
+    """The logits, and with `unused_head` an output that has no loss, whose variables get no
+    gradient (not with accumulation: Horovod 0.28.1's eager gradient aggregation asserts
+    that every gradient exists)."""
     keras.utils.set_random_seed(3)
-    return keras.Sequential([
-        keras.Input((6, 6, 1)),
-        keras.layers.Conv2D(4, 3, activation="relu"),
-        keras.layers.BatchNormalization(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(3)])
+    inputs = keras.Input((6, 6, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = keras.layers.Flatten()(keras.layers.BatchNormalization()(x))
+    outputs = [keras.layers.Dense(3, name="logits")(x)]
+    if unused_head:
+        outputs.append(keras.layers.Dense(2, name="unused")(x))
+    return keras.Model(inputs, outputs)
 
 
 def data(accumulation_steps):
@@ -46,7 +51,7 @@ def data(accumulation_steps):
 
 
 def train(name, sharded, gradients_too=False, accumulation_steps=1):
-    net = model()
+    net = model(unused_head=accumulation_steps == 1)
     optimizer = optimizers.build(name, OPTIMIZERS[name], momentum=0.9, weight_decay=1e-3)
     if sharded:
         optimizer = sharded_optimizer.shard(optimizer, gradients_too=gradients_too,
@@ -54,16 +59,23 @@ def train(name, sharded, gradients_too=False, accumulation_steps=1):
     else:
         optimizer = hvd.DistributedOptimizer(
             optimizer, **optimizers.horovod_options(accumulation_steps))
-    net.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True))
+    net.compile(optimizer=optimizer, loss={"logits": keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True)})
+    unused = [layer for layer in net.layers if layer.name == "unused"]
+    before = [layer.get_weights() for layer in unused]
     net.fit(data(accumulation_steps), epochs=1, verbose=0)
-    return net, optimizer
+    moved = [float(np.max(np.abs(after - start))) for layer, weights in zip(unused, before)
+             for after, start in zip(layer.get_weights(), weights)]
+    return net, optimizer, max(moved, default=None)
 
 
 def slots(net, optimizer):
-    """{(variable's index, slot): whole value} of the optimizer's slots."""
+    """{(variable's index, slot): whole value} of the optimizer's slots of the variables
+    the loss reaches (Horovod's optimizer makes none for the others)."""
+    reached = [variable for variable in net.trainable_variables
+               if not variable.name.startswith("unused/")]
     return {(index, slot_name): optimizer.get_slot(variable, slot_name).numpy()
-            for index, variable in enumerate(net.trainable_variables)
+            for index, variable in enumerate(reached)
             for slot_name in optimizer.get_slot_names()}
 
 
@@ -80,9 +92,9 @@ def main(out_dir, settings):
     for name in OPTIMIZERS:
         for setting in settings.split(","):
             gradients_too, accumulation_steps = SETTINGS[setting]
-            reference, reference_optimizer = train(name, False,
-                                                   accumulation_steps=accumulation_steps)
-            net, optimizer = train(name, True, gradients_too, accumulation_steps)
+            reference, reference_optimizer, reference_moved = train(
+                name, False, accumulation_steps=accumulation_steps)
+            net, optimizer, moved = train(name, True, gradients_too, accumulation_steps)
             elements = sharded_optimizer.slot_elements(optimizer)
             expected_slots = slots(reference, reference_optimizer)
             with sharded_optimizer.whole_state(optimizer, keep=True):
@@ -91,6 +103,7 @@ def main(out_dir, settings):
                 "weights": largest_difference(
                     dict(enumerate(net.get_weights())), dict(enumerate(reference.get_weights()))),
                 "slots": largest_difference(found_slots, expected_slots),
+                "unused_moved": [moved, reference_moved],
                 "slot_names": sorted(reference_optimizer.get_slot_names()),
                 "iterations": [int(optimizer.iterations), int(reference_optimizer.iterations)],
                 "slot_elements": elements,
