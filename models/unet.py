@@ -69,15 +69,6 @@ class Level(keras.layers.Layer):
             shape = layer.compute_output_shape(shape)
         return shape
 
-    def get_config(self):  # clone_model (checkpoints.initialize_from) rebuilds from it
-        return {**super().get_config(), "recompute": self.recompute,
-                "layers": [keras.layers.serialize(layer) for layer in self.inner]}
-
-    @classmethod
-    def from_config(cls, config):
-        layers = [keras.layers.deserialize(layer) for layer in config.pop("layers")]
-        return cls(layers, **config)
-
 
 def unet(num_outputs, normalization=None, dimensions=3, widths=FAULTSEG3D_WIDTHS,
          recompute=False):
