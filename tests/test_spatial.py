@@ -162,20 +162,26 @@ def test_init_checkpoint_starts_slabs_from_another_runs_weights(tmp_path):
 
 @pytest.mark.distributed
 def test_a_rank_holds_only_its_slabs_activations(tmp_path):
-    """A 64^3 survey, one step of the small U-Net (float32, batch 1): each of the 2 ranks of
-    P=2 peaks at most at 0.8 of one process's peak memory on the whole volume (measured
-    here: 0.67; the runtime's own few hundred MiB are on both sides)."""
-    flags = ["--volume_size=64", "--patch_size=64", "--num_volumes=4", "--global_batch_size=1",
-             "--epochs=1", "--warmup_epochs=0", "--steps_per_epoch=1", "--validation_steps=1"]
+    """One step of the small U-Net (float32, batch 1) on 64^3 and on 32^3 surveys: what a
+    rank's peak memory grows by from the small volume to the large one (the activations;
+    the runtime's own memory, 600-900 MiB by machine, cancels) is for each of the 2 ranks
+    of P=2 at most 0.8 of one process's growth (measured: 0.44 on a Zen 3 EPYC, 0.69 on a
+    Zen 4 one, whose kernels hold less)."""
     peaks = {}
-    for processes, extra in ((1, []), (2, ["--spatial_parts=2"])):
-        model_dir = tmp_path / str(processes)
-        command = train_command("--flagfile=configs/seismic_faults_cpu.cfg", *flags, *extra,
-                                f"--model_dir={model_dir}")
-        run([*mpirun(processes), *command] if processes > 1 else command)
-        peaks[processes] = json.loads((model_dir / "results.json").read_text())[
-            "peak_memory_mb_by_rank"]
-    assert len(peaks[2]) == 2 and max(peaks[2]) < 0.8 * peaks[1][0], peaks
+    for size in (32, 64):
+        for processes, extra in ((1, []), (2, ["--spatial_parts=2"])):
+            model_dir = tmp_path / f"{size}-{processes}"
+            command = train_command(
+                "--flagfile=configs/seismic_faults_cpu.cfg", f"--volume_size={size}",
+                f"--patch_size={size}", "--num_volumes=4", "--global_batch_size=1",
+                "--epochs=1", "--warmup_epochs=0", "--steps_per_epoch=1",
+                "--validation_steps=1", *extra, f"--model_dir={model_dir}")
+            run([*mpirun(processes), *command] if processes > 1 else command)
+            peaks[size, processes] = np.array(json.loads(
+                (model_dir / "results.json").read_text())["peak_memory_mb_by_rank"])
+    one = peaks[64, 1][0] - peaks[32, 1][0]
+    slabs = peaks[64, 2] - peaks[32, 2]
+    assert len(slabs) == 2 and one > 0 and slabs.max() < 0.8 * one, peaks
 
 
 @pytest.mark.distributed
