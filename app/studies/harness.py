@@ -22,8 +22,9 @@ def run_app_train(model_dir, launch_args, train_args):
 
 
 # A run under a memory limit may hang instead of failing (OpenBLAS retries a failed
-# allocation in a loop): past this it is ended, as a run the limit stopped.
-LIMITED_RUN_SECONDS = 1800
+# allocation in a loop; tf.data waits for a worker thread that never started): past this
+# it is ended, and counts as stopped by the limit if it then trains without it.
+LIMITED_RUN_SECONDS = 600
 
 
 def trains_within(model_dir, launch_args, train_args, memory_limit_mb,
