@@ -25,7 +25,9 @@ class StopOnSignal(tf.keras.callbacks.Callback):
     returns the largest over the ranks, and a non-zero one makes every rank call
     `save(epochs done, steps done)` (rank 0 writes and returns the path), wait for the
     others with `agree(0)`, and raise Preempted. The last step of an epoch is not a stop:
-    the epoch's validation and checkpoint come first, then the next check.
+    the epoch's validation, checkpoint and logs come first; every epoch after the first
+    begins with a check too, so that a signal is acted on at the latest there, whatever
+    `check_steps` (at least an epoch's steps: no check within one).
 
     With `accumulation_steps` batches per update, `check_steps` is rounded up to a multiple
     of them: a stop then follows an update, when no gradients are held between batches
@@ -37,6 +39,7 @@ class StopOnSignal(tf.keras.callbacks.Callback):
         self.steps_per_epoch = steps_per_epoch
         self.check_steps = math.ceil(check_steps / accumulation_steps) * accumulation_steps
         self._received, self._previous, self._epoch = 0, {}, 0
+        self._epoch_ended = False
 
     def on_train_begin(self, logs=None):
         for number in SIGNALS:
@@ -46,7 +49,15 @@ class StopOnSignal(tf.keras.callbacks.Callback):
         self._received = number
 
     def on_epoch_begin(self, epoch, logs=None):
+        if self._epoch_ended:  # the epoch before is saved: nothing more to save
+            received = self.agree(self._received)
+            if received:
+                raise Preempted(f"stopped by {signal.Signals(received).name} after epoch "
+                                f"{epoch}, saved; the same command resumes there")
         self._epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epoch_ended = True
 
     def on_train_batch_end(self, batch, logs=None):
         steps_done = batch + 1

@@ -235,6 +235,27 @@ def test_a_signal_under_accumulation_stops_at_an_update_and_the_rerun_ends_as_if
                                    err_msg=name)
 
 
+@pytest.mark.distributed
+def test_a_signal_is_acted_on_at_the_next_epoch_when_no_check_falls_within_one(tmp_path):
+    """--preemption_check_steps=200 against 96 steps an epoch: no check falls within an
+    epoch, and the signal (before: never acted on) stops the job as epoch 3 begins, with
+    epoch 2 saved and nothing mid-epoch; the rerun ends as the uninterrupted run."""
+    flags = [*INTEGRITY_FLAGS, "--preemption_check_steps=200", "--epochs=3",
+             "--warmup_epochs=1", "--steps_per_epoch=96"]
+    command, straight, stopped, returncode, stderr = signalled_beside_uninterrupted(
+        flags, tmp_path, 120)
+    assert returncode == 75, stderr[-3000:]
+    saved = sorted(path.name for path in (stopped / "checkpoints").glob("epoch-*.index"))
+    assert saved == ["epoch-1.index", "epoch-2.index"], saved
+    assert "after epoch 2, saved" in stderr
+    run(command(stopped))
+    final_stopped, final_straight = (checkpoint_values(folder / "checkpoints" / "epoch-3")
+                                     for folder in (stopped, straight))
+    for name, value in final_straight.items():
+        np.testing.assert_allclose(final_stopped[name], value, rtol=0, atol=1e-10,
+                                   err_msg=name)
+
+
 def test_a_save_cut_short_leaves_the_last_complete_checkpoint_to_resume_from(tmp_path):
     """A save killed midway leaves data files without their index, and the `checkpoint`
     file (replaced atomically) still naming the previous epoch."""
