@@ -317,8 +317,8 @@ def define_stopping_flags():
                          "SIGTERM or SIGUSR1, and if so all stop there with a checkpoint of "
                          "that step and exit code 75 (an allgather of one number each time). "
                          "Rounded up to a multiple of --accumulation_steps, so that a stop "
-                         "follows an update and no accumulated gradients are lost; every "
-                         "epoch begins with a check too.",
+                         "follows an update and no accumulated gradients are lost; at an "
+                         "epoch's steps or more, every epoch begins with the check instead.",
                          lower_bound=1)
     flags.DEFINE_float("stall_timeout", 300.0,
                        "End the job, naming the silent ranks, when a rank has made no training "

@@ -25,9 +25,9 @@ class StopOnSignal(tf.keras.callbacks.Callback):
     returns the largest over the ranks, and a non-zero one makes every rank call
     `save(epochs done, steps done)` (rank 0 writes and returns the path), wait for the
     others with `agree(0)`, and raise Preempted. The last step of an epoch is not a stop:
-    the epoch's validation, checkpoint and logs come first; every epoch after the first
-    begins with a check too, so that a signal is acted on at the latest there, whatever
-    `check_steps` (at least an epoch's steps: no check within one).
+    the epoch's validation, checkpoint and logs come first, then the next check. Where the
+    checks are an epoch or more apart (none falls within one), every epoch after the first
+    begins with one instead, so that a signal is always acted on.
 
     With `accumulation_steps` batches per update, `check_steps` is rounded up to a multiple
     of them: a stop then follows an update, when no gradients are held between batches
@@ -49,7 +49,8 @@ class StopOnSignal(tf.keras.callbacks.Callback):
         self._received = number
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self._epoch_ended:  # the epoch before is saved: nothing more to save
+        if self._epoch_ended and self.check_steps >= self.steps_per_epoch:
+            # no check within an epoch; the epoch before is saved: nothing more to save
             received = self.agree(self._received)
             if received:
                 raise Preempted(f"stopped by {signal.Signals(received).name} after epoch "
