@@ -129,7 +129,7 @@ def sliding_window(predict, read_rows, shape, window, rows, write_rows, *, overl
             weight = np.concatenate([weight, np.zeros((grow, *weight.shape[1:]))])
         window_rows = slice(cover.start - row_start, cover.stop - row_start)
         sums_rows = slice(cover.start - done, cover.stop - done)
-        for place, output in zip(*zip(*outputs)):
+        for place, output in outputs:
             inside = tuple(slice(part.start, min(part.stop, extent))
                            for part, extent in zip(place, shape[1:]))
             cut = tuple(slice(0, part.stop - part.start) for part in inside)
@@ -154,7 +154,7 @@ class RunRecordError(ValueError):
 
 def run_model(model_dir):
     """(the run's record, its latest checkpoint's path) of app.train's run in `model_dir`."""
-    record = checkpoints.read_model_record(model_dir or "")
+    record = checkpoints.read_model_record(model_dir)
     if record is None:
         raise RunRecordError(f"no {checkpoints.MODEL_RECORD} (not a model_dir of app.train)")
     if record["task"] != "segmentation":
@@ -244,8 +244,9 @@ def middle_planes(inline, shape):
     for index in range(shape[0]):
         rows = inline(index)
         crossline[index], time_slice[index] = rows[middle[1]], rows[:, middle[2]]
-    return [("inline", inline(middle[0])), ("crossline", crossline),
-            ("time slice", time_slice)]
+        if index == middle[0]:
+            middle_inline = rows
+    return [("inline", middle_inline), ("crossline", crossline), ("time slice", time_slice)]
 
 
 def _agree(prepare):
