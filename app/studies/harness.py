@@ -45,14 +45,26 @@ def trains_within(model_dir, launch_args, train_args, memory_limit_mb,
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                preexec_fn=limited, start_new_session=True)
     try:
-        if process.wait(timeout=timeout) == 0:
-            return True
+        code = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # mpirun and its ranks too
-        process.wait()
+        code = None
+    # A launcher that failed may leave ranks behind (still under the limit, or hung): its
+    # whole session goes before the next run.
+    _kill_session(process)
+    if code == 0:
+        return True
     shutil.rmtree(model_dir, ignore_errors=True)
     check(command, model_dir)
     return False
+
+
+def _kill_session(process):
+    """SIGKILL to every process left in `process`'s session (mpirun and its ranks)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def run_benchmark(model_dir, processes, train_args, launch_args):
@@ -65,8 +77,9 @@ def check(command, name):
     """Runs `command`; a failure ends the study with the command and the end of its stderr."""
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
-        sys.exit(cli.error_line(f"{name} failed ({' '.join(command)}):\n"
-                                f"{result.stderr[-3000:]}"))
+        sys.exit(cli.error_line(f"{name} failed with exit code {result.returncode} "
+                                f"({' '.join(command)}):\n"
+                                f"{(result.stderr or result.stdout)[-3000:]}"))
 
 
 def study_parser(module, doc):
