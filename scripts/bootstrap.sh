@@ -7,8 +7,9 @@
 #      cluster's hosts); installed with apt when root or
 #      passwordless sudo allows it, otherwise named exactly;
 #   2. .venv with everything in requirements.txt except Horovod;
-#   3. Horovod built from source against that TensorFlow (TensorFlow, MPI, Gloo; NCCL when
-#      HOROVOD_GPU_OPERATIONS=NCCL), cached as a wheel keyed by what it was built against;
+#   3. Horovod built from its source archive with scripts/horovod-keras3.patch applied,
+#      against that TensorFlow (TensorFlow, MPI, Gloo; NCCL when HOROVOD_GPU_OPERATIONS=NCCL),
+#      cached as a wheel keyed by what it was built against and by the patch;
 #   4. the project itself, editable, for its console scripts;
 #   5. `horovodrun --check-build` must list TensorFlow, MPI and Gloo as built.
 # BUILD.md explains each step and the two fixes Horovod 0.28.1 needs on TensorFlow 2.21.
@@ -34,6 +35,7 @@ command -v mpirun >/dev/null || missing_packages+=(openmpi-bin)
 command -v mpicxx >/dev/null || missing_packages+=(libopenmpi-dev)
 command -v cmake >/dev/null || missing_packages+=(cmake)
 command -v g++ >/dev/null || missing_packages+=(g++)
+command -v patch >/dev/null || missing_packages+=(patch)  # applies scripts/horovod-keras3.patch
 if [ "${1:-}" = --test ]; then  # the TensorBoard browser test; the one-node SLURM cluster
   command -v chromium >/dev/null || missing_packages+=(chromium)
   command -v slurmctld >/dev/null || missing_packages+=(slurm-wlm)
@@ -65,7 +67,8 @@ if [ ${#missing_packages[@]} -gt 0 ]; then
 fi
 
 # Everything the result depends on; when it is unchanged the machine is ready.
-stamp_key=$(cat "$ROOT/requirements.txt" "$ROOT/setup.cfg" "$ROOT/scripts/bootstrap.sh" "$ROOT"/scripts/compat_include/tensorflow/compiler/xla/client/xla_builder.h \
+PATCH=$ROOT/scripts/horovod-keras3.patch
+stamp_key=$(cat "$ROOT/requirements.txt" "$ROOT/setup.cfg" "$ROOT/scripts/bootstrap.sh" "$ROOT"/scripts/compat_include/tensorflow/compiler/xla/client/xla_builder.h "$PATCH" \
   | { cat; echo "gpu=$GPU_OPERATIONS python=$("$PYTHON" --version 2>&1)"; } | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$stamp_key" ] && [ -x "$VENV/bin/horovodrun" ]; then
   say "ready ($VENV)"; exit 0
@@ -95,20 +98,29 @@ export MAKEFLAGS="-j$(nproc)"
 mpi_version=$(mpirun --version 2>/dev/null | head -1)
 python_abi=$("$VENV/bin/python" -c 'import sys; print(sys.implementation.cache_tag)')
 build_key=$(echo "$horovod_pin tf=$tf_version gpu=$GPU_OPERATIONS mpi=$mpi_version $python_abi" \
-  | cat - "$ROOT"/scripts/compat_include/tensorflow/compiler/xla/client/xla_builder.h | sha256sum | cut -c1-16)
+  | cat - "$ROOT"/scripts/compat_include/tensorflow/compiler/xla/client/xla_builder.h "$PATCH" \
+  | sha256sum | cut -c1-16)
 wheel_dir=$WHEEL_CACHE/$build_key
 if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
   say "building $horovod_pin against TensorFlow $tf_version (about 5 minutes on 2 cores)"
   mkdir -p "$wheel_dir" 2>/dev/null \
     || die "cannot write the wheel cache $WHEEL_CACHE; set HOROVOD_WHEEL_CACHE to a writable folder"
+  # The source archive with the project's patch (Horovod's Keras layer on Keras 3, BUILD.md).
+  src_dir=$(mktemp -d)
+  "${PIP[@]}" download --no-cache-dir --no-binary :all: --no-deps -d "$src_dir" "$horovod_pin" \
+    || die "cannot download the $horovod_pin source archive"
+  tar xzf "$src_dir"/horovod-*.tar.gz --no-same-owner -C "$src_dir"
+  patch -d "$src_dir"/horovod-*/ -p1 --quiet --no-backup-if-mismatch < "$PATCH" \
+    || die "scripts/horovod-keras3.patch does not apply to the $horovod_pin source archive"
   # --no-build-isolation: Horovod's build must see the TensorFlow it will run with.
   # --no-cache-dir: pip's wheel cache is keyed by the source archive alone and would hand
   # back a wheel built against another TensorFlow or without NCCL; the cache above is keyed
-  # by all of that.
-  "${PIP[@]}" wheel --no-cache-dir --no-build-isolation --no-deps --no-binary horovod \
-    -w "$wheel_dir" "$horovod_pin" \
+  # by all of that, and by the patch.
+  "${PIP[@]}" wheel --no-cache-dir --no-build-isolation --no-deps \
+    -w "$wheel_dir" "$src_dir"/horovod-*/ \
     > "$wheel_dir/build.log" 2>&1 || { tail -40 "$wheel_dir/build.log" >&2; rm -f "$wheel_dir"/*.whl;
       die "the Horovod build failed; full log: $wheel_dir/build.log"; }
+  rm -rf "$src_dir"
 else
   say "using the cached Horovod wheel in $wheel_dir"
 fi

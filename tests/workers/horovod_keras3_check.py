@@ -1,0 +1,266 @@
+"""Run under mpirun -np 2 on Keras 3 (no TF_USE_LEGACY_KERAS): Horovod's Keras layer on Keras 3
+models in float64, each case against the same computation on one process, which every rank
+also does on the whole batch (both ranks' halves). Writes {case: findings} to
+OUT_DIR/rank-R.json; tests/test_horovod_keras3.py judges them."""
+import json
+import os
+import sys
+
+import numpy as np
+
+assert os.environ.get("TF_USE_LEGACY_KERAS") in (None, "", "0")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import horovod.tensorflow.keras as hvd  # noqa: E402
+
+assert keras.__version__.startswith("3.") and tf.keras.__version__ == keras.__version__
+
+keras.backend.set_floatx("float64")
+hvd.init(process_sets=[hvd.ProcessSet([0]), hvd.ProcessSet([1])])
+RANK, SIZE = hvd.rank(), hvd.size()
+STEPS, BATCH = 4, 6  # per rank: BATCH rows a step
+rng = np.random.default_rng(7)
+X = rng.normal(size=(SIZE, STEPS, BATCH, 5))  # [rank, step, row, feature]
+Y = rng.normal(size=(SIZE, STEPS, BATCH, 3))
+TOKENS = rng.integers(0, 10, size=(SIZE, STEPS, BATCH, 2))
+found = {}
+
+
+def model_of(seed, embedding=False):
+    """Two Dense layers (whose variables share their names: kernel, bias), or an Embedding
+    (sparse gradients) under a Dense."""
+    keras.utils.set_random_seed(seed)
+    if embedding:
+        layers = [keras.Input((2,), dtype="int32"), keras.layers.Embedding(10, 4),
+                  keras.layers.Flatten(), keras.layers.Dense(3)]
+    else:
+        layers = [keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
+                  keras.layers.Dense(3)]
+    return keras.Sequential(layers)
+
+
+def batches(ranks, embedding=False):
+    """Each step's rows of `ranks`, stacked (the whole batch on one process)."""
+    inputs = TOKENS if embedding else X
+    return [(np.concatenate([inputs[r, s] for r in ranks]), np.concatenate([Y[r, s] for r in ranks]))
+            for s in range(STEPS)]
+
+
+def reference(optimizer, ranks=range(SIZE), embedding=False, seed=0, grad_scale=1.0):
+    """The weights after STEPS steps on one process over the rows of `ranks`, gradients of the
+    mean loss times grad_scale."""
+    model = model_of(seed, embedding)
+    loss = keras.losses.MeanSquaredError()
+    for x, y in batches(ranks, embedding):
+        with tf.GradientTape() as tape:
+            value = loss(y, model(x)) * grad_scale
+        optimizer.apply_gradients(zip(tape.gradient(value, model.trainable_variables),
+                                      model.trainable_variables))
+    return model
+
+
+def distance(model, expected):
+    return max(float(np.max(np.abs(a - b)))
+               for a, b in zip(model.get_weights(), expected.get_weights()))
+
+
+def fit(optimizer, embedding=False, seed=0, callbacks=(), steps=STEPS, epochs=1):
+    model = model_of(seed, embedding)
+    model.compile(optimizer=optimizer, loss="mse")
+    x, y = (np.concatenate(part) for part in zip(*batches([RANK], embedding)[:steps]))
+    history = model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0,
+                        callbacks=list(callbacks))
+    return model, history
+
+
+def custom_loop(optimizer, embedding=False):
+    """A tf.function step with apply_gradients, as a custom training loop writes it."""
+    model = model_of(0, embedding)
+    loss = keras.losses.MeanSquaredError()
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            value = loss(y, model(x))
+        optimizer.apply_gradients(zip(tape.gradient(value, model.trainable_variables),
+                                      model.trainable_variables))
+    for x, y in batches([RANK], embedding):
+        step(x, y)
+    return model
+
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+    "sgd_nesterov": lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "adamw": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),
+    "lamb": lambda: keras.optimizers.Lamb(0.01),
+    "lion": lambda: keras.optimizers.Lion(0.01),
+}
+
+
+def optimizers_in_fit_and_custom_loop():
+    for name, make in OPTIMIZERS.items():
+        expected = reference(make())
+        found[f"fit_{name}"] = distance(fit(hvd.DistributedOptimizer(make()))[0], expected)
+        found[f"loop_{name}"] = distance(custom_loop(hvd.DistributedOptimizer(make())),
+                                         expected)
+
+
+def options():
+    adam = OPTIMIZERS["adam"]
+    expected = reference(adam())
+    model = model_of(0)
+    dense1, dense2 = (layer.trainable_variables for layer in model.layers)
+    for case, kwargs in {"num_groups": dict(num_groups=2), "groups_int": dict(groups=2),
+                         "predivide": dict(gradient_predivide_factor=2.0)}.items():
+        found[case] = distance(fit(hvd.DistributedOptimizer(adam(), **kwargs))[0], expected)
+    # groups of variables: the model's own (the weights trained are the same numbers)
+    optimizer = hvd.DistributedOptimizer(adam(), groups=[[dense1[0], dense2[0]], [dense1[1]]])
+    model.compile(optimizer=optimizer, loss="mse")
+    x, y = (np.concatenate(part) for part in zip(*batches([RANK])))
+    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+    found["groups_variables"] = distance(model, expected)
+    found["sum"] = distance(fit(hvd.DistributedOptimizer(adam(), op=hvd.Sum))[0],
+                            reference(adam(), grad_scale=SIZE))
+    found["process_set"] = distance(
+        fit(hvd.DistributedOptimizer(adam(), process_set=hvd.ProcessSet([RANK])))[0],
+        reference(adam(), ranks=[RANK]))
+    for sparse_as_dense in (False, True):
+        found[f"embedding_sparse_as_dense_{sparse_as_dense}"] = distance(
+            fit(hvd.DistributedOptimizer(adam(), sparse_as_dense=sparse_as_dense),
+                embedding=True)[0], reference(adam(), embedding=True))
+    for average in (True, False):
+        distributed = hvd.DistributedOptimizer(adam(), backward_passes_per_step=2,
+                                               average_aggregated_gradients=average)
+        # Keras 3's own accumulation averages the k gradients; their sum is k times that
+        one = keras.optimizers.Adam(0.01, gradient_accumulation_steps=2)
+        found[f"backward_passes_average_{average}"] = distance(
+            fit(distributed)[0], reference(one, grad_scale=1.0 if average else 2.0))
+        found[f"backward_passes_average_{average}_iterations"] = [
+            int(distributed.iterations.numpy()), int(one.iterations.numpy())]
+
+
+def one_sgd_step(optimizer, gradient):
+    """Minus the reduced gradient: one SGD(1) step from zero with this rank's `gradient`."""
+    weight = keras.Variable(np.zeros(4))
+    optimizer.apply_gradients([(tf.constant(gradient), weight)])
+    return (-weight.numpy()).tolist()
+
+
+def reductions():
+    grads = rng.normal(size=(SIZE, 4)) * [1, 10, 100, 1000]
+    found["gradients"] = grads.tolist()
+    found["fp16"] = one_sgd_step(hvd.DistributedOptimizer(
+        keras.optimizers.SGD(1.0), compression=hvd.Compression.fp16), grads[RANK])
+    found["adasum"] = one_sgd_step(hvd.DistributedOptimizer(
+        keras.optimizers.SGD(1.0), op=hvd.Adasum), grads[RANK])
+    # fp16 overflows at 65504: predividing by 2 keeps 2 x 60000 in range
+    for factor in (1.0, 2.0):
+        found[f"fp16_60000_predivide_{factor}"] = one_sgd_step(hvd.DistributedOptimizer(
+            keras.optimizers.SGD(1.0), compression=hvd.Compression.fp16,
+            gradient_predivide_factor=factor), np.full(4, 60000.0))
+
+
+def loss_scaling():
+    expected = reference(keras.optimizers.SGD(0.1, momentum=0.9))
+    outside = hvd.DistributedOptimizer(
+        keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1, momentum=0.9)))
+    found["loss_scale_distributed_outside"] = distance(fit(outside)[0], expected)
+    inside = keras.optimizers.LossScaleOptimizer(
+        hvd.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9)))
+    found["loss_scale_distributed_inside"] = distance(fit(inside)[0], expected)
+    # An overflow on rank 1 only: the reduced gradients overflow on both, both skip the step.
+    optimizer = hvd.DistributedOptimizer(
+        keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)))
+    weight = keras.Variable(np.ones(2))
+    gradient = np.array([1.0, np.inf if RANK == 1 else 1.0])
+    optimizer.apply_gradients([(tf.constant(gradient), weight)])
+    found["overflow_on_one_rank"] = {"weight": weight.numpy().tolist(),
+                                     "scale": float(optimizer.dynamic_scale.numpy())}
+
+
+def broadcast():
+    """Different initial weights and optimizer slots on each rank become rank 0's."""
+    model = model_of(seed=RANK)
+    optimizer = hvd.DistributedOptimizer(keras.optimizers.Adam(0.01))
+    model.compile(optimizer=optimizer, loss="mse")
+    optimizer.build(model.trainable_variables)
+    for variable in optimizer.variables:  # slots as if restored from different steps
+        variable.assign(np.full(variable.shape, RANK + 2, variable.dtype))
+    x, y = (np.concatenate(part) for part in zip(*batches([RANK])))
+    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0,
+              callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
+    one = keras.optimizers.Adam(0.01)
+    expected = model_of(seed=0)
+    one.build(expected.trainable_variables)
+    for variable in one.variables:
+        variable.assign(np.full(variable.shape, 2, variable.dtype))
+    expected = reference(one, seed=0)
+    found["broadcast_weights"] = distance(model, expected)
+    found["broadcast_slots"] = max(float(np.max(np.abs(a.numpy() - b.numpy())))
+                                   for a, b in zip(optimizer.variables, one.variables))
+
+
+class Recorder(keras.callbacks.Callback):
+    """The learning rate and momentum each step runs with, and the logs each epoch ends with."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps, self.epochs = [], []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        optimizer = self.model.optimizer
+        self.steps.append([float(np.array(optimizer.learning_rate)),
+                           float(np.array(getattr(optimizer, "momentum", 0.0)))])
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append({name: float(value) for name, value in logs.items()})
+
+
+def learning_rate_callbacks():
+    warmup, schedule = Recorder(), Recorder()
+    sgd = hvd.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9))
+    trained, _ = fit(sgd, steps=2, epochs=3, callbacks=[
+        hvd.callbacks.LearningRateWarmupCallback(0.1, warmup_epochs=2, verbose=0), warmup])
+    found["warmup_steps"] = warmup.steps
+    fit(hvd.DistributedOptimizer(keras.optimizers.Adam(0.1)), steps=2, epochs=3, callbacks=[
+        hvd.callbacks.LearningRateScheduleCallback(0.1, multiplier=0.5, start_epoch=1),
+        schedule])
+    found["schedule_steps"] = schedule.steps
+    # the momentum correction reaches the update: one process with the recorded values
+    expected = model_of(0)
+    one = keras.optimizers.SGD(0.1, momentum=0.9)
+    loss = keras.losses.MeanSquaredError()
+    for (x, y), (lr, momentum) in zip(batches(range(SIZE))[:2] * 3, warmup.steps):
+        one.learning_rate.assign(lr)
+        one.momentum = momentum  # read at each eager step
+        with tf.GradientTape() as tape:
+            value = loss(y, expected(x))
+        one.apply_gradients(zip(tape.gradient(value, expected.trainable_variables),
+                                expected.trainable_variables))
+    found["warmup_weights"] = distance(trained, expected)
+    try:
+        fit(hvd.DistributedOptimizer(keras.optimizers.SGD(
+            keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5))), steps=1,
+            callbacks=[hvd.callbacks.LearningRateWarmupCallback(0.1)])
+        found["schedule_object_refused"] = None
+    except ValueError as error:
+        found["schedule_object_refused"] = str(error)
+
+
+def metric_average():
+    recorder = Recorder()
+    model, _ = fit(hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), steps=1,
+                   callbacks=[hvd.callbacks.MetricAverageCallback(), recorder])
+    initial = model_of(0)
+    losses = [float(np.mean((initial(X[r, 0]).numpy() - Y[r, 0]) ** 2)) for r in range(SIZE)]
+    found["metric_average"] = {"logged": recorder.epochs[0]["loss"], "losses": losses}
+
+
+for case in sys.argv[2].split(","):
+    globals()[case]()
+with open(f"{sys.argv[1]}/rank-{RANK}.json", "w") as out:
+    json.dump(found, out)
