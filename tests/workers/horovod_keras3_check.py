@@ -18,7 +18,8 @@ import horovod.tensorflow.keras as hvd  # noqa: E402
 assert keras.__version__.startswith("3.") and tf.keras.__version__ == keras.__version__
 
 keras.backend.set_floatx("float64")
-hvd.init(process_sets=[hvd.ProcessSet([0]), hvd.ProcessSet([1])])
+OWN_PROCESS_SETS = [hvd.ProcessSet([0]), hvd.ProcessSet([1])]  # each rank alone
+hvd.init(process_sets=OWN_PROCESS_SETS)
 RANK, SIZE = hvd.rank(), hvd.size()
 STEPS, BATCH = 4, 6  # per rank: BATCH rows a step
 rng = np.random.default_rng(7)
@@ -48,16 +49,23 @@ def batches(ranks, embedding=False):
             for s in range(STEPS)]
 
 
-def reference(optimizer, ranks=range(SIZE), embedding=False, seed=0, grad_scale=1.0):
+def reference(optimizer, ranks=range(SIZE), embedding=False, seed=0, grad_scale=1.0,
+              dense=False, slots=None):
     """The weights after STEPS steps on one process over the rows of `ranks`, gradients of the
-    mean loss times grad_scale."""
+    mean loss times grad_scale (made dense tensors with `dense`: the optimizers update their
+    slots of an embedding's rows that have no gradient only then), from optimizer variables
+    all `slots` if given."""
     model = model_of(seed, embedding)
+    if slots is not None:
+        set_slots(optimizer, model, slots)
     loss = keras.losses.MeanSquaredError()
     for x, y in batches(ranks, embedding):
         with tf.GradientTape() as tape:
             value = loss(y, model(x)) * grad_scale
-        optimizer.apply_gradients(zip(tape.gradient(value, model.trainable_variables),
-                                      model.trainable_variables))
+        grads = tape.gradient(value, model.trainable_variables)
+        if dense:
+            grads = [tf.convert_to_tensor(grad) for grad in grads]
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
     return model
 
 
@@ -126,12 +134,13 @@ def options():
     found["sum"] = distance(fit(hvd.DistributedOptimizer(adam(), op=hvd.Sum))[0],
                             reference(adam(), grad_scale=SIZE))
     found["process_set"] = distance(
-        fit(hvd.DistributedOptimizer(adam(), process_set=hvd.ProcessSet([RANK])))[0],
+        fit(hvd.DistributedOptimizer(adam(), process_set=OWN_PROCESS_SETS[RANK]))[0],
         reference(adam(), ranks=[RANK]))
     for sparse_as_dense in (False, True):
         found[f"embedding_sparse_as_dense_{sparse_as_dense}"] = distance(
             fit(hvd.DistributedOptimizer(adam(), sparse_as_dense=sparse_as_dense),
-                embedding=True)[0], reference(adam(), embedding=True))
+                embedding=True)[0],
+            reference(adam(), embedding=True, dense=sparse_as_dense))
     for average in (True, False):
         distributed = hvd.DistributedOptimizer(adam(), backward_passes_per_step=2,
                                                average_aggregated_gradients=average)
@@ -182,39 +191,37 @@ def loss_scaling():
                                      "scale": float(optimizer.dynamic_scale.numpy())}
 
 
+def set_slots(optimizer, model, value):
+    optimizer.build(model.trainable_variables)
+    for variable in optimizer.variables:  # slots as if restored from another step
+        variable.assign(np.full(variable.shape, value, variable.dtype))
+
+
 def broadcast():
     """Different initial weights and optimizer slots on each rank become rank 0's."""
     model = model_of(seed=RANK)
     optimizer = hvd.DistributedOptimizer(keras.optimizers.Adam(0.01))
     model.compile(optimizer=optimizer, loss="mse")
-    optimizer.build(model.trainable_variables)
-    for variable in optimizer.variables:  # slots as if restored from different steps
-        variable.assign(np.full(variable.shape, RANK + 2, variable.dtype))
+    set_slots(optimizer, model, RANK + 2)
     x, y = (np.concatenate(part) for part in zip(*batches([RANK])))
     model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0,
               callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
     one = keras.optimizers.Adam(0.01)
-    expected = model_of(seed=0)
-    one.build(expected.trainable_variables)
-    for variable in one.variables:
-        variable.assign(np.full(variable.shape, 2, variable.dtype))
-    expected = reference(one, seed=0)
+    expected = reference(one, seed=0, slots=2)
     found["broadcast_weights"] = distance(model, expected)
     found["broadcast_slots"] = max(float(np.max(np.abs(a.numpy() - b.numpy())))
                                    for a, b in zip(optimizer.variables, one.variables))
 
 
 class Recorder(keras.callbacks.Callback):
-    """The learning rate and momentum each step runs with, and the logs each epoch ends with."""
+    """The learning rate each step runs with, and the logs each epoch ends with."""
 
     def __init__(self):
         super().__init__()
         self.steps, self.epochs = [], []
 
     def on_train_batch_begin(self, batch, logs=None):
-        optimizer = self.model.optimizer
-        self.steps.append([float(np.array(optimizer.learning_rate)),
-                           float(np.array(getattr(optimizer, "momentum", 0.0)))])
+        self.steps.append(float(self.model.optimizer.learning_rate.numpy()))
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs.append({name: float(value) for name, value in logs.items()})
@@ -230,17 +237,24 @@ def learning_rate_callbacks():
         hvd.callbacks.LearningRateScheduleCallback(0.1, multiplier=0.5, start_epoch=1),
         schedule])
     found["schedule_steps"] = schedule.steps
-    # the momentum correction reaches the update: one process with the recorded values
+    # The momentum correction reaches the update: one process with the recorded learning
+    # rates and Horovod's tf_keras correction, momentum times new / old learning rate for the
+    # steps of the warmup (epochs 0 and 1, 2 steps each).
     expected = model_of(0)
-    one = keras.optimizers.SGD(0.1, momentum=0.9)
     loss = keras.losses.MeanSquaredError()
-    for (x, y), (lr, momentum) in zip(batches(range(SIZE))[:2] * 3, warmup.steps):
-        one.learning_rate.assign(lr)
-        one.momentum = momentum  # read at each eager step
+    old_lr = [0.1] + warmup.steps
+    momenta = [np.zeros(variable.shape) for variable in expected.trainable_variables]
+    keras_momentum = float(np.float32(0.9))  # Keras 3 casts the number to a float32 tensor first
+    for step, (x, y) in enumerate(batches(range(SIZE))[:2] * 3):
+        epoch = step / 2 + 1 / 2  # Horovod's warmup formula: the end of this step's epoch
+        new_lr = 0.1 / SIZE * (epoch * (SIZE - 1) / 2 + 1)
+        momentum = keras_momentum * new_lr / old_lr[step] if step < 4 else keras_momentum
         with tf.GradientTape() as tape:
             value = loss(y, expected(x))
-        one.apply_gradients(zip(tape.gradient(value, expected.trainable_variables),
-                                expected.trainable_variables))
+        grads = tape.gradient(value, expected.trainable_variables)
+        for variable, velocity, grad in zip(expected.trainable_variables, momenta, grads):
+            velocity[...] = momentum * velocity - warmup.steps[step] * grad.numpy()
+            variable.assign(variable.numpy() + velocity)  # Keras' SGD with momentum
     found["warmup_weights"] = distance(trained, expected)
     try:
         fit(hvd.DistributedOptimizer(keras.optimizers.SGD(
