@@ -9,11 +9,10 @@ Why this module exists (BUILD.md has the whole story):
   Keras 3 unless TF_USE_LEGACY_KERAS=1 is set before TensorFlow is first imported, in which
   case `tf.keras` is tf_keras (Keras 2). This module sets it and refuses to go on if TensorFlow
   was already imported without it.
-- `horovod.tensorflow.keras` and its `callbacks` module do `from keras import backend as K`,
-  which is Keras 3's backend even when `tf.keras` is tf_keras; the callbacks would then set
-  the learning rate and broadcast through the wrong Keras. While Horovod is imported, the name
-  `keras` stands for `tf.keras`, so that both take the backend of the Keras that builds the
-  models (and no process loads Keras 3, which it would not use, at start-up).
+- The project's build of Horovod (scripts/horovod-keras3.patch) takes the backend of
+  `tf.keras`, the Keras that builds the models, in `horovod.tensorflow.keras`; unpatched, it
+  took the package `keras`'s, which is Keras 3 even when `tf.keras` is tf_keras. The check
+  below refuses an unpatched build.
 - --jit_compile uses XLA's auto-clustering, which compiles the clusters of ops XLA can
   compile and leaves Horovod's collectives between them (Horovod 0.28.1 can lower its ops to
   XLA only in GPU builds, so Keras' compile(jit_compile=True) fails on CPUs). On CPUs TensorFlow
@@ -38,19 +37,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO line
 
 import tensorflow as tf  # noqa: E402  (must follow the environment variable)
 
-_keras = sys.modules.get("keras")
-sys.modules["keras"] = tf.keras
-try:
-    import horovod.tensorflow as hvd_tensorflow  # noqa: E402  (process sets' collectives)
-    import horovod.tensorflow.keras as hvd  # noqa: E402
-    import horovod.tensorflow.keras.callbacks as _hvd_keras_callbacks  # noqa: E402
-finally:
-    if _keras is None:
-        del sys.modules["keras"]
-    else:
-        sys.modules["keras"] = _keras
+import horovod.tensorflow as hvd_tensorflow  # noqa: E402  (process sets' collectives)
+import horovod.tensorflow.keras as hvd  # noqa: E402
+import horovod.tensorflow.keras.callbacks as _hvd_keras_callbacks  # noqa: E402
+
 if not hvd.K is _hvd_keras_callbacks.K is tf.keras.backend:
-    raise ImportError("Horovod's Keras layer took another Keras backend than tf.keras's")
+    raise ImportError("Horovod's Keras layer took another Keras backend than tf.keras's: "
+                      "an unpatched Horovod; rebuild it with scripts/bootstrap.sh (BUILD.md)")
 
 tf.get_logger().setLevel("WARNING")
 

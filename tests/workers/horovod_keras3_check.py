@@ -45,8 +45,8 @@ def model_of(seed, embedding=False):
 def batches(ranks, embedding=False):
     """Each step's rows of `ranks`, stacked (the whole batch on one process)."""
     inputs = TOKENS if embedding else X
-    return [(np.concatenate([inputs[r, s] for r in ranks]), np.concatenate([Y[r, s] for r in ranks]))
-            for s in range(STEPS)]
+    return [(np.concatenate([inputs[r, s] for r in ranks]),
+             np.concatenate([Y[r, s] for r in ranks])) for s in range(STEPS)]
 
 
 def reference(optimizer, ranks=range(SIZE), embedding=False, seed=0, grad_scale=1.0,

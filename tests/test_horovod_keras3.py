@@ -1,0 +1,119 @@
+"""Horovod's Keras layer on Keras 3 (the build patched by scripts/horovod-keras3.patch), under
+mpirun -np 2 with Keras 3 models in float64: tests/workers/horovod_keras3_check.py runs each
+case on both ranks and against the same computation on one process."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import PYTHON, mpirun, run
+
+KERAS3 = {"TF_USE_LEGACY_KERAS": "0"}  # conftest sets 1 for every process
+
+
+def _cases(out_dir, *cases):
+    """{case: findings} of each rank, which must agree."""
+    run([*mpirun(2), PYTHON, "tests/workers/horovod_keras3_check.py", str(out_dir),
+         ",".join(cases)], env=KERAS3)
+    by_rank = [json.loads((out_dir / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert by_rank[0] == by_rank[1]
+    return by_rank[0]
+
+
+def test_both_keras_modules_of_horovod_import_on_keras3():
+    result = run([PYTHON, "-c", "import keras, horovod.tensorflow.keras as a, horovod.keras "
+                  "as b; print(keras.__version__, a.K.__name__, b.K.__name__)"], env=KERAS3)
+    version, *backends = result.stdout.split()
+    assert version.startswith("3.") and all(name.startswith("keras.") for name in backends)
+
+
+@pytest.mark.distributed
+def test_each_optimizer_averages_gradients_in_fit_and_in_a_custom_loop(tmp_path):
+    """SGD with momentum and with Nesterov, Adam, AdamW, Lamb and Lion wrapped by
+    hvd.DistributedOptimizer, 4 steps on each rank's half of the batches, by model.fit and by a
+    tf.function calling apply_gradients: the weights of one process on the whole batches."""
+    found = _cases(tmp_path, "optimizers_in_fit_and_custom_loop")
+    assert len(found) == 12
+    assert all(distance < 1e-10 for distance in found.values()), found
+
+
+@pytest.mark.distributed
+def test_distributed_optimizer_options_against_one_process(tmp_path):
+    """Adam through model.fit with num_groups/groups (an integer, and lists of the model's
+    variables, whose names repeat across layers), gradient_predivide_factor, op=Sum (one
+    process with twice the gradient), a process set of the rank alone (its own batches),
+    an Embedding's sparse gradients with and without sparse_as_dense (dense gradients on one
+    process), backward_passes_per_step=2 with and without average_aggregated_gradients (Keras
+    3's own gradient_accumulation_steps=2, on twice the gradient for the sum), counting the
+    updates in `iterations` as Keras does."""
+    found = _cases(tmp_path, "options")
+    for case, value in found.items():
+        if case.endswith("_iterations"):
+            assert value == [2, 2], (case, value)
+        else:
+            assert value < 1e-10, (case, value)
+    assert len(found) == 12
+
+
+@pytest.mark.distributed
+def test_fp16_compression_adasum_and_predivide_reduce_as_horovod_defines(tmp_path):
+    """One SGD(1) step from zero: with compression=fp16 the average of the fp16 gradients in
+    fp16; op=Adasum the 2-rank Adasum of the gradients; fp16 gradients of 60000 overflow in the
+    sum unless gradient_predivide_factor=2 halves them first."""
+    found = _cases(tmp_path, "reductions")
+    a, b = (np.array(gradient) for gradient in found["gradients"])
+    half = np.float16(0.5)
+    np.testing.assert_allclose(
+        found["fp16"], ((a.astype(np.float16) + b.astype(np.float16)) * half), rtol=0, atol=0)
+    adasum = (1 - a @ b / (2 * a @ a)) * a + (1 - a @ b / (2 * b @ b)) * b
+    np.testing.assert_allclose(found["adasum"], adasum, rtol=1e-12)
+    assert np.all(np.isinf(found["fp16_60000_predivide_1.0"]))
+    assert found["fp16_60000_predivide_2.0"] == [60000.0] * 4
+
+
+@pytest.mark.distributed
+def test_loss_scale_optimizer_inside_and_around_and_an_overflow_on_one_rank(tmp_path):
+    """LossScaleOptimizer around hvd.DistributedOptimizer and inside it train as one process
+    does; with the distributed one around it, an infinite gradient on rank 1 only makes both
+    ranks skip the step and halve the scale."""
+    found = _cases(tmp_path, "loss_scaling")
+    assert found["loss_scale_distributed_outside"] < 1e-10
+    assert found["loss_scale_distributed_inside"] < 1e-10
+    assert found["overflow_on_one_rank"] == {"weight": [1.0, 1.0], "scale": 2.0 ** 14}
+
+
+@pytest.mark.distributed
+def test_broadcast_callback_gives_rank0s_weights_and_optimizer_slots(tmp_path):
+    """Each rank starts from its own initial weights and its own Adam slots and iteration
+    count; BroadcastGlobalVariablesCallback(0) makes them rank 0's before the first step:
+    the weights and slots after fit are one process's from rank 0's start."""
+    found = _cases(tmp_path, "broadcast")
+    assert found["broadcast_weights"] < 1e-10 and found["broadcast_slots"] < 1e-10, found
+
+
+@pytest.mark.distributed
+def test_learning_rate_callbacks_follow_their_formulas(tmp_path):
+    """LearningRateWarmupCallback (2 epochs of 2 steps, then one more epoch) sets
+    lr = 0.1 / size * (epoch' * (size - 1) / 2 + 1) with epoch' = epoch + (batch + 1) / 2, and
+    its momentum correction reaches the update (the weights of one process with momentum
+    times new / old learning rate in the warmup, 1e-10); LearningRateScheduleCallback with
+    multiplier 0.5 from epoch 1 sets 0.1 * 0.5 ** (epoch - 1) at each epoch's start; an
+    optimizer built with a schedule object is refused in one line."""
+    found = _cases(tmp_path, "learning_rate_callbacks")
+    warmup = [0.1 / 2 * ((epoch + (batch + 1) / 2) * (2 - 1) / 2 + 1)
+              for epoch in (0, 1) for batch in (0, 1)] + [0.1, 0.1]
+    np.testing.assert_allclose(found["warmup_steps"], warmup, rtol=1e-12)
+    schedule = [0.1 * 0.5 ** max(epoch - 1, 0) for epoch in (0, 1, 2) for _ in (0, 1)]
+    np.testing.assert_allclose(found["schedule_steps"], schedule, rtol=1e-12)
+    assert found["warmup_weights"] < 1e-10
+    assert "schedule" in found["schedule_object_refused"]
+    assert "\n" not in found["schedule_object_refused"]
+
+
+@pytest.mark.distributed
+def test_metric_average_callback_logs_the_ranks_mean_loss(tmp_path):
+    """One step an epoch: each rank's epoch loss is its batch's loss at the initial weights,
+    computed by hand; MetricAverageCallback logs their mean on both ranks."""
+    found = _cases(tmp_path, "metric_average")["metric_average"]
+    assert found["losses"][0] != pytest.approx(found["losses"][1])
+    assert found["logged"] == pytest.approx(np.mean(found["losses"]), rel=1e-6)
