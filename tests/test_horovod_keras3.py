@@ -20,11 +20,15 @@ def _cases(out_dir, *cases):
     return by_rank[0]
 
 
-def test_both_keras_modules_of_horovod_import_on_keras3():
-    result = run([PYTHON, "-c", "import keras, horovod.tensorflow.keras as a, horovod.keras "
-                  "as b; print(keras.__version__, a.K.__name__, b.K.__name__)"], env=KERAS3)
-    version, *backends = result.stdout.split()
-    assert version.startswith("3.") and all(name.startswith("keras.") for name in backends)
+def test_horovods_keras_layers_import_and_take_the_backend_of_the_keras_in_use():
+    """On Keras 3 both of Horovod's Keras modules import; on tf_keras (TF_USE_LEGACY_KERAS=1),
+    with nothing standing in for the module `keras`, horovod.tensorflow.keras and its
+    callbacks take tf_keras's backend, not the package keras's (Keras 3's)."""
+    check = ("import tensorflow as tf, horovod.tensorflow.keras as hvd, horovod.keras; "
+             "print(tf.keras.backend.__name__, hvd.K is hvd.callbacks.K is tf.keras.backend)")
+    for env, package in ((KERAS3, "keras."), ({"TF_USE_LEGACY_KERAS": "1"}, "tf_keras.")):
+        backend, same = run([PYTHON, "-c", check], env=env).stdout.split()
+        assert backend.startswith(package) and same == "True", (env, backend, same)
 
 
 @pytest.mark.distributed
