@@ -121,3 +121,18 @@ def test_metric_average_callback_logs_the_ranks_mean_loss(tmp_path):
     found = _cases(tmp_path, "metric_average")["metric_average"]
     assert found["losses"][0] != pytest.approx(found["losses"][1])
     assert found["logged"] == pytest.approx(np.mean(found["losses"]), rel=1e-6)
+
+
+@pytest.mark.distributed
+def test_load_model_sync_batch_norm_and_elastic_state_on_keras3(tmp_path):
+    """hvd.load_model of a .keras file (Adam after 2 steps) wraps its optimizer with its
+    state: 2 more steps on each rank's half are the loaded model's on the whole batches;
+    hvd.SyncBatchNormalization on the halves is BatchNormalization on the whole batches
+    (weights and moving statistics); hvd.elastic.KerasState.sync() gives every rank rank 0's
+    weights and builds the optimizer's variables (iterations, learning rate, Adam's 2 slots
+    for each of 4 variables), and restore() after 2 steps brings back the saved ones."""
+    found = _cases(tmp_path, "load_model", "sync_batch_norm", "elastic_state")
+    assert found["load_model"] < 1e-10 and found["load_model_optimizer"] == ["Adam", 4]
+    assert found["sync_batch_norm"] < 1e-10
+    assert found["elastic_sync"] == 0 and found["elastic_optimizer_variables"] == 10
+    assert found["elastic_restore"] == [0, 0]

@@ -13,6 +13,7 @@ assert os.environ.get("TF_USE_LEGACY_KERAS") in (None, "", "0")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import horovod.tensorflow as hvd_tensorflow  # noqa: E402
 import horovod.tensorflow.keras as hvd  # noqa: E402
 
 assert keras.__version__.startswith("3.") and tf.keras.__version__ == keras.__version__
@@ -272,6 +273,63 @@ def metric_average():
     initial = model_of(0)
     losses = [float(np.mean((initial(X[r, 0]).numpy() - Y[r, 0]) ** 2)) for r in range(SIZE)]
     found["metric_average"] = {"logged": recorder.epochs[0]["loss"], "losses": losses}
+
+
+def load_model():
+    """A model saved (.keras) after 2 steps of Adam on one process, loaded by hvd.load_model on
+    each rank, trains 2 more steps on each rank's half as the loaded model on one process."""
+    path = f"{sys.argv[1]}/model.keras"
+    whole = batches(range(SIZE))
+    saved = model_of(0)  # on every rank: Keras names the next models alike on each
+    saved.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    for x, y in whole[:2]:
+        saved.train_on_batch(x, y)
+    if RANK == 0:
+        saved.save(path)
+    hvd.allreduce(tf.constant(0.0), name="saved")  # the file is there for every rank
+    model = hvd.load_model(path)
+    expected = keras.models.load_model(path)
+    for (x, y), (x_rank, y_rank) in zip(whole[2:], batches([RANK])[2:]):
+        model.train_on_batch(x_rank, y_rank)
+        expected.train_on_batch(x, y)
+    found["load_model"] = distance(model, expected)
+    found["load_model_optimizer"] = [type(model.optimizer).__name__,
+                                     int(model.optimizer.iterations.numpy())]
+
+
+def sync_batch_norm():
+    """hvd.SyncBatchNormalization on each rank's half as BatchNormalization on the whole
+    batches (the weights and the moving statistics)."""
+    def with_normalization(layer):
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((5,)), keras.layers.Dense(4), layer,
+                                 keras.layers.Dense(3)])
+    model = with_normalization(hvd_tensorflow.SyncBatchNormalization())
+    model.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+    expected = with_normalization(keras.layers.BatchNormalization())
+    expected.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    for (x, y), (x_rank, y_rank) in zip(batches(range(SIZE)), batches([RANK])):
+        model.train_on_batch(x_rank, y_rank)
+        expected.train_on_batch(x, y)
+    found["sync_batch_norm"] = distance(model, expected)
+
+
+def elastic_state():
+    """hvd.elastic.KerasState: sync() gives every rank rank 0's weights and builds the Keras 3
+    optimizer's variables; restore() after 2 steps returns to the saved weights and slots."""
+    model = model_of(seed=RANK)
+    model.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
+    state = hvd.elastic.KerasState(model, batch=0, epoch=0)
+    state.sync()
+    found["elastic_sync"] = distance(model, model_of(seed=0))
+    saved = [variable.numpy() for variable in model.optimizer.variables]
+    found["elastic_optimizer_variables"] = len(saved)
+    for x, y in batches([RANK])[:2]:
+        model.train_on_batch(x, y)
+    state.restore()
+    found["elastic_restore"] = [distance(model, model_of(seed=0)), max(
+        float(np.max(np.abs(variable.numpy() - value)))
+        for variable, value in zip(model.optimizer.variables, saved))]
 
 
 for case in sys.argv[2].split(","):
