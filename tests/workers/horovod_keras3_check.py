@@ -79,9 +79,9 @@ def fit(optimizer, embedding=False, seed=0, callbacks=(), steps=STEPS, epochs=1)
     model = model_of(seed, embedding)
     model.compile(optimizer=optimizer, loss="mse")
     x, y = (np.concatenate(part) for part in zip(*batches([RANK], embedding)[:steps]))
-    history = model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0,
-                        callbacks=list(callbacks))
-    return model, history
+    model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0,
+              callbacks=list(callbacks))
+    return model
 
 
 def custom_loop(optimizer, embedding=False):
@@ -113,7 +113,7 @@ OPTIMIZERS = {
 def optimizers_in_fit_and_custom_loop():
     for name, make in OPTIMIZERS.items():
         expected = reference(make())
-        found[f"fit_{name}"] = distance(fit(hvd.DistributedOptimizer(make()))[0], expected)
+        found[f"fit_{name}"] = distance(fit(hvd.DistributedOptimizer(make())), expected)
         found[f"loop_{name}"] = distance(custom_loop(hvd.DistributedOptimizer(make())),
                                          expected)
 
@@ -125,22 +125,22 @@ def options():
     dense1, dense2 = (layer.trainable_variables for layer in model.layers)
     for case, kwargs in {"num_groups": dict(num_groups=2), "groups_int": dict(groups=2),
                          "predivide": dict(gradient_predivide_factor=2.0)}.items():
-        found[case] = distance(fit(hvd.DistributedOptimizer(adam(), **kwargs))[0], expected)
+        found[case] = distance(fit(hvd.DistributedOptimizer(adam(), **kwargs)), expected)
     # groups of variables: the model's own (the weights trained are the same numbers)
     optimizer = hvd.DistributedOptimizer(adam(), groups=[[dense1[0], dense2[0]], [dense1[1]]])
     model.compile(optimizer=optimizer, loss="mse")
     x, y = (np.concatenate(part) for part in zip(*batches([RANK])))
     model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
     found["groups_variables"] = distance(model, expected)
-    found["sum"] = distance(fit(hvd.DistributedOptimizer(adam(), op=hvd.Sum))[0],
+    found["sum"] = distance(fit(hvd.DistributedOptimizer(adam(), op=hvd.Sum)),
                             reference(adam(), grad_scale=SIZE))
     found["process_set"] = distance(
-        fit(hvd.DistributedOptimizer(adam(), process_set=OWN_PROCESS_SETS[RANK]))[0],
+        fit(hvd.DistributedOptimizer(adam(), process_set=OWN_PROCESS_SETS[RANK])),
         reference(adam(), ranks=[RANK]))
     for sparse_as_dense in (False, True):
         found[f"embedding_sparse_as_dense_{sparse_as_dense}"] = distance(
             fit(hvd.DistributedOptimizer(adam(), sparse_as_dense=sparse_as_dense),
-                embedding=True)[0],
+                embedding=True),
             reference(adam(), embedding=True, dense=sparse_as_dense))
     for average in (True, False):
         distributed = hvd.DistributedOptimizer(adam(), backward_passes_per_step=2,
@@ -148,7 +148,7 @@ def options():
         # Keras 3's own accumulation averages the k gradients; their sum is k times that
         one = keras.optimizers.Adam(0.01, gradient_accumulation_steps=2)
         found[f"backward_passes_average_{average}"] = distance(
-            fit(distributed)[0], reference(one, grad_scale=1.0 if average else 2.0))
+            fit(distributed), reference(one, grad_scale=1.0 if average else 2.0))
         found[f"backward_passes_average_{average}_iterations"] = [
             int(distributed.iterations.numpy()), int(one.iterations.numpy())]
 
@@ -178,10 +178,10 @@ def loss_scaling():
     expected = reference(keras.optimizers.SGD(0.1, momentum=0.9))
     outside = hvd.DistributedOptimizer(
         keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1, momentum=0.9)))
-    found["loss_scale_distributed_outside"] = distance(fit(outside)[0], expected)
+    found["loss_scale_distributed_outside"] = distance(fit(outside), expected)
     inside = keras.optimizers.LossScaleOptimizer(
         hvd.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9)))
-    found["loss_scale_distributed_inside"] = distance(fit(inside)[0], expected)
+    found["loss_scale_distributed_inside"] = distance(fit(inside), expected)
     # An overflow on rank 1 only: the reduced gradients overflow on both, both skip the step.
     optimizer = hvd.DistributedOptimizer(
         keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)))
@@ -231,7 +231,7 @@ class Recorder(keras.callbacks.Callback):
 def learning_rate_callbacks():
     warmup, schedule = Recorder(), Recorder()
     sgd = hvd.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9))
-    trained, _ = fit(sgd, steps=2, epochs=3, callbacks=[
+    trained = fit(sgd, steps=2, epochs=3, callbacks=[
         hvd.callbacks.LearningRateWarmupCallback(0.1, warmup_epochs=2, verbose=0), warmup])
     found["warmup_steps"] = warmup.steps
     fit(hvd.DistributedOptimizer(keras.optimizers.Adam(0.1)), steps=2, epochs=3, callbacks=[
@@ -268,7 +268,7 @@ def learning_rate_callbacks():
 
 def metric_average():
     recorder = Recorder()
-    model, _ = fit(hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), steps=1,
+    model = fit(hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), steps=1,
                    callbacks=[hvd.callbacks.MetricAverageCallback(), recorder])
     initial = model_of(0)
     losses = [float(np.mean((initial(X[r, 0]).numpy() - Y[r, 0]) ** 2)) for r in range(SIZE)]
