@@ -59,28 +59,58 @@ def test_distributed_optimizer_options_against_one_process(tmp_path):
     assert len(found) == 12
 
 
-@pytest.mark.distributed
-def test_fp16_compression_adasum_and_predivide_reduce_as_horovod_defines(tmp_path):
-    """One SGD(1) step from zero: with compression=fp16 the average of the fp16 gradients in
-    fp16; op=Adasum the 2-rank Adasum of the gradients; fp16 gradients of 60000 overflow in the
-    sum unless gradient_predivide_factor=2 halves them first."""
-    found = _cases(tmp_path, "reductions")
-    a, b = (np.array(gradient) for gradient in found["gradients"])
-    half = np.float16(0.5)
-    np.testing.assert_allclose(
-        found["fp16"], ((a.astype(np.float16) + b.astype(np.float16)) * half), rtol=0, atol=0)
-    adasum = (1 - a @ b / (2 * a @ a)) * a + (1 - a @ b / (2 * b @ b)) * b
-    np.testing.assert_allclose(found["adasum"], adasum, rtol=1e-12)
-    assert np.all(np.isinf(found["fp16_60000_predivide_1.0"]))
-    assert found["fp16_60000_predivide_2.0"] == [60000.0] * 4
+def _adasum(a, b):
+    """Adasum of two gradients (Maleki et al. 2021), exact in float64."""
+    return (1 - a @ b / (2 * a @ a)) * a + (1 - a @ b / (2 * b @ b)) * b
 
 
 @pytest.mark.distributed
-def test_loss_scale_optimizer_inside_and_around_and_an_overflow_on_one_rank(tmp_path):
+def test_reductions_on_four_ranks_as_horovod_defines_them_on_keras3_and_tf_keras(tmp_path):
+    """One SGD(1) step from zero on each of 4 ranks' own gradient, on Keras 3 and on tf_keras:
+    compression=fp16 the fp16 average (within fp16's rounding of the sum), op=Adasum the
+    pairs' Adasum of the pairs' Adasums, the process sets of the even and the odd ranks each
+    their own average, fp16 gradients of 60000 overflowing in the sum unless
+    gradient_predivide_factor=4 divides them first; and Keras 3's wrapper reduces exactly as
+    Horovod's tf_keras one does. model.fit with jit_compile=True is refused in one line (XLA has
+    no kernel for Horovod's ops on this CPU build)."""
+    found = {}
+    for name, legacy in (("keras3", "0"), ("tf_keras", "1")):
+        out_dir = tmp_path / name
+        out_dir.mkdir()
+        run([*mpirun(4), PYTHON, "tests/workers/horovod_reductions_check.py", str(out_dir)],
+            env={"TF_USE_LEGACY_KERAS": legacy})
+        found[name] = [json.loads((out_dir / f"rank-{rank}.json").read_text())
+                       for rank in range(4)]
+        assert [rank["legacy"] for rank in found[name]] == [legacy == "1"] * 4
+    for rank in range(4):
+        keras3, tf_keras = found["keras3"][rank], found["tf_keras"][rank]
+        assert {**keras3, "legacy": True} == tf_keras, rank
+        assert keras3 == {**found["keras3"][rank % 2], "parity_set": keras3["parity_set"]}
+    g = np.array(found["keras3"][0]["gradients"])
+    for rank in range(4):
+        np.testing.assert_array_equal(found["keras3"][rank]["parity_set"],
+                                      g[rank % 2::2].mean(axis=0))
+    fp16 = np.array(found["keras3"][0]["fp16"])
+    assert np.array_equal(fp16.astype(np.float16), fp16)
+    assert np.all(np.abs(fp16 - g.mean(axis=0)) <= 2 ** -10 * np.abs(g).sum(axis=0))
+    np.testing.assert_allclose(found["keras3"][0]["adasum"],
+                               _adasum(_adasum(g[0], g[1]), _adasum(g[2], g[3])), rtol=1e-12)
+    assert np.all(np.isinf(found["keras3"][0]["fp16_60000_predivide_1"]))
+    assert found["keras3"][0]["fp16_60000_predivide_4"] == [60000.0] * 4
+    assert found["keras3"][0]["jit_compile"].startswith(
+        "ValueError: Horovod's gradient allreduce cannot be compiled by XLA here")
+    assert "jit_compile=False" in found["keras3"][0]["jit_compile"]
+
+
+@pytest.mark.distributed
+def test_loss_scaling_and_bfloat16_train_as_one_process(tmp_path):
     """LossScaleOptimizer around hvd.DistributedOptimizer and inside it train as one process
     does; with the distributed one around it, an infinite gradient on rank 1 only makes both
-    ranks skip the step and halve the scale."""
-    found = _cases(tmp_path, "loss_scaling")
+    ranks skip the step and halve the scale. Under the mixed_bfloat16 policy the weights are
+    exactly those of one process applying the mean of the halves' gradients."""
+    found = _cases(tmp_path, "loss_scaling", "bfloat16")
+    assert found["bfloat16_dtypes"] == ["float32", "bfloat16"]
+    assert found["bfloat16"] == 0
     assert found["loss_scale_distributed_outside"] < 1e-10
     assert found["loss_scale_distributed_inside"] < 1e-10
     assert found["overflow_on_one_rank"] == {"weight": [1.0, 1.0], "scale": 2.0 ** 14}
@@ -90,9 +120,15 @@ def test_loss_scale_optimizer_inside_and_around_and_an_overflow_on_one_rank(tmp_
 def test_broadcast_callback_gives_rank0s_weights_and_optimizer_slots(tmp_path):
     """Each rank starts from its own initial weights and its own Adam slots and iteration
     count; BroadcastGlobalVariablesCallback(0) makes them rank 0's before the first step:
-    the weights and slots after fit are one process's from rank 0's start."""
-    found = _cases(tmp_path, "broadcast")
+    the weights and slots after fit are one process's from rank 0's start. Horovod's
+    collectives (allreduce, allgather, broadcast, reducescatter, broadcast_variables,
+    broadcast_object) take Keras 3 variables, each rank's holding rank + 1."""
+    found = _cases(tmp_path, "broadcast", "collectives")
     assert found["broadcast_weights"] < 1e-10 and found["broadcast_slots"] < 1e-10, found
+    assert found["collectives"] == {
+        "allreduce": [1.5] * 3, "allgather": [1.0] * 3 + [2.0] * 3, "broadcast": [2.0] * 3,
+        "reducescatter": [[0.0, 1.5], [3.0, 4.5]], "broadcast_variables": [2.0] * 3,
+        "broadcast_object": [1.0, 1.0]}
 
 
 @pytest.mark.distributed
@@ -124,14 +160,20 @@ def test_metric_average_callback_logs_the_ranks_mean_loss(tmp_path):
 
 
 @pytest.mark.distributed
-def test_load_model_sync_batch_norm_and_elastic_state_on_keras3(tmp_path):
+def test_load_model_best_checkpoint_sync_batch_norm_and_elastic_state_on_keras3(tmp_path):
     """hvd.load_model of a .keras file (Adam after 2 steps) wraps its optimizer with its
     state: 2 more steps on each rank's half are the loaded model's on the whole batches;
     hvd.SyncBatchNormalization on the halves is BatchNormalization on the whole batches
     (weights and moving statistics); hvd.elastic.KerasState.sync() gives every rank rank 0's
     weights and builds the optimizer's variables (iterations, learning rate, Adam's 2 slots
-    for each of 4 variables), and restore() after 2 steps brings back the saved ones."""
-    found = _cases(tmp_path, "load_model", "sync_batch_norm", "elastic_state")
+    for each of 4 variables), and restore() after 2 steps brings back the saved ones. Rank 0's
+    BestModelCheckpoint over 4 epochs holds the weights of the epoch of least validation loss
+    (not the last), and the file loads without Horovod."""
+    found = _cases(tmp_path, "load_model", "sync_batch_norm", "elastic_state",
+                   "best_model_checkpoint")
+    best = found["best_model_checkpoint"]
+    assert best["best_epoch"] == int(np.argmin(best["val_losses"])) < 3
+    assert best["distance"] == 0
     assert found["load_model"] < 1e-10 and found["load_model_optimizer"] == ["Adam", 4]
     assert found["sync_batch_norm"] < 1e-10
     assert found["elastic_sync"] == 0 and found["elastic_optimizer_variables"] == 10

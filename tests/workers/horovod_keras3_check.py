@@ -153,27 +153,6 @@ def options():
             int(distributed.iterations.numpy()), int(one.iterations.numpy())]
 
 
-def one_sgd_step(optimizer, gradient):
-    """Minus the reduced gradient: one SGD(1) step from zero with this rank's `gradient`."""
-    weight = keras.Variable(np.zeros(4))
-    optimizer.apply_gradients([(tf.constant(gradient), weight)])
-    return (-weight.numpy()).tolist()
-
-
-def reductions():
-    grads = rng.normal(size=(SIZE, 4)) * [1, 10, 100, 1000]
-    found["gradients"] = grads.tolist()
-    found["fp16"] = one_sgd_step(hvd.DistributedOptimizer(
-        keras.optimizers.SGD(1.0), compression=hvd.Compression.fp16), grads[RANK])
-    found["adasum"] = one_sgd_step(hvd.DistributedOptimizer(
-        keras.optimizers.SGD(1.0), op=hvd.Adasum), grads[RANK])
-    # fp16 overflows at 65504: predividing by 2 keeps 2 x 60000 in range
-    for factor in (1.0, 2.0):
-        found[f"fp16_60000_predivide_{factor}"] = one_sgd_step(hvd.DistributedOptimizer(
-            keras.optimizers.SGD(1.0), compression=hvd.Compression.fp16,
-            gradient_predivide_factor=factor), np.full(4, 60000.0))
-
-
 def loss_scaling():
     expected = reference(keras.optimizers.SGD(0.1, momentum=0.9))
     outside = hvd.DistributedOptimizer(
@@ -330,6 +309,73 @@ def elastic_state():
     found["elastic_restore"] = [distance(model, model_of(seed=0)), max(
         float(np.max(np.abs(variable.numpy() - value)))
         for variable, value in zip(model.optimizer.variables, saved))]
+
+
+def best_model_checkpoint():
+    """Rank 0's BestModelCheckpoint (its path set afterwards, as horovod.spark sets it) keeps
+    the epoch of least validation loss: trained towards Y, validated against -Y, an early one.
+    The file loads without Horovod."""
+    path = f"{sys.argv[1]}/best.keras"
+    recorder, weights = Recorder(), []
+    snapshot = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: weights.append(recorder.model.get_weights()))
+    callbacks = [recorder, snapshot]
+    if RANK == 0:
+        best = hvd.callbacks.BestModelCheckpoint(monitor="val_loss")
+        best.filepath = path
+        callbacks.append(best)
+    model = model_of(0)
+    model.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+    x, y = (np.concatenate(part) for part in zip(*batches([RANK])))
+    model.fit(x, y, batch_size=BATCH, epochs=4, validation_data=(x, -y), shuffle=False,
+              verbose=0, callbacks=callbacks)
+    hvd.allreduce(tf.constant(0.0), name="best_saved")  # the file is there for every rank
+    val_losses = [epoch["val_loss"] for epoch in recorder.epochs]
+    best_epoch = int(np.argmin(val_losses))
+    saved = keras.models.load_model(path)
+    found["best_model_checkpoint"] = hvd_tensorflow.broadcast_object({
+        "val_losses": val_losses, "best_epoch": best_epoch,
+        "distance": max(float(np.max(np.abs(a - b)))
+                        for a, b in zip(saved.get_weights(), weights[best_epoch]))}, 0)
+
+
+def bfloat16():
+    """Under mixed_bfloat16 each rank's float32 gradient of its half is averaged: the weights
+    of one process applying the mean of the halves' gradients, each computed as fit does."""
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = model_of(0)
+    model.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
+    x, y = (np.concatenate(part) for part in zip(*batches([RANK])))
+    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+    expected = model_of(0)
+    expected.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+
+    @tf.function
+    def gradient(x, y):
+        with tf.GradientTape() as tape:
+            value = expected.compute_loss(x=x, y=y, y_pred=expected(x, training=True))
+        return tape.gradient(value, expected.trainable_variables)
+    for halves in zip(*(batches([rank]) for rank in range(SIZE))):
+        grads = [gradient(tf.constant(x), tf.constant(y)) for x, y in halves]
+        expected.optimizer.apply_gradients(zip([sum(parts) / SIZE for parts in zip(*grads)],
+                                               expected.trainable_variables))
+    keras.config.set_dtype_policy("float64")
+    found["bfloat16_dtypes"] = [model.layers[0].kernel.dtype, model.layers[0].compute_dtype]
+    found["bfloat16"] = distance(model, expected)
+
+
+def collectives():
+    """Horovod's collectives on a Keras 3 variable holding rank + 1 (and on Python objects)."""
+    variable = keras.Variable(np.full(3, RANK + 1.0))
+    results = {"allreduce": hvd.allreduce(variable), "allgather": hvd.allgather(variable),
+               "broadcast": hvd.broadcast(variable, 1),
+               "reducescatter": hvd_tensorflow.allgather_object(
+                   hvd.reducescatter(keras.Variable(np.arange(4.0) * (RANK + 1))).numpy())}
+    hvd_tensorflow.broadcast_variables([variable], 1)
+    results["broadcast_variables"] = variable
+    found["collectives"] = {name: np.asarray(value).tolist() for name, value in results.items()}
+    found["collectives"]["broadcast_object"] = hvd_tensorflow.broadcast_object(
+        {"rank": RANK, "value": keras.Variable(np.full(2, float(RANK)))}, 1)["value"].numpy().tolist()
 
 
 for case in sys.argv[2].split(","):
