@@ -1,12 +1,16 @@
 """Horovod's Keras layer on Keras 3 (the build patched by scripts/horovod-keras3.patch), under
 mpirun -np 2 with Keras 3 models in float64: tests/workers/horovod_keras3_check.py runs each
-case on both ranks and against the same computation on one process."""
+case on both ranks and against the same computation on one process; and an elastic run under
+horovodrun (tests/workers/horovod_keras3_elastic.py)."""
 import json
+import os
+import signal
+import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import PYTHON, mpirun, run
+from conftest import HOROVODRUN, PYTHON, REPO, mpirun, run
 
 KERAS3 = {"TF_USE_LEGACY_KERAS": "0"}  # conftest sets 1 for every process
 
@@ -178,3 +182,65 @@ def test_load_model_best_checkpoint_sync_batch_norm_and_elastic_state_on_keras3(
     assert found["sync_batch_norm"] < 1e-10
     assert found["elastic_sync"] == 0 and found["elastic_optimizer_variables"] == 10
     assert found["elastic_restore"] == [0, 0]
+
+
+def _sgd(data, steps):
+    """The model's weights after SGD with momentum on the global batches of `steps` (global step
+    numbers), by hand in numpy: Dense(4, tanh), Dense(1), mean squared error."""
+    weights = [data[f"w{i}"].copy() for i in range(4)]
+    velocities = [np.zeros_like(w) for w in weights]
+    for step in steps:
+        x, y = data["x"][step % len(data["x"])], data["y"][step % len(data["y"])]
+        hidden = np.tanh(x @ weights[0] + weights[1])
+        out = 2 * (hidden @ weights[2] + weights[3] - y) / y.size
+        pre = out @ weights[2].T * (1 - hidden ** 2)
+        gradients = [x.T @ pre, pre.sum(0), hidden.T @ out, out.sum(0)]
+        for i, gradient in enumerate(gradients):
+            velocities[i] = data["momentum"] * velocities[i] - data["learning_rate"] * gradient
+            weights[i] = weights[i] + velocities[i]
+    return weights
+
+
+@pytest.mark.distributed
+def test_an_elastic_keras3_run_loses_a_worker_and_goes_on(tmp_path):
+    """horovodrun --min-np 1 --max-np 2 on this machine under two names (Horovod blacklists the
+    host of a failed worker, and ends a job whose hosts are all blacklisted), 4 epochs of 4
+    steps (0 to 15) at a global batch of 8, committing after every 3 steps and each epoch: the
+    worker of rank 1 SIGKILLs itself before step 7; the other loses step 6, rolls back to the
+    commit after step 5 (KerasState's weights, momentum and step count, the epoch and batch the
+    callbacks set), redoes step 6 alone on the whole global batch, exits 0 and ends with the
+    weights of SGD on the 16 global batches by hand (1e-10), which step 6 applied twice (the step
+    count rolled back, the weights not) misses."""
+    rng = np.random.default_rng(3)
+    data = {"x": rng.normal(size=(4, 8, 3)), "y": rng.normal(size=(4, 8, 1)),
+            # Keras 3's SGD takes its momentum through float32, where 0.75 is exact.
+            "learning_rate": 0.1, "momentum": 0.75}
+    for i, shape in enumerate(((3, 4), (4,), (4, 1), (1,))):
+        data[f"w{i}"] = rng.normal(size=shape) / 2
+    np.savez(tmp_path / "data.npz", **data)
+    discovery = tmp_path / "discover_hosts.sh"
+    discovery.write_text("#!/bin/sh\necho localhost:1\necho 127.0.0.1:1\n")
+    discovery.chmod(0o755)
+    command = [HOROVODRUN, "-np", "2", "--min-np", "1", "--max-np", "2",
+               "--host-discovery-script", str(discovery), "--network-interface", "lo",
+               PYTHON, "tests/workers/horovod_keras3_elastic.py", str(tmp_path), "4", "3", "7"]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True,
+                           env={**os.environ, **KERAS3, "PYTHONPATH": REPO})
+    try:
+        stdout, stderr = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, (stdout[-3000:], stderr[-3000:])
+    assert json.loads((tmp_path / "killed.json").read_text()) == {"rank": 1, "step": 7}
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["starts"] == [{"size": 2, "rank": 0, "step": 0, "epoch": 0, "batch": 0},
+                                {"size": 1, "rank": 0, "step": 6, "epoch": 1, "batch": 1}]
+    assert result["step_sizes"] == [2] * 6 + [1] * 10
+    assert result["step"] == 16 and result["epoch"] == 4
+    weights = [np.array(w) for w in result["weights"]]
+    for found, expected in zip(weights, _sgd(data, range(16)), strict=True):
+        np.testing.assert_allclose(found, expected, rtol=0, atol=1e-10)
+    twice = _sgd(data, [*range(7), *range(6, 16)])
+    assert max(np.max(np.abs(a - b)) for a, b in zip(weights, twice)) > 1e-3
