@@ -247,8 +247,8 @@ def learning_rate_callbacks():
 
 def metric_average():
     recorder = Recorder()
-    model = fit(hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), steps=1,
-                   callbacks=[hvd.callbacks.MetricAverageCallback(), recorder])
+    fit(hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), steps=1,
+        callbacks=[hvd.callbacks.MetricAverageCallback(), recorder])
     initial = model_of(0)
     losses = [float(np.mean((initial(X[r, 0]).numpy() - Y[r, 0]) ** 2)) for r in range(SIZE)]
     found["metric_average"] = {"logged": recorder.epochs[0]["loss"], "losses": losses}
@@ -374,8 +374,9 @@ def collectives():
     hvd_tensorflow.broadcast_variables([variable], 1)
     results["broadcast_variables"] = variable
     found["collectives"] = {name: np.asarray(value).tolist() for name, value in results.items()}
-    found["collectives"]["broadcast_object"] = hvd_tensorflow.broadcast_object(
-        {"rank": RANK, "value": keras.Variable(np.full(2, float(RANK)))}, 1)["value"].numpy().tolist()
+    received = hvd_tensorflow.broadcast_object(
+        {"rank": RANK, "value": keras.Variable(np.full(2, float(RANK)))}, 1)
+    found["collectives"]["broadcast_object"] = received["value"].numpy().tolist()
 
 
 for case in sys.argv[2].split(","):
