@@ -49,7 +49,7 @@ class MismatchError(ValueError):
 
 def stage_folder(stage=0, stages=1):
     """The folder, under the model_dir, of the checkpoints of a run's model, or of one stage
-    of it (app.pipeline: each stage's first replica saves its own)."""
+    of it (app.parallel.pipeline: each stage's first replica saves its own)."""
     return "checkpoints" if stages == 1 else os.path.join("checkpoints", f"stage-{stage}")
 
 

@@ -13,13 +13,14 @@ slots and step count, the global batch it was trained at) and flags.cfg with
 """
 import os
 
-from app.compat import tf  # first: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
+from app.horovod import tf  # first: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
 
 from absl import app, flags
 
 import input_pipeline
 import models
-from app import checkpoints, cli, optimizers, pipeline_plan
+from app import checkpoints, cli, optimizers
+from app.parallel import pipeline_plan
 from app import flags as app_flags
 
 FLAGS = flags.FLAGS

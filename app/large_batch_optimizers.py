@@ -9,8 +9,9 @@ wraps them like SGD and Horovod's LR callbacks drive their `learning_rate`:
   gradient norm squared), the gradient normalized by it plus decoupled weight decay, then
   momentum with gradient averaging.
 
-Their norms are taken through `_norm`, whose sums a sharded optimizer (app.sharded_optimizer)
-completes over the ranks that hold the other pieces of a variable.
+Their norms are taken through `_norm`, whose sums a sharded optimizer
+(app.parallel.sharded_optimizer) completes over the ranks that hold the other pieces of a
+variable.
 
 Biases and normalization parameters (names holding one of EXCLUDED) get neither the trust
 ratio nor weight decay, as the papers and their reference implementations do. A trust
@@ -42,7 +43,7 @@ class _LayerwiseOptimizer(tf.keras.optimizers.legacy.Optimizer):
 
     def _summed_over_shards(self, partial):
         """The sum over a whole variable of `partial`, a sum over the part of it this
-        optimizer updates: all of it here (app.sharded_optimizer overrides this)."""
+        optimizer updates: all of it here (app.parallel.sharded_optimizer overrides this)."""
         return partial
 
     def _squared_norm(self, tensor):

@@ -3,14 +3,12 @@ was written for: their LR and momentum are variables, so LearningRateWarmupCallb
 its momentum correction. The large-batch ones (app.large_batch_optimizers) apply weight
 decay inside their update, so the model gets no L2 loss for them.
 
-The wrappers around them, in this order: Horovod's distributed optimizer (allreduce, or
-Adasum), then, for float16, Keras' loss scaling."""
+The wrappers around them, in this order: Horovod's distributed optimizer (app.horovod), then,
+for float16, Keras' loss scaling."""
 import dataclasses
 from typing import Callable
 
-from app.compat import hvd_tensorflow as horovod_tf, tf  # first: it sets TF_USE_LEGACY_KERAS
-
-import horovod._keras as horovod_keras_impl  # Adasum's optimizer; app.compat loaded it
+from app.horovod import tf  # first: it sets TF_USE_LEGACY_KERAS
 
 from app import large_batch_optimizers
 
@@ -51,33 +49,6 @@ def l2_loss_weight_decay(name, weight_decay):
     """The weight decay the model's L2 loss carries for optimizer `name`: none where the
     optimizer decays the weights itself."""
     return 0.0 if OPTIMIZERS[name].decay_inside else weight_decay
-
-
-def horovod_options(accumulation_steps=1, fp16_allreduce=False):
-    """hvd.DistributedOptimizer's keyword arguments for --accumulation_steps (the average of
-    k batches' gradients per update) and --fp16_allreduce."""
-    return dict(
-        compression=(horovod_tf.Compression.fp16 if fp16_allreduce
-                     else horovod_tf.Compression.none),
-        backward_passes_per_step=accumulation_steps, average_aggregated_gradients=True)
-
-
-def adasum_distributed_optimizer(optimizer, **options):
-    """hvd.DistributedOptimizer with the Adasum reduction (--adasum). Horovod 0.28.1's public
-    Keras function refuses any op but Average and Sum, although the Keras optimizer it builds
-    calls the same allreduce as horovod.tensorflow, which supports Adasum; this builds that
-    optimizer with op=Adasum (MPI only, a power-of-2 number of processes)."""
-    return horovod_keras_impl.create_distributed_optimizer(
-        keras=tf.keras, optimizer=optimizer, name=None, device_dense="", device_sparse="",
-        sparse_as_dense=False, gradient_predivide_factor=1.0, op=horovod_tf.Adasum, **options)
-
-
-def adasum_averaged_processes():
-    """How many processes' gradients Horovod averages before Adasum combines them: a node's
-    GPUs with NCCL (hierarchical Adasum), none on CPUs. With --adasum the LR scales with the
-    batch of those processes, not with the global batch (Horovod's Adasum guide)."""
-    on_gpus = bool(tf.config.list_logical_devices("GPU")) and horovod_tf.nccl_built()
-    return horovod_tf.local_size() if on_gpus else 1
 
 
 def loss_scaled(optimizer, mixed_precision):

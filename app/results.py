@@ -6,7 +6,7 @@ import socket
 
 import numpy as np
 
-from app.compat import hvd_tensorflow as hvd, tf
+from app.horovod import hvd_tensorflow as hvd, tf
 
 _PRINTED = ("world_size", "global_batch_size", "precision", "epochs_completed", "val_accuracy",
             "wall_seconds", "images_per_sec", "images_per_sec_spread",

@@ -7,7 +7,7 @@
 Horovod's Keras recipe, one `# Horovod:` line per step: main() hands off to named steps,
 fit() shards the data, scales the learning rate and adds the callbacks in Horovod's order.
 How the model is spread over the ranks (data parallelism, pipeline stages) is the business
-of app.parallelism's object, which the recipe asks and never branches on.
+of app.parallel.kinds's object, which the recipe asks and never branches on.
 """
 import collections
 import contextlib
@@ -17,15 +17,15 @@ import os
 import sys
 import time
 
-from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
+from app.horovod import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
 
 from absl import app
 
 import input_pipeline
 import models
-from app import (arithmetic, callbacks, checkpoints, cli, devices, optimizers, parallelism,
-                 pipeline_plan, preemption, results, sharded_optimizer, summaries,
-                 sync_batch_norm, watchdog)
+from app import (arithmetic, callbacks, checkpoints, cli, devices, horovod, optimizers,
+                 preemption, results, summaries, watchdog)
+from app.parallel import kinds, pipeline_plan, sharded_optimizer, sync_batch_norm
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
@@ -43,7 +43,7 @@ Span = collections.namedtuple("Span", "first_epoch first_step steps_per_epoch gl
 
 def main(_):
     started = time.perf_counter()
-    parallel = parallelism.choose(FLAGS)
+    parallel = kinds.choose(FLAGS)
     threads = init_horovod_and_devices(parallel)
     resume = resume_point(parallel)
     if resume.epoch >= FLAGS.epochs:
@@ -69,7 +69,7 @@ def init_horovod_and_devices(parallel):
     if FLAGS.timeline:  # Horovod's rank 0 opens it in hvd.init(), so it is named before
         os.makedirs(FLAGS.model_dir, exist_ok=True)
         os.environ["HOROVOD_TIMELINE"] = os.path.join(FLAGS.model_dir, "timeline.json")
-    if FLAGS.jit_compile:  # XLA compiles the step's ops around Horovod's (app.compat)
+    if FLAGS.jit_compile:  # XLA compiles the step's ops around Horovod's (app.horovod)
         tf.config.optimizer.set_jit("autoclustering")
     try:
         arguments = parallel.init_arguments(cli.world_size_from_environment())
@@ -282,7 +282,7 @@ def learning_rate(run, span):
     global batch's (under --adasum, that of the processes Horovod averages before Adasum
     combines the rest); a resumed run starts where the schedule left the optimizer."""
     scaled_lr = app_flags.scaled_learning_rate(
-        span.global_batch // hvd.size() * optimizers.adasum_averaged_processes()
+        span.global_batch // hvd.size() * horovod.adasum_averaged_processes()
         if FLAGS.adasum else span.global_batch)
     schedule = callbacks.learning_rate_schedule(
         hvd, scaled_lr, reference_lr=FLAGS.learning_rate, warmup_epochs=FLAGS.warmup_epochs,

@@ -32,7 +32,7 @@ def _one_hot_probabilities(labels, outputs):
 
 def loss(name, example_sum=None):
     """The per-example loss `name` (one of LOSSES) for Keras' compile. Where a model sees a
-    part of each example (a slab: app.spatial), `example_sum` sums a tensor over the parts,
+    part of each example (a slab: app.parallel.spatial), `example_sum` sums a tensor over the parts,
     with its gradient: the class shares and Dice's sums are then the whole example's, and a
     part's loss is its voxels' mean (the whole example's Dice), so that the parts' gradients
     add up to as many times the example's as there are parts."""

@@ -187,7 +187,7 @@ def test_the_peak_follows_the_cpus_vector_units(flags, float32, bfloat16, unit):
 def test_the_flops_of_a_model_are_counted_from_its_layers():
     """A dense layer of 10 -> 5 is 50 multiply-adds and 5 bias additions; ResNet-50 at 224x224
     is the published 4.1 billion multiply-adds."""
-    from app.compat import tf
+    from app.horovod import tf
     import models
     from app.studies import roofline
     dense = tf.keras.Sequential([tf.keras.Input([10]), tf.keras.layers.Dense(5)])

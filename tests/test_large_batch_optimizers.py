@@ -4,7 +4,7 @@ and the same optimizers wrapped in hvd.DistributedOptimizer."""
 import numpy as np
 import pytest
 
-from app.compat import hvd, tf
+from app.horovod import hvd, tf
 from app import large_batch_optimizers as lbo
 from conftest import mpirun, read_log, run, train_command
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from app.compat import hvd, tf
+from app.horovod import hvd, tf
 from app import callbacks, optimizers
 
 STEPS = 4

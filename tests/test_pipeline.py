@@ -1,5 +1,5 @@
-"""Pipeline parallelism (app.pipeline): stages on ranks, microbatches, hybrid with Horovod's
-data parallelism, recomputation; the same weights as one process."""
+"""Pipeline parallelism (app.parallel.pipeline): stages on ranks, microbatches, hybrid with
+Horovod's data parallelism, recomputation; the same weights as one process."""
 import json
 import os
 import re
@@ -12,8 +12,8 @@ from conftest import read_log, run_concurrently, run_study, train_command
 from test_fault_tolerance import signalled_beside_uninterrupted
 from test_train import checkpoint_values, per_step_learning_rates
 
-from app import pipeline, pipeline_plan
-from app.compat import tf
+from app.parallel import pipeline, pipeline_plan
+from app.horovod import tf
 import models
 
 BFLOAT16 = ["--nofloat64", "--mixed_precision=bfloat16", "--threads_per_process=1"]
@@ -24,7 +24,7 @@ RUNS = {  # name: (processes, flags), each after the integrity test's (conftest)
     "cnn-np1": (1, ["--model=cnn"]),
     "cnn-stages2x2-recompute": (4, ["--model=cnn", "--pipeline_stages=2", "--microbatches=2",
                                     "--recompute"]),
-    # each stage's 2 replicas shard that stage's momentum (app.sharded_optimizer)
+    # each stage's 2 replicas shard that stage's momentum (app.parallel.sharded_optimizer)
     "cnn-stages2x2-sharded": (4, ["--model=cnn", "--pipeline_stages=2", "--microbatches=2",
                                   "--shard_optimizer_state"]),
     # batch norm normalizes each microbatch: the one process splits its batch alike

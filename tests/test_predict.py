@@ -297,7 +297,7 @@ def test_a_model_of_sections_predicts_every_inline_alike_on_1_and_2_ranks(tmp_pa
 
 @pytest.mark.distributed
 def test_one_window_of_the_whole_volume_is_the_model_on_the_scaled_volume(trained, tmp_path):
-    from app.compat import tf  # noqa: F401 (first)
+    from app.horovod import tf  # noqa: F401 (first)
     import models
     from app import checkpoints
     amplitudes, _ = field_survey((16, 16, 16))

@@ -1,6 +1,6 @@
 """Every name is one entry in one table: a model (models.BUILDERS), a data set
 (input_pipeline.DATASETS), an optimizer (app.optimizers.OPTIMIZERS), an experiment
-(app.experiments.EXPERIMENTS), a kind of parallelism (app.parallelism.KINDS); the flags'
+(app.experiments.EXPERIMENTS), a kind of parallelism (app.parallel.kinds.KINDS); the flags'
 choices and help come from the tables, and docs/flags.md is what --helpfull prints."""
 import os
 import re
@@ -14,7 +14,7 @@ from test_packaging import absl_flags
 REGISTER_AND_PARSE = textwrap.dedent("""
     import sys
     import absl.app
-    import app.compat
+    import app.horovod
     import input_pipeline, models
     import tf_keras as keras
     from input_pipeline import sources
@@ -72,7 +72,9 @@ def test_the_flags_page_is_what_helpfull_prints():
         rows = re.findall(r"^\| `--(\w+)` \| (.*?) \| (.*) \|$", page_file.read(), re.M)
     page = {name: (default, text.replace("\\|", "|")) for name, default, text in rows}
     stale = "docs/flags.md is stale: run make flags-page"
-    assert set(page) == set(absl_flags(helpfull)["app.flags"]) == set(blocks), stale
+    in_helpfull = set().union(*(flags for module, flags in absl_flags(helpfull).items()
+                                if module.startswith("app.flags.")))
+    assert set(page) == in_helpfull == set(blocks), stale
     for name, (default, text) in page.items():
         assert re.sub(r"\s", "", text) in blocks[name], f"--{name}: {stale}"
         if default:
@@ -81,28 +83,31 @@ def test_the_flags_page_is_what_helpfull_prints():
 
 
 def _flag_blocks(helpfull):
-    """{flag: its whole text in --helpfull's app.flags section, without white space (absl
-    wraps its lines, long choices too)}."""
-    section = helpfull.split("\napp.flags:\n", 1)[1].split("\n\n", 1)[0]
-    section = re.split(r"\n(?=\S)", section, maxsplit=1)[0]  # up to the next module
-    blocks = re.split(r"\n  --(?:\[no\])?", "\n" + section)[1:]
-    return {block.split(":", 1)[0]: re.sub(r"\s", "", block.split(":", 1)[1])
-            for block in blocks}
+    """{flag: its whole text in --helpfull's sections of app.flags' modules, without white
+    space (absl wraps its lines, long choices too)}."""
+    found = {}
+    for section in re.split(r"\napp\.flags\.\w+:\n", helpfull)[1:]:
+        section = re.split(r"\n(?=\S)", section, maxsplit=1)[0]  # up to the next module
+        blocks = re.split(r"\n  --(?:\[no\])?", "\n" + section)[1:]
+        found.update({block.split(":", 1)[0]: re.sub(r"\s", "", block.split(":", 1)[1])
+                      for block in blocks})
+    return found
 
 
 def test_one_kind_of_parallelism_is_chosen_from_the_flags():
     code = textwrap.dedent("""
-        import app.compat
-        from app import flags as app_flags, parallelism
+        import app.horovod
+        from app import flags as app_flags
+        from app.parallel import kinds
         app_flags.define_training_flags()
         for argv in ([], ["--microbatches=2"], ["--pipeline_stages=2"], ["--recompute"],
                      ["--spatial_parts=2"]):
             app_flags.FLAGS.unparse_flags()
             app_flags.FLAGS(["train", "--flagfile=configs/digits_cnn.cfg", "--model=cnn",
                              *argv])
-            kind = parallelism.choose(app_flags.FLAGS)
+            kind = kinds.choose(app_flags.FLAGS)
             print(kind.name, kind.replicas(4), kind.place(3, 4))
-        print(list(parallelism.KINDS))
+        print(list(kinds.KINDS))
     """)
     lines = run([PYTHON, "-c", code]).stdout.splitlines()
     assert lines == [

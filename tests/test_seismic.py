@@ -11,7 +11,7 @@ from scipy import ndimage
 
 import input_pipeline
 import models
-from app.compat import tf
+from app.horovod import tf
 from input_pipeline import seismic
 from models import segmentation
 

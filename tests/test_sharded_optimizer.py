@@ -1,4 +1,4 @@
-"""Optimizer state sharded over the ranks (app.sharded_optimizer, --shard_optimizer_state,
+"""Optimizer state sharded over the ranks (app.parallel.sharded_optimizer, --shard_optimizer_state,
 --shard_gradients): every optimizer ends where Horovod's unsharded optimizer ends, each rank
 holds 1/N of the state, one checkpoint format at any number of processes, a signal
 mid-epoch, the spatial groups, and the refusals."""
@@ -13,7 +13,7 @@ from conftest import (INTEGRITY_FLAGS, PYTHON, error_lines, horovodrun, mpirun, 
 from test_fault_tolerance import resumed_after_a_signal_mid_epoch
 from test_train import checkpoint_values
 
-from app.sharded_optimizer import piece_bounds
+from app.parallel.sharded_optimizer import piece_bounds
 from app.studies import harness
 
 OPTIMIZERS = ("momentum", "adam", "lamb", "lars", "novograd")

@@ -1,4 +1,4 @@
-"""Spatial parallelism (app.spatial, --spatial_parts): slabs compute what the whole model
+"""Spatial parallelism (app.parallel.spatial, --spatial_parts): slabs compute what the whole model
 computes, training on slabs ends where one process ends, one checkpoint format, a signal
 mid-epoch, each rank's memory, and the refusals."""
 import json
@@ -209,9 +209,9 @@ def test_bilinear_upsampling_and_a_sequential_models_first_layer_are_refused_by_
     """Bilinear upsampling mixes the planes either side of a seam; a Sequential model lists
     no InputLayer, and its first layer (a `valid` convolution over 3 planes) is checked like
     any other: one line naming the layer and why."""
-    import models  # noqa: F401 (app.compat first, through app.spatial)
-    from app import spatial
-    from app.compat import hvd_tensorflow
+    import models  # noqa: F401 (app.horovod first, through app.parallel.spatial)
+    from app.parallel import spatial
+    from app.horovod import hvd_tensorflow
     layers = tf.keras.layers
     inputs = tf.keras.Input((8, 4, 1))
     bilinear = tf.keras.Model(inputs, layers.UpSampling2D(interpolation="bilinear",
@@ -229,8 +229,8 @@ def test_halo_bytes_are_the_planes_beside_each_inner_slab_boundary():
     """Two convolutions over a 3D input of 8 planes of 4x4: kernel 3 (one plane each way)
     on 1 channel, kernel 5 (two) on 2 channels; a 1x1 convolution sends none. P=4 slabs
     have 3 inner boundaries, forward and backward."""
-    import models  # noqa: F401 (app.compat first, through app.spatial)
-    from app import spatial
+    import models  # noqa: F401 (app.horovod first, through app.parallel.spatial)
+    from app.parallel import spatial
     inputs = tf.keras.Input((8, 4, 4, 1))
     x = tf.keras.layers.Conv3D(2, 3, padding="same")(inputs)
     x = tf.keras.layers.Conv3D(2, 5, padding="same")(x)

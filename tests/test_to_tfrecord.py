@@ -7,7 +7,7 @@ import pytest
 from conftest import PYTHON, error_lines, run, train_command
 
 import input_pipeline
-from app.compat import tf
+from app.horovod import tf
 
 # Each class's images are of one colour, so that a decoded image tells its label.
 COLOURS = {"bird": (250, 10, 10), "cat": (10, 250, 10), "dog": (10, 10, 250)}

@@ -21,7 +21,7 @@ Weak scaling (the batch per process stays): a step on p processes is the one-pro
 - overlap: Horovod sends each buffer while the backward pass (2/3 of the step) goes on, so
   at best only what outlasts the backward pass shows, and never less than the last buffer,
   which waits for the last gradients; at worst nothing overlaps. The table gives both.
-- --sharded (--shard_optimizer_state, app.sharded_optimizer): the gradients are
+- --sharded (--shard_optimizer_state, app.parallel.sharded_optimizer): the gradients are
   reduce-scattered (a ring's first half: (p-1) latencies, (p-1)/p B) while the backward
   pass goes on, and the updated weights allgathered (its second half) after the update,
   which nothing hides; Horovod's reducescatter and allgather are flat rings over all the
@@ -172,7 +172,7 @@ def measure_network(repeats=10):
     import statistics
     import time
 
-    from app.compat import hvd_tensorflow as hvd, tf
+    from app.horovod import hvd_tensorflow as hvd, tf
     hvd.init()
     seconds = {}
     for size in (8, 64 * MB):

@@ -24,7 +24,7 @@ smallest up until one fails: the table's budget part is the largest model each t
 The balance part builds ResNet-50, WRN-16-10, FaultSeg3D's U-Net and the 100M MLP and
 counts the largest rank's share of their state over the even share on --balance_processes
 ranks, dealt as whole variables balanced by size (largest first to the least loaded) and as
-every variable split N ways (what app.sharded_optimizer does).
+every variable split N ways (what app.parallel.sharded_optimizer does).
 
 Writes sharded_study.md, .csv and .json and sharded_study.png to --out_dir; other
 arguments go to every run.
@@ -34,7 +34,7 @@ import os
 import statistics
 import sys
 
-from app.sharded_optimizer import piece_bounds  # first: app.compat sets TF_USE_LEGACY_KERAS
+from app.parallel.sharded_optimizer import piece_bounds  # first: it loads app.horovod
 from app.studies import figures, harness
 
 import models
@@ -135,7 +135,7 @@ def balance(processes, models_to_deal=BALANCED_MODELS):
     """A row per (model, processes): the largest rank's share of the optimizer state over
     the even share (1.0 is perfect) when whole variables are dealt out balanced by size
     (largest first to the least loaded rank) and when every variable is split N ways
-    (app.sharded_optimizer's pieces), counted from the models' variables."""
+    (app.parallel.sharded_optimizer's pieces), counted from the models' variables."""
     rows = []
     for name, shape, outputs in models_to_deal:
         sizes = sorted((variable.shape.num_elements() for variable in

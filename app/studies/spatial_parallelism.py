@@ -12,7 +12,7 @@ process, so two processes train two volumes a step). Memory is results.json's
 peak_memory_mb_by_rank (TensorFlow's runtime included); throughput its voxels/s and CPU
 milliseconds per volume summed over the ranks, which oversubscribed cores cannot inflate
 (P=4 on this machine's 2 cores shares them: the table says so). The halo bytes are counted
-from the model (app.spatial.halo_bytes), the FLOPs by TensorFlow's profiler (3x the
+from the model (app.parallel.spatial.halo_bytes), the FLOPs by TensorFlow's profiler (3x the
 forward's for a training step); the exchange's measured cost is the spatial runs' CPU time
 per voxel over one process's.
 
@@ -26,7 +26,7 @@ arguments go to every run.
 import os
 import sys
 
-from app import spatial  # first: app.compat sets TF_USE_LEGACY_KERAS before TensorFlow loads
+from app.parallel import spatial  # first: app.horovod sets TF_USE_LEGACY_KERAS
 from app.studies import figures, harness
 
 import models

@@ -1,6 +1,6 @@
 """Run under mpirun -np 2: one SGD step (LR 1, from 0) with known, different gradients on each
 rank, through the distributed optimizers app.train builds: hvd.DistributedOptimizer without
-and with --fp16_allreduce, and the Adasum one of --adasum (three tensors in one step: Adasum
+and with --fp16_allreduce, and with --adasum (three tensors in one step: Adasum
 combines each on its own). Writes the resulting weights (minus the combined gradient) to
 OUT_DIR/rank-R.json."""
 import json
@@ -8,9 +8,8 @@ import sys
 
 import numpy as np
 
-from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
-
-from app import optimizers
+from app import horovod  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import hvd, tf
 
 GRADIENTS = ([1.0001, 0.1, 3.3333, 1e-5], [2.0003, 0.3, 1.1111, 3e-5])  # rank 0's, rank 1's
 ADASUM_GRADIENTS = {  # name: (rank 0's, rank 1's)
@@ -35,10 +34,11 @@ found = {}
 for fp16_allreduce in (False, True):
     optimizer = hvd.DistributedOptimizer(
         tf.keras.optimizers.legacy.SGD(1.0),
-        **optimizers.horovod_options(fp16_allreduce=fp16_allreduce))
+        **horovod.allreduce_options(fp16_allreduce=fp16_allreduce))
     found["fp16" if fp16_allreduce else "fp32"] = step(
         optimizer, {f"kernel_{fp16_allreduce}": GRADIENTS})[f"kernel_{fp16_allreduce}"]
-found["adasum"] = step(optimizers.adasum_distributed_optimizer(
-    tf.keras.optimizers.legacy.SGD(1.0), **optimizers.horovod_options()), ADASUM_GRADIENTS)
+found["adasum"] = step(hvd.DistributedOptimizer(
+    tf.keras.optimizers.legacy.SGD(1.0), **horovod.allreduce_options(adasum=True)),
+    ADASUM_GRADIENTS)
 with open(f"{sys.argv[1]}/rank-{hvd.rank()}.json", "w") as out:
     json.dump({"gradients": GRADIENTS, "adasum_gradients": ADASUM_GRADIENTS, **found}, out)

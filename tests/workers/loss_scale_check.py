@@ -1,6 +1,6 @@
 """Run under mpirun -np 2: the optimizer of --mixed_precision=float16 (Keras' dynamic loss
 scaling around hvd.DistributedOptimizer, SGD at LR 1; with `sharded`, around the optimizer
-whose state app.sharded_optimizer shards, where each rank reduces half the kernel) on a
+whose state app.parallel.sharded_optimizer shards, where each rank reduces half the kernel) on a
 Dense layer that computes in float16. Step 1: rank 1's input overflows float16 once the loss
 is scaled in the kernel's first element (rank 0's half), rank 0's does not; step 2: both are
 finite. Writes the kernel and the loss scale after each step, and the layer's dtypes, to
@@ -11,9 +11,10 @@ OUT_DIR/rank-R.json.
 import json
 import sys
 
-from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
 
-from app import optimizers, sharded_optimizer
+from app import optimizers
+from app.parallel import sharded_optimizer
 
 INPUTS = ({0: [[1.0, 2.0]], 1: [[1000.0, 1.0]]},  # step 1: 1000 x 32768 > float16's 65504
           {0: [[1.0, 2.0]], 1: [[3.0, 0.5]]})     # step 2

@@ -1,7 +1,7 @@
 """Run under mpirun -np N (or horovodrun -np N --gloo): in float64, a small CNN (a bias of 3
 elements, fewer than 4 ranks' pieces; without accumulation, a head the loss does not reach)
 trained some steps through Keras' fit() by each optimizer with its state sharded
-(app.sharded_optimizer; stage 1 and 2, with and without --accumulation_steps) and by
+(app.parallel.sharded_optimizer; stage 1 and 2, with and without --accumulation_steps) and by
 Horovod's DistributedOptimizer on the same data: the largest relative differences of the
 weights and of the optimizer's whole slots (gathered from the pieces), how far each moved
 the unreached head, this rank's slot elements and the unsharded optimizer's, for each of
@@ -15,9 +15,10 @@ import sys
 
 import numpy as np
 
-from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
 
-from app import optimizers, sharded_optimizer
+from app import horovod, optimizers
+from app.parallel import sharded_optimizer
 
 keras = tf.keras
 OPTIMIZERS = {"momentum": 0.05, "adam": 0.01, "lamb": 0.01, "lars": 1.0, "novograd": 0.05}
@@ -58,7 +59,7 @@ def train(name, sharded, gradients_too=False, accumulation_steps=1):
                                             accumulation_steps=accumulation_steps)
     else:
         optimizer = hvd.DistributedOptimizer(
-            optimizer, **optimizers.horovod_options(accumulation_steps))
+            optimizer, **horovod.allreduce_options(accumulation_steps))
     net.compile(optimizer=optimizer, loss={"logits": keras.losses.SparseCategoricalCrossentropy(
         from_logits=True)})
     unused = [layer for layer in net.layers if layer.name == "unused"]

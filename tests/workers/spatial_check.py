@@ -1,5 +1,5 @@
-"""Run under mpirun -np P: each model split into P slabs (app.spatial.split_model), computing
-in float64 or under the Keras policy POLICY (mixed_bfloat16), against the whole model in
+"""Run under mpirun -np P: each model split into P slabs (app.parallel.spatial.split_model),
+computing in float64 or under the Keras policy POLICY (mixed_bfloat16), against the whole model in
 float64 on the whole batch, which every rank also computes alone: the slab of the output,
 the gradient of a loss on the output with respect to every weight (summed over the ranks)
 and to the slab of the input; and the split model's Keras clone (what --init_checkpoint
@@ -14,10 +14,10 @@ import sys
 
 import numpy as np
 
-from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
 
 import models
-from app import spatial
+from app.parallel import spatial
 from models.unet import MaxPooling3D
 
 keras = tf.keras

@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 
-from app.compat import hvd, tf
-from app.sync_batch_norm import SyncBatchNormalization
+from app.horovod import hvd, tf
+from app.parallel.sync_batch_norm import SyncBatchNormalization
 import horovod.tensorflow
 
 hvd.init()

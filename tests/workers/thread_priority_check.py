@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from app.compat import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
 
 from app import devices
 

@@ -1,6 +1,6 @@
 """Batch normalization whose batch statistics are those of the global batch (all ranks'
 examples), for --sync_batch_norm: Horovod's SyncBatchNormalization with two mends."""
-from app.compat import hvd_tensorflow, tf
+from app.horovod import hvd_tensorflow, tf
 
 
 class SyncBatchNormalization(hvd_tensorflow.SyncBatchNormalization):

@@ -1,5 +1,5 @@
 """Spatial parallelism's runtime: a Keras model rewritten to run on one slab of every example
-(app.parallelism.SpatialParallel chooses the slabs and the groups).
+(app.parallel.kinds.SpatialParallel chooses the slabs and the groups).
 
 Every example is split along its first spatial axis (axis 1 of a batch) into `parts` slabs
 of equal extent, slab p on rank p of a spatial group (a Horovod process set). A layer that
@@ -22,8 +22,8 @@ computes on the whole global batch.
 """
 import math
 
-from app.compat import hvd_tensorflow, tf
-from app.sync_batch_norm import SyncBatchNormalization
+from app.horovod import hvd_tensorflow, tf
+from app.parallel.sync_batch_norm import SyncBatchNormalization
 from models.unet import Level, MaxPooling3D
 
 keras = tf.keras

@@ -2,7 +2,7 @@
 one per rank, with --microbatches microbatches per step, and data parallelism across the
 replicas of each stage (hybrid: N = stages x replicas processes).
 
-Where each rank sits, the schedules and the cut are app.pipeline_plan's. Each step
+Where each rank sits, the schedules and the cut are app.parallel.pipeline_plan's. Each step
 runs every microbatch forward through the stages (activations sent to the next stage's rank
 with MPI point-to-point, mpi4py) and backward (activation gradients sent to the previous
 stage) in one of two orders (`schedule`): GPipe's, all forward then all backward, or 1F1B
@@ -22,9 +22,9 @@ PIPELINE_CYCLE_TIME_MS, and keeps Horovod's threads at normal priority (BENCHMAR
 """
 import os
 
-from app import sharded_optimizer
-from app.compat import hvd, hvd_tensorflow, tf
-from app.pipeline_plan import schedule, stage_ranks
+from app.parallel import sharded_optimizer
+from app.horovod import hvd, hvd_tensorflow, tf
+from app.parallel.pipeline_plan import schedule, stage_ranks
 
 PIPELINE_CYCLE_TIME_MS = 5.0
 

@@ -1,4 +1,4 @@
-"""The plan of a pipelined run, apart from its runtime (app.pipeline): where each rank sits
+"""The plan of a pipelined run, apart from its runtime (app.parallel.pipeline): where each rank sits
 (its stage and its replica), the order of a stage's passes in a step, and the cut of the
 model's blocks into stages, with the record of that cut beside the checkpoints. Pure Python:
 no TensorFlow or Horovod, so that the launcher's and the flags' checks and the tests of the

@@ -24,7 +24,7 @@ and `take_restored_slots` cuts a restored checkpoint's whole slots into this ran
 """
 import contextlib
 
-from app.compat import hvd_tensorflow, tf
+from app.horovod import hvd_tensorflow, tf
 
 from tf_keras.src.optimizers.legacy.optimizer_v2 import _var_key  # noqa: E402 (slots' key)
 
@@ -136,7 +136,7 @@ class ShardedState:
     def reduce_scattered(self, gradients, variables):
         """(this rank's piece of each gradient averaged over the ranks, its variable), which
         apply_gradients takes; also for steps that compute their gradients themselves
-        (app.pipeline's stages)."""
+        (app.parallel.pipeline's stages)."""
         return list(zip(_over_reached(lambda flat, _: self._reduce_scatter(flat), gradients,
                                       variables), variables))
 

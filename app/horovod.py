@@ -28,8 +28,8 @@ import sys
 
 if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
     raise ImportError(
-        "TensorFlow was imported before app.compat without TF_USE_LEGACY_KERAS=1; "
-        "import app.compat first or export TF_USE_LEGACY_KERAS=1")
+        "TensorFlow was imported before app.horovod without TF_USE_LEGACY_KERAS=1; "
+        "import app.horovod first or export TF_USE_LEGACY_KERAS=1")
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 if "--tf_xla_cpu_global_jit" not in os.environ.get("TF_XLA_FLAGS", ""):
     os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit"
@@ -47,4 +47,23 @@ if not hvd.K is _hvd_keras_callbacks.K is tf.keras.backend:
 
 tf.get_logger().setLevel("WARNING")
 
-__all__ = ["hvd", "hvd_tensorflow", "tf"]
+
+def allreduce_options(accumulation_steps=1, fp16_allreduce=False, adasum=False):
+    """hvd.DistributedOptimizer's keyword arguments for --accumulation_steps (the average of
+    k batches' gradients per update), --fp16_allreduce and --adasum (Horovod's Adasum: MPI
+    only, a power-of-2 number of processes; the project's build takes op=Adasum here)."""
+    return dict(
+        compression=hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none,
+        backward_passes_per_step=accumulation_steps, average_aggregated_gradients=True,
+        op=hvd.Adasum if adasum else hvd.Average)
+
+
+def adasum_averaged_processes():
+    """How many processes' gradients Horovod averages before Adasum combines them: a node's
+    GPUs with NCCL (hierarchical Adasum), none on CPUs. With --adasum the LR scales with the
+    batch of those processes, not with the global batch (Horovod's Adasum guide)."""
+    on_gpus = bool(tf.config.list_logical_devices("GPU")) and hvd.nccl_built()
+    return hvd.local_size() if on_gpus else 1
+
+
+__all__ = ["adasum_averaged_processes", "allreduce_options", "hvd", "hvd_tensorflow", "tf"]

@@ -10,10 +10,10 @@ callback broadcasts the initial state, and where a rank's checkpoints go. A new 
 new class here and an entry in KINDS.
 """
 import models
-from app import (checkpoints, cli, devices, optimizers, pipeline, pipeline_plan,
-                 sharded_optimizer, spatial)
+from app import checkpoints, cli, devices, horovod, optimizers
 from app.arithmetic import FlagError, batch_sizes
-from app.compat import hvd
+from app.horovod import hvd
+from app.parallel import pipeline, pipeline_plan, sharded_optimizer, spatial
 
 # Where a rank sits: its pipeline stage (of `stages`) and its data-parallel replica (of
 # `replicas`); plain data parallelism has one stage.
@@ -90,7 +90,8 @@ class DataParallel:
         sees the same overflows)."""
         del num_outputs
         flags = self.flags
-        options = optimizers.horovod_options(flags.accumulation_steps, flags.fp16_allreduce)
+        options = horovod.allreduce_options(flags.accumulation_steps, flags.fp16_allreduce,
+                                            flags.adasum)
         stage = self.sharding()
         if stage:  # ZeRO: reduce-scatter, update this rank's pieces, allgather
             distributed = sharded_optimizer.shard(
@@ -98,8 +99,6 @@ class DataParallel:
                 accumulation_steps=flags.accumulation_steps,
                 compression=options["compression"],
                 agree_on_overflow=flags.mixed_precision == "float16")
-        elif flags.adasum:
-            distributed = optimizers.adasum_distributed_optimizer(optimizer, **options)
         else:
             distributed = hvd.DistributedOptimizer(optimizer, **options)
         return model, optimizers.loss_scaled(distributed, flags.mixed_precision)
@@ -144,7 +143,7 @@ class DataParallel:
 
 
 class PipelineParallel(DataParallel):
-    """app.pipeline: the model cut into --pipeline_stages stages, one per rank, each step's
+    """app.parallel.pipeline: the model cut into --pipeline_stages stages, one per rank, each step's
     batch run through them as --microbatches (with --recompute, activations recomputed in
     the backward pass); the replicas of each stage average their gradients in the stage's
     process set."""
@@ -189,8 +188,8 @@ class PipelineParallel(DataParallel):
                             f"must divide the batch of {batch} per replica")
 
     def init_arguments(self, world_size):
-        """MPI's world communicator and a process set per stage (app.pipeline), kept for the
-        stage's step; FlagError if this MPI cannot give what the stages' messages need."""
+        """MPI's world communicator and a process set per stage (app.parallel.pipeline), kept for
+        the stage's step; FlagError if this MPI cannot give what the stages' messages need."""
         try:
             self._arguments = pipeline.init_arguments(self.stages, world_size)
         except RuntimeError as error:
@@ -198,7 +197,7 @@ class PipelineParallel(DataParallel):
         return self._arguments
 
     def deprioritize_horovod_threads(self):
-        # with stages, the stages' messages wait for Horovod's threads (app.pipeline)
+        # with stages, the stages' messages wait for Horovod's threads (app.parallel.pipeline)
         return super().deprioritize_horovod_threads() and self.stages == 1
 
     def place(self, rank, size):
@@ -262,7 +261,7 @@ class PipelineParallel(DataParallel):
 
 
 class SpatialParallel(DataParallel):
-    """app.spatial: every example split along its first spatial axis into --spatial_parts
+    """app.parallel.spatial: every example split along its first spatial axis into --spatial_parts
     slabs, one per rank of a spatial group (a process set), the convolutions exchanging
     halos; the groups are data-parallel replicas, and Horovod's optimizer averages the
     gradients over all ranks (each rank's loss is scaled so that this is the replicas'
@@ -320,7 +319,7 @@ class SpatialParallel(DataParallel):
         return self._process_sets[hvd.rank() // self.parts]
 
     def build_model(self, source, normalization):
-        """The whole model rewritten for this rank's slab (app.spatial.split_model); raises
+        """The whole model rewritten for this rank's slab (app.parallel.spatial.split_model); raises
         FlagError naming a layer that cannot be split."""
         whole = super().build_model(source, normalization)
         try:

@@ -1,0 +1,113 @@
+"""The experiment, its model and data set, and where the run's outputs go: their flags, the
+experiment's defaults under the flagfile and the command line, and the checks that the model
+fits the data."""
+import os
+import tempfile
+
+from absl import flags
+
+import input_pipeline
+import models
+from app.experiments import EXPERIMENTS
+from app.flags.common import FLAGS, choices, invalid
+from app.flags.recipe import BATCH_FLAGS
+
+
+def define_experiment_flags():
+    """The experiment, its model and data, and where the run's outputs go."""
+    flags.DEFINE_enum("experiment", "digits_cnn", sorted(EXPERIMENTS),
+                      "Registry entry (app/experiments.py) whose defaults the flagfile and "
+                      "command line override: " + choices(EXPERIMENTS))
+    flags.DEFINE_enum("model", None, sorted(models.BUILDERS),
+                      "Model to build (models.BUILDERS): " + choices(models.BUILDERS))
+    flags.DEFINE_enum("dataset", None, sorted(input_pipeline.DATASETS),
+                      "Data set to train on (input_pipeline.DATASETS): "
+                      + choices(input_pipeline.DATASETS))
+    flags.DEFINE_string("data_dir", None,
+                        "Prepared data (TFDS data_dir, the folder of TFRecord shards, or of "
+                        "Fashion-MNIST's IDX files); on a cluster, a shared filesystem. "
+                        "Nothing is downloaded at training time. Without it, fashion_mnist "
+                        "reads Debian's dataset-fashion-mnist.")
+    flags.DEFINE_string("model_dir", None,
+                        "Where every output of the run goes (default: runs/EXPERIMENT); a run "
+                        "resumes from the latest checkpoint found here.")
+    flags.DEFINE_string("init_checkpoint", None,
+                        "Checkpoint (path prefix, e.g. OTHER_RUN/checkpoints/epoch-10) whose model "
+                        "weights start a new run; the optimizer starts afresh. Ignored when "
+                        "--model_dir already holds a checkpoint to resume from.")
+    flags.register_validator("data_dir", lambda folder: not folder or os.path.isdir(folder),
+                             "is not a directory")
+    flags.register_validator("model_dir", lambda folder: folder is None or _writable(folder))
+    flags.register_validator(
+        "init_checkpoint", lambda path: not path or os.path.exists(path + ".index"),
+        "no such checkpoint (no .index file at that prefix)")
+
+
+DEFINES = (define_experiment_flags,)
+
+
+def check(world_size):
+    """The model and data set are given, and the model's task is the data set's."""
+    del world_size
+    for name in ("model", "dataset"):
+        if FLAGS[name].value is None:
+            raise invalid(name, "is required (the experiment sets no default)")
+    model, dataset = models.BUILDERS[FLAGS.model], input_pipeline.DATASETS[FLAGS.dataset]
+    if (model.task == "segmentation") != (dataset.task == "segmentation"):
+        raise invalid("model", f"is a {model.task} model, --dataset={FLAGS.dataset} a "
+                               f"{dataset.task} data set")
+
+
+def prefer_command_line_batch_flag(argv):
+    """When the flagfile gives one batch flag and the command line the other, the command
+    line wins, as for any flag; both on the same level stay an error. (absl's
+    mark_flags_as_mutual_exclusive would refuse the pair before the command line could win.)"""
+    given = [name for name in BATCH_FLAGS if FLAGS[name].present]
+    on_command_line = {arg[2:].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--")}
+    if len(given) == 2 and len(on_command_line.intersection(given)) == 1:
+        FLAGS[next(name for name in given if name not in on_command_line)].unparse()
+
+
+def apply_experiment_defaults():
+    """Registry defaults for every flag neither the flagfile nor the command line set; the
+    two batch flags go together, since exactly one of them may be set."""
+    batch_given = any(FLAGS[name].present for name in BATCH_FLAGS)
+    for name, value in EXPERIMENTS[FLAGS.experiment].defaults.items():
+        if FLAGS[name].present or (name in BATCH_FLAGS and batch_given):
+            continue
+        FLAGS.set_default(name, value)
+    if FLAGS.model_dir is None:
+        FLAGS.set_default("model_dir", os.path.join("runs", FLAGS.experiment))
+
+
+def check_extents(source):
+    """Raises FlagError when the model's down-sampling does not divide the spatial extents
+    of `source`'s examples (a segmentation model's patches), or, with --spatial_parts, the
+    first extent's slabs."""
+    factor = models.BUILDERS[FLAGS.model].downsampling
+    extents = source.feature_shape[:-1]
+    if factor > 1 and any(extent % factor for extent in extents):
+        name = "patch_size" if FLAGS.patch_size else "volume_size"
+        raise invalid(name, f"gives patches of {'x'.join(map(str, extents))}, which "
+                             f"--model={FLAGS.model}'s down-sampling by {factor} does not "
+                             f"divide")
+    if FLAGS.spatial_parts > 1 and extents and extents[0] % (factor * FLAGS.spatial_parts):
+        raise invalid("spatial_parts", f"splits examples of {extents[0]} planes, which are "
+                                        f"not divisible by {FLAGS.spatial_parts} slabs times "
+                                        f"--model={FLAGS.model}'s down-sampling by {factor}")
+
+
+def _writable(folder):
+    """A run that could not save its checkpoints must not start: `folder`, or the nearest
+    folder above it that exists, must take a file. Leaves nothing behind."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise flags.ValidationError(f"{existing} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise flags.ValidationError(
+            f"{existing} is not writable ({error.strerror})") from None
+    return True

@@ -1,0 +1,47 @@
+"""Ending training early: at a target, after a time budget, on a signal, or when a rank stalls;
+their flags and checks."""
+from absl import flags
+
+import input_pipeline
+from app.flags.common import FLAGS, invalid
+
+
+def define_stopping_flags():
+    """Ending training early."""
+    flags.DEFINE_float("target_accuracy", None,
+                       "End training after the first epoch whose validation headline metric "
+                       "(over all the ranks' examples) reaches this: val_accuracy for "
+                       "classification; for segmentation val_iou (the positive class's, one "
+                       "output: faults) or val_mean_iou (several classes: facies); not for "
+                       "regression. results.json names it (headline_metric).",
+                       lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_float("time_budget", None,
+                       "End training after the epoch in which this many seconds of training "
+                       "(rank 0's clock, from the first step) have passed.", lower_bound=0.0)
+    flags.DEFINE_integer("preemption_check_steps", 10,
+                         "Every this many steps the ranks agree whether one of them got "
+                         "SIGTERM or SIGUSR1, and if so all stop there with a checkpoint of "
+                         "that step and exit code 75 (an allgather of one number each time). "
+                         "Rounded up to a multiple of --accumulation_steps, so that a stop "
+                         "follows an update and no accumulated gradients are lost; at an "
+                         "epoch's steps or more, every epoch begins with the check instead.",
+                         lower_bound=1)
+    flags.DEFINE_float("stall_timeout", 300.0,
+                       "End the job, naming the silent ranks, when a rank has made no training "
+                       "progress for this many seconds (a stopped or lost process, a read that "
+                       "never returns); 0: never. Longer than the slowest epoch-end save.",
+                       lower_bound=0.0)
+
+
+DEFINES = (define_stopping_flags,)
+
+
+def check(world_size):
+    """A target needs validation, and a headline metric to reach."""
+    del world_size
+    if FLAGS.target_accuracy is not None and FLAGS.benchmark:
+        raise invalid("target_accuracy", "needs validation, which --benchmark leaves out")
+    if FLAGS.target_accuracy is not None and input_pipeline.DATASETS[
+            FLAGS.dataset].task == "regression":
+        raise invalid("target_accuracy", f"--dataset={FLAGS.dataset} is a regression, "
+                                         f"whose errors (MSE, MAE) have no accuracy to reach")
