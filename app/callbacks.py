@@ -149,16 +149,18 @@ class ExactValidationMetrics(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         # After validation, Keras' metric objects hold the validation run's sums.
         logs = {} if logs is None else logs
-        means = [metric for metric in self.model.metrics
+        metrics = _flat_metrics(self.model)
+        means = [metric for metric in metrics
                  if f"val_{metric.name}" in logs
                  and hasattr(metric, "total") and hasattr(metric, "count")]
-        counted = [metric for metric in self.model.metrics if hasattr(metric, "counts")
+        counted = [metric for metric in metrics if hasattr(metric, "counts")
                    and any(name.startswith("val_") for name in logs)]
         if not means and not counted:
             return
         sums = self.sum_over_ranks(tf.concat(
-            [tf.cast(tf.stack([metric.total, metric.count]), tf.float64) for metric in means]
-            + [tf.reshape(metric.counts, [-1]) for metric in counted], axis=0)).numpy()
+            [tf.cast(tf.stack([metric.total.value, metric.count.value]), tf.float64)
+             for metric in means]
+            + [tf.reshape(metric.counts.value, [-1]) for metric in counted], axis=0)).numpy()
         for index, metric in enumerate(means):
             total, count = sums[2 * index:2 * index + 2]
             logs[f"val_{metric.name}"] = float(total / count) if count else float("nan")
@@ -169,6 +171,11 @@ class ExactValidationMetrics(tf.keras.callbacks.Callback):
             offset += size
             for name, value in metric.result().items():
                 logs[f"val_{name}"] = float(value)
+
+
+def _flat_metrics(model):
+    """The model's metric objects: Keras 3 holds the compiled ones in a container metric."""
+    return [inner for metric in model.metrics for inner in getattr(metric, "metrics", [metric])]
 
 
 class NonFiniteLoss(RuntimeError):

@@ -26,11 +26,8 @@ Why this module exists (BUILD.md has the whole story):
 import os
 import sys
 
-if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
-    raise ImportError(
-        "TensorFlow was imported before app.horovod without TF_USE_LEGACY_KERAS=1; "
-        "import app.horovod first or export TF_USE_LEGACY_KERAS=1")
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+if os.environ.get("TF_USE_LEGACY_KERAS", "0") not in ("", "0"):
+    raise ImportError("TF_USE_LEGACY_KERAS is set: the project runs on Keras 3, unset it")
 if "--tf_xla_cpu_global_jit" not in os.environ.get("TF_XLA_FLAGS", ""):
     os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines, one per rank

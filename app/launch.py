@@ -55,7 +55,7 @@ HOROVODRUN_FAILURE = re.compile(r"Process name: (\S+)\nExit code: (-?\d+)")
 LOST_NODE_KEEPALIVE = {"time": "10", "intvl": "5", "probes": "3"}
 # How mpirun names a node whose daemon it lost.
 LOST_NODE = re.compile(r"Remote daemon: \S+ on node (\S+)")
-FORWARDED_ENVIRONMENT = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "TF_USE_LEGACY_KERAS")
+FORWARDED_ENVIRONMENT = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH")
 
 
 def command(num_processes, launcher, hosts, train_args, elastic=None, network_interface=None):
@@ -186,7 +186,6 @@ def main(argv=None):
         elastic = (min_np, max_np, os.path.abspath(args.host_discovery_script))
     elif args.min_np or args.max_np:
         parser.error("--min_np/--max_np: need --host_discovery_script (elastic training)")
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
     hosts = args.hosts or (None if elastic else slurm_hosts(os.environ))
     launch = command(args.np, args.launcher, hosts, train_args, elastic, args.network_interface)
     print(shlex.join(launch), flush=True)

@@ -12,7 +12,7 @@ from app.horovod import tf  # first: it sets TF_USE_LEGACY_KERAS
 
 from app import large_batch_optimizers
 
-_legacy = tf.keras.optimizers.legacy
+_legacy = tf.keras.optimizers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,4 +65,4 @@ def create_slots(optimizer, variables):
     """Creates the optimizer's variables (iterations, momentum or moment slots) now, which
     legacy Keras optimizers defer to their first step: Horovod's elastic sync broadcasts
     them, so a worker that joins a running job must already hold the same ones."""
-    optimizer._create_all_weights(variables)
+    optimizer.build(variables)

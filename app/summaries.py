@@ -74,7 +74,7 @@ class StepScalars(tf.keras.callbacks.Callback):
             return
         with self.writer.as_default(step=step):
             tf.summary.scalar("learning_rate",
-                              float(tf.keras.backend.get_value(self.model.optimizer.lr)))
+                              float(self.model.optimizer.learning_rate.numpy()))
             tf.summary.scalar("global_batch_size", self.global_batch)
             recent = self.throughput.step_seconds[-self.every_steps:]
             if recent:

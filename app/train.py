@@ -288,7 +288,7 @@ def learning_rate(run, span):
         hvd, scaled_lr, reference_lr=FLAGS.learning_rate, warmup_epochs=FLAGS.warmup_epochs,
         schedule=FLAGS.lr_schedule, epochs=FLAGS.epochs, steps_per_epoch=span.steps_per_epoch,
         decay_epochs=app_flags.decay_epochs(), decay_factor=FLAGS.lr_decay_factor)
-    tf.keras.backend.set_value(run.trainer.optimizer.lr, callbacks.learning_rate_before(
+    run.trainer.optimizer.learning_rate.assign(callbacks.learning_rate_before(
         schedule, span.first_epoch, span.steps_per_epoch, scaled_lr, span.first_step))
     checkpoints.set_global_batch(run.checkpoint_manager, span.global_batch)
     return scaled_lr, schedule

@@ -14,7 +14,7 @@ import collections
 
 import numpy as np
 import tensorflow as tf
-import tf_keras as keras
+import keras
 
 from models import segmentation
 from models.cnn import pooled_cnn, small_cnn

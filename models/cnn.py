@@ -1,7 +1,7 @@
 """Small CNNs for small images (8x8 digits, 28x28 MNIST-like): fast on CPU, no dropout or
 batch norm, so that runs with the same global batch give the same weights at any process
 count."""
-import tf_keras as keras
+import keras
 
 from models.dense import float_dtype
 

@@ -1,5 +1,5 @@
 """Models without convolutions: the linear neuron of Lab 1 and a multilayer perceptron."""
-import tf_keras as keras
+import keras
 
 
 def float_dtype():

@@ -1,7 +1,7 @@
 """Residual networks: CIFAR ResNet-20/56 (He et al. 2016, v1 with projection shortcuts),
 WideResNet-16-10 (Zagoruyko and Komodakis 2016, pre-activation) and ImageNet ResNet-50 v1.5
 (as Goyal et al. 2017 and NVIDIA's and the TF Model Garden's recipes train it)."""
-import tf_keras as keras
+import keras
 
 from models.dense import float_dtype
 

@@ -12,7 +12,7 @@ score is computed, so that summing the counts over the ranks (app.callbacks.
 ExactValidationMetrics) gives the scores of all the voxels the ranks evaluated.
 """
 import tensorflow as tf
-import tf_keras as keras
+import keras
 
 LOSSES = ("balanced_crossentropy", "crossentropy", "dice")
 _EPSILON = 1e-7

@@ -7,7 +7,7 @@ precision. The model is one block: the skip connections pass several tensors bet
 levels, so a pipeline cannot cut it.
 """
 import tensorflow as tf
-import tf_keras as keras
+import keras
 
 from models.dense import float_dtype
 

@@ -1,5 +1,5 @@
-"""Shared helpers. TF_USE_LEGACY_KERAS must be set before TensorFlow is first imported, in this
-process and in every process a test starts, so it is set here, before any test module loads."""
+"""Shared helpers. Every process a test starts runs on Keras 3: TF_USE_LEGACY_KERAS is unset
+here, before any test module loads TensorFlow."""
 import concurrent.futures
 import csv
 import os
@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.pop("TF_USE_LEGACY_KERAS", None)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402

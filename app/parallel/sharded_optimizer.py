@@ -24,6 +24,8 @@ and `take_restored_slots` cuts a restored checkpoint's whole slots into this ran
 """
 import contextlib
 
+import numpy as np
+
 from app.horovod import hvd_tensorflow, tf
 
 from tf_keras.src.optimizers.legacy.optimizer_v2 import _var_key  # noqa: E402 (slots' key)
@@ -89,8 +91,8 @@ def slot_elements(optimizer):
     """The elements of the optimizer's slot variables on this rank (its state, without the
     iteration count and hyperparameters)."""
     inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return sum(slot.shape.num_elements() for slots in inner._slots.values()  # noqa: SLF001
-               for slot in slots.values())
+    return sum(int(np.prod(variable.shape)) for variable in inner.variables
+               if variable.path.split("/")[-1] not in ("iteration", "learning_rate"))
 
 
 def _over_reached(function, gradients, variables):
