@@ -13,7 +13,7 @@ slots and step count, the global batch it was trained at) and flags.cfg with
 """
 import os
 
-from app.horovod import tf  # first: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
+from app.horovod import tf  # first: it sets TF_XLA_FLAGS before TensorFlow loads
 
 from absl import app, flags
 

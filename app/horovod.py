@@ -1,46 +1,50 @@
-"""Where the project imports TensorFlow and Horovod's TensorFlow layers first: import `tf`,
-`hvd` (Horovod's Keras layer) and `hvd_tensorflow` from here, before anything else of
-TensorFlow's. Horovod is imported elsewhere only after this module (app.optimizers takes
-Horovod's private `horovod._keras`, which this module's imports loaded) or without
-TensorFlow (app.launch runs Horovod's launcher, `horovod.runner`).
+"""The Horovod glue: where the project imports TensorFlow, Keras and Horovod's TensorFlow and
+Keras layers (import `tf`, `keras`, `hvd` (Horovod's Keras layer) and `hvd_tensorflow` from
+here, before anything else of TensorFlow's), and how it asks Horovod to reduce gradients.
+Horovod is imported elsewhere only after this module, or without TensorFlow (app.launch runs
+Horovod's launcher, `horovod.runner`).
 
 Why this module exists (BUILD.md has the whole story):
-- Horovod 0.28.1's Keras layer needs the Keras 2 API. Under TensorFlow 2.21, `tf.keras` is
-  Keras 3 unless TF_USE_LEGACY_KERAS=1 is set before TensorFlow is first imported, in which
-  case `tf.keras` is tf_keras (Keras 2). This module sets it and refuses to go on if TensorFlow
-  was already imported without it.
-- The project's build of Horovod (scripts/horovod-keras3.patch) takes the backend of
-  `tf.keras`, the Keras that builds the models, in `horovod.tensorflow.keras`; unpatched, it
-  took the package `keras`'s, which is Keras 3 even when `tf.keras` is tf_keras. The check
-  below refuses an unpatched build.
+- Keras 3 with the TensorFlow backend: Horovod's ops take TensorFlow tensors, so a
+  KERAS_BACKEND (or ~/.keras/keras.json) naming another backend is refused in one line, and
+  so is TF_USE_LEGACY_KERAS, which would give tf_keras, which the project left.
+- Horovod 0.28.1's Keras layer predates Keras 3; the project's build patches it
+  (scripts/horovod-keras3.patch). Unpatched, hvd.DistributedOptimizer does not reduce
+  anything on Keras 3 and every rank trains alone, so an unpatched build is refused.
 - --jit_compile uses XLA's auto-clustering, which compiles the clusters of ops XLA can
-  compile and leaves Horovod's collectives between them (Horovod 0.28.1 can lower its ops to
-  XLA only in GPU builds, so Keras' compile(jit_compile=True) fails on CPUs). On CPUs TensorFlow
-  clusters only with --tf_xla_cpu_global_jit in TF_XLA_FLAGS, which it reads once, early
-  (set in main() under absl.app.run, it is too late); this module adds it. It
+  compile and leaves Horovod's collectives between them (Horovod has no XLA kernels on CPUs,
+  and the patched build refuses Keras' compile(jit_compile=True) around its allreduce). On
+  CPUs TensorFlow clusters only with --tf_xla_cpu_global_jit in TF_XLA_FLAGS, which it reads
+  once, early (set in main() under absl.app.run, it is too late); this module adds it. It
   changes nothing until tf.config.optimizer.set_jit turns auto-clustering on.
-- LearningRateWarmupCallback's momentum correction assigns to `optimizer.momentum`, which
-  only the `tf.keras.optimizers.legacy.*` optimizers hold as a variable; app.optimizers
-  builds those.
 """
 import os
 import sys
 
+from app import cli
+
 if os.environ.get("TF_USE_LEGACY_KERAS", "0") not in ("", "0"):
-    raise ImportError("TF_USE_LEGACY_KERAS is set: the project runs on Keras 3, unset it")
+    cli.fail(f"TF_USE_LEGACY_KERAS={os.environ['TF_USE_LEGACY_KERAS']}: the project runs on "
+             f"Keras 3; unset it")
 if "--tf_xla_cpu_global_jit" not in os.environ.get("TF_XLA_FLAGS", ""):
     os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines, one per rank
 
-import tensorflow as tf  # noqa: E402  (must follow the environment variable)
+import keras  # noqa: E402  (after TF_XLA_FLAGS)
 
+if keras.backend.backend() != "tensorflow":
+    cli.fail(f"KERAS_BACKEND={keras.backend.backend()}: Horovod's operations need Keras' "
+             f"tensorflow backend; unset KERAS_BACKEND or set it to tensorflow")
+
+import tensorflow as tf  # noqa: E402
+
+import horovod._keras  # noqa: E402
 import horovod.tensorflow as hvd_tensorflow  # noqa: E402  (process sets' collectives)
 import horovod.tensorflow.keras as hvd  # noqa: E402
-import horovod.tensorflow.keras.callbacks as _hvd_keras_callbacks  # noqa: E402
 
-if not hvd.K is _hvd_keras_callbacks.K is tf.keras.backend:
-    raise ImportError("Horovod's Keras layer took another Keras backend than tf.keras's: "
-                      "an unpatched Horovod; rebuild it with scripts/bootstrap.sh (BUILD.md)")
+if not hasattr(horovod._keras, "is_keras3"):
+    cli.fail("Horovod is not the project's patched build, whose DistributedOptimizer reduces "
+             "gradients on Keras 3; rebuild it with scripts/bootstrap.sh (BUILD.md)")
 
 tf.get_logger().setLevel("WARNING")
 
@@ -63,4 +67,5 @@ def adasum_averaged_processes():
     return hvd.local_size() if on_gpus else 1
 
 
-__all__ = ["adasum_averaged_processes", "allreduce_options", "hvd", "hvd_tensorflow", "tf"]
+__all__ = ["adasum_averaged_processes", "allreduce_options", "hvd", "hvd_tensorflow", "keras",
+           "tf"]

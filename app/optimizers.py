@@ -8,7 +8,7 @@ for float16, Keras' loss scaling."""
 import dataclasses
 from typing import Callable
 
-from app.horovod import tf  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import tf  # first: it sets TF_XLA_FLAGS
 
 from app import large_batch_optimizers
 

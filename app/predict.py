@@ -23,7 +23,7 @@ import itertools
 import json
 import os
 
-from app.horovod import hvd_tensorflow as hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import hvd_tensorflow as hvd, tf  # first: it sets TF_XLA_FLAGS
 
 import numpy as np
 from absl import app, flags

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from app.horovod import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
+from app.horovod import hvd, tf  # first: it sets TF_XLA_FLAGS before TensorFlow loads
 
 from absl import app
 

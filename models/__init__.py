@@ -139,7 +139,10 @@ def compile_for_task(model, optimizer, task, steps_per_execution=1,
         metrics = [segmentation.ConfusionCounts(model.output_shape[-1])]
     else:
         loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
-    model.compile(optimizer, loss=loss, metrics=metrics, steps_per_execution=steps_per_execution)
+    # No XLA around the whole step: Horovod's allreduce in it has no XLA kernel on CPUs (and
+    # Keras 3's "auto" would compile it on GPUs); --jit_compile clusters around it instead.
+    model.compile(optimizer, loss=loss, metrics=metrics, steps_per_execution=steps_per_execution,
+                  jit_compile=False)
 
 
 def headline_metric(task, num_outputs):
@@ -158,6 +161,7 @@ def headline_metric(task, num_outputs):
 def add_weight_decay(model, weight_decay):
     """Adds L2 weight decay, weight_decay * sum(||w||^2) / 2 over the kernels (not biases or
     normalization parameters), as a model loss."""
-    kernels = [w for w in model.trainable_weights if "kernel" in w.name]
-    if weight_decay > 0 and kernels:
-        model.add_loss(lambda: weight_decay * tf.add_n([tf.nn.l2_loss(w) for w in kernels]))
+    if weight_decay > 0:
+        for weight in model.trainable_weights:
+            if "kernel" in weight.name:  # Keras adds each regularizer's loss to the model's
+                weight.regularizer = keras.regularizers.L2(weight_decay / 2)

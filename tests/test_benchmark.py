@@ -224,7 +224,7 @@ def test_the_keras_reference_computes_in_the_precision_it_is_given(tmp_path):
 def test_conv3d_flops_are_counted_and_the_roofline_trains_a_unet_on_surveys(tmp_path):
     """A 3x3x3 convolution of c to k channels on an n^3 volume: 2 * 27 * c * k FLOPs per
     voxel and k for the bias; the roofline study's U-Net run measures patches/s."""
-    import tf_keras as keras
+    import keras
 
     import models
     from app.studies import roofline

@@ -1,7 +1,7 @@
 """The model builders: pure Keras, right shapes, normalization swappable."""
 import numpy as np
 import pytest
-import tf_keras as keras
+import keras
 
 import models
 

@@ -16,7 +16,7 @@ REGISTER_AND_PARSE = textwrap.dedent("""
     import absl.app
     import app.horovod
     import input_pipeline, models
-    import tf_keras as keras
+    import keras
     from input_pipeline import sources
     from app import experiments, flags as app_flags, optimizers
 

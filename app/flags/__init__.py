@@ -14,7 +14,7 @@ reason, and exit code 2. Every rank parses the same arguments, so every rank exi
 way and nothing hangs; only rank 0 prints the line. The arithmetic the flags feed is
 app.arithmetic's.
 """
-from app import horovod  # noqa: F401 (first: it sets TF_USE_LEGACY_KERAS)
+from app import horovod  # noqa: F401 (first: it sets TF_XLA_FLAGS)
 
 from absl import flags
 

@@ -18,7 +18,7 @@ import os
 import re
 import time
 
-from app.horovod import tf  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import tf  # first: it sets TF_XLA_FLAGS
 
 import numpy as np
 from absl import app, flags

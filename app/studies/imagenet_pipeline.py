@@ -16,7 +16,7 @@ ratios to decoding alone. Writes imagenet_pipeline.md, .csv and .json to --out_d
 import os
 import time
 
-from app.horovod import tf  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import tf  # first: it sets TF_XLA_FLAGS
 
 import numpy as np
 

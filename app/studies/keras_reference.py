@@ -8,7 +8,7 @@ throughput measurement as `app.train --benchmark`; writes MODEL_DIR/reference-RA
 import json
 import os
 
-from app.horovod import tf  # first: it sets TF_USE_LEGACY_KERAS (Horovod is not started)
+from app.horovod import tf  # first: it sets TF_XLA_FLAGS (Horovod is not started)
 
 from absl import app
 

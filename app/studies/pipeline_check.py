@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from app.horovod import tf  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import tf  # first: it sets TF_XLA_FLAGS
 
 from absl import app
 

@@ -17,7 +17,7 @@ roofline.md, .csv and .json to --out_dir; other arguments go to every run.
 """
 import os
 
-import app.horovod  # noqa: F401  (first: it sets TF_USE_LEGACY_KERAS)
+import app.horovod  # noqa: F401  (first: it sets TF_XLA_FLAGS)
 
 import input_pipeline
 import models

@@ -26,7 +26,7 @@ arguments go to every run.
 import os
 import sys
 
-from app.parallel import spatial  # first: app.horovod sets TF_USE_LEGACY_KERAS
+from app.parallel import spatial  # first: app.horovod sets TF_XLA_FLAGS
 from app.studies import figures, harness
 
 import models

@@ -15,7 +15,7 @@ import os
 import statistics
 import time
 
-import app.horovod  # noqa: F401  (first: it sets TF_USE_LEGACY_KERAS)
+import app.horovod  # noqa: F401  (first: it sets TF_XLA_FLAGS)
 
 from app.studies import harness
 from input_pipeline import seismic

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from app import horovod  # first: it sets TF_USE_LEGACY_KERAS
+from app import horovod  # first: it sets TF_XLA_FLAGS
 from app.horovod import hvd, tf
 
 GRADIENTS = ([1.0001, 0.1, 3.3333, 1e-5], [2.0003, 0.3, 1.1111, 3e-5])  # rank 0's, rank 1's

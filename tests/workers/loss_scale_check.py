@@ -11,7 +11,7 @@ OUT_DIR/rank-R.json.
 import json
 import sys
 
-from app.horovod import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import hvd, tf  # first: it sets TF_XLA_FLAGS
 
 from app import optimizers
 from app.parallel import sharded_optimizer

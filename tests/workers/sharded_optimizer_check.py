@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from app.horovod import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import hvd, tf  # first: it sets TF_XLA_FLAGS
 
 from app import horovod, optimizers
 from app.parallel import sharded_optimizer

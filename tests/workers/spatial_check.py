@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from app.horovod import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import hvd, tf  # first: it sets TF_XLA_FLAGS
 
 import models
 from app.parallel import spatial

@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from app.horovod import hvd, tf  # noqa: I001  (sets TF_USE_LEGACY_KERAS first)
+from app.horovod import hvd, tf  # noqa: I001  (sets TF_XLA_FLAGS first)
 
 import numpy as np
 

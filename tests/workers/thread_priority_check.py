@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from app.horovod import hvd, tf  # first: it sets TF_USE_LEGACY_KERAS
+from app.horovod import hvd, tf  # first: it sets TF_XLA_FLAGS
 
 from app import devices
 

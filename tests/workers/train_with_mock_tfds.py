@@ -1,6 +1,6 @@
 """app.train with TensorFlow Datasets mocked (tfds.testing.mock_data): the TFDS experiments
 run their real code on generated examples, with no data prepared and no network."""
-import app.horovod  # noqa: F401  (first: sets TF_USE_LEGACY_KERAS)
+import app.horovod  # noqa: F401  (first: sets TF_XLA_FLAGS)
 import tensorflow_datasets as tfds
 
 from app import train
