@@ -19,9 +19,9 @@ Why this module exists (BUILD.md has the whole story):
   clusters only with --tf_xla_cpu_global_jit in TF_XLA_FLAGS, which it reads once, early
   (set in main() under absl.app.run, it is too late); this module adds it. It
   changes nothing until tf.config.optimizer.set_jit turns auto-clustering on.
-- LearningRateWarmupCallback's momentum correction assigns to `optimizer.momentum`, which
-  only the `tf.keras.optimizers.legacy.*` optimizers hold as a variable; app.optimizers
-  builds those.
+- On Keras 3, whose optimizers hold `momentum` as a number, the patched build's
+  LearningRateWarmupCallback corrects the momentum by scaling `optimizer.momentums` (SGD's
+  and app.large_batch_optimizers.LARS's buffers) by new LR / old LR.
 """
 import os
 import sys

@@ -49,8 +49,8 @@ class _LayerwiseOptimizer(keras.optimizers.Optimizer):
     norms, dense gradients only."""
 
     def __init__(self, learning_rate, weight_decay, name, **kwargs):
-        # Keras' own `weight_decay` is applied outside update_step (w -= lr * wd * w): the
-        # base class gets none, and the decay these put inside their update another name.
+        # Keras' own `weight_decay` is applied before update_step (w -= lr * wd * w), outside
+        # the trust ratio: the base class gets None, and these keep theirs under another name.
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.weight_decay_rate = weight_decay
 
