@@ -19,7 +19,6 @@ Why this module exists (BUILD.md has the whole story):
   changes nothing until tf.config.optimizer.set_jit turns auto-clustering on.
 """
 import os
-import sys
 
 from app import cli
 

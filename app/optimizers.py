@@ -1,18 +1,24 @@
-"""Optimizers by name. They are tf.keras legacy optimizers, which Horovod 0.28.1's Keras layer
-was written for: their LR and momentum are variables, so LearningRateWarmupCallback can apply
-its momentum correction. The large-batch ones (app.large_batch_optimizers) apply weight
-decay inside their update, so the model gets no L2 loss for them.
+"""Optimizers by name, Keras 3's: SGD, Adam and the large-batch ones
+(app.large_batch_optimizers), which apply weight decay inside their update, so the model gets
+no L2 loss for them. Horovod's LR callbacks set their `learning_rate` variable; on Keras 3
+(in the project's patched Horovod) their momentum correction scales the momentum buffers,
+`momentums` (SGD's and LARS's, which hold LR-scaled steps), by new LR / old LR.
 
-The wrappers around them, in this order: Horovod's distributed optimizer (app.horovod), then,
-for float16, Keras' loss scaling."""
+Keras 3's SGD and Adam compute what tf_keras' legacy ones did. SGD's momentum is
+v = momentum * v - lr * g, w += v in both (5 steps equal bit for bit). Adam's epsilon is
+outside the bias-corrected square root ("epsilon hat") in both, 1e-7 by default; but Keras
+3's takes beta and 1 - beta in double precision where the legacy one took them from beta
+rounded to float32 (1 - beta_2: 0.001, not 0.00099998713), which moves the weights by
+1.8e-6 relative after 5 steps at LR 0.1, in float32 and float64 alike.
+
+The wrappers: Horovod's distributed optimizer (app.horovod) and, for float16, Keras' loss
+scaling, which on Keras 3 belongs inside the distributed optimizer (`loss_scaled`)."""
 import dataclasses
 from typing import Callable
 
-from app.horovod import tf  # first: it sets TF_XLA_FLAGS
+from app.horovod import keras  # first: it sets TF_XLA_FLAGS
 
 from app import large_batch_optimizers
-
-_legacy = tf.keras.optimizers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,10 +31,10 @@ class Optimizer:
 
 
 OPTIMIZERS = {
-    "sgd": Optimizer(lambda lr, momentum, decay: _legacy.SGD(lr), "plain SGD"),
-    "momentum": Optimizer(lambda lr, momentum, decay: _legacy.SGD(lr, momentum=momentum),
-                          "SGD with --momentum"),
-    "adam": Optimizer(lambda lr, momentum, decay: _legacy.Adam(lr), "Adam"),
+    "sgd": Optimizer(lambda lr, momentum, decay: keras.optimizers.SGD(lr), "plain SGD"),
+    "momentum": Optimizer(lambda lr, momentum, decay: keras.optimizers.SGD(
+        lr, momentum=momentum), "SGD with --momentum"),
+    "adam": Optimizer(lambda lr, momentum, decay: keras.optimizers.Adam(lr), "Adam"),
     "lars": Optimizer(lambda lr, momentum, decay: large_batch_optimizers.LARS(
         lr, momentum=momentum, weight_decay=decay), "LARS (You et al.), with --momentum",
         decay_inside=True),
@@ -52,17 +58,21 @@ def l2_loss_weight_decay(name, weight_decay):
 
 
 def loss_scaled(optimizer, mixed_precision):
-    """For --mixed_precision=float16, Keras' dynamic loss scaling around the distributed
-    optimizer: the ranks allreduce the scaled gradients, so an overflow on any rank reaches
-    every rank, and all of them skip that step and lower the scale alike. bfloat16 has
+    """For --mixed_precision=float16, `optimizer` inside Keras 3's dynamic loss scaling.
+    Keras 3's LossScaleOptimizer checks the gradients it is handed for overflows before its
+    inner optimizer's apply(), which is where hvd.DistributedOptimizer allreduces: only
+    inside hvd.DistributedOptimizer (BUILD.md) does it check the allreduced gradients, so
+    that an overflow on any rank makes every rank skip that step and lower the scale alike;
+    around it, a rank that alone overflows skips an allreduce the others make. bfloat16 has
     float32's range and needs none."""
     if mixed_precision == "float16":
-        return tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+        return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
 
 def create_slots(optimizer, variables):
-    """Creates the optimizer's variables (iterations, momentum or moment slots) now, which
-    legacy Keras optimizers defer to their first step: Horovod's elastic sync broadcasts
-    them, so a worker that joins a running job must already hold the same ones."""
+    """Builds the optimizer on `variables` now (its momentum or moment slots; the iteration
+    count and LR it made at construction), which Keras 3 optimizers otherwise do when fit()
+    starts or at their first apply(): Horovod's elastic sync broadcasts them, so a worker
+    that joins a running job must already hold the same ones."""
     optimizer.build(variables)

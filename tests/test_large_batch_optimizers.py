@@ -1,10 +1,12 @@
 """LARS, LAMB and NovoGrad against NumPy transcriptions of their papers' updates, several
 steps each, on a weight matrix (trust ratio and weight decay apply) and a bias (excluded);
-and the same optimizers wrapped in hvd.DistributedOptimizer."""
+the same optimizers wrapped in hvd.DistributedOptimizer; Horovod's momentum correction on
+LARS."""
 import numpy as np
 import pytest
 
-from app.horovod import hvd, tf
+from app.horovod import hvd, tf  # first: TensorFlow's environment
+import keras
 from app import large_batch_optimizers as lbo
 from conftest import mpirun, read_log, run, train_command
 
@@ -56,13 +58,13 @@ CASES = {
 
 
 def run_steps(optimizer, start, grads, name):
-    """Steps through minimize() (where hvd.DistributedOptimizer allreduces) on losses whose
-    gradients are `grads`."""
-    variable = tf.Variable(start, name=name)
+    """Steps through apply_gradients() (whose apply() is where hvd.DistributedOptimizer
+    allreduces on Keras 3) with the gradients of losses whose gradients are `grads`."""
+    variable = keras.Variable(start, name=name)
     for g in grads:
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(tf.constant(g) * variable)
-        optimizer.minimize(loss, [variable], tape=tape)
+        optimizer.apply_gradients([(tape.gradient(loss, variable), variable)])
     return variable.numpy()
 
 
@@ -99,6 +101,25 @@ def test_a_zero_weight_gets_a_trust_ratio_of_one():
     found = run_steps(optimizer, np.zeros((2, 2), np.float32), [np.ones((2, 2), np.float32)],
                       "kernel")
     np.testing.assert_allclose(found, -LR * np.ones((2, 2)))
+
+
+def test_horovods_momentum_correction_scales_the_lars_velocity():
+    """On Keras 3 Horovod's LR callbacks correct the momentum by scaling the optimizer's
+    `momentums` by new LR / old LR: LARS's velocities, which hold LR-scaled steps."""
+    hvd.init()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(lbo.LARS(LR, momentum=0.9), "mse")
+    model.fit(np.ones((4, 3)), np.zeros((4, 2)), verbose=0)  # one step: nonzero velocities
+    velocities = [velocity.numpy() for velocity in model.optimizer.momentums]
+    assert all(np.abs(velocity).max() > 0 for velocity in velocities)
+    halving = hvd.callbacks.LearningRateScheduleCallback(initial_lr=LR, multiplier=0.5)
+    halving.set_model(model)
+    halving.on_train_begin()
+    halving.on_epoch_begin(1)
+    halving.on_batch_begin(0)
+    np.testing.assert_allclose(model.optimizer.learning_rate.numpy(), LR / 2)
+    for velocity, before in zip(model.optimizer.momentums, velocities, strict=True):
+        np.testing.assert_allclose(velocity.numpy(), before / 2)
 
 
 @pytest.mark.distributed
