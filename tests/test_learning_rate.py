@@ -22,7 +22,7 @@ def learning_rates(schedule, epochs=5, warmup_epochs=0, reference_lr=0.4, **kwar
     seen = []
     recorder = tf.keras.callbacks.LambdaCallback(
         on_train_batch_begin=lambda batch, logs: seen.append(
-            float(tf.keras.backend.get_value(model.optimizer.lr))))
+            float(model.optimizer.learning_rate.numpy())))
     schedule_callbacks = callbacks.learning_rate_schedule(
         hvd, 0.4, reference_lr=reference_lr, warmup_epochs=warmup_epochs, schedule=schedule,
         epochs=epochs,

@@ -67,7 +67,7 @@ def test_resnet50_is_v1_5_as_goyal_et_al_train_it():
                   if isinstance(layer.gamma_initializer, keras.initializers.Zeros)]
     assert len(zero_gamma) == 16  # one per residual block: the last of its branch
     for layer in zero_gamma:
-        branch_end = layer._outbound_nodes[0].outbound_layer
+        branch_end = layer._outbound_nodes[0].operation
         assert isinstance(branch_end, keras.layers.Add)
 
 

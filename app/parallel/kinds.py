@@ -86,8 +86,8 @@ class DataParallel:
 
     def trainer(self, model, optimizer, num_outputs):
         """(what fit() trains, its optimizer): here the model itself, with Horovod's
-        distributed optimizer (and float16's loss scaling around it, so that every rank
-        sees the same overflows)."""
+        distributed optimizer (float16's loss scaling inside it, so that every rank sees the
+        same overflows)."""
         del num_outputs
         flags = self.flags
         options = horovod.allreduce_options(flags.accumulation_steps, flags.fp16_allreduce,
@@ -99,9 +99,12 @@ class DataParallel:
                 accumulation_steps=flags.accumulation_steps,
                 compression=options["compression"],
                 agree_on_overflow=flags.mixed_precision == "float16")
-        else:
-            distributed = hvd.DistributedOptimizer(optimizer, **options)
-        return model, optimizers.loss_scaled(distributed, flags.mixed_precision)
+            return model, optimizers.loss_scaled(distributed, flags.mixed_precision)
+        # Keras 3's loss scaling checks for overflow before its inner optimizer's apply(), so
+        # it goes inside Horovod's: the ranks allreduce the scaled gradients first, and an
+        # overflow on any rank makes every rank skip the step alike.
+        return model, hvd.DistributedOptimizer(
+            optimizers.loss_scaled(optimizer, flags.mixed_precision), **options)
 
     runs_eagerly = False
 

@@ -231,7 +231,8 @@ def _layers_and_input_shapes(model):
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
-        shapes = layer.input_shape if isinstance(layer.input_shape, list) else [layer.input_shape]
+        inputs = layer.input if isinstance(layer.input, list) else [layer.input]
+        shapes = [tensor.shape for tensor in inputs]
         for shape in shapes:
             if isinstance(layer, Level):
                 for inner in layer.inner:
