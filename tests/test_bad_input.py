@@ -113,11 +113,10 @@ def test_init_checkpoint_starts_a_new_run_from_another_runs_weights(tmp_path):
     # divides by the previous LR
     run(train_command(*DIGITS, "--epochs=1", "--learning_rate=0", "--optimizer=sgd",
                       f"--init_checkpoint={start}", f"--model_dir={tmp_path / 'b'}"))
-    a, b = ({name: value for name, value in checkpoint_values(tmp_path / run, 1, "model/").items()
-             if "OPTIMIZER_SLOT" not in name} for run in ("a", "b"))
+    a, b = (checkpoint_values(tmp_path / run, 1, "model/") for run in ("a", "b"))
     assert len(a) == 8 and a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
     optimizer_b = checkpoint_values(tmp_path / "b", 1, "optimizer/")
-    assert optimizer_b["optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE"] == 5  # a fresh optimizer
+    assert optimizer_b["optimizer/_iterations"] == 5  # a fresh optimizer
     fails_with(train_command(*DIGITS, "--epochs=1", f"--init_checkpoint={start}-missing",
                              f"--model_dir={tmp_path / 'c'}"), 2, "--init_checkpoint=")
 
