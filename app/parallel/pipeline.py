@@ -73,7 +73,7 @@ class BroadcastStageVariables(tf.keras.callbacks.Callback):
         if self.done:
             return
         hvd_tensorflow.broadcast_variables(
-            [*self.model.variables, *self.model.optimizer.variables()],
+            [*self.model.variables, *self.model.optimizer.variables],
             root_rank=self.model.where.stage, process_set=self.model.process_set)
         self.done = True
 
