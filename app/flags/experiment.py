@@ -89,12 +89,12 @@ def check_extents(source):
     if factor > 1 and any(extent % factor for extent in extents):
         name = "patch_size" if FLAGS.patch_size else "volume_size"
         raise invalid(name, f"gives patches of {'x'.join(map(str, extents))}, which "
-                             f"--model={FLAGS.model}'s down-sampling by {factor} does not "
-                             f"divide")
+                            f"--model={FLAGS.model}'s down-sampling by {factor} does not "
+                            f"divide")
     if FLAGS.spatial_parts > 1 and extents and extents[0] % (factor * FLAGS.spatial_parts):
         raise invalid("spatial_parts", f"splits examples of {extents[0]} planes, which are "
-                                        f"not divisible by {FLAGS.spatial_parts} slabs times "
-                                        f"--model={FLAGS.model}'s down-sampling by {factor}")
+                                       f"not divisible by {FLAGS.spatial_parts} slabs times "
+                                       f"--model={FLAGS.model}'s down-sampling by {factor}")
 
 
 def _writable(folder):
