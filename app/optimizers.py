@@ -3,8 +3,8 @@ was written for: their LR and momentum are variables, so LearningRateWarmupCallb
 its momentum correction. The large-batch ones (app.large_batch_optimizers) apply weight
 decay inside their update, so the model gets no L2 loss for them.
 
-The wrappers around them, in this order: Horovod's distributed optimizer (app.horovod), then,
-for float16, Keras' loss scaling."""
+The wrappers around them, in this order: for float16, Keras' loss scaling, then Horovod's
+distributed optimizer (app.horovod) or the sharded one (app.parallel.sharded_optimizer)."""
 import dataclasses
 from typing import Callable
 
@@ -52,10 +52,10 @@ def l2_loss_weight_decay(name, weight_decay):
 
 
 def loss_scaled(optimizer, mixed_precision):
-    """For --mixed_precision=float16, Keras' dynamic loss scaling around the distributed
-    optimizer: the ranks allreduce the scaled gradients, so an overflow on any rank reaches
-    every rank, and all of them skip that step and lower the scale alike. bfloat16 has
-    float32's range and needs none."""
+    """For --mixed_precision=float16, Keras' dynamic loss scaling, inside the distributed
+    optimizer: the ranks allreduce the scaled gradients before it checks them, so an overflow
+    on any rank reaches every rank, and all of them skip that step and lower the scale alike.
+    bfloat16 has float32's range and needs none."""
     if mixed_precision == "float16":
         return tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
     return optimizer

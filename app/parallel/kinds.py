@@ -86,22 +86,21 @@ class DataParallel:
 
     def trainer(self, model, optimizer, num_outputs):
         """(what fit() trains, its optimizer): here the model itself, with Horovod's
-        distributed optimizer (and float16's loss scaling around it, so that every rank
-        sees the same overflows)."""
+        distributed optimizer (and float16's loss scaling inside it, which then checks the
+        reduced gradients, so that every rank sees the same overflows)."""
         del num_outputs
         flags = self.flags
         options = horovod.allreduce_options(flags.accumulation_steps, flags.fp16_allreduce,
                                             flags.adasum)
+        optimizer = optimizers.loss_scaled(optimizer, flags.mixed_precision)
         stage = self.sharding()
         if stage:  # ZeRO: reduce-scatter, update this rank's pieces, allgather
-            distributed = sharded_optimizer.shard(
+            return model, sharded_optimizer.shard(
                 optimizer, gradients_too=stage == 2,
                 accumulation_steps=flags.accumulation_steps,
                 compression=options["compression"],
                 agree_on_overflow=flags.mixed_precision == "float16")
-        else:
-            distributed = hvd.DistributedOptimizer(optimizer, **options)
-        return model, optimizers.loss_scaled(distributed, flags.mixed_precision)
+        return model, hvd.DistributedOptimizer(optimizer, **options)
 
     runs_eagerly = False
 
