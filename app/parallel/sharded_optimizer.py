@@ -27,10 +27,11 @@ gradient pieces, and `agree_on_overflow` makes every rank's pieces non-finite wh
 rank's are, so that all of them skip the step.
 
 Checkpoints are the unsharded optimizer's, whatever N: for the moment of a save,
-`whole_state` has the checkpoint hold the sharded optimizer's unsharded twin (its wrapped
-class, built on the model's variables) with the state gathered from every rank's pieces;
-for a restore, `restored_whole_state` has the checkpoint restore into such a twin, then cuts
-its state into this rank's pieces.
+`whole_state` puts in the sharded optimizer's place (in the checkpoint, and in the model that
+compiled it) its unsharded twin, an optimizer of the wrapped class built on the model's
+variables, holding the state gathered from every rank's pieces on the saving rank; around a
+restore, `restored_whole_state` has the checkpoint restore into such a twin, then cuts its
+state into this rank's pieces.
 """
 import contextlib
 
