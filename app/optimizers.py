@@ -11,8 +11,8 @@ outside the bias-corrected square root ("epsilon hat") in both, 1e-7 by default;
 rounded to float32 (1 - beta_2: 0.001, not 0.00099998713), which moves the weights by
 1.8e-6 relative after 5 steps at LR 0.1, in float32 and float64 alike.
 
-The wrappers: Horovod's distributed optimizer (app.horovod) and, for float16, Keras' loss
-scaling, which on Keras 3 belongs inside the distributed optimizer (`loss_scaled`)."""
+The wrappers around them, in this order: for float16, Keras' loss scaling, then Horovod's
+distributed optimizer (app.horovod) or the sharded one (app.parallel.sharded_optimizer)."""
 import dataclasses
 from typing import Callable
 
@@ -58,13 +58,10 @@ def l2_loss_weight_decay(name, weight_decay):
 
 
 def loss_scaled(optimizer, mixed_precision):
-    """For --mixed_precision=float16, `optimizer` inside Keras 3's dynamic loss scaling.
-    Keras 3's LossScaleOptimizer checks the gradients it is handed for overflows before its
-    inner optimizer's apply(), which is where hvd.DistributedOptimizer allreduces: only
-    inside hvd.DistributedOptimizer (BUILD.md) does it check the allreduced gradients, so
-    that an overflow on any rank makes every rank skip that step and lower the scale alike;
-    around it, a rank that alone overflows skips an allreduce the others make. bfloat16 has
-    float32's range and needs none."""
+    """For --mixed_precision=float16, Keras' dynamic loss scaling, inside the distributed
+    optimizer: the ranks allreduce the scaled gradients before it checks them, so an overflow
+    on any rank reaches every rank, and all of them skip that step and lower the scale alike.
+    bfloat16 has float32's range and needs none."""
     if mixed_precision == "float16":
         return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

@@ -166,9 +166,10 @@ def build_and_restore(parallel, source, resume):
     try:
         if resumed:
             parallel.check_checkpoints(FLAGS.model_dir)
-            checkpoints.restore(manager, resume.epoch, resume.saved_step)
-            # a sharded optimizer keeps its ranks' pieces of the restored state
-            sharded_optimizer.take_restored_slots(optimizer, model.trainable_variables)
+            # a sharded optimizer keeps its rank's pieces of the restored whole state
+            with sharded_optimizer.restored_whole_state(manager.checkpoint,
+                                                        model.trainable_variables):
+                checkpoints.restore(manager, resume.epoch, resume.saved_step)
         elif FLAGS.init_checkpoint:
             checkpoints.initialize_from(model, FLAGS.init_checkpoint)
     except checkpoints.MismatchError as error:
@@ -316,8 +317,8 @@ def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_stat
     # Horovod: warm up the learning rate, then schedule it.
     found += schedule
     # the optimizer's whole state for a save (a sharded one's gathered from every rank)
-    whole_state = functools.partial(sharded_optimizer.whole_state, run.trainer.optimizer,
-                                    where.saves)
+    whole_state = functools.partial(sharded_optimizer.whole_state,
+                                    run.checkpoint_manager.checkpoint, where.saves)
     if not (FLAGS.benchmark or elastic_state):  # after the schedule: its checkpoint holds the
         found.append(preemption.StopOnSignal(  # optimizer's own momentum
             lambda value: int(max(hvd.allgather(tf.constant([value]), name="signal"))),

@@ -83,7 +83,7 @@ def test_adasum_adds_what_the_ranks_gradients_do_not_share(allreduced):
 @pytest.mark.distributed
 @pytest.mark.parametrize("optimizer", ["distributed", "sharded"])
 def test_float16_loss_scaling_skips_an_overflow_on_every_rank(optimizer, tmp_path):
-    """Loss scaling wraps the distributed optimizer: the overflow of rank 1 alone reaches
+    """Loss scaling inside the distributed optimizer: the overflow of rank 1 alone reaches
     rank 0 through the allreduce, both skip the step and halve the scale; the next step is
     the plain average. Sharded, the overflow lands in rank 0's half of the reduce-scatter
     only, and the ranks' agreement makes rank 1 skip too."""

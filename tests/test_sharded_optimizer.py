@@ -42,15 +42,16 @@ def test_each_optimizer_sharded_ends_with_horovods_weights_and_state(launcher, p
     and NovoGrad (weight decay on), stage 1 and 2, with and without --accumulation_steps=2,
     trained by Keras' fit() on a CNN whose output bias (3 elements) leaves the fourth of 4
     ranks an empty piece, beside (without accumulation, whose Horovod 0.28.1 asserts every
-    gradient exists) a head the loss does not reach: the weights and the whole slots
-    gathered from the pieces equal those of Horovod's DistributedOptimizer on the same
-    batches to 1e-10, the iteration counts too; neither moves the unreached head; each
-    rank's slots hold its pieces' elements (1/N, within one element per variable), the
-    ranks' elements add up to the unsharded optimizer's (none for the head), and gathering
-    them for a save leaves no whole slot behind. Under MPI, and under Gloo (horovodrun
-    --gloo) at 2 ranks."""
+    gradient exists) a head the loss does not reach: the weights and the whole slots of the
+    unsharded twin a save holds, gathered from the pieces, equal those of Horovod's
+    DistributedOptimizer on the same batches to 1e-10, the iteration counts (updates) too;
+    neither moves the unreached head; each rank's slots hold its pieces' elements (1/N,
+    within one element per variable), the ranks' elements add up to the unsharded
+    optimizer's (Keras 3 builds slots for the head too, both alike), and gathering them for
+    a save leaves nothing behind. Under MPI, and under Gloo (horovodrun --gloo) at 2
+    ranks."""
     run([*launcher(processes), PYTHON, "tests/workers/sharded_optimizer_check.py",
-         str(tmp_path), settings])
+         str(tmp_path), settings, ",".join(OPTIMIZERS)])
     by_rank = [json.loads((tmp_path / f"rank-{rank}.json").read_text())
                for rank in range(processes)]
     expected = {f"{name}_{setting}" for name in OPTIMIZERS for setting in settings.split(",")}
@@ -77,8 +78,15 @@ def _train(model_dir, processes, *flags):
     return run([*mpirun(processes), *command] if processes > 1 else command)
 
 
+def _weights_and_state(model_dir, epoch):
+    """A checkpoint's weights, momenta, iteration count and learning rate: Keras 3 saves them
+    all under the optimizer (the weights as the variables it updates)."""
+    return checkpoint_values(model_dir, epoch, "optimizer/")
+
+
 def _assert_same_values(found, expected):
-    assert found.keys() == expected.keys() and len(expected) == 16  # 8 weights, 8 momenta
+    # 8 weights, 8 momenta, the iteration count and the learning rate
+    assert found.keys() == expected.keys() and len(expected) == 18
     for name in expected:
         np.testing.assert_allclose(found[name], expected[name], rtol=0, atol=1e-10,
                                    err_msg=name)
@@ -93,9 +101,9 @@ def test_sharded_runs_end_with_one_processs_checkpoint_and_resume_at_any_number(
     after epoch 14 resumed on one process unsharded, and one process's resumed on 4 processes
     with --shard_gradients, end there too; --init_checkpoint starts a sharded run from the
     trained weights."""
-    one = checkpoint_values(integrity_runs[1], 16, "model/")
+    one = _weights_and_state(integrity_runs[1], 16)
     _train(tmp_path / "sharded", 2, "--shard_optimizer_state")
-    _assert_same_values(checkpoint_values(tmp_path / "sharded", 16, "model/"), one)
+    _assert_same_values(_weights_and_state(tmp_path / "sharded", 16), one)
     for run_dir, resumed_from in (("sharded_then_one", tmp_path / "sharded"),
                                   ("one_then_sharded4", integrity_runs[1])):
         shutil.copytree(resumed_from, tmp_path / run_dir)
@@ -105,7 +113,7 @@ def test_sharded_runs_end_with_one_processs_checkpoint_and_resume_at_any_number(
                _train(tmp_path / "one_then_sharded4", 4, "--shard_gradients")]
     for run_dir, result in zip(("sharded_then_one", "one_then_sharded4"), resumed):
         assert "Epoch 15/16" in result.stdout and "Epoch 14/16" not in result.stdout
-        _assert_same_values(checkpoint_values(tmp_path / run_dir, 16, "model/"), one)
+        _assert_same_values(_weights_and_state(tmp_path / run_dir, 16), one)
     results = json.loads((tmp_path / "one_then_sharded4" / "results.json").read_text())
     assert results["optimizer_state_sharding"] == 2 and results["world_size"] == 4
 
@@ -124,8 +132,7 @@ def test_a_signal_stops_a_sharded_run_mid_epoch_and_the_rerun_ends_as_if_uninter
     flags = [*INTEGRITY_FLAGS, "--shard_gradients", "--epochs=3", "--warmup_epochs=1",
              "--steps_per_epoch=150", "--global_batch_size=64"]
     straight, stopped = resumed_after_a_signal_mid_epoch(flags, tmp_path, 120, 150)
-    _assert_same_values(checkpoint_values(stopped, 3, "model/"),
-                        checkpoint_values(straight, 3, "model/"))
+    _assert_same_values(_weights_and_state(stopped, 3), _weights_and_state(straight, 3))
 
 
 @pytest.mark.distributed
@@ -165,7 +172,7 @@ def test_sharding_composes_with_spatial_groups_and_float16_loss_scaling(tmp_path
     for compressed, plain in zip(read_log(tmp_path / "fp16_allreduce"),
                                  read_log(tmp_path / "float16"), strict=True):
         assert float(compressed["loss"]) == pytest.approx(float(plain["loss"]), rel=2 ** -11)
-    compressed, plain = (checkpoint_values(tmp_path / name, 3, "model/")
+    compressed, plain = (_weights_and_state(tmp_path / name, 3)
                          for name in ("fp16_allreduce", "float16"))
     assert any(np.any(compressed[name] != plain[name]) for name in plain)
 

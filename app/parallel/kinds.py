@@ -86,25 +86,21 @@ class DataParallel:
 
     def trainer(self, model, optimizer, num_outputs):
         """(what fit() trains, its optimizer): here the model itself, with Horovod's
-        distributed optimizer (float16's loss scaling inside it, so that every rank sees the
-        same overflows)."""
+        distributed optimizer (and float16's loss scaling inside it, which then checks the
+        reduced gradients, so that every rank sees the same overflows)."""
         del num_outputs
         flags = self.flags
         options = horovod.allreduce_options(flags.accumulation_steps, flags.fp16_allreduce,
                                             flags.adasum)
+        optimizer = optimizers.loss_scaled(optimizer, flags.mixed_precision)
         stage = self.sharding()
         if stage:  # ZeRO: reduce-scatter, update this rank's pieces, allgather
-            distributed = sharded_optimizer.shard(
+            return model, sharded_optimizer.shard(
                 optimizer, gradients_too=stage == 2,
                 accumulation_steps=flags.accumulation_steps,
                 compression=options["compression"],
                 agree_on_overflow=flags.mixed_precision == "float16")
-            return model, optimizers.loss_scaled(distributed, flags.mixed_precision)
-        # Keras 3's loss scaling checks for overflow before its inner optimizer's apply(), so
-        # it goes inside Horovod's: the ranks allreduce the scaled gradients first, and an
-        # overflow on any rank makes every rank skip the step alike.
-        return model, hvd.DistributedOptimizer(
-            optimizers.loss_scaled(optimizer, flags.mixed_precision), **options)
+        return model, hvd.DistributedOptimizer(optimizer, **options)
 
     runs_eagerly = False
 

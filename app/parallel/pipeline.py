@@ -189,10 +189,9 @@ class PipelinedStage(tf.keras.Model):
         replicas (Horovod's grouped allreduce in the stage's process set: the gradients come
         from the microbatches' backward passes, not from the one loss
         hvd.DistributedOptimizer's compute_gradients would take), or, for an optimizer whose
-        state is sharded over them, this rank's pieces of that average."""
-        sharded = sharded_optimizer.sharded_inside(self.optimizer)
-        if sharded is not None:
-            return sharded.reduce_scattered(gradients, variables)
+        state is sharded over them, the local gradients, which it reduce-scatters itself."""
+        if isinstance(self.optimizer, sharded_optimizer.ShardedState):
+            return list(zip(gradients, variables))
         if self.process_set.size() > 1:
             gradients = hvd_tensorflow.grouped_allreduce(gradients, op=hvd_tensorflow.Average,
                                                          process_set=self.process_set)
