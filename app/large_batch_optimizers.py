@@ -81,6 +81,9 @@ class _LayerwiseOptimizer(keras.optimizers.Optimizer):
         return {**super().get_config(), "weight_decay": self.weight_decay_rate}
 
 
+# Registered, so that configs naming them (LossScaleOptimizer's inner optimizer, a saved
+# .keras model) rebuild them.
+@keras.saving.register_keras_serializable(package="hvd_keras")
 class LARS(_LayerwiseOptimizer):
     def __init__(self, learning_rate=0.1, momentum=0.9, eta=0.001, weight_decay=0.0,
                  name="LARS", **kwargs):
@@ -113,6 +116,7 @@ class LARS(_LayerwiseOptimizer):
         return {**super().get_config(), "momentum": self.momentum, "eta": self.eta}
 
 
+@keras.saving.register_keras_serializable(package="hvd_keras")
 class LAMB(_LayerwiseOptimizer):
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-6,
                  weight_decay=0.0, name="LAMB", **kwargs):
@@ -148,6 +152,7 @@ class LAMB(_LayerwiseOptimizer):
                 "epsilon": self.epsilon}
 
 
+@keras.saving.register_keras_serializable(package="hvd_keras")
 class NovoGrad(_LayerwiseOptimizer):
     def __init__(self, learning_rate=0.01, beta_1=0.95, beta_2=0.98, epsilon=1e-8,
                  weight_decay=0.0, grad_averaging=True, name="NovoGrad", **kwargs):
