@@ -2,6 +2,8 @@
 here, before any test module loads TensorFlow."""
 import concurrent.futures
 import csv
+import ctypes
+import itertools
 import os
 import pty
 import re
@@ -71,6 +73,27 @@ def cluster():
         yield
     finally:
         run([CLUSTER, "stop"])
+
+
+@pytest.fixture(scope="session")
+def horovod_here():
+    """Horovod initialized in pytest's own process (an MPI singleton), for tests of its Keras
+    layer on one process. MPI then puts its own variables (OMPI_*, PMIX_*) in the process's C
+    environment, which Python's os.environ never sees and every child started without an
+    explicit environment inherits: a child mpirun (a study's runs) then exits 1 without a
+    word. They are taken out of it again once init() has read them."""
+    from app.horovod import hvd
+    hvd.init()
+    environ = ctypes.POINTER(ctypes.c_char_p).in_dll(ctypes.CDLL(None), "environ")
+    names = []
+    for index in itertools.count():
+        if environ[index] is None:
+            break
+        names.append(environ[index].decode(errors="replace").split("=", 1)[0])
+    for name in names:
+        if name.startswith(("OMPI_", "PMIX_")) and name not in os.environ:
+            os.unsetenv(name)
+    return hvd
 
 
 def on_node1(*command):

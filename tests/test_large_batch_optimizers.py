@@ -84,8 +84,8 @@ def test_several_steps_follow_the_papers_update(name, variable, excluded):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_horovods_distributed_optimizer_wraps_each_without_changing_its_steps(name):
-    hvd.init()
+def test_horovods_distributed_optimizer_wraps_each_without_changing_its_steps(name, horovod_here):
+    del horovod_here
     make, reference = CASES[name]
     rng = np.random.default_rng(1)
     start = rng.normal(size=(4, 3)).astype(np.float32)
