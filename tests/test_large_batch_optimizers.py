@@ -103,10 +103,10 @@ def test_a_zero_weight_gets_a_trust_ratio_of_one():
     np.testing.assert_allclose(found, -LR * np.ones((2, 2)))
 
 
-def test_horovods_momentum_correction_scales_the_lars_velocity():
+def test_horovods_momentum_correction_scales_the_lars_velocity(horovod_here):
     """On Keras 3 Horovod's LR callbacks correct the momentum by scaling the optimizer's
     `momentums` by new LR / old LR: LARS's velocities, which hold LR-scaled steps."""
-    hvd.init()
+    del horovod_here
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(lbo.LARS(LR, momentum=0.9), "mse")
     model.fit(np.ones((4, 3)), np.zeros((4, 2)), verbose=0)  # one step: nonzero velocities
