@@ -15,10 +15,18 @@ from conftest import HOROVODRUN, PYTHON, REPO, mpirun, run
 KERAS3 = {"TF_USE_LEGACY_KERAS": "0"}  # conftest sets 1 for every process
 
 
-def _cases(out_dir, *cases):
-    """{case: findings} of each rank, which must agree."""
+CASES = ("optimizers_in_fit_and_custom_loop", "options", "loss_scaling", "bfloat16", "broadcast",
+         "collectives", "learning_rate_callbacks", "metric_average", "load_model",
+         "sync_batch_norm", "elastic_state", "best_model_checkpoint")
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """{case: its findings} of every case of the worker, from one mpirun (starting two ranks costs
+    more than most cases); both ranks' findings must agree."""
+    out_dir = tmp_path_factory.mktemp("keras3")
     run([*mpirun(2), PYTHON, "tests/workers/horovod_keras3_check.py", str(out_dir),
-         ",".join(cases)], env=KERAS3)
+         ",".join(CASES)], env=KERAS3)
     by_rank = [json.loads((out_dir / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     assert by_rank[0] == by_rank[1]
     return by_rank[0]
@@ -36,17 +44,17 @@ def test_horovods_keras_layers_import_and_take_the_backend_of_the_keras_in_use()
 
 
 @pytest.mark.distributed
-def test_each_optimizer_averages_gradients_in_fit_and_in_a_custom_loop(tmp_path):
+def test_each_optimizer_averages_gradients_in_fit_and_in_a_custom_loop(cases):
     """SGD with momentum and with Nesterov, Adam, AdamW, Lamb and Lion wrapped by
     hvd.DistributedOptimizer, 4 steps on each rank's half of the batches, by model.fit and by a
     tf.function calling apply_gradients: the weights of one process on the whole batches."""
-    found = _cases(tmp_path, "optimizers_in_fit_and_custom_loop")
+    found = cases["optimizers_in_fit_and_custom_loop"]
     assert len(found) == 12
     assert all(distance < 1e-10 for distance in found.values()), found
 
 
 @pytest.mark.distributed
-def test_distributed_optimizer_options_against_one_process(tmp_path):
+def test_distributed_optimizer_options_against_one_process(cases):
     """Adam through model.fit with num_groups/groups (an integer, and lists of the model's
     variables, whose names repeat across layers), gradient_predivide_factor, op=Sum (one
     process with twice the gradient), a process set of the rank alone (its own batches),
@@ -54,7 +62,7 @@ def test_distributed_optimizer_options_against_one_process(tmp_path):
     process), backward_passes_per_step=2 with and without average_aggregated_gradients (Keras
     3's own gradient_accumulation_steps=2, on twice the gradient for the sum), counting the
     updates in `iterations` as Keras does."""
-    found = _cases(tmp_path, "options")
+    found = cases["options"]
     for case, value in found.items():
         if case.endswith("_iterations"):
             assert value == [2, 2], (case, value)
@@ -107,12 +115,12 @@ def test_reductions_on_four_ranks_as_horovod_defines_them_on_keras3_and_tf_keras
 
 
 @pytest.mark.distributed
-def test_loss_scaling_and_bfloat16_train_as_one_process(tmp_path):
+def test_loss_scaling_and_bfloat16_train_as_one_process(cases):
     """LossScaleOptimizer around hvd.DistributedOptimizer and inside it train as one process
     does; with the distributed one around it, an infinite gradient on rank 1 only makes both
     ranks skip the step and halve the scale. Under the mixed_bfloat16 policy the weights are
     exactly those of one process applying the mean of the halves' gradients."""
-    found = _cases(tmp_path, "loss_scaling", "bfloat16")
+    found = {**cases["loss_scaling"], **cases["bfloat16"]}
     assert found["bfloat16_dtypes"] == ["float32", "bfloat16"]
     assert found["bfloat16"] == 0
     assert found["loss_scale_distributed_outside"] < 1e-10
@@ -121,13 +129,13 @@ def test_loss_scaling_and_bfloat16_train_as_one_process(tmp_path):
 
 
 @pytest.mark.distributed
-def test_broadcast_callback_gives_rank0s_weights_and_optimizer_slots(tmp_path):
+def test_broadcast_callback_gives_rank0s_weights_and_optimizer_slots(cases):
     """Each rank starts from its own initial weights and its own Adam slots and iteration
     count; BroadcastGlobalVariablesCallback(0) makes them rank 0's before the first step:
     the weights and slots after fit are one process's from rank 0's start. Horovod's
     collectives (allreduce, allgather, broadcast, reducescatter, broadcast_variables,
     broadcast_object) take Keras 3 variables, each rank's holding rank + 1."""
-    found = _cases(tmp_path, "broadcast", "collectives")
+    found = {**cases["broadcast"], **cases["collectives"]}
     assert found["broadcast_weights"] < 1e-10 and found["broadcast_slots"] < 1e-10, found
     assert found["collectives"] == {
         "allreduce": [1.5] * 3, "allgather": [1.0] * 3 + [2.0] * 3, "broadcast": [2.0] * 3,
@@ -136,14 +144,14 @@ def test_broadcast_callback_gives_rank0s_weights_and_optimizer_slots(tmp_path):
 
 
 @pytest.mark.distributed
-def test_learning_rate_callbacks_follow_their_formulas(tmp_path):
+def test_learning_rate_callbacks_follow_their_formulas(cases):
     """LearningRateWarmupCallback (2 epochs of 2 steps, then one more epoch) sets
     lr = 0.1 / size * (epoch' * (size - 1) / 2 + 1) with epoch' = epoch + (batch + 1) / 2, and
     its momentum correction reaches the update (the weights of one process with momentum
     times new / old learning rate in the warmup, 1e-10); LearningRateScheduleCallback with
     multiplier 0.5 from epoch 1 sets 0.1 * 0.5 ** (epoch - 1) at each epoch's start; an
     optimizer built with a schedule object is refused in one line."""
-    found = _cases(tmp_path, "learning_rate_callbacks")
+    found = cases["learning_rate_callbacks"]
     warmup = [0.1 / 2 * ((epoch + (batch + 1) / 2) * (2 - 1) / 2 + 1)
               for epoch in (0, 1) for batch in (0, 1)] + [0.1, 0.1]
     np.testing.assert_allclose(found["warmup_steps"], warmup, rtol=1e-12)
@@ -155,16 +163,16 @@ def test_learning_rate_callbacks_follow_their_formulas(tmp_path):
 
 
 @pytest.mark.distributed
-def test_metric_average_callback_logs_the_ranks_mean_loss(tmp_path):
+def test_metric_average_callback_logs_the_ranks_mean_loss(cases):
     """One step an epoch: each rank's epoch loss is its batch's loss at the initial weights,
     computed by hand; MetricAverageCallback logs their mean on both ranks."""
-    found = _cases(tmp_path, "metric_average")["metric_average"]
+    found = cases["metric_average"]["metric_average"]
     assert found["losses"][0] != pytest.approx(found["losses"][1])
     assert found["logged"] == pytest.approx(np.mean(found["losses"]), rel=1e-6)
 
 
 @pytest.mark.distributed
-def test_load_model_best_checkpoint_sync_batch_norm_and_elastic_state_on_keras3(tmp_path):
+def test_load_model_best_checkpoint_sync_batch_norm_and_elastic_state_on_keras3(cases):
     """hvd.load_model of a .keras file (Adam after 2 steps) wraps its optimizer with its
     state: 2 more steps on each rank's half are the loaded model's on the whole batches;
     hvd.SyncBatchNormalization on the halves is BatchNormalization on the whole batches
@@ -173,8 +181,9 @@ def test_load_model_best_checkpoint_sync_batch_norm_and_elastic_state_on_keras3(
     for each of 4 variables), and restore() after 2 steps brings back the saved ones. Rank 0's
     BestModelCheckpoint over 4 epochs holds the weights of the epoch of least validation loss
     (not the last), and the file loads without Horovod."""
-    found = _cases(tmp_path, "load_model", "sync_batch_norm", "elastic_state",
-                   "best_model_checkpoint")
+    found = {name: value for case in ("load_model", "sync_batch_norm", "elastic_state",
+                                      "best_model_checkpoint")
+             for name, value in cases[case].items()}
     best = found["best_model_checkpoint"]
     assert best["best_epoch"] == int(np.argmin(best["val_losses"])) < 3
     assert best["distance"] == 0

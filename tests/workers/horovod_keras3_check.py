@@ -379,7 +379,10 @@ def collectives():
     found["collectives"]["broadcast_object"] = received["value"].numpy().tolist()
 
 
+by_case = {}
 for case in sys.argv[2].split(","):
+    found = {}  # each case's findings apart
     globals()[case]()
+    by_case[case] = found
 with open(f"{sys.argv[1]}/rank-{RANK}.json", "w") as out:
-    json.dump(found, out)
+    json.dump(by_case, out)
