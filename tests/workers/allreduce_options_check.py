@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from app import horovod  # first: it sets TF_XLA_FLAGS
-from app.horovod import hvd, tf
+from app.horovod import hvd, keras, tf
 
 GRADIENTS = ([1.0001, 0.1, 3.3333, 1e-5], [2.0003, 0.3, 1.1111, 3e-5])  # rank 0's, rank 1's
 ADASUM_GRADIENTS = {  # name: (rank 0's, rank 1's)
@@ -21,11 +21,10 @@ ADASUM_GRADIENTS = {  # name: (rank 0's, rank 1's)
 
 def step(optimizer, gradients):
     """Minus the combined gradients of one step from zero weights: {name: [4 floats]}."""
-    weights = {name: tf.Variable(np.zeros(4, np.float32), name=name) for name in gradients}
-    with tf.GradientTape() as tape:  # a loss whose gradient is this rank's vector
-        loss = tf.add_n([tf.reduce_sum(tf.constant(gradients[name][hvd.rank()], tf.float32)
-                                       * weights[name]) for name in gradients])
-    optimizer.minimize(loss, list(weights.values()), tape=tape)  # Horovod reduces here
+    weights = {name: keras.Variable(np.zeros(4, np.float32), name=name) for name in gradients}
+    optimizer.apply_gradients(  # Horovod reduces in the optimizer's apply()
+        [(tf.constant(gradients[name][hvd.rank()], tf.float32), weights[name])
+         for name in gradients])
     return {name: weight.numpy().tolist() for name, weight in weights.items()}
 
 
@@ -33,12 +32,12 @@ hvd.init()
 found = {}
 for fp16_allreduce in (False, True):
     optimizer = hvd.DistributedOptimizer(
-        tf.keras.optimizers.legacy.SGD(1.0),
+        keras.optimizers.SGD(1.0),
         **horovod.allreduce_options(fp16_allreduce=fp16_allreduce))
     found["fp16" if fp16_allreduce else "fp32"] = step(
         optimizer, {f"kernel_{fp16_allreduce}": GRADIENTS})[f"kernel_{fp16_allreduce}"]
 found["adasum"] = step(hvd.DistributedOptimizer(
-    tf.keras.optimizers.legacy.SGD(1.0), **horovod.allreduce_options(adasum=True)),
+    keras.optimizers.SGD(1.0), **horovod.allreduce_options(adasum=True)),
     ADASUM_GRADIENTS)
 with open(f"{sys.argv[1]}/rank-{hvd.rank()}.json", "w") as out:
     json.dump({"gradients": GRADIENTS, "adasum_gradients": ADASUM_GRADIENTS, **found}, out)
