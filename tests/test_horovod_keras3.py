@@ -158,6 +158,7 @@ def test_learning_rate_callbacks_follow_their_formulas(cases):
     schedule = [0.1 * 0.5 ** max(epoch - 1, 0) for epoch in (0, 1, 2) for _ in (0, 1)]
     np.testing.assert_allclose(found["schedule_steps"], schedule, rtol=1e-12)
     assert found["warmup_weights"] < 1e-10
+    assert found["warmup_loss_scaled"] == 0
     assert "schedule" in found["schedule_object_refused"]
     assert "\n" not in found["schedule_object_refused"]
 

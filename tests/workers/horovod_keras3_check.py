@@ -213,6 +213,12 @@ def learning_rate_callbacks():
     trained = fit(sgd, steps=2, epochs=3, callbacks=[
         hvd.callbacks.LearningRateWarmupCallback(0.1, warmup_epochs=2, verbose=0), warmup])
     found["warmup_steps"] = warmup.steps
+    # Inside float16's LossScaleOptimizer the momentum is its inner optimizer's: the same
+    # correction (the scale, a power of 2, is exact in float64).
+    scaled = fit(hvd.DistributedOptimizer(keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1, momentum=0.9))), steps=2, epochs=3, callbacks=[
+        hvd.callbacks.LearningRateWarmupCallback(0.1, warmup_epochs=2, verbose=0)])
+    found["warmup_loss_scaled"] = distance(scaled, trained)
     fit(hvd.DistributedOptimizer(keras.optimizers.Adam(0.1)), steps=2, epochs=3, callbacks=[
         hvd.callbacks.LearningRateScheduleCallback(0.1, multiplier=0.5, start_epoch=1),
         schedule])
