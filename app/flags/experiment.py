@@ -9,7 +9,7 @@ from absl import flags
 import input_pipeline
 import models
 from app.experiments import EXPERIMENTS
-from app.flags.common import FLAGS, choices, invalid
+from app.flags.common import FLAGS, choices, invalid, require
 from app.flags.recipe import BATCH_FLAGS
 
 
@@ -49,9 +49,7 @@ DEFINES = (define_experiment_flags,)
 def check(world_size):
     """The model and data set are given, and the model's task is the data set's."""
     del world_size
-    for name in ("model", "dataset"):
-        if FLAGS[name].value is None:
-            raise invalid(name, "is required (the experiment sets no default)")
+    require("model", "dataset")
     model, dataset = models.BUILDERS[FLAGS.model], input_pipeline.DATASETS[FLAGS.dataset]
     if (model.task == "segmentation") != (dataset.task == "segmentation"):
         raise invalid("model", f"is a {model.task} model, --dataset={FLAGS.dataset} a "

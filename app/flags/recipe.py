@@ -4,7 +4,7 @@ app.arithmetic computes from them."""
 from absl import flags
 
 from app import arithmetic, optimizers
-from app.flags.common import FLAGS, choices, invalid
+from app.flags.common import FLAGS, choices, invalid, require
 
 BATCH_FLAGS = ("batch_size", "global_batch_size")  # exactly one of them
 
@@ -72,9 +72,7 @@ def check(world_size):
     the step schedule's epochs fall within training. (The batch is checked against the
     processes with the kind of parallelism, which divides it.)"""
     del world_size
-    for name in ("epochs", "learning_rate"):
-        if FLAGS[name].value is None:
-            raise invalid(name, "is required (the experiment sets no default)")
+    require("epochs", "learning_rate")
     if FLAGS.warmup_epochs and FLAGS.warmup_epochs >= FLAGS.epochs:
         raise invalid("warmup_epochs", f"must be shorter than --epochs={FLAGS.epochs}")
     decay_epochs()
