@@ -11,7 +11,7 @@ service; with Horovod, the ranks agree through an allgather of the signal every
 import math
 import signal
 
-import tensorflow as tf
+import keras
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -20,7 +20,7 @@ class Preempted(Exception):
     """Training stopped at a signal, with a checkpoint of the step it stopped at."""
 
 
-class StopOnSignal(tf.keras.callbacks.Callback):
+class StopOnSignal(keras.callbacks.Callback):
     """Records SIGNALS during fit; every `check_steps` steps, `agree(signal number or 0)`
     returns the largest over the ranks, and a non-zero one makes every rank call
     `save(epochs done, steps done)` (rank 0 writes and returns the path), wait for the
@@ -78,12 +78,52 @@ class StopOnSignal(tf.keras.callbacks.Callback):
             signal.signal(number, handler)
 
 
-class ResumeAt:
-    """Starts Keras' fit at step `step` of its initial epoch, as model._training_state:
-    Keras has no public way to, and this is the hook its own BackupAndRestore sets."""
+class ResumedCallbacks(keras.callbacks.CallbackList):
+    """The callbacks of a run resumed at step `first_step` of an epoch, for the two fit()
+    calls of fit_from_step(): they see one training, its first epoch's batches numbered
+    from `first_step`, begun and ended once. Keras 3's fit() starts only at an epoch."""
 
-    def __init__(self, epoch, step):
-        self.epoch, self.step = epoch, step
+    def __init__(self, callbacks, first_step, **arguments):
+        super().__init__(callbacks, **arguments)
+        self.offset = first_step
+        self._begun, self._last_epoch = False, None
 
-    def maybe_load_initial_counters_from_ckpt(self, steps_per_epoch, initial_epoch, mode=None):
-        return self.epoch, self.step
+    def on_train_begin(self, logs=None):
+        if not self._begun:
+            self._begun = True
+            super().on_train_begin(logs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        super().on_train_batch_begin(batch + self.offset, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch + self.offset, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        self.offset, self._last_epoch = 0, epoch
+
+    def on_train_end(self, logs=None):
+        if self.model.stop_training or self._last_epoch + 1 >= self.params["epochs"]:
+            super().on_train_end(logs)
+
+
+def fit_from_step(trainer, first_epoch, first_step, batches, *, steps_per_epoch, epochs,
+                  callbacks, verbose, **fit_arguments):
+    """trainer.fit() from step `first_step` of epoch `first_epoch` to `epochs`; `batches`:
+    the training data from there, then (resumed mid-epoch) from the next epoch's start.
+    Returns the history."""
+    if not first_step:
+        return trainer.fit(batches[0], steps_per_epoch=steps_per_epoch, epochs=epochs,
+                           initial_epoch=first_epoch, callbacks=callbacks, verbose=verbose,
+                           **fit_arguments)
+    resumed = ResumedCallbacks(callbacks, first_step, add_history=True,
+                               add_progbar=verbose != 0, verbose=verbose, epochs=epochs,
+                               steps=steps_per_epoch, model=trainer)
+    trainer.fit(batches[0], steps_per_epoch=steps_per_epoch - first_step,
+                epochs=first_epoch + 1, initial_epoch=first_epoch, callbacks=resumed,
+                **fit_arguments)
+    if first_epoch + 1 < epochs and not trainer.stop_training:
+        trainer.fit(batches[1], steps_per_epoch=steps_per_epoch, epochs=epochs,
+                    initial_epoch=first_epoch + 1, callbacks=resumed, **fit_arguments)
+    return trainer.history

@@ -218,12 +218,10 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
     # Horovod: only rank 0 prints (one line per epoch, or Keras' bar for one process on a
     # terminal, whose per-step work the other ranks would wait for).
     progress_bar = hvd.size() == 1 and sys.stdout.isatty() and not FLAGS.benchmark
-    run.trainer._training_state = (  # noqa: SLF001 (what Keras' BackupAndRestore sets)
-        preemption.ResumeAt(initial_epoch, initial_step) if initial_step else None)
     with failures_end_the_run(run):
-        history = run.trainer.fit(
-            train_data, steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs,
-            initial_epoch=initial_epoch,
+        history = preemption.fit_from_step(
+            run.trainer, initial_epoch, initial_step, train_data,
+            steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs,
             validation_data=None if FLAGS.benchmark else validation_data,
             validation_steps=FLAGS.validation_steps, callbacks=training_callbacks,
             verbose=(1 if progress_bar else 2) if hvd.rank() == 0 else 0)
@@ -261,15 +259,19 @@ def batch_sizes(parallel, where, source, trained_global_batch):
 
 def datasets(run, where, batch, span):
     """(training, validation) batches of this rank's shard: its replica's (the stages of a
-    pipeline read alike). The same seed on every rank: the files are dealt out, and with
-    --deterministic shuffled, alike."""
+    pipeline read alike); the training batches from the span's first step, and for a run
+    resumed mid-epoch, from the next epoch's start too (preemption.fit_from_step). The same
+    seed on every rank: the files are dealt out, and with --deterministic shuffled, alike."""
     tf.random.set_seed(FLAGS.seed)
-    train_data = input_pipeline.training_dataset(
+    starts = [(span.first_epoch, span.first_step)]
+    if span.first_step:
+        starts.append((span.first_epoch + 1, 0))
+    train_data = [input_pipeline.training_dataset(
         run.train_source, rank=where.replica, size=where.replicas, batch_size=batch,
-        steps_per_epoch=span.steps_per_epoch, first_epoch=span.first_epoch,
-        first_step=span.first_step, seed=FLAGS.seed, shuffle_buffer=FLAGS.shuffle_buffer,
-        cache=FLAGS.cache, deterministic=FLAGS.deterministic, threads=run.threads,
-        slab=(where.part, where.parts))
+        steps_per_epoch=span.steps_per_epoch, first_epoch=epoch, first_step=step,
+        seed=FLAGS.seed, shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache,
+        deterministic=FLAGS.deterministic, threads=run.threads, slab=(where.part, where.parts))
+        for epoch, step in starts]
     validation_data = input_pipeline.evaluation_dataset(
         run.validation_source, rank=where.replica, size=where.replicas, batch_size=batch,
         cache=FLAGS.cache, repeat=FLAGS.validation_steps is not None, threads=run.threads,
