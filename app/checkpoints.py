@@ -11,6 +11,7 @@ import json
 import os
 import re
 
+import keras
 import tensorflow as tf
 
 from app import cli
@@ -45,6 +46,10 @@ def read_model_record(model_dir):
 
 class MismatchError(ValueError):
     """A checkpoint that does not fit the model being built."""
+
+
+class WrittenByTfKerasError(RuntimeError):
+    """A checkpoint of the project's tf_keras version, which app.convert_checkpoint converts."""
 
 
 def stage_folder(stage=0, stages=1):
@@ -131,7 +136,90 @@ def restore(checkpoint_manager, epochs, steps=0):
     optimizer's slots do not exist until its first step; TensorFlow restores them when they
     are created."""
     path = os.path.join(checkpoint_manager.directory, checkpoint_name(epochs, steps))
+    _refuse_tf_keras(path)
     _restore_matching(checkpoint_manager.checkpoint, path)
+
+
+def _refuse_tf_keras(path):
+    """Raises WrittenByTfKerasError for a checkpoint (MODEL_DIR/checkpoints[/stage-K]/NAME)
+    of the project's tf_keras version, naming the command that converts its run."""
+    if not written_by_tf_keras(path):
+        return
+    model_dir = os.path.dirname(os.path.dirname(path))
+    if os.path.basename(model_dir) == "checkpoints":
+        model_dir = os.path.dirname(model_dir)
+    raise WrittenByTfKerasError(
+        f"{path} was written by the project's tf_keras version: convert it with python -m "
+        f"app.convert_checkpoint --from_dir={model_dir} --to_dir=NEW_MODEL_DIR")
+
+
+# The project's tf_keras version keyed a checkpoint's optimizer step count so; Keras 3's
+# optimizer is "optimizer/_iterations" in the object graph.
+_TF_KERAS_ITERATIONS = "optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE"
+_TF_KERAS_LOSS_SCALE = {"dynamic_scale": "current_loss_scale", "step_counter": "good_steps"}
+
+
+def written_by_tf_keras(path):
+    """Whether the checkpoint at `path` is of the project's tf_keras version."""
+    return tf.train.load_checkpoint(path).has_tensor(_TF_KERAS_ITERATIONS)
+
+
+def restore_tf_keras(path, model, optimizer, slot_names, slots_by_variable):
+    """Restores a checkpoint of the project's tf_keras version into a Keras 3 `model` and
+    `optimizer` (built on the model's trainable variables): each layer with weights was
+    model/layer_with_weights-K/ (K counting such layers), each weight under its name, its
+    slots `slot_names` under it; `slots_by_variable`: the optimizer's slots of each trainable
+    variable, in that order. Raises MismatchError naming what does not match, before it
+    changes anything."""
+    reader = tf.train.load_checkpoint(path)
+    value = "/.ATTRIBUTES/VARIABLE_VALUE"
+    pairs, trainable = [], {id(weight) for weight in model.trainable_weights}
+    slots = dict(zip((id(weight) for weight in model.trainable_weights), slots_by_variable))
+    layers = [layer for layer in model.layers if layer.weights]
+    for index, layer in enumerate(layers):
+        for weight, key in _tf_keras_keys(layer, f"model/layer_with_weights-{index}"):
+            pairs.append((weight, key + value))
+            if id(weight) in trainable:
+                pairs += [(slot, f"{key}/.OPTIMIZER_SLOT/optimizer/{name}{value}")
+                          for slot, name in zip(slots[id(weight)], slot_names, strict=True)]
+    pairs.append((optimizer.iterations, _TF_KERAS_ITERATIONS))
+    for name, tf_keras_name in _TF_KERAS_LOSS_SCALE.items():
+        if hasattr(optimizer, name):
+            pairs.append((getattr(optimizer, name),
+                          f"optimizer/loss_scale/{tf_keras_name}{value}"))
+    shapes = reader.get_variable_to_shape_map()
+    missing = [key for _, key in pairs if key not in shapes]
+    unused = sorted({key for key in shapes if key.startswith("model/")}
+                    - {key for _, key in pairs})
+    wrong = [f"{key} is of shape {shapes[key]}, the model's {list(variable.shape)}"
+             for variable, key in pairs if key in shapes
+             and list(variable.shape) != list(shapes[key])]
+    if missing or unused or wrong:
+        raise MismatchError(f"{path} does not match this model: " + (
+            f"it has no {missing[0]}" if missing else
+            f"{unused[0]} has no place in it" if unused else wrong[0]))
+    for variable, key in pairs:
+        variable.assign(reader.get_tensor(key))
+
+
+def _tf_keras_keys(layer, prefix):
+    """(weight, key) of each weight of `layer` in a tf_keras checkpoint: the path of Python
+    attributes to it (a list's items by index), its own weights by their names."""
+    nested = []
+    for name, value in vars(layer).items():
+        if name.startswith("_"):
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        nested += [(item, f"{prefix}/{name}" + (f"/{index}" if items is value else ""))
+                   for index, item in enumerate(items) if isinstance(item, keras.layers.Layer)]
+    inside = set()
+    for sublayer, path in nested:
+        for weight, key in _tf_keras_keys(sublayer, path):
+            inside.add(id(weight))
+            yield weight, key
+    for weight in layer.weights:
+        if id(weight) not in inside:
+            yield weight, f"{prefix}/{weight.name}"
 
 
 def save_mid_epoch(checkpoint_manager, epochs, steps, saves=True,
@@ -160,7 +248,8 @@ def initialize_from(model, path):
     """Starts `model` from the model weights of another run's checkpoint, and nothing else:
     they are read into an uncompiled twin, whose weights are then copied (restoring into
     `model` itself would also restore its optimizer's state, now or once it is created)."""
-    twin = tf.keras.models.clone_model(model)
+    _refuse_tf_keras(path)
+    twin = keras.models.clone_model(model)
     _restore_matching(tf.train.Checkpoint(model=twin), path, expect_partial=True)
     model.set_weights(twin.get_weights())
 
@@ -179,7 +268,7 @@ class SaveError(RuntimeError):
     """A checkpoint that could not be written (a full disk, a lost filesystem)."""
 
 
-class SaveEveryEpoch(tf.keras.callbacks.Callback):
+class SaveEveryEpoch(keras.callbacks.Callback):
     """Saves epoch-N after N epochs where `saves` (on every rank, inside `whole_state()`,
     which gathers a sharded optimizer's state); raises SaveError naming the model_dir when
     the save fails (the manager writes a checkpoint's files before it points its index at

@@ -127,10 +127,9 @@ class LAMB(_LayerwiseOptimizer):
         if self.built:
             return
         super().build(var_list)
-        self.first_moments = [self.add_variable_from_reference(variable, "m")
-                              for variable in var_list]
-        self.second_moments = [self.add_variable_from_reference(variable, "v")
-                               for variable in var_list]
+        # variable by variable, as Keras' own optimizers make theirs (app.convert_checkpoint)
+        self.first_moments, self.second_moments = self.add_optimizer_variables(
+            var_list, ["m", "v"])
 
     def _apply_dense(self, gradient, variable, learning_rate):
         dtype = variable.dtype
@@ -164,13 +163,13 @@ class NovoGrad(_LayerwiseOptimizer):
         if self.built:
             return
         super().build(var_list)
-        self.first_moments = [self.add_variable_from_reference(variable, "m")
-                              for variable in var_list]
+        # variable by variable, as Keras' own optimizers make theirs (app.convert_checkpoint);
         # one second moment per variable (layer), named as add_variable_from_reference would
-        self.second_moments = [
-            self.add_variable(shape=(), dtype=variable.dtype,
-                              name=f"{variable.path.replace('/', '_')}_v")
-            for variable in var_list]
+        self.first_moments, self.second_moments = [], []
+        for variable in var_list:
+            self.first_moments.append(self.add_variable_from_reference(variable, "m"))
+            self.second_moments.append(self.add_variable(
+                shape=(), dtype=variable.dtype, name=f"{variable.path.replace('/', '_')}_v"))
 
     def _apply_dense(self, gradient, variable, learning_rate):
         dtype = variable.dtype

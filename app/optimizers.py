@@ -23,26 +23,34 @@ from app import large_batch_optimizers
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-    """An optimizer: `build(learning_rate, momentum, weight_decay)`, and whether the weight
-    decay is inside its update (else the model gets it as an L2 loss)."""
+    """An optimizer: `build(learning_rate, momentum, weight_decay)`, whether the weight
+    decay is inside its update (else the model gets it as an L2 loss), and the names of each
+    variable's slots in the checkpoints of the project's tf_keras version, in the order the
+    Keras 3 optimizer makes them (app.convert_checkpoint)."""
     build: Callable
     description: str
     decay_inside: bool = False
+    tf_keras_slots: tuple = ()
 
 
 OPTIMIZERS = {
     "sgd": Optimizer(lambda lr, momentum, decay: keras.optimizers.SGD(lr), "plain SGD"),
     "momentum": Optimizer(lambda lr, momentum, decay: keras.optimizers.SGD(
-        lr, momentum=momentum), "SGD with --momentum"),
-    "adam": Optimizer(lambda lr, momentum, decay: keras.optimizers.Adam(lr), "Adam"),
+        lr, momentum=momentum), "SGD with --momentum", tf_keras_slots=("momentum",)),
+    "adam": Optimizer(lambda lr, momentum, decay: keras.optimizers.Adam(lr), "Adam",
+                      tf_keras_slots=("m", "v")),
     "lars": Optimizer(lambda lr, momentum, decay: large_batch_optimizers.LARS(
         lr, momentum=momentum, weight_decay=decay), "LARS (You et al.), with --momentum",
-        decay_inside=True),
+        decay_inside=True, tf_keras_slots=("momentum",)),
     "lamb": Optimizer(lambda lr, momentum, decay: large_batch_optimizers.LAMB(
-        lr, weight_decay=decay), "LAMB (You et al.)", decay_inside=True),
+        lr, weight_decay=decay), "LAMB (You et al.)", decay_inside=True,
+        tf_keras_slots=("m", "v")),
     "novograd": Optimizer(lambda lr, momentum, decay: large_batch_optimizers.NovoGrad(
-        lr, weight_decay=decay), "NovoGrad (Ginsburg et al.)", decay_inside=True),
+        lr, weight_decay=decay), "NovoGrad (Ginsburg et al.)", decay_inside=True,
+        tf_keras_slots=("m", "v")),
 }
+# An optimizer's own variables, by the last part of their path; the others are slots.
+OWN_VARIABLES = ("iteration", "learning_rate")
 
 
 def build(name, learning_rate, momentum=0.0, weight_decay=0.0):
@@ -73,3 +81,18 @@ def create_slots(optimizer, variables):
     starts or at their first apply(): Horovod's elastic sync broadcasts them, so a worker
     that joins a running job must already hold the same ones."""
     optimizer.build(variables)
+
+
+def slots_by_variable(optimizer, variables):
+    """[the slots of each of `variables`] of an optimizer built on them (under float16's loss
+    scaling, its inner optimizer's): Keras 3's optimizers make each variable's slots
+    together, in the variables' order, after their own variables."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    slots = [variable for variable in inner.variables
+             if variable.path.split("/")[-1] not in OWN_VARIABLES]
+    per_variable, left = divmod(len(slots), len(variables))
+    if left:
+        raise ValueError(f"{type(inner).__name__} has {len(slots)} slots for "
+                         f"{len(variables)} variables")
+    return [slots[index * per_variable:(index + 1) * per_variable]
+            for index in range(len(variables))]

@@ -189,7 +189,7 @@ def main(_):
     model = models.build(record["model"], (window,) * spatial + (1,), record["num_outputs"])
     try:
         checkpoints.initialize_from(model, checkpoint)
-    except checkpoints.MismatchError as error:
+    except (checkpoints.MismatchError, checkpoints.WrittenByTfKerasError) as error:
         cli.fail(f"--model_dir={FLAGS.model_dir}: {error}", cli.RUN_ERROR)
     scaling = (seismic.survey_scaling(survey.sample(seismic.SCALING_SAMPLE_VALUES))
                if record["standardization"] else None)

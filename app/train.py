@@ -174,6 +174,9 @@ def build_and_restore(parallel, source, resume):
             checkpoints.initialize_from(model, FLAGS.init_checkpoint)
     except checkpoints.MismatchError as error:
         cli.fail(f"--model={FLAGS.model}: {error}", cli.RUN_ERROR)
+    except checkpoints.WrittenByTfKerasError as error:
+        cli.fail(f"--model_dir={FLAGS.model_dir}: {error}" if resumed else
+                 f"--init_checkpoint={FLAGS.init_checkpoint}: {error}", cli.RUN_ERROR)
     except pipeline_plan.CutError as error:
         cli.fail(error, cli.RUN_ERROR)
     if not resumed and hvd.rank() == 0:
@@ -222,7 +225,7 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
         history = preemption.fit_from_step(
             run.trainer, initial_epoch, initial_step, train_data,
             steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs,
-            validation_data=None if FLAGS.benchmark else validation_data,
+            validation_data=None if FLAGS.benchmark else validation_data, shuffle=False,
             validation_steps=FLAGS.validation_steps, callbacks=training_callbacks,
             verbose=(1 if progress_bar else 2) if hvd.rank() == 0 else 0)
     return results.summary(

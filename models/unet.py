@@ -37,7 +37,9 @@ class Level(keras.layers.Layer):
 
     def __init__(self, layers, recompute=False, **kwargs):
         super().__init__(**kwargs)
-        self.inner, self.recompute = layers, recompute
+        # a tuple: TensorFlow's checkpoints track a tuple's layers (inner/0, inner/1, as
+        # tf_keras did), not those of the list Keras 3 makes of a list
+        self.inner, self.recompute = tuple(layers), recompute
 
     def build(self, input_shape):
         shape = input_shape

@@ -50,23 +50,26 @@ def pipeline_runs(tmp_path_factory):
 
 
 def stage_values(model_dir, epoch, stage):
-    reader = tf.train.load_checkpoint(str(model_dir / "checkpoints" / f"stage-{stage}" /
-                                          f"epoch-{epoch}"))
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-            if name.startswith("model/")}
+    return checkpoint_values(model_dir, epoch, "model/", f"checkpoints/stage-{stage}")
+
+
+def by_layer(values, first=0):
+    """{"layer-K/...": value}: a model's weights by the order of their layers, the first
+    numbered `first` (a functional model numbers every operation, its input included)."""
+    operations = sorted({int(re.match(r"model/_operations/(\d+)/", name).group(1))
+                         for name in values})
+    return {re.sub(r"model/_operations/(\d+)/",
+                   lambda found: f"layer-{first + operations.index(int(found.group(1)))}/",
+                   name): value for name, value in values.items()}
 
 
 def whole_model_values(model_dir, epoch, stages):
-    """The stages' checkpoints as one model's: the k-th layer with weights of each stage
-    numbered after those of the stages before it."""
-    merged, offset = {}, 0
+    """The stages' checkpoints as one model's: each stage's layers with weights numbered
+    after those of the stages before it."""
+    merged = {}
     for stage in range(stages):
-        layers = 0
-        for name, value in stage_values(model_dir, epoch, stage).items():
-            index, rest = re.fullmatch(r"model/layer_with_weights-(\d+)/(.*)", name).groups()
-            merged[f"model/layer_with_weights-{int(index) + offset}/{rest}"] = value
-            layers = max(layers, int(index) + 1)
-        offset += layers
+        merged.update(by_layer(stage_values(model_dir, epoch, stage),
+                               len({name.split("/")[0] for name in merged})))
     return merged
 
 
@@ -86,7 +89,7 @@ def test_pipelined_runs_end_with_the_weights_of_one_process(pipeline_runs, one, 
     the 16 steps, every step at the same LR; each stage holds only its own part of the
     model. In float64, as the integrity test: in float32 the sums' order alone parts such
     runs by 1e-4 on some CPUs (BENCHMARKS.md)."""
-    reference = checkpoint_values(pipeline_runs[one], 16, "model/")
+    reference = by_layer(checkpoint_values(pipeline_runs[one], 16, "model/"))
     merged = whole_model_values(pipeline_runs[pipelined], 16, stages)
     assert merged.keys() == reference.keys()
     for name in reference:
@@ -96,7 +99,7 @@ def test_pipelined_runs_end_with_the_weights_of_one_process(pipeline_runs, one, 
     assert sum(parts) == len(reference) and min(parts) > 0
     assert per_step_learning_rates(pipeline_runs[pipelined]) == \
         per_step_learning_rates(pipeline_runs[one])
-    moved = checkpoint_values(pipeline_runs[one], 14, "model/")
+    moved = by_layer(checkpoint_values(pipeline_runs[one], 14, "model/"))
     assert max(np.abs(reference[name] - moved[name]).max() for name in reference) > 1e-3
 
 
@@ -121,7 +124,7 @@ def test_a_long_staged_run_stays_at_one_processs_rounding(tmp_path):
     for reference, found in zip(*logs):
         assert float(found["val_loss"]) == pytest.approx(float(reference["val_loss"]),
                                                          rel=1e-12, abs=0)
-    reference = checkpoint_values(one, 88, "model/")
+    reference = by_layer(checkpoint_values(one, 88, "model/"))
     merged = whole_model_values(staged, 88, 2)
     for name in reference:
         np.testing.assert_allclose(merged[name], reference[name], rtol=0, atol=1e-12,
@@ -133,12 +136,13 @@ def test_a_bfloat16_pipeline_computes_the_bits_of_one_process(pipeline_runs):
     """Mixed bfloat16 across stages (activations and their gradients sent as bfloat16): the
     ResNet-20 cut in 2 ends with exactly the weights of one process on one thread, and not
     with those of the float64 runs."""
-    reference = checkpoint_values(pipeline_runs["resnet-np1-bf16"], 16, "model/")
+    reference = by_layer(checkpoint_values(pipeline_runs["resnet-np1-bf16"], 16, "model/"))
     merged = whole_model_values(pipeline_runs["resnet-stages2-bf16"], 16, 2)
     assert merged.keys() == reference.keys()
     for name in reference:
         np.testing.assert_array_equal(merged[name], reference[name], err_msg=name)
-    in_float64 = checkpoint_values(pipeline_runs["resnet-np1-microbatches2"], 16, "model/")
+    in_float64 = by_layer(checkpoint_values(pipeline_runs["resnet-np1-microbatches2"], 16,
+                                            "model/"))
     assert max(np.abs(reference[name] - in_float64[name]).max() for name in reference) > 1e-3
     with open(pipeline_runs["resnet-stages2-bf16"] / "results.json") as results:
         assert json.load(results)["precision"] == "mixed_bfloat16"
@@ -275,17 +279,26 @@ def test_a_staged_checkpoint_converts_to_one_model_and_back_and_resumes(pipeline
     whole, staged = tmp_path / "whole", tmp_path / "staged"
     run([PYTHON, "-m", "app.convert_checkpoint", f"--from_dir={pipeline_runs['mlp-stages2']}",
          f"--to_dir={whole}", "--to_stages=1"])
-    converted = checkpoint_values(whole, 16)
+    converted = by_layer(checkpoint_values(whole, 16, "model/"))
     merged = whole_model_values(pipeline_runs["mlp-stages2"], 16, 2)
-    assert {name for name in converted if name.startswith("model/")} == merged.keys()
+    assert converted.keys() == merged.keys()
     assert all(np.array_equal(converted[name], merged[name]) for name in merged)
-    assert converted["optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE"] == 16
-    assert converted["global_batch_size/.ATTRIBUTES/VARIABLE_VALUE"] == 128
+    momentum = [checkpoint_values(model_dir, 16, "optimizer/_variables/", folder)
+                for model_dir, folder in [(whole, "checkpoints"),
+                                          *((pipeline_runs["mlp-stages2"],
+                                             f"checkpoints/stage-{stage}") for stage in (0, 1))]]
+    assert [value.shape for value in momentum[0].values()] == [
+        value.shape for stage in momentum[1:] for value in stage.values()]
+    assert all(np.array_equal(whole_value, stage_value) for whole_value, stage_value in zip(
+        momentum[0].values(), [value for stage in momentum[1:] for value in stage.values()]))
+    assert checkpoint_values(whole, 16, "optimizer/_iterations")[
+        "optimizer/_iterations"] == 16
+    assert checkpoint_values(whole, 16, "global_batch_size")["global_batch_size"] == 128
     assert "--pipeline_stages=1" in (whole / "flags.cfg").read_text().splitlines()
 
     run([PYTHON, "-m", "app.convert_checkpoint", f"--from_dir={pipeline_runs['mlp-np1']}",
          f"--to_dir={staged}", "--to_stages=2"])
-    one = checkpoint_values(pipeline_runs["mlp-np1"], 16, "model/")
+    one = by_layer(checkpoint_values(pipeline_runs["mlp-np1"], 16, "model/"))
     split = whole_model_values(staged, 16, 2)
     assert split.keys() == one.keys() and all(np.array_equal(split[n], one[n]) for n in one)
 

@@ -16,13 +16,13 @@ SHORT = ["--epochs=1", "--steps_per_epoch=2", "--validation_steps=1", "--warmup_
          "--lr_schedule=constant"]
 
 
-def checkpoint_values(model_dir, epoch, prefix=""):
+def checkpoint_values(model_dir, epoch, prefix="", folder="checkpoints"):
     """{path: value} of the variables of MODEL_DIR's epoch-EPOCH checkpoint whose path starts
     with `prefix`, each by its path in the checkpoint's object graph ("model/...",
     "optimizer/..."), not by its key: TensorFlow keys a variable by the first path it meets,
     and a Keras 3 model's weights are met first through its optimizer. The model's own
     optimizer (a child of a Keras 3 model) is left out of "model/"."""
-    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints", f"epoch-{epoch}"))
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, folder, f"epoch-{epoch}"))
     graph = trackable_object_graph_pb2.TrackableObjectGraph()
     graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
     top = prefix.split("/")[0]

@@ -23,7 +23,7 @@ PIPELINE_CYCLE_TIME_MS, and keeps Horovod's threads at normal priority (BENCHMAR
 import os
 
 from app.parallel import sharded_optimizer
-from app.horovod import hvd, hvd_tensorflow, tf
+from app.horovod import hvd, hvd_tensorflow, keras, tf
 from app.parallel.pipeline_plan import schedule, stage_ranks
 
 PIPELINE_CYCLE_TIME_MS = 5.0
@@ -60,7 +60,7 @@ def stage(stage_model, where, arguments, microbatches, num_outputs, recompute, o
                           recompute, order)
 
 
-class BroadcastStageVariables(tf.keras.callbacks.Callback):
+class BroadcastStageVariables(keras.callbacks.Callback):
     """Horovod's BroadcastGlobalVariablesCallback for the replicas of one stage (Horovod's
     takes no process set): after the first step, which made the optimizer's slots, the model
     and optimizer variables of the stage's first replica go to the others."""
@@ -91,7 +91,7 @@ class OneStage:
         return value
 
 
-class PipelinedStage(tf.keras.Model):
+class PipelinedStage(keras.Model):
     """One rank's stage of a pipelined model, trained by Keras' fit() with the schedule
     above (eagerly: each step exchanges tensors with MPI between its operations).
 
@@ -107,6 +107,7 @@ class PipelinedStage(tf.keras.Model):
         self.stage_model, self.where, self.pipe = stage_model, where, pipe
         self.process_set, self.microbatches = process_set, microbatches
         self.num_outputs = num_outputs
+        self.metrics_built = where.last  # the other stages build theirs as the last's are
         self.passes = schedule(order, where, microbatches)
         # Compiled pieces between the messages: a tape records a tf.function as one operation
         # and runs its compiled gradient in the backward pass.
@@ -160,8 +161,7 @@ class PipelinedStage(tf.keras.Model):
             upstream = None if where.last else tf.constant(
                 self.pipe.recv(source=where.stage + 1, tag=count + index))
             sources = [*variables, *([] if where.first else [stage_input])]
-            gradients = tape.gradient(target, sources, upstream,
-                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            gradients = _gradients(tape, target, sources, upstream)
             if not where.first:
                 pending.append(self.pipe.isend(gradients[-1].numpy(), where.stage - 1,
                                                count + index))
@@ -198,10 +198,18 @@ class PipelinedStage(tf.keras.Model):
         return list(zip(gradients, variables))
 
     def _loss_and_metrics(self, labels, outputs, regularization):
-        """The last stage's loss, with the whole model's weight decay; the metrics updated."""
-        loss = self.compiled_loss(labels, outputs, regularization_losses=[regularization])
-        self.compiled_metrics.update_state(labels, outputs)
+        """The last stage's loss, with the whole model's weight decay (compute_loss() adds the
+        stage's own, `regularization` the other stages'); the metrics updated."""
+        loss = self.compute_loss(y=labels, y_pred=outputs) + regularization
+        self._update_metrics(labels, outputs, loss)
         return loss
+
+    def _update_metrics(self, labels, outputs, loss):
+        """Keras 3's way for a train_step of one's own: the loss's tracker by its name."""
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss)
+        self.compute_metrics(None, labels, outputs)
 
     def _forward_and_loss(self, inputs, labels, regularization):
         return self._loss_and_metrics(labels, self._call_training(inputs), regularization)
@@ -216,25 +224,34 @@ class PipelinedStage(tf.keras.Model):
             self.pipe.recv(source=self.where.stage - 1, tag=tag))
 
     def _regularization(self, variables):
-        """The weight decay of the whole model (every stage's own, added up over the
-        pipeline), which the loss the last stage reports includes; the gradients of this
-        stage's own."""
+        """(the weight decay of the other stages of the pipeline, which the loss the last
+        stage reports includes; the gradients of this stage's own). The last stage's own
+        is in its loss, whose gradients carry it."""
         losses = self.stage_model.losses
         with tf.GradientTape() as tape:
             own = tf.add_n(losses) if losses else tf.constant(0.0)
-        gradients = tape.gradient(own, variables,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return tf.constant(self.pipe.allreduce(float(own)), own.dtype), gradients
+        gradients = (_gradients(None, own, variables) if self.where.last
+                     else _gradients(tape, own, variables))
+        others = self.pipe.allreduce(float(own)) - float(own)
+        return tf.constant(others, own.dtype), gradients
 
     def _shared_metrics(self, labels):
         """The last stage's loss and metric state, on every stage of the pipeline."""
-        if not self.where.last and not self.metrics:  # built as the last stage's are
-            predictions = tf.zeros([tf.shape(labels)[0], self.num_outputs])
-            self.compiled_loss(labels, predictions)
-            self.compiled_metrics.update_state(labels, predictions)
+        if not self.metrics_built:  # the same metric variables as the last stage's
+            self.compute_metrics(None, labels, tf.zeros([tf.shape(labels)[0], self.num_outputs]))
+            self.metrics_built = True
         state = [variable for metric in self.metrics for variable in metric.variables]
         values = self.pipe.bcast([variable.numpy() for variable in state]
                                  if self.where.last else None, root=self.where.stages - 1)
         for variable, value in zip(state, values):
             variable.assign(value)
-        return {metric.name: metric.result() for metric in self.metrics}
+        return self.get_metrics_result()
+
+
+def _gradients(tape, target, sources, upstream=None):
+    """The tape's gradients of `target` (none: zeros), zeros for the sources it does not
+    reach (TensorFlow's UnconnectedGradients.ZERO cannot read a Keras 3 variable's dtype)."""
+    found = (tape.gradient(target, sources, upstream) if tape is not None
+             else [None] * len(sources))
+    return [tf.zeros(source.shape, source.dtype) if gradient is None else gradient
+            for gradient, source in zip(found, sources)]

@@ -38,6 +38,7 @@ import contextlib
 import numpy as np
 
 from app.horovod import hvd_tensorflow, tf
+from app import optimizers
 
 
 def piece_bounds(elements, rank, size):
@@ -128,7 +129,7 @@ def slot_elements(optimizer):
     variables = (optimizer.all_variables if isinstance(optimizer, ShardedState)
                  else optimizer.variables)
     return sum(int(np.prod(variable.shape)) for variable in variables
-               if variable.path.split("/")[-1] not in ("iteration", "learning_rate"))
+               if variable.path.split("/")[-1] not in optimizers.OWN_VARIABLES)
 
 
 class Pieces:
