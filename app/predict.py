@@ -23,7 +23,7 @@ import itertools
 import json
 import os
 
-from app.horovod import hvd_tensorflow as hvd, tf  # first: it sets TF_XLA_FLAGS
+from app.horovod import hvd_tensorflow as hvd, keras, tf  # first: it sets TF_XLA_FLAGS
 
 import numpy as np
 from absl import app, flags
@@ -172,8 +172,11 @@ def main(_):
         record, checkpoint = run_model(FLAGS.model_dir)
     except (RunRecordError, checkpoints.NoIntactCheckpointError) as error:
         cli.fail(f"--model_dir={FLAGS.model_dir}: {error}")
-    builder = models.BUILDERS[record["model"]]
+    builder = models.builder(record["model"])
     window = FLAGS.window or record["input_shape"][0]
+    if record["model"].endswith(".keras") and window != record["input_shape"][0]:
+        cli.fail(f"--window={window}: --model={record['model']} takes windows of "
+                 f"{record['input_shape'][0]} only, as it was saved")
     if window % builder.downsampling:
         cli.fail(f"--window={window}: --model={record['model']} divides its input's extents "
                  f"by {builder.downsampling}")
@@ -184,11 +187,14 @@ def main(_):
 
     hvd.init()
     if record["precision"] == "float64":
-        tf.keras.mixed_precision.set_global_policy("float64")
+        keras.mixed_precision.set_global_policy("float64")
     spatial = len(record["input_shape"]) - 1  # a model of sections: 2
-    model = models.build(record["model"], (window,) * spatial + (1,), record["num_outputs"])
     try:
+        model = models.build(record["model"], (window,) * spatial + (1,),
+                             record["num_outputs"])
         checkpoints.initialize_from(model, checkpoint)
+    except models.user.UserModelError as error:
+        cli.fail(f"--model_dir={FLAGS.model_dir}: --model={record['model']}: {error}")
     except (checkpoints.MismatchError, checkpoints.WrittenByTfKerasError) as error:
         cli.fail(f"--model_dir={FLAGS.model_dir}: {error}", cli.RUN_ERROR)
     scaling = (seismic.survey_scaling(survey.sample(seismic.SCALING_SAMPLE_VALUES))

@@ -148,6 +148,8 @@ def build_and_restore(parallel, source, resume):
                                        f"batch normalization to synchronize")
     except arithmetic.FlagError as error:
         cli.fail(error)
+    except models.user.UserModelError as error:
+        cli.fail(f"--model={FLAGS.model}: {error}")
     models.add_weight_decay(
         model, optimizers.l2_loss_weight_decay(FLAGS.optimizer, FLAGS.weight_decay))
     optimizer = optimizers.build(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum,

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from models import segmentation
+from models import segmentation, user
 from models.cnn import pooled_cnn, small_cnn
 from models.dense import float_dtype, linear, mlp
 from models.resnet import resnet20, resnet50, resnet56, wide_resnet16_10
@@ -55,20 +55,41 @@ BUILDERS = {
 }
 
 
+def builder(name):
+    """The Builder of --model=`name`: BUILDERS's, or for a user's own model (models.user:
+    package.module:function or path/to/model.keras) one of a single block, whose task its
+    outputs tell once it is built."""
+    if not user.is_user_model(name):
+        return BUILDERS[name]
+
+    def blocks(num_outputs, normalization=None, recompute=False):
+        del normalization, recompute  # the user's model has its own layers
+        return [lambda x: user.load(name, x.shape[1:], num_outputs)(x)]
+    return Builder(blocks, f"the user's model {name}", task=None, example_dataset=None)
+
+
 def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormalization,
-          seed=None, first_block=0, last_block=None, input_scaling=None, recompute=False):
+          seed=None, first_block=0, last_block=None, input_scaling=None, recompute=False,
+          task=None):
     """Returns the uncompiled Keras model `name` on inputs of `input_shape`, or the stage of
     it that runs blocks first_block to last_block (exclusive; None: to the end), which takes
     the tensor block `first_block` takes; its random initial weights from `seed` (None: from
     Keras' random state as it is). `input_scaling`, (scale, offset) per channel, makes the
     first layer normalize the inputs (the data source's, e.g. ImageNet's statistics);
     `recompute`, for a model that `recomputes`, recomputes parts of it in the backward
-    pass."""
-    extra = {"recompute": True} if recompute else {}
-    blocks = BUILDERS[name].blocks(num_outputs, normalization=normalization, **extra)
-    stage = range(len(blocks))[first_block:last_block]
+    pass. A user's model is checked against `task` (if given), and returned as it is
+    where nothing goes before it. Raises user.UserModelError for a user's model that
+    cannot be had or does not fit."""
     if seed is not None:
         keras.utils.set_random_seed(seed)
+    if user.is_user_model(name) and input_scaling is None:
+        model = user.load(name, input_shape, num_outputs)
+        if task:
+            user.check_outputs(model, task, input_shape, num_outputs)
+        return model
+    extra = {"recompute": True} if recompute else {}
+    blocks = builder(name).blocks(num_outputs, normalization=normalization, **extra)
+    stage = range(len(blocks))[first_block:last_block]
     if first_block:
         with tf.Graph().as_default():
             before = keras.Input(input_shape)
@@ -81,8 +102,12 @@ def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormal
     for index in stage:
         outputs = blocks[index](outputs)
     whole = len(stage) == len(blocks)
-    return keras.Model(inputs, outputs,
-                       name=name if whole else f"{name}_blocks_{stage.start}_{stage.stop}")
+    base = "user_model" if user.is_user_model(name) else name  # a path is no Keras name
+    model = keras.Model(inputs, outputs,
+                        name=base if whole else f"{base}_blocks_{stage.start}_{stage.stop}")
+    if user.is_user_model(name) and task:
+        user.check_outputs(model, task, input_shape, num_outputs)
+    return model
 
 
 def _rescaling(input_scaling, input_shape):
@@ -96,7 +121,7 @@ def _rescaling(input_scaling, input_shape):
 
 def count_blocks(name):
     """How many blocks model `name` has: at most that many pipeline stages."""
-    return len(BUILDERS[name].blocks(1))
+    return len(builder(name).blocks(1))
 
 
 Block = collections.namedtuple("Block", "input_shape parameters flops")
@@ -106,7 +131,7 @@ def blocks_of(name, input_shape, num_outputs):
     """[Block(input shape, parameters, forward FLOPs per example)] of each of the model's
     blocks, worked out in a graph that is thrown away, without allocating any weight."""
     with tf.Graph().as_default():
-        blocks = BUILDERS[name].blocks(num_outputs)
+        blocks = builder(name).blocks(num_outputs)
         x, found = keras.Input(input_shape), []
         for block in blocks:
             shape = tuple(x.shape[1:])

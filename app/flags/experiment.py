@@ -18,8 +18,16 @@ def define_experiment_flags():
     flags.DEFINE_enum("experiment", "digits_cnn", sorted(EXPERIMENTS),
                       "Registry entry (app/experiments.py) whose defaults the flagfile and "
                       "command line override: " + choices(EXPERIMENTS))
-    flags.DEFINE_enum("model", None, sorted(models.BUILDERS),
-                      "Model to build (models.BUILDERS): " + choices(models.BUILDERS))
+    flags.DEFINE_string("model", None,
+                        "Model to build: one of models.BUILDERS (" + choices(models.BUILDERS)
+                        + "), or your own Keras 3 model: package.module:function (a function "
+                        "of (input_shape, num_outputs) that returns a keras.Model, imported "
+                        "from the PYTHONPATH or the current folder) or path/to/model.keras "
+                        "(training starts from its weights); docs/extending.md.")
+    flags.register_validator(
+        "model", lambda name: (name is None or name in models.BUILDERS
+                               or models.user.is_user_model(name)),
+        "is none of models.BUILDERS, nor package.module:function, nor a .keras file")
     flags.DEFINE_enum("dataset", None, sorted(input_pipeline.DATASETS),
                       "Data set to train on (input_pipeline.DATASETS): "
                       + choices(input_pipeline.DATASETS))
@@ -50,10 +58,27 @@ def check(world_size):
     """The model and data set are given, and the model's task is the data set's."""
     del world_size
     require("model", "dataset")
-    model, dataset = models.BUILDERS[FLAGS.model], input_pipeline.DATASETS[FLAGS.dataset]
-    if (model.task == "segmentation") != (dataset.task == "segmentation"):
+    model, dataset = models.builder(FLAGS.model), input_pipeline.DATASETS[FLAGS.dataset]
+    if models.user.is_user_model(FLAGS.model):  # its outputs tell, once it is built
+        check_user_model()
+    elif (model.task == "segmentation") != (dataset.task == "segmentation"):
         raise invalid("model", f"is a {model.task} model, --dataset={FLAGS.dataset} a "
                                f"{dataset.task} data set")
+
+
+def check_user_model():
+    """What a user's model cannot take: its normalization layers are its own, and a saved
+    model's layers keep the types they were saved with."""
+    if FLAGS.sync_batch_norm:
+        raise invalid("sync_batch_norm", f"--model={FLAGS.model} makes its own normalization "
+                                         f"layers; build them as Horovod's "
+                                         f"SyncBatchNormalization in it instead")
+    if FLAGS.model.endswith(".keras"):
+        for name in ("mixed_precision", "float64"):
+            if FLAGS[name].value:
+                raise invalid(name, f"the layers of --model={FLAGS.model} keep the types they "
+                                    f"were saved with; give --model=package.module:function "
+                                    f"to build them anew")
 
 
 def prefer_command_line_batch_flag(argv):
@@ -82,7 +107,7 @@ def check_extents(source):
     """Raises FlagError when the model's down-sampling does not divide the spatial extents
     of `source`'s examples (a segmentation model's patches), or, with --spatial_parts, the
     first extent's slabs."""
-    factor = models.BUILDERS[FLAGS.model].downsampling
+    factor = models.builder(FLAGS.model).downsampling
     extents = source.feature_shape[:-1]
     if factor > 1 and any(extent % factor for extent in extents):
         name = "patch_size" if FLAGS.patch_size else "volume_size"

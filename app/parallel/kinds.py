@@ -82,7 +82,8 @@ class DataParallel:
         that recomputes parts of itself, such as a U-Net's levels)."""
         return models.build(self.flags.model, source.feature_shape, source.num_outputs,
                             normalization, seed=self.flags.seed,
-                            input_scaling=source.input_scaling, recompute=self.flags.recompute)
+                            input_scaling=source.input_scaling, recompute=self.flags.recompute,
+                            task=source.task)
 
     def trainer(self, model, optimizer, num_outputs):
         """(what fit() trains, its optimizer): here the model itself, with Horovod's
@@ -157,7 +158,7 @@ class PipelineParallel(DataParallel):
 
     @staticmethod
     def wanted(flags):
-        recompute_stage = flags.recompute and not models.BUILDERS[flags.model].recomputes
+        recompute_stage = flags.recompute and not models.builder(flags.model).recomputes
         return flags.pipeline_stages > 1 or flags.microbatches > 1 or recompute_stage
 
     def validate(self, world_size, batch_request):
@@ -218,7 +219,8 @@ class PipelineParallel(DataParallel):
         first_block, last_block = self.cut(source)[self._where().stage]
         return models.build(self.flags.model, source.feature_shape, source.num_outputs,
                             normalization, seed=self.flags.seed, first_block=first_block,
-                            last_block=last_block, input_scaling=source.input_scaling)
+                            last_block=last_block, input_scaling=source.input_scaling,
+                            task=source.task)
 
     def trainer(self, model, optimizer, num_outputs):
         """(this rank's PipelinedStage around `model`, the optimizer, its state sharded

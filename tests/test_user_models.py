@@ -1,0 +1,122 @@
+"""A user's own Keras 3 model (examples/own_model.py: a layer of its own written with
+keras.ops) trained with the project's flags and nothing added to the project: as
+--model=package.module:function under mpirun, predicted with app.predict, the same weights
+on 1 and 2 processes in float64; as --model=path.keras; and refused in one line where it
+does not fit."""
+import numpy as np
+import pytest
+
+from conftest import (INTEGRITY_FLAGS, REPO, error_lines, mpirun, run, run_concurrently,
+                      train_command)
+from test_predict import TINY_RUN, field_survey, predict_command
+from test_train import checkpoint_values
+
+FAULT_NET = "examples.own_model:fault_net"
+DIGITS_NET = "examples.own_model:digits_net"
+
+
+@pytest.mark.distributed
+def test_a_users_segmentation_model_trains_under_mpirun_and_predicts_a_survey(tmp_path):
+    """fault_net on 2 processes (mixed bfloat16, sharded optimizer state), then app.predict
+    on one window of a survey with field amplitudes: the model itself on the scaled survey."""
+    from app.horovod import tf  # noqa: F401 (first)
+    import models
+    from app import checkpoints
+    from input_pipeline import seismic
+    model_dir = tmp_path / "run"
+    run([*mpirun(2), *train_command(*TINY_RUN, f"--model={FAULT_NET}", "--num_volumes=4",
+                                    "--volume_size=32", "--mixed_precision=bfloat16",
+                                    "--shard_optimizer_state", f"--model_dir={model_dir}")])
+    amplitudes, _ = field_survey((16, 16, 16))
+    np.save(tmp_path / "cube.npy", amplitudes)
+    run(predict_command(f"--model_dir={model_dir}", f"--input={tmp_path / 'cube.npy'}",
+                        f"--output_dir={tmp_path / 'out'}"))
+    model = models.build(FAULT_NET, (16, 16, 16, 1), 1)
+    checkpoints.initialize_from(model, str(model_dir / "checkpoints" / "epoch-1"))
+    scaled = seismic.survey_scaling(amplitudes).apply(amplitudes)
+    direct = model(scaled[None, ..., None], training=False).numpy()[0, ..., 0]
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "probability.npy"), direct,
+                               rtol=1e-6, atol=1e-7)
+    assert any("beta" in name for name in checkpoint_values(model_dir, 1, "model/"))
+
+
+@pytest.mark.distributed
+def test_a_users_model_ends_with_the_same_weights_on_1_and_2_processes(tmp_path):
+    """digits_net, 4 steps of the integrity run (float64, a global batch of 128): the
+    weights of 2 processes are one process's to 1e-12, ScaledSwish's beta included."""
+    def train(processes):
+        model_dir = tmp_path / str(processes)
+        command = train_command(*INTEGRITY_FLAGS, f"--model={DIGITS_NET}", "--epochs=4",
+                                "--warmup_epochs=1", f"--model_dir={model_dir}")
+        run([*mpirun(processes), *command] if processes > 1 else command)
+        return checkpoint_values(model_dir, 4, "model/")
+    one, two = run_concurrently(train, [1, 2])
+    assert one.keys() == two.keys() and any("beta" in name for name in one)
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=0, atol=1e-12, err_msg=name)
+
+
+def test_a_saved_keras_file_trains_from_its_own_weights(tmp_path):
+    """--model=path.keras: a model of Keras' own layers saved by the user trains from the
+    weights it was saved with: after one step at a negligible LR, they are the saved ones."""
+    from app.horovod import keras
+    keras.utils.set_random_seed(3)
+    saved = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10, activation="softmax")])
+    saved.save(tmp_path / "mine.keras")
+    model_dir = tmp_path / "run"
+    run(train_command("--flagfile=configs/digits_cnn.cfg", f"--model={tmp_path}/mine.keras",
+                      "--epochs=1", "--steps_per_epoch=1", "--warmup_epochs=0",
+                      "--learning_rate=1e-9", f"--model_dir={model_dir}"))
+    trained = checkpoint_values(model_dir, 1, "model/")
+    kernel = next(value for name, value in trained.items() if "kernel" in name)
+    np.testing.assert_allclose(kernel, saved.layers[-1].kernel.numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags, error", [
+    ([f"--model={DIGITS_NET}", "--flagfile=configs/seismic_faults_cpu.cfg",
+      "--volume_size=16", "--patch_size=16", "--num_volumes=4"],
+     f"--model={DIGITS_NET}: gives outputs per example of shape 1; a segmentation data set "
+     f"of these inputs needs 16x16x16x1"),
+    ([f"--model={FAULT_NET}", "--flagfile=configs/digits_cnn.cfg"],
+     f"--model={FAULT_NET}: gives one output per voxel of shape 8x8x10; a classification "
+     f"data set of these inputs needs 10"),
+    (["--model=no_such_package.model:build", "--flagfile=configs/digits_cnn.cfg"],
+     "--model=no_such_package.model:build: no module no_such_package (it is imported from "
+     "the PYTHONPATH or the current folder)"),
+    (["--model=examples.own_model:no_such_function", "--flagfile=configs/digits_cnn.cfg"],
+     "--model=examples.own_model:no_such_function: examples.own_model ({REPO}/examples/"
+     "own_model.py) has no function 'no_such_function'"),
+    (["--model=missing.keras", "--flagfile=configs/digits_cnn.cfg"],
+     "--model=missing.keras: no such file"),
+    ([f"--model={DIGITS_NET}", "--flagfile=configs/digits_cnn.cfg", "--sync_batch_norm"],
+     f"--sync_batch_norm=True: --model={DIGITS_NET} makes its own normalization layers; "
+     f"build them as Horovod's SyncBatchNormalization in it instead"),
+    ([f"--model={FAULT_NET}", "--flagfile=configs/seismic_faults_cpu.cfg",
+      "--volume_size=16", "--patch_size=16", "--num_volumes=4", "--spatial_parts=2"],
+     f"--spatial_parts=2: cannot split --model={FAULT_NET}: layer 'scaled_swish' "
+     f"(ScaledSwish) mixes the slabs (it is not a convolution, pooling, upsampling, "
+     f"normalization or voxel-wise layer)"),
+])
+def test_a_users_model_that_does_not_fit_is_refused_in_one_line(flags, error, tmp_path):
+    launch = [*mpirun(2)] if "--spatial_parts=2" in flags else []
+    refused = run([*launch, *train_command(*flags, "--epochs=1", "--warmup_epochs=0",
+                                           f"--model_dir={tmp_path}")], check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert set(error_lines(refused)) == {f"app.train: error: {error.format(REPO=REPO)}"}, \
+        refused.stderr[-3000:]
+
+
+def test_a_saved_model_with_layers_of_its_own_is_refused_naming_the_function_form(tmp_path):
+    from app.horovod import keras  # noqa: F401 (first)
+    from examples import own_model
+    own_model.digits_net((8, 8, 1), 10).save(tmp_path / "custom.keras")
+    refused = run(train_command("--flagfile=configs/digits_cnn.cfg",
+                                f"--model={tmp_path}/custom.keras", "--epochs=1",
+                                "--warmup_epochs=0",
+                                f"--model_dir={tmp_path / 'run'}"), check=False)
+    assert refused.returncode == 2
+    [line] = error_lines(refused)
+    assert line.startswith(f"app.train: error: --model={tmp_path}/custom.keras: cannot be "
+                           f"loaded: ") and line.endswith(
+        "(a model with layers of its own: give --model=package.module:function)")
