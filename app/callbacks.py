@@ -3,6 +3,7 @@ import math
 import time
 
 import numpy as np
+import keras
 import tensorflow as tf
 
 
@@ -69,7 +70,7 @@ def warmup_multiplier(scaled_lr, reference_lr, warmup_epochs, steps_per_epoch):
     return multiplier
 
 
-class Throughput(tf.keras.callbacks.Callback):
+class Throughput(keras.callbacks.Callback):
     """Training images per second of this process, from the time between consecutive
     training steps, so that validation, checkpoints and epoch ends are left out, after the
     first `warmup_steps` steps (tracing, first allreduces, pipeline fill).
@@ -128,7 +129,7 @@ class Throughput(tf.keras.callbacks.Callback):
         return self.batch_size * self.WINDOW / seconds.sum(axis=1)
 
 
-class ExactValidationMetrics(tf.keras.callbacks.Callback):
+class ExactValidationMetrics(keras.callbacks.Callback):
     """Makes each epoch's validation metrics those of all the examples the ranks evaluated:
     every Keras metric that is a running mean (the loss, accuracy, MAE: a `total` and a
     `count`) has its sums and counts added up over the ranks with `sum_over_ranks` (a
@@ -182,7 +183,7 @@ class NonFiniteLoss(RuntimeError):
     """Training diverged: the loss became NaN or infinite."""
 
 
-class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Ends training at the end of the epoch whose loss (averaged over the ranks by
     Horovod's MetricAverageCallback, which must come before this one) is not finite, by
     raising NonFiniteLoss naming the first bad step over all ranks. Raising before the
@@ -214,7 +215,7 @@ class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
                             f"the checkpoints keep the epochs before it")
 
 
-class UpdateEpochState(tf.keras.callbacks.Callback):
+class UpdateEpochState(keras.callbacks.Callback):
     """Records each finished epoch in Horovod's elastic state, for a run whose fit() is given
     initial_epoch=state.epoch: Keras' epoch numbers are then those of the whole run, which
     checkpoints, logs and LR schedules need. (hvd.elastic.UpdateEpochStateCallback counts
@@ -229,7 +230,7 @@ class UpdateEpochState(tf.keras.callbacks.Callback):
         self.state.epoch = epoch + 1
 
 
-class TimeToAccuracy(tf.keras.callbacks.Callback):
+class TimeToAccuracy(keras.callbacks.Callback):
     """Adds `wall_seconds`, the training time so far, to every epoch's logs, and ends
     training after the epoch whose validation `metric` (models.headline_metric's: accuracy,
     IoU, mean IoU) reaches `target_accuracy` or in which `time_budget` seconds ran out

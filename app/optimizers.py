@@ -78,7 +78,8 @@ def loss_scaled(optimizer, mixed_precision):
 def create_slots(optimizer, variables):
     """Builds the optimizer on `variables` now (its momentum or moment slots; the iteration
     count and LR it made at construction), which Keras 3 optimizers otherwise do when fit()
-    starts or at their first apply(): Horovod's elastic sync broadcasts them, so a worker
+    starts or at their first apply() (a pipeline stage's): Horovod's momentum correction
+    scales them at the first LR change, and its elastic sync broadcasts them, so a worker
     that joins a running job must already hold the same ones."""
     optimizer.build(variables)
 

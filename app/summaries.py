@@ -4,6 +4,7 @@ global batch per step, the run's flags as an hparams entry (its metrics: the las
 a profiler trace of --profile_steps, and segmentation's validation slices."""
 import os
 
+import keras
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
@@ -26,7 +27,7 @@ def callbacks(model_dir, *, flag_values, every_steps, steps_per_epoch, global_ba
     directory = log_dir(model_dir)
     write_hparams_config(directory, flag_values)
     return [
-        tf.keras.callbacks.TensorBoard(directory, update_freq=every_steps,
+        keras.callbacks.TensorBoard(directory, update_freq=every_steps,
                                        profile_batch=tuple(profile_steps) or 0),
         StepScalars(os.path.join(directory, "train"), every_steps, steps_per_epoch,
                     global_batch, throughput),
@@ -50,7 +51,7 @@ def write_hparams_config(directory, flag_values):
                      for tag, group in HPARAMS_METRICS])
 
 
-class StepScalars(tf.keras.callbacks.Callback):
+class StepScalars(keras.callbacks.Callback):
     """Every `every_steps` training steps: the learning rate the step used (after Horovod's
     warmup and schedule callbacks, which set it before each step), images/s over those steps
     on all ranks (this rank's rate times the ranks, as Throughput logs per epoch), and the
@@ -85,7 +86,7 @@ class StepScalars(tf.keras.callbacks.Callback):
         self.writer.flush()
 
 
-class ValidationSlices(tf.keras.callbacks.Callback):
+class ValidationSlices(keras.callbacks.Callback):
     """Each epoch, one validation volume's middle inline, crossline and time slice (a 2D
     section: itself), seismic, label and the model's prediction side by side, as an image
     in TensorBoard's run `slices` (segmentation only; a run of its own, as a second writer

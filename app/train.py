@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from app.horovod import hvd, tf  # first: it sets TF_XLA_FLAGS before TensorFlow loads
+from app.horovod import hvd, keras, tf  # first: it sets TF_XLA_FLAGS before TensorFlow loads
 
 from absl import app
 
@@ -134,15 +134,16 @@ def build_and_restore(parallel, source, resume):
     """(this rank's model, what fit() trains, its checkpoint manager), from the same seed on
     every rank, restored from `resume`'s checkpoint or --init_checkpoint's weights."""
     if FLAGS.mixed_precision:  # float16/bfloat16 compute, float32 variables
-        tf.keras.mixed_precision.set_global_policy(f"mixed_{FLAGS.mixed_precision}")
-    elif FLAGS.float64:
-        tf.keras.mixed_precision.set_global_policy("float64")
+        keras.mixed_precision.set_global_policy(f"mixed_{FLAGS.mixed_precision}")
+    elif FLAGS.float64:  # the metrics too: Keras 3 makes them of floatx, not of the policy
+        keras.mixed_precision.set_global_policy("float64")
+        keras.config.set_floatx("float64")
     normalization = (sync_batch_norm.SyncBatchNormalization if FLAGS.sync_batch_norm
-                     else tf.keras.layers.BatchNormalization)
+                     else keras.layers.BatchNormalization)
     try:
         model = parallel.build_model(source, normalization)
         # known once built: whether any block made a batch normalization layer
-        if FLAGS.sync_batch_norm and not any(isinstance(layer, tf.keras.layers.BatchNormalization)
+        if FLAGS.sync_batch_norm and not any(isinstance(layer, keras.layers.BatchNormalization)
                                              for layer in model.submodules):
             raise arithmetic.FlagError("sync_batch_norm", True, f"--model={FLAGS.model} has no "
                                        f"batch normalization to synchronize")
@@ -162,8 +163,10 @@ def build_and_restore(parallel, source, resume):
     manager = checkpoints.manager(model, optimizer, FLAGS.model_dir,
                                   parallel.checkpoint_folder(parallel.place(hvd.rank(),
                                                                             hvd.size())))
-    if FLAGS.elastic:  # the slots exist on every worker, so that the elastic sync matches
-        optimizers.create_slots(optimizer, trainer.trainable_variables)
+    # The slots exist before fit(): Horovod's momentum correction scales them at the first
+    # LR change (a pipeline stage's optimizer would build them only at its first step), and
+    # the elastic sync finds the same ones on every worker.
+    optimizers.create_slots(optimizer, trainer.trainable_variables)
     resumed = bool(resume.epoch or resume.saved_step)
     try:
         if resumed:
@@ -239,7 +242,7 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
         **run.parallel.results(), global_batch_size=global_batch, learning_rate=scaled_lr,
         steps_per_epoch=steps_per_epoch,
         trainable_parameters=sum(v.shape.num_elements() for v in run.model.trainable_variables),
-        precision=tf.keras.mixed_precision.global_policy().name)
+        precision=keras.mixed_precision.global_policy().name)
 
 
 def batch_sizes(parallel, where, source, trained_global_batch):
@@ -343,7 +346,7 @@ def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_stat
             steps_per_epoch=span.steps_per_epoch, global_batch=span.global_batch,
             throughput=throughput,
             profile_steps=arithmetic.profile_steps(FLAGS.profile_steps))
-        found.append(tf.keras.callbacks.CSVLogger(
+        found.append(keras.callbacks.CSVLogger(
             os.path.join(FLAGS.model_dir, "training_log.csv"), append=span.first_epoch > 0))
     if run.train_source.task == "segmentation" and where.replica == 0 and not FLAGS.benchmark:
         # a validation volume's slices, put together by its replica's ranks, drawn by rank 0
@@ -397,7 +400,7 @@ def write_run_record(source):
     with open(os.path.join(FLAGS.model_dir, "flags.cfg"), "w") as flagfile:
         flagfile.write(app_flags.resolved_flagfile())
     checkpoints.write_model_record(FLAGS.model_dir, FLAGS.model, source,
-                                   tf.keras.mixed_precision.global_policy().name)
+                                   keras.mixed_precision.global_policy().name)
 
 
 def write_results(run_results, started):

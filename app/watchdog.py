@@ -17,12 +17,12 @@ import sys
 import threading
 import time
 
-import tensorflow as tf
+import keras
 
 from app import cli
 
 
-class StallWatchdog(tf.keras.callbacks.Callback):
+class StallWatchdog(keras.callbacks.Callback):
     """Watches this rank's training progress from on_train_begin to on_train_end."""
 
     def __init__(self, timeout, heartbeat_dir, rank, size, fail):

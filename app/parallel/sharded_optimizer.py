@@ -37,7 +37,7 @@ import contextlib
 
 import numpy as np
 
-from app.horovod import hvd_tensorflow, tf
+from app.horovod import hvd_tensorflow, keras, tf
 from app import optimizers
 
 
@@ -162,7 +162,7 @@ class Pieces:
                 start, stop = self.bounds(int(np.prod(variable.shape)))
                 # the variable's name, which LARS's and LAMB's exclusion of biases and
                 # normalization parameters reads
-                self._piece_of[id(variable)] = tf.keras.Variable(
+                self._piece_of[id(variable)] = keras.Variable(
                     tf.zeros([stop - start], variable.dtype), trainable=False,
                     name=variable.name)
                 if accumulated_whole is not None:

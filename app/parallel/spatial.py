@@ -22,11 +22,9 @@ computes on the whole global batch.
 """
 import math
 
-from app.horovod import hvd_tensorflow, tf
+from app.horovod import hvd_tensorflow, keras, tf
 from app.parallel.sync_batch_norm import SyncBatchNormalization
 from models.unet import Level, MaxPooling3D
-
-keras = tf.keras
 
 
 class SpatialError(ValueError):

@@ -1,6 +1,6 @@
 """Batch normalization whose batch statistics are those of the global batch (all ranks'
 examples), for --sync_batch_norm: Horovod's SyncBatchNormalization with two mends."""
-from app.horovod import hvd_tensorflow, tf
+from app.horovod import hvd_tensorflow, keras, tf
 
 
 class SyncBatchNormalization(hvd_tensorflow.SyncBatchNormalization):
@@ -12,7 +12,7 @@ class SyncBatchNormalization(hvd_tensorflow.SyncBatchNormalization):
 
     def __init__(self, **kwargs):
         kwargs.setdefault("name", "sync_batch_normalization_"
-                                  f"{tf.keras.backend.get_uid('sync_batch_normalization')}")
+                                  f"{keras.backend.get_uid('sync_batch_normalization')}")
         super().__init__(**kwargs)
 
     def _moments(self, inputs, reduction_axes, keep_dims, **kwargs):

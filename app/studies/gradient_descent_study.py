@@ -18,7 +18,7 @@ import os
 import re
 import time
 
-from app.horovod import tf  # first: it sets TF_XLA_FLAGS
+from app.horovod import keras, tf  # first: it sets TF_XLA_FLAGS
 
 import numpy as np
 from absl import app, flags
@@ -126,8 +126,8 @@ def train(batch_size, x, y, full_loss):
     kernel, bias = model.get_layer("neuron").weights
     kernel.assign([[FLAGS.initial_w]])
     bias.assign([FLAGS.initial_b])
-    optimizer = tf.keras.optimizers.SGD(FLAGS.learning_rate)
-    mse = tf.keras.losses.MeanSquaredError()
+    optimizer = keras.optimizers.SGD(FLAGS.learning_rate)
+    mse = keras.losses.MeanSquaredError()
 
     @tf.function(input_signature=[tf.TensorSpec([None, 1], tf.float32)] * 2)
     def step(features, targets):

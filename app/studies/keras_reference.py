@@ -8,7 +8,7 @@ throughput measurement as `app.train --benchmark`; writes MODEL_DIR/reference-RA
 import json
 import os
 
-from app.horovod import tf  # first: it sets TF_XLA_FLAGS (Horovod is not started)
+from app.horovod import keras, tf  # first: it sets TF_XLA_FLAGS (Horovod is not started)
 
 from absl import app
 
@@ -33,9 +33,9 @@ def main(_):
     source = input_pipeline.load(FLAGS.dataset, "train", **app_flags.load_options())
     steps_per_epoch = arithmetic.steps_per_epoch(request, source.num_examples, global_batch,
                                                  FLAGS.steps_per_epoch)
-    tf.keras.utils.set_random_seed(FLAGS.seed)
+    keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.mixed_precision:  # as app.train computes
-        tf.keras.mixed_precision.set_global_policy(f"mixed_{FLAGS.mixed_precision}")
+        keras.mixed_precision.set_global_policy(f"mixed_{FLAGS.mixed_precision}")
     dataset = input_pipeline.training_dataset(
         source, rank=rank, size=size, batch_size=batch, steps_per_epoch=steps_per_epoch,
         seed=FLAGS.seed, shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache)
@@ -58,7 +58,7 @@ def main(_):
     with open(os.path.join(FLAGS.model_dir, f"reference-{rank}.json"), "w") as out:
         json.dump({"strategy": "multi_worker_mirrored" if cluster else "none", "rank": rank,
                    "world_size": size, "images_per_sec": throughput.images_per_sec(),
-                   "precision": tf.keras.mixed_precision.global_policy().name,
+                   "precision": keras.mixed_precision.global_policy().name,
                    "cpu_seconds_per_image": throughput.cpu_seconds_per_image(),
                    "window_rates": throughput.window_rates().tolist()}, out)
 
