@@ -1,20 +1,19 @@
-"""Run under mpirun on Keras 3 or on tf_keras (TF_USE_LEGACY_KERAS=1): hvd.DistributedOptimizer's
+"""Run under mpirun on Keras 3: hvd.DistributedOptimizer's
 reductions, one SGD(1) step from zero on each rank's own float64 gradient, so that the step is
 minus the reduced gradient: fp16 compression, Adasum, gradient_predivide_factor against fp16's
 overflow, and process sets of the even and the odd ranks; and model.fit with jit_compile
 refused. Writes {case: finding} to OUT_DIR/rank-R.json; tests/test_horovod_keras3.py judges
-them and compares the two Kerases."""
+them."""
 import json
 import os
 import sys
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 import horovod.tensorflow.keras as hvd
 
-keras = tf.keras  # Keras 3 or tf_keras, as TF_USE_LEGACY_KERAS says
-LEGACY = keras.__name__.startswith("tf_keras")
 SIZE = int(os.environ["OMPI_COMM_WORLD_SIZE"])  # the process sets are given to init()
 PARITY_SETS = [hvd.ProcessSet(list(range(parity, SIZE, 2))) for parity in (0, 1)]
 hvd.init(process_sets=PARITY_SETS)
@@ -26,14 +25,12 @@ def one_sgd_step(gradient, **options):
     """Minus the reduced gradient: one SGD(1) step from zero with this rank's `gradient`."""
     weight = tf.Variable(np.zeros(4))
     optimizer = hvd.DistributedOptimizer(keras.optimizers.SGD(1.0), **options)
-    if LEGACY:  # tf_keras's wrapper reduces in minimize()'s gradients, as model.fit's
-        optimizer.minimize(lambda: tf.reduce_sum(tf.constant(gradient) * weight), [weight])
-    else:  # Keras 3's reduces in apply(), which model.fit and apply_gradients reach
-        optimizer.apply_gradients([(tf.constant(gradient), weight)])
+    # Keras 3's wrapper reduces in apply(), which model.fit and apply_gradients reach
+    optimizer.apply_gradients([(tf.constant(gradient), weight)])
     return (-weight.numpy()).tolist()
 
 
-found = {"legacy": LEGACY, "gradients": GRADIENTS.tolist(),
+found = {"gradients": GRADIENTS.tolist(),
          "fp16": one_sgd_step(GRADIENTS[RANK], compression=hvd.Compression.fp16),
          "adasum": one_sgd_step(GRADIENTS[RANK], op=hvd.Adasum),
          "parity_set": one_sgd_step(GRADIENTS[RANK], process_set=PARITY_SETS[RANK % 2])}
