@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import traceback
 
 from app.horovod import hvd, keras, tf  # first: it sets TF_XLA_FLAGS before TensorFlow loads
 
@@ -413,7 +414,12 @@ def write_results(run_results, started):
 
 def run():
     app_flags.define_training_flags()
-    app.run(main, flags_parser=app_flags.parse)
+    try:
+        app.run(main, flags_parser=app_flags.parse)
+    except Exception:  # noqa: BLE001 (a bug's traceback, then out without MPI's finalize,
+        traceback.print_exc()  # which would wait for ranks waiting for this one: mpirun
+        sys.stderr.flush()  # ends the job instead of hanging)
+        os._exit(cli.RUN_ERROR)
 
 
 if __name__ == "__main__":

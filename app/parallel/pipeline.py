@@ -200,7 +200,8 @@ class PipelinedStage(keras.Model):
     def _loss_and_metrics(self, labels, outputs, regularization):
         """The last stage's loss, with the whole model's weight decay (compute_loss() adds the
         stage's own, `regularization` the other stages'); the metrics updated."""
-        loss = self.compute_loss(y=labels, y_pred=outputs) + regularization
+        loss = self.compute_loss(y=labels, y_pred=outputs)
+        loss += tf.cast(regularization, loss.dtype)  # Keras' losses are of floatx
         self._update_metrics(labels, outputs, loss)
         return loss
 
