@@ -19,7 +19,7 @@ did (app.optimizers tells where they differ).
 import shutil
 import os
 
-from app.horovod import keras  # first: it sets TF_XLA_FLAGS before TensorFlow loads
+import app.horovod  # noqa: F401 (first: it sets TF_XLA_FLAGS before TensorFlow loads)
 
 from absl import app, flags
 
@@ -56,7 +56,7 @@ def main(_):
         cli.fail(f"--to_stages={to_stages}: --model={FLAGS.model} has {blocks} blocks")
 
     if FLAGS.float64:  # the variables' type (mixed precision keeps them in float32)
-        keras.mixed_precision.set_global_policy("float64")
+        models.use_float64()
     source = input_pipeline.load(FLAGS.dataset, "train", **app_flags.load_options())
     model_blocks = models.blocks_of(FLAGS.model, source.feature_shape, source.num_outputs)
     from_cut, to_cut = (pipeline_plan.cut(model_blocks, stages, FLAGS.pipeline_balance)

@@ -23,7 +23,7 @@ import itertools
 import json
 import os
 
-from app.horovod import hvd_tensorflow as hvd, keras, tf  # first: it sets TF_XLA_FLAGS
+from app.horovod import hvd_tensorflow as hvd, tf  # first: it sets TF_XLA_FLAGS
 
 import numpy as np
 from absl import app, flags
@@ -187,7 +187,7 @@ def main(_):
 
     hvd.init()
     if record["precision"] == "float64":
-        keras.mixed_precision.set_global_policy("float64")
+        models.use_float64()
     spatial = len(record["input_shape"]) - 1  # a model of sections: 2
     try:
         model = models.build(record["model"], (window,) * spatial + (1,),

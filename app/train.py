@@ -136,9 +136,8 @@ def build_and_restore(parallel, source, resume):
     every rank, restored from `resume`'s checkpoint or --init_checkpoint's weights."""
     if FLAGS.mixed_precision:  # float16/bfloat16 compute, float32 variables
         keras.mixed_precision.set_global_policy(f"mixed_{FLAGS.mixed_precision}")
-    elif FLAGS.float64:  # the metrics too: Keras 3 makes them of floatx, not of the policy
-        keras.mixed_precision.set_global_policy("float64")
-        keras.config.set_floatx("float64")
+    elif FLAGS.float64:
+        models.use_float64()
     normalization = (sync_batch_norm.SyncBatchNormalization if FLAGS.sync_batch_norm
                      else keras.layers.BatchNormalization)
     try:

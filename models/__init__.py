@@ -55,6 +55,13 @@ BUILDERS = {
 }
 
 
+def use_float64():
+    """float64 weights and computation (the exactness runs), and float64 losses, metrics and
+    optimizer variables, which Keras 3 makes of floatx rather than of the policy."""
+    keras.mixed_precision.set_global_policy("float64")
+    keras.config.set_floatx("float64")
+
+
 def builder(name):
     """The Builder of --model=`name`: BUILDERS's, or for a user's own model (models.user:
     package.module:function or path/to/model.keras) one of a single block, whose task its

@@ -32,9 +32,10 @@ def cases(tmp_path_factory):
 
 def test_horovods_keras_layers_import_and_take_keras_3s_backend():
     """Both of Horovod's Keras modules import on Keras 3 (no tf_keras installed), and
-    horovod.tensorflow.keras and its callbacks take Keras 3's backend."""
-    check = ("import keras, horovod.tensorflow.keras as hvd, horovod.keras; "
-             "print(hvd.K.__name__, hvd.K is hvd.callbacks.K is keras.backend)")
+    horovod.tensorflow.keras and its callbacks take Keras 3's backend (tf.keras's, which is
+    Keras 3's)."""
+    check = ("import tensorflow as tf, horovod.tensorflow.keras as hvd, horovod.keras; "
+             "print(hvd.K.__name__, hvd.K is hvd.callbacks.K is tf.keras.backend)")
     backend, same = run([PYTHON, "-c", check]).stdout.split()
     assert backend.startswith("keras.") and same == "True", (backend, same)
 
