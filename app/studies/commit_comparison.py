@@ -20,7 +20,8 @@ import sys
 
 from app.studies import harness
 
-# name: app.train flags (synthetic or generated data: nothing to prepare)
+# name: app.train flags (synthetic or generated data: nothing to prepare), each with its
+# experiment's LR schedule
 WORKLOADS = {
     "digits CNN": ["--flagfile=configs/digits_cnn.cfg", "--steps_per_epoch=150"],
     "ResNet-20": ["--flagfile=configs/digits_cnn.cfg", "--model=resnet20", "--dataset=synthetic",
