@@ -144,7 +144,7 @@ def build_and_restore(parallel, source, resume):
         model = parallel.build_model(source, normalization)
         # known once built: whether any block made a batch normalization layer
         if FLAGS.sync_batch_norm and not any(isinstance(layer, keras.layers.BatchNormalization)
-                                             for layer in model.submodules):
+                                             for layer in models.all_layers(model)):
             raise arithmetic.FlagError("sync_batch_norm", True, f"--model={FLAGS.model} has no "
                                        f"batch normalization to synchronize")
     except arithmetic.FlagError as error:

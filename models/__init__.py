@@ -62,6 +62,14 @@ def use_float64():
     keras.config.set_floatx("float64")
 
 
+def all_layers(layer):
+    """`layer`'s layers, and theirs, all the way down (a U-Net level's convolutions, a
+    model's inside a model): Keras 3 has no public walk of them."""
+    for inner in getattr(layer, "layers", None) or getattr(layer, "inner", None) or ():
+        yield inner
+        yield from all_layers(inner)
+
+
 def builder(name):
     """The Builder of --model=`name`: BUILDERS's, or for a user's own model (models.user:
     package.module:function or path/to/model.keras) one of a single block, whose task its

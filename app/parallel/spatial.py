@@ -146,9 +146,9 @@ class GroupBatchNormalization(SyncBatchNormalization):
         return {**super().get_config(), "process_set": self.process_set,
                 "group_size": self.group_size}
 
-    def _moments(self, inputs, reduction_axes, keep_dims, **kwargs):
+    def _moments(self, inputs, *args, **kwargs):  # Keras 3's (inputs, mask)
         mean, variance = keras.layers.BatchNormalization._moments(  # noqa: SLF001
-            self, inputs, reduction_axes, keep_dims=keep_dims, **kwargs)
+            self, inputs, *args, **kwargs)
         summed = hvd_tensorflow.allreduce(tf.stack([mean, variance + tf.square(mean)]),
                                           op=hvd_tensorflow.Sum, process_set=self.process_set)
         mean, mean_of_square = tf.unstack(summed / self.group_size)
@@ -212,7 +212,7 @@ def check_layer(layer, slab_shape):
         if len(slab_shape) < 2:
             raise _refused(layer, "mixes space: its input has no spatial axis left")
     elif isinstance(layer, keras.layers.BatchNormalization):
-        if layer.axis not in ([len(slab_shape)], [-1]):
+        if layer.axis not in (len(slab_shape), -1):  # Keras 3 keeps one axis, an int
             raise _refused(layer, "normalizes along a spatial axis")
     elif isinstance(layer, keras.layers.UpSampling2D) and layer.interpolation != "nearest":
         raise _refused(layer, f"interpolates ({layer.interpolation}) between planes across "

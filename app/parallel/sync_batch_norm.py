@@ -15,6 +15,6 @@ class SyncBatchNormalization(hvd_tensorflow.SyncBatchNormalization):
                                   f"{keras.backend.get_uid('sync_batch_normalization')}")
         super().__init__(**kwargs)
 
-    def _moments(self, inputs, reduction_axes, keep_dims, **kwargs):
-        mean, variance = super()._moments(inputs, reduction_axes, keep_dims, **kwargs)
+    def _moments(self, inputs, *args, **kwargs):  # Keras 3's (inputs, mask)
+        mean, variance = super()._moments(inputs, *args, **kwargs)
         return mean, tf.maximum(variance, tf.zeros_like(variance))
