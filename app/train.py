@@ -151,6 +151,14 @@ def build_and_restore(parallel, source, resume):
         cli.fail(error)
     except models.user.UserModelError as error:
         cli.fail(f"--model={FLAGS.model}: {error}")
+    resumed = bool(resume.epoch or resume.saved_step)
+    if FLAGS.init_checkpoint and not resumed:  # before compile(): Keras 3 would compile the
+        try:  # twin the weights are read into as well, from the losses' configs
+            checkpoints.initialize_from(model, FLAGS.init_checkpoint)
+        except checkpoints.MismatchError as error:
+            cli.fail(f"--model={FLAGS.model}: {error}", cli.RUN_ERROR)
+        except checkpoints.WrittenByTfKerasError as error:
+            cli.fail(f"--init_checkpoint={FLAGS.init_checkpoint}: {error}", cli.RUN_ERROR)
     models.add_weight_decay(
         model, optimizers.l2_loss_weight_decay(FLAGS.optimizer, FLAGS.weight_decay))
     optimizer = optimizers.build(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum,
@@ -167,7 +175,6 @@ def build_and_restore(parallel, source, resume):
     # LR change (a pipeline stage's optimizer would build them only at its first step), and
     # the elastic sync finds the same ones on every worker.
     optimizers.create_slots(optimizer, trainer.trainable_variables)
-    resumed = bool(resume.epoch or resume.saved_step)
     try:
         if resumed:
             parallel.check_checkpoints(FLAGS.model_dir)
@@ -175,13 +182,10 @@ def build_and_restore(parallel, source, resume):
             with sharded_optimizer.restored_whole_state(manager.checkpoint,
                                                         model.trainable_variables):
                 checkpoints.restore(manager, resume.epoch, resume.saved_step)
-        elif FLAGS.init_checkpoint:
-            checkpoints.initialize_from(model, FLAGS.init_checkpoint)
     except checkpoints.MismatchError as error:
         cli.fail(f"--model={FLAGS.model}: {error}", cli.RUN_ERROR)
     except checkpoints.WrittenByTfKerasError as error:
-        cli.fail(f"--model_dir={FLAGS.model_dir}: {error}" if resumed else
-                 f"--init_checkpoint={FLAGS.init_checkpoint}: {error}", cli.RUN_ERROR)
+        cli.fail(f"--model_dir={FLAGS.model_dir}: {error}", cli.RUN_ERROR)
     except pipeline_plan.CutError as error:
         cli.fail(error, cli.RUN_ERROR)
     if not resumed and hvd.rank() == 0:
