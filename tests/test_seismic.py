@@ -193,13 +193,10 @@ def test_the_unet_trains_alike_on_1_and_2_processes_with_exact_validation_counts
     assert len(logs[0]) == 12 and [row["lr"] for row in logs[0]] == [row["lr"] for row in logs[1]]
     for key in ("loss", "val_loss", "val_iou", "val_dice"):
         assert float(logs[1][-1][key]) == pytest.approx(float(logs[0][-1][key]), rel=1e-9), key
-    readers = [tf.train.load_checkpoint(str(tmp_path / str(p) / "checkpoints" / "epoch-12"))
-               for p in (1, 2)]
-    names = [name for name in readers[0].get_variable_to_shape_map() if "model/" in name]
-    assert len(names) >= 22
-    for name in names:
-        np.testing.assert_allclose(readers[1].get_tensor(name), readers[0].get_tensor(name),
-                                   rtol=1e-10, atol=1e-12, err_msg=name)
+    one, two = (checkpoint_values(tmp_path / str(p), 12, "model/") for p in (1, 2))
+    assert len(one) >= 22 and one.keys() == two.keys()
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-10, atol=1e-12, err_msg=name)
     results = json.loads((tmp_path / "2" / "results.json").read_text())
     assert {"iou", "dice", "precision", "recall", "mean_iou"} <= set(results["final_metrics"])
     # TensorBoard's slices run: each epoch's slices of a validation volume
