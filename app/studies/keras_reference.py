@@ -20,6 +20,31 @@ from app import flags as app_flags
 FLAGS = app_flags.FLAGS
 
 
+def fit_on_workers(model, strategy, dataset, steps_per_epoch, throughput):
+    """fit() under MultiWorkerMirroredStrategy: Keras 3's fit() and train_on_batch() fail
+    under it (keras-team/keras#20585; they average the scalar logs along an axis), so this
+    loop runs Keras' own train_step through strategy.run, its gradients all-reduced by the
+    optimizer, and leaves each worker its own logs. Each worker feeds its own shard at the
+    per-worker batch, as each Horovod rank does."""
+    features, labels = next(iter(dataset))
+    with strategy.scope():  # the loss, metrics and slots are built here, not in the step
+        predictions = model(features)
+        model.compute_loss(features, labels, predictions)
+        model.compute_metrics(features, labels, predictions)
+        model.optimizer.build(model.trainable_variables)
+    step = tf.function(lambda batch: strategy.run(model.train_step, args=(batch,)))
+    batches = iter(dataset)
+    hooks = keras.callbacks.CallbackList([throughput], model=model)
+    hooks.on_train_begin()
+    for epoch in range(FLAGS.epochs):
+        hooks.on_epoch_begin(epoch)
+        for index in range(steps_per_epoch):
+            step(next(batches))
+            hooks.on_train_batch_end(index)
+        hooks.on_epoch_end(epoch, {})
+    hooks.on_train_end()
+
+
 def main(_):
     cluster = json.loads(os.environ.get("TF_CONFIG", "{}"))
     size = len(cluster["cluster"]["worker"]) if cluster else 1
@@ -39,9 +64,6 @@ def main(_):
     dataset = input_pipeline.training_dataset(
         source, rank=rank, size=size, batch_size=batch, steps_per_epoch=steps_per_epoch,
         seed=FLAGS.seed, shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache)
-    # Each worker feeds its own shard at the per-worker batch, as each Horovod rank does.
-    data = strategy.distribute_datasets_from_function(lambda _: dataset) if cluster else dataset
-
     with strategy.scope():
         model = models.build(FLAGS.model, source.feature_shape, source.num_outputs,
                              input_scaling=source.input_scaling)
@@ -51,8 +73,11 @@ def main(_):
         models.compile_for_task(model, optimizer, source.task, FLAGS.steps_per_execution,
                                 FLAGS.segmentation_loss)
     throughput = callbacks.Throughput(batch, size, FLAGS.warmup_steps)
-    model.fit(data, steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs, verbose=0,
-              callbacks=[throughput])
+    if cluster:
+        fit_on_workers(model, strategy, dataset, steps_per_epoch, throughput)
+    else:
+        model.fit(dataset, steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs, verbose=0,
+                  callbacks=[throughput])
 
     os.makedirs(FLAGS.model_dir, exist_ok=True)
     with open(os.path.join(FLAGS.model_dir, f"reference-{rank}.json"), "w") as out:
