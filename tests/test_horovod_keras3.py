@@ -139,7 +139,8 @@ def test_learning_rate_callbacks_follow_their_formulas(cases):
     lr = 0.1 / size * (epoch' * (size - 1) / 2 + 1) with epoch' = epoch + (batch + 1) / 2, and
     its momentum correction reaches the update (the weights of one process with momentum
     times new / old learning rate in the warmup, 1e-10); LearningRateScheduleCallback with
-    multiplier 0.5 from epoch 1 sets 0.1 * 0.5 ** (epoch - 1) at each epoch's start; an
+    multiplier 0.5 from epoch 1 sets 0.1 * 0.5 ** (epoch - 1) at each epoch's start; one
+    whose first epoch is at 0 trains as if the epoch were not there (no correction from 0); an
     optimizer built with a schedule object is refused in one line."""
     found = cases["learning_rate_callbacks"]
     warmup = [0.1 / 2 * ((epoch + (batch + 1) / 2) * (2 - 1) / 2 + 1)
@@ -149,6 +150,7 @@ def test_learning_rate_callbacks_follow_their_formulas(cases):
     np.testing.assert_allclose(found["schedule_steps"], schedule, rtol=1e-12)
     assert found["warmup_weights"] < 1e-10
     assert found["warmup_loss_scaled"] == 0
+    assert found["from_zero_lr"] == 0
     assert "schedule" in found["schedule_object_refused"]
     assert "\n" not in found["schedule_object_refused"]
 

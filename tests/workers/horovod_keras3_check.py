@@ -242,6 +242,13 @@ def learning_rate_callbacks():
             velocity[...] = momentum * velocity - warmup.steps[step] * grad.numpy()
             variable.assign(variable.numpy() + velocity)  # Keras' SGD with momentum
     found["warmup_weights"] = distance(trained, expected)
+    # From a learning rate of 0 there is no ratio to correct the momentum by: the first epoch
+    # leaves everything as it was, the next two train as two epochs at 0.1 do.
+    from_zero = fit(hvd.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9)), steps=2,
+                    epochs=3, callbacks=[hvd.callbacks.LearningRateScheduleCallback(
+                        0.1, multiplier=lambda epoch: min(epoch, 1))])
+    found["from_zero_lr"] = distance(from_zero, fit(hvd.DistributedOptimizer(
+        keras.optimizers.SGD(0.1, momentum=0.9)), steps=2, epochs=2))
     try:
         fit(hvd.DistributedOptimizer(keras.optimizers.SGD(
             keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5))), steps=1,
