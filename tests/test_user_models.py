@@ -97,9 +97,12 @@ def test_a_saved_keras_file_trains_from_its_own_weights(tmp_path):
      f"--spatial_parts=2: cannot split --model={FAULT_NET}: layer 'scaled_swish' "
      f"(ScaledSwish) mixes the slabs (it is not a convolution, pooling, upsampling, "
      f"normalization or voxel-wise layer)"),
+    ([f"--model={DIGITS_NET}", "--flagfile=configs/digits_cnn.cfg", "--pipeline_stages=2"],
+     f"--pipeline_stages=2: --model={DIGITS_NET} is one block, not cut into stages (the "
+     f"project cuts its own models, which are lists of blocks)"),
 ])
 def test_a_users_model_that_does_not_fit_is_refused_in_one_line(flags, error, tmp_path):
-    launch = [*mpirun(2)] if "--spatial_parts=2" in flags else []
+    launch = [*mpirun(2)] if {"--spatial_parts=2", "--pipeline_stages=2"} & set(flags) else []
     refused = run([*launch, *train_command(*flags, "--epochs=1", "--warmup_epochs=0",
                                            f"--model_dir={tmp_path}")], check=False)
     assert refused.returncode == 2, refused.stderr[-3000:]

@@ -166,6 +166,9 @@ class PipelineParallel(DataParallel):
         blocks = models.count_blocks(flags.model)
         if stages > blocks:  # a U-Net is one block: its skip connections cross the levels
             raise FlagError("pipeline_stages", stages,
+                            f"--model={flags.model} is one block, not cut into stages (the "
+                            f"project cuts its own models, which are lists of blocks)"
+                            if models.user.is_user_model(flags.model) else
                             f"--model={flags.model} has {blocks} blocks, so at most {blocks} "
                             f"stages")
         if world_size % stages:
