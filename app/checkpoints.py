@@ -28,6 +28,8 @@ def write_model_record(model_dir, model, source, precision):
     """MODEL_DIR/MODEL_RECORD: what the checkpoints are of (the model's name, its inputs and
     outputs, the task, how the inputs were scaled, the precision), so that app.predict
     rebuilds the model from the run alone, wherever its training data has gone."""
+    if model.endswith(".keras"):  # app.predict may run from another folder
+        model = os.path.abspath(model)
     record = {"model": model, "task": source.task, "input_shape": list(source.feature_shape),
               "num_outputs": source.num_outputs, "standardization": source.standardization,
               "precision": precision}
@@ -160,8 +162,12 @@ _TF_KERAS_LOSS_SCALE = {"dynamic_scale": "current_loss_scale", "step_counter": "
 
 
 def written_by_tf_keras(path):
-    """Whether the checkpoint at `path` is of the project's tf_keras version."""
-    return tf.train.load_checkpoint(path).has_tensor(_TF_KERAS_ITERATIONS)
+    """Whether the checkpoint at `path` is of the project's tf_keras version; MismatchError
+    when it cannot be read (a damaged index)."""
+    try:
+        return tf.train.load_checkpoint(path).has_tensor(_TF_KERAS_ITERATIONS)
+    except (ValueError, tf.errors.OpError) as error:
+        raise MismatchError(f"{path} cannot be read: {cli.first_line(error)}") from None
 
 
 def restore_tf_keras(path, model, optimizer, slot_names, slots_by_variable):

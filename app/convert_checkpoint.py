@@ -58,7 +58,10 @@ def main(_):
     if FLAGS.float64:  # the variables' type (mixed precision keeps them in float32)
         models.use_float64()
     source = input_pipeline.load(FLAGS.dataset, "train", **app_flags.load_options())
-    model_blocks = models.blocks_of(FLAGS.model, source.feature_shape, source.num_outputs)
+    try:
+        model_blocks = models.blocks_of(FLAGS.model, source.feature_shape, source.num_outputs)
+    except models.user.UserModelError as error:
+        cli.fail(f"--model={FLAGS.model}: {error}")
     from_cut, to_cut = (pipeline_plan.cut(model_blocks, stages, FLAGS.pipeline_balance)
                         for stages in (from_stages, to_stages))
 

@@ -18,22 +18,40 @@ Why this module exists (BUILD.md has the whole story):
   once, early (set in main() under absl.app.run, it is too late); this module adds it. It
   changes nothing until tf.config.optimizer.set_jit turns auto-clustering on.
 """
+import json
 import os
 
 from app import cli
 
-if os.environ.get("TF_USE_LEGACY_KERAS", "0") not in ("", "0"):
+if os.environ.get("TF_USE_LEGACY_KERAS", "") in ("true", "True", "1"):  # TensorFlow's test
     cli.fail(f"TF_USE_LEGACY_KERAS={os.environ['TF_USE_LEGACY_KERAS']}: the project runs on "
              f"Keras 3; unset it")
 if "--tf_xla_cpu_global_jit" not in os.environ.get("TF_XLA_FLAGS", ""):
     os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ INFO lines, one per rank
 
-import keras  # noqa: E402  (after TF_XLA_FLAGS)
 
-if keras.backend.backend() != "tensorflow":
-    cli.fail(f"KERAS_BACKEND={keras.backend.backend()}: Horovod's operations need Keras' "
+def _keras_json_backend():
+    """(keras.json's path, the backend it sets), read as Keras reads it, which it does as it is
+    imported (where a backend that is not installed already fails)."""
+    path = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")),
+                        "keras.json")
+    try:
+        with open(path) as config:
+            return path, json.load(config).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return path, "tensorflow"
+
+
+if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+    cli.fail(f"KERAS_BACKEND={os.environ['KERAS_BACKEND']}: Horovod's operations need Keras' "
              f"tensorflow backend; unset KERAS_BACKEND or set it to tensorflow")
+_keras_json, _backend = _keras_json_backend()
+if "KERAS_BACKEND" not in os.environ and _backend != "tensorflow":
+    cli.fail(f"{_keras_json}: sets Keras' backend to {_backend}; Horovod's operations need "
+             f"its tensorflow backend (or set KERAS_BACKEND)")
+
+import keras  # noqa: E402  (after TF_XLA_FLAGS)
 
 import tensorflow as tf  # noqa: E402
 

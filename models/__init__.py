@@ -200,8 +200,10 @@ def headline_metric(task, num_outputs):
 
 def add_weight_decay(model, weight_decay):
     """Adds L2 weight decay, weight_decay * sum(||w||^2) / 2 over the kernels (not biases or
-    normalization parameters), as a model loss."""
+    normalization parameters), as a model loss; a kernel that has a regularizer of its own
+    (a user's model's) keeps it."""
     if weight_decay > 0:
         for weight in model.trainable_weights:
-            if "kernel" in weight.name:  # Keras adds each regularizer's loss to the model's
+            # Keras adds each regularizer's loss to the model's
+            if "kernel" in weight.name and weight.regularizer is None:
                 weight.regularizer = keras.regularizers.L2(weight_decay / 2)

@@ -5,6 +5,9 @@ included, which training starts from). Either is one block: a pipeline does not 
 """
 import importlib
 import os
+import re
+import traceback
+import zipfile
 
 import keras
 
@@ -14,7 +17,7 @@ class UserModelError(ValueError):
 
 
 def is_user_model(name):
-    return ":" in name or name.endswith(".keras")
+    return bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name)) or name.endswith(".keras")
 
 
 def load(name, input_shape, num_outputs):
@@ -26,31 +29,63 @@ def load(name, input_shape, num_outputs):
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        raise UserModelError(f"no module {error.name} (it is imported from the PYTHONPATH "
-                             f"or the current folder)") from None
+        if error.name and (module_name + ".").startswith(error.name + "."):
+            raise UserModelError(f"no module {error.name} (it is imported from the PYTHONPATH "
+                                 f"or the current folder)") from None
+        raise UserModelError(f"importing {module_name}: {_failure(error)}") from None
+    except Exception as error:  # the user's module failed as it was imported
+        raise UserModelError(f"importing {module_name}: {_failure(error)}") from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UserModelError(f"{module_name} ({module.__file__}) has no function "
                              f"{function_name!r}")
-    model = function(tuple(input_shape), num_outputs)
+    try:
+        model = function(tuple(input_shape), num_outputs)
+    except Exception as error:
+        raise UserModelError(f"{function_name}{tuple(input_shape), num_outputs}: "
+                             f"{_failure(error)}") from None
     if not isinstance(model, keras.Model):
         raise UserModelError(f"{function_name}(input_shape, num_outputs) returned "
                              f"{type(model).__module__}.{type(model).__name__}, not a Keras 3 "
                              f"model (keras.Model)")
+    if not hasattr(model, "outputs"):  # a subclassed model: the project reads its outputs
+        inputs = keras.Input(tuple(input_shape))
+        model = keras.Model(inputs, model(inputs), name=model.name)
+    _check_inputs(model, input_shape)
     return model
+
+
+def _failure(error):
+    """The exception as one line, with where it was raised."""
+    if isinstance(error, SyntaxError):
+        message, where = [error.msg], f"{error.filename}:{error.lineno}"
+    else:
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        message, where = str(error).strip().splitlines(), f"{frame.filename}:{frame.lineno}"
+    return f"{type(error).__name__}{': ' + message[0] if message else ''} ({where})"
+
+
+def _check_inputs(model, input_shape):
+    taken = tuple(model.input_shape[1:]) if len(model.inputs) == 1 else None
+    if taken is None or len(taken) != len(input_shape) or any(
+            extent not in (None, given) for extent, given in zip(taken, input_shape)):
+        raise UserModelError(f"takes inputs of {_shape(taken) if taken else 'several inputs'}, "
+                             f"the data {_shape(input_shape)}")
 
 
 def _saved(path, input_shape):
     if not os.path.isfile(path):
         raise UserModelError("no such file")
+    if not zipfile.is_zipfile(path):
+        raise UserModelError("is not a saved Keras model (a .keras file is a zip archive)")
     try:
         model = keras.saving.load_model(path, compile=False)
     except (ValueError, TypeError) as error:  # Keras' words for a layer it cannot rebuild
         raise UserModelError(f"cannot be loaded: {str(error).splitlines()[0]} (a model with "
                              f"layers of its own: give --model=package.module:function)") from None
-    saved = tuple(model.input_shape[1:])
-    if saved != tuple(input_shape):
-        raise UserModelError(f"takes inputs of {_shape(saved)}, the data {_shape(input_shape)}")
+    except Exception as error:  # not a .keras file, or a damaged one
+        raise UserModelError(f"cannot be loaded: {_failure(error)}") from None
+    _check_inputs(model, input_shape)
     return model
 
 
@@ -70,4 +105,4 @@ def check_outputs(model, task, input_shape, num_outputs):
 
 
 def _shape(shape):
-    return "x".join(str(extent) for extent in shape)
+    return "x".join("any" if extent is None else str(extent) for extent in shape)

@@ -106,6 +106,24 @@ def test_a_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path
     assert results["global_batch_size"] == 64 and results["epochs_completed"] == 2
 
 
+def test_a_keras_other_than_keras_3_on_tensorflow_is_refused_in_one_line(tmp_path):
+    """tf_keras (TF_USE_LEGACY_KERAS), or a Keras backend other than TensorFlow's, chosen in
+    the environment or in keras.json: one line each, before anything is built."""
+    (tmp_path / "keras.json").write_text('{"backend": "numpy"}')
+    for env, reason in (({"TF_USE_LEGACY_KERAS": "1"}, "TF_USE_LEGACY_KERAS=1: the project "
+                         "runs on Keras 3; unset it"),
+                        ({"KERAS_BACKEND": "jax"}, "KERAS_BACKEND=jax: Horovod's operations "
+                         "need Keras' tensorflow backend"),
+                        ({"KERAS_HOME": str(tmp_path)}, f"{tmp_path}/keras.json: sets Keras' "
+                         f"backend to numpy; Horovod's operations need its tensorflow backend")):
+        refused = run(train_command(*DIGITS, f"--model_dir={tmp_path / 'run'}"), check=False,
+                      env=env)
+        lines = error_lines(refused)
+        assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-3000:]
+        assert lines[0].startswith(f"app.train: error: {reason}")
+        assert not (tmp_path / "run").exists()
+
+
 def test_init_checkpoint_starts_a_new_run_from_another_runs_weights(tmp_path):
     run(train_command(*DIGITS, "--epochs=1", f"--model_dir={tmp_path / 'a'}"))
     start = str(tmp_path / "a" / "checkpoints" / "epoch-1")

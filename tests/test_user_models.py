@@ -84,11 +84,6 @@ def test_a_saved_keras_file_trains_from_its_own_weights(tmp_path):
     (["--model=no_such_package.model:build", "--flagfile=configs/digits_cnn.cfg"],
      "--model=no_such_package.model:build: no module no_such_package (it is imported from "
      "the PYTHONPATH or the current folder)"),
-    (["--model=examples.own_model:no_such_function", "--flagfile=configs/digits_cnn.cfg"],
-     "--model=examples.own_model:no_such_function: examples.own_model ({REPO}/examples/"
-     "own_model.py) has no function 'no_such_function'"),
-    (["--model=missing.keras", "--flagfile=configs/digits_cnn.cfg"],
-     "--model=missing.keras: no such file"),
     ([f"--model={DIGITS_NET}", "--flagfile=configs/digits_cnn.cfg", "--sync_batch_norm"],
      f"--sync_batch_norm=True: --model={DIGITS_NET} makes its own normalization layers; "
      f"build them as Horovod's SyncBatchNormalization in it instead"),
@@ -123,3 +118,52 @@ def test_a_saved_model_with_layers_of_its_own_is_refused_naming_the_function_for
     assert line.startswith(f"app.train: error: --model={tmp_path}/custom.keras: cannot be "
                            f"loaded: ") and line.endswith(
         "(a model with layers of its own: give --model=package.module:function)")
+
+
+def test_a_users_model_that_cannot_be_had_says_why_in_one_line(tmp_path, monkeypatch):
+    """What goes wrong in the user's own code or file is named with where it happened (the
+    flag's one line, as above, carries it); a subclassed or unbuilt model is taken."""
+    from app.horovod import keras  # noqa: F401 (first)
+    from models import user
+    (tmp_path / "user_models_a.py").write_text(
+        "import keras\n"
+        "class Classifier(keras.Model):\n"
+        "    def __init__(self, n):\n"
+        "        super().__init__()\n"
+        "        self.flat, self.out = keras.layers.Flatten(), keras.layers.Dense(n)\n"
+        "    def call(self, x):\n"
+        "        return self.out(self.flat(x))\n"
+        "def subclassed(shape, n):\n"
+        "    return Classifier(n)\n"
+        "def unbuilt(shape, n):\n"
+        "    return keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(n)])\n"
+        "def fails(shape, n):\n"
+        "    return shape[5]\n"
+        "def for_other_images(shape, n):\n"
+        "    x = keras.Input((28, 28, 1))\n"
+        "    return keras.Model(x, keras.layers.Dense(n)(keras.layers.Flatten()(x)))\n")
+    (tmp_path / "user_models_b.py").write_text("import no_such_dependency\n")
+    (tmp_path / "user_models_c.py").write_text("x = (\n")
+    (tmp_path / "damaged.keras").write_text("not a zip archive")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for taken in ("user_models_a:subclassed", "user_models_a:unbuilt"):
+        assert user.load(taken, (8, 8, 1), 10).output_shape == (None, 10)
+    refused = {
+        "user_models_a:fails": f"fails((8, 8, 1), 10): IndexError: tuple index out of range "
+                               f"({tmp_path}/user_models_a.py:13)",
+        "user_models_a:for_other_images": "takes inputs of 28x28x1, the data 8x8x1",
+        "user_models_a:missing": f"user_models_a ({tmp_path}/user_models_a.py) has no "
+                                 f"function 'missing'",
+        "user_models_b:build": f"importing user_models_b: ModuleNotFoundError: No module named "
+                               f"'no_such_dependency' ({tmp_path}/user_models_b.py:1)",
+        "user_models_c:build": f"importing user_models_c: SyntaxError: '(' was never closed "
+                               f"({tmp_path}/user_models_c.py:1)",
+        str(tmp_path / "missing.keras"): "no such file",
+        str(tmp_path / "damaged.keras"): "is not a saved Keras model (a .keras file is a zip "
+                                         "archive)"}
+    for name, reason in refused.items():
+        with pytest.raises(user.UserModelError) as error:
+            user.load(name, (8, 8, 1), 10)
+        assert str(error.value) == reason
+    assert not any(map(user.is_user_model, (":build", ".module:build", "a:b:c")))
+
