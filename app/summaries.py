@@ -27,12 +27,22 @@ def callbacks(model_dir, *, flag_values, every_steps, steps_per_epoch, global_ba
     directory = log_dir(model_dir)
     write_hparams_config(directory, flag_values)
     return [
-        keras.callbacks.TensorBoard(directory, update_freq=every_steps,
-                                       profile_batch=tuple(profile_steps) or 0),
+        EpochsRecordedTensorBoard(directory, update_freq=every_steps,
+                                  profile_batch=tuple(profile_steps) or 0),
         StepScalars(os.path.join(directory, "train"), every_steps, steps_per_epoch,
                     global_batch, throughput),
         hparams_api.KerasCallback(directory, hparams(flag_values), trial_id=model_dir),
     ]
+
+
+class EpochsRecordedTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback, its epoch scalars recorded: Keras 3 writes them under the
+    last batch's record_if, which drops them unless the epoch's steps are a multiple of
+    update_freq."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        with tf.summary.record_if(True):
+            super().on_epoch_end(epoch, logs)
 
 
 def hparams(flag_values):

@@ -177,7 +177,7 @@ def test_profile_steps_trace_exactly_those_steps(served):
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     _, model_dir, _ = served
-    traces = glob.glob(str(model_dir / "tensorboard" / "plugins" / "profile" / "*" /
+    traces = glob.glob(str(model_dir / "tensorboard" / "train" / "plugins" / "profile" / "*" /
                            "*.xplane.pb"))
     assert len(traces) == 1
     space = xplane_pb2.XSpace()
@@ -185,7 +185,7 @@ def test_profile_steps_trace_exactly_those_steps(served):
         space.ParseFromString(trace.read())
     host = next(plane for plane in space.planes if plane.name == "/host:CPU")
     steps = [event for line in host.lines for event in line.events
-             if host.event_metadata[event.metadata_id].name == "train_function"]
+             if host.event_metadata[event.metadata_id].name == "Profiled batch"]  # Keras' mark
     assert len(steps) == 3  # steps 3, 4 and 5
 
 
