@@ -32,8 +32,8 @@ def test_pieces_are_horovods_reducescatter_split_and_cover_each_variable_once():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("launcher, processes, settings", [
-    (mpirun, 2, "stage1,stage2,stage1_accumulated,stage2_accumulated"),
+@pytest.mark.parametrize("launcher, processes, settings", [  # each setting at least once
+    (mpirun, 2, "stage2,stage1_accumulated"),
     (mpirun, 4, "stage1,stage2_accumulated"),
     (horovodrun, 2, "stage2_accumulated")], ids=["mpi-2", "mpi-4", "gloo-2"])
 def test_each_optimizer_sharded_ends_with_horovods_weights_and_state(launcher, processes,
