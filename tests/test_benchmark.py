@@ -187,10 +187,10 @@ def test_the_peak_follows_the_cpus_vector_units(flags, float32, bfloat16, unit):
 def test_the_flops_of_a_model_are_counted_from_its_layers():
     """A dense layer of 10 -> 5 is 50 multiply-adds and 5 bias additions; ResNet-50 at 224x224
     is the published 4.1 billion multiply-adds."""
-    from app.horovod import tf
+    from app.horovod import keras
     import models
     from app.studies import roofline
-    dense = tf.keras.Sequential([tf.keras.Input([10]), tf.keras.layers.Dense(5)])
+    dense = keras.Sequential([keras.Input([10]), keras.layers.Dense(5)])
     assert models.forward_flops(dense, [10]) == 2 * 10 * 5 + 5
     assert roofline.training_flops_per_example("resnet50", 224) == pytest.approx(
         3 * 2 * 4.1e9, rel=0.01)

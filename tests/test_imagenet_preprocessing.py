@@ -4,6 +4,7 @@ the flips, the normalization by the model's first layer, and the TFRecord files 
 anew every epoch and again on resume."""
 import numpy as np
 import pytest
+import keras
 import tensorflow as tf
 
 import input_pipeline
@@ -86,7 +87,7 @@ def _flipped_crop(jpeg, seed):
 def test_the_models_first_layer_normalizes_to_imagenets_mean_zero_and_stddev_one():
     scaling = preprocessing.input_scaling(3)
     model = models.build("resnet20", (4, 4, 3), 10, input_scaling=scaling)
-    first_layer = tf.keras.Model(model.input, model.get_layer("input_scaling").output)
+    first_layer = keras.Model(model.input, model.get_layer("input_scaling").output)
     mean_color = 255 * tf.constant(preprocessing.MEAN_RGB, shape=[1, 1, 1, 3]) * tf.ones(
         [2, 4, 4, 3])
     np.testing.assert_allclose(first_layer(mean_color), 0.0, atol=1e-5)

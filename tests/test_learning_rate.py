@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from app.horovod import hvd, tf
+from app.horovod import hvd, keras, tf
 from app import callbacks, optimizers
 
 STEPS = 4
@@ -17,10 +17,10 @@ def horovod(horovod_here):
 
 def learning_rates(schedule, epochs=5, warmup_epochs=0, reference_lr=0.4, **kwargs):
     """The LR applied at every step of a run with `schedule`, read at each batch's start."""
-    model = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     model.compile(hvd.DistributedOptimizer(optimizers.build("momentum", 0.4, 0.9)), "mse")
     seen = []
-    recorder = tf.keras.callbacks.LambdaCallback(
+    recorder = keras.callbacks.LambdaCallback(
         on_train_batch_begin=lambda batch, logs: seen.append(
             float(model.optimizer.learning_rate.numpy())))
     schedule_callbacks = callbacks.learning_rate_schedule(

@@ -12,7 +12,7 @@ from test_train import checkpoint_values
 
 import input_pipeline
 import models
-from app.horovod import tf
+from app.horovod import keras, tf
 from input_pipeline import seismic
 from models import segmentation
 
@@ -104,15 +104,15 @@ def test_the_faultseg3d_unet_is_the_published_one_and_divides_its_input_by_8():
     assert small.output_shape == (None, 8, 8, 5)
     with pytest.raises(ValueError):  # 12 is not divisible by 8
         models.build("unet3d", (12, 16, 16, 1), 1)
-    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:  # the output layer computes in float32 under mixed precision
         assert models.build("unet3d_small", (8, 8, 8, 1), 3).output.dtype == tf.float32
     finally:
-        tf.keras.mixed_precision.set_global_policy("float32")
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def test_a_unet_recomputing_its_levels_computes_the_same_outputs_and_gradients():
-    tf.keras.mixed_precision.set_global_policy("float64")
+    keras.mixed_precision.set_global_policy("float64")
     try:
         volume = tf.random.stateless_normal([2, 8, 8, 8, 1], [0, 3], dtype=tf.float64)
         found = []
@@ -129,7 +129,7 @@ def test_a_unet_recomputing_its_levels_computes_the_same_outputs_and_gradients()
         for plain, recomputed in zip(found[0][1], found[1][1]):
             np.testing.assert_allclose(recomputed, plain, rtol=1e-10, atol=1e-14)
     finally:
-        tf.keras.mixed_precision.set_global_policy("float32")
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def test_the_balanced_loss_weights_each_example_by_its_own_class_shares():

@@ -211,12 +211,12 @@ def test_bilinear_upsampling_and_a_sequential_models_first_layer_are_refused_by_
     any other: one line naming the layer and why."""
     import models  # noqa: F401 (app.horovod first, through app.parallel.spatial)
     from app.parallel import spatial
-    from app.horovod import hvd_tensorflow
-    layers = tf.keras.layers
-    inputs = tf.keras.Input((8, 4, 1))
-    bilinear = tf.keras.Model(inputs, layers.UpSampling2D(interpolation="bilinear",
+    from app.horovod import hvd_tensorflow, keras
+    layers = keras.layers
+    inputs = keras.Input((8, 4, 1))
+    bilinear = keras.Model(inputs, layers.UpSampling2D(interpolation="bilinear",
                                                           name="smooth")(inputs))
-    first = tf.keras.Sequential([tf.keras.Input((8, 4, 1)), layers.Conv2D(2, 3, name="first"),
+    first = keras.Sequential([keras.Input((8, 4, 1)), layers.Conv2D(2, 3, name="first"),
                                  layers.ReLU()])
     for model, named in ((bilinear, "'smooth' (UpSampling2D) interpolates (bilinear)"),
                          (first, "'first' (Conv2D) has valid padding")):
@@ -231,10 +231,11 @@ def test_halo_bytes_are_the_planes_beside_each_inner_slab_boundary():
     have 3 inner boundaries, forward and backward."""
     import models  # noqa: F401 (app.horovod first, through app.parallel.spatial)
     from app.parallel import spatial
-    inputs = tf.keras.Input((8, 4, 4, 1))
-    x = tf.keras.layers.Conv3D(2, 3, padding="same")(inputs)
-    x = tf.keras.layers.Conv3D(2, 5, padding="same")(x)
-    model = tf.keras.Model(inputs, tf.keras.layers.Conv3D(1, 1)(x))
+    from app.horovod import keras
+    inputs = keras.Input((8, 4, 4, 1))
+    x = keras.layers.Conv3D(2, 3, padding="same")(inputs)
+    x = keras.layers.Conv3D(2, 5, padding="same")(x)
+    model = keras.Model(inputs, keras.layers.Conv3D(1, 1)(x))
     per_boundary = 2 * 16 * 1 + 4 * 16 * 2
     assert spatial.halo_bytes(model, 4, batch=3, bytes_per_value=4) == (
         2 * 3 * per_boundary * 3 * 4)

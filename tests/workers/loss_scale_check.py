@@ -11,7 +11,7 @@ OUT_DIR/rank-R.json.
 import json
 import sys
 
-from app.horovod import hvd, tf  # first: it sets TF_XLA_FLAGS
+from app.horovod import hvd, keras, tf  # first: it sets TF_XLA_FLAGS
 
 from app import optimizers
 from app.parallel import sharded_optimizer
@@ -22,10 +22,10 @@ INPUTS = ({0: [[1.0, 1.0]], 1: [[1000.0, 1.0]]},  # step 1
           {0: [[1.0, 2.0]], 1: [[3.0, 0.5]]})     # step 2
 
 hvd.init()
-tf.keras.mixed_precision.set_global_policy("mixed_float16")
-layer = tf.keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")
+keras.mixed_precision.set_global_policy("mixed_float16")
+layer = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")
 layer.build((None, 2))
-scaled = optimizers.loss_scaled(tf.keras.optimizers.SGD(1.0), "float16")
+scaled = optimizers.loss_scaled(keras.optimizers.SGD(1.0), "float16")
 optimizer = (sharded_optimizer.shard(scaled, agree_on_overflow=True)
              if sys.argv[2:] == ["sharded"] else hvd.DistributedOptimizer(scaled))
 steps = []

@@ -17,12 +17,11 @@ import sys
 
 import numpy as np
 
-from app.horovod import hvd, tf  # first: it sets TF_XLA_FLAGS
+from app.horovod import hvd, keras, tf  # first: it sets TF_XLA_FLAGS
 
 from app import horovod, optimizers
 from app.parallel import sharded_optimizer
 
-keras = tf.keras
 LEARNING_RATES = {"momentum": 0.05, "adam": 0.01, "lamb": 0.01, "lars": 1.0, "novograd": 0.05}
 SETTINGS = {"stage1": (False, 1), "stage2": (True, 1), "stage1_accumulated": (False, 2),
             "stage2_accumulated": (True, 2)}

@@ -14,13 +14,11 @@ import sys
 
 import numpy as np
 
-from app.horovod import hvd, tf  # first: it sets TF_XLA_FLAGS
+from app.horovod import hvd, keras, tf  # first: it sets TF_XLA_FLAGS
 
 import models
 from app.parallel import spatial
 from models.unet import MaxPooling3D
-
-keras = tf.keras
 
 
 def convolution_stack_3d(shape):
@@ -117,7 +115,7 @@ def check(builder, shape, policy):
 
 def main(out_dir, policy="float64"):
     hvd.init()
-    tf.keras.mixed_precision.set_global_policy("float64")
+    keras.mixed_precision.set_global_policy("float64")
     tf.config.experimental.enable_op_determinism()
     errors = {name: check(*case, policy) for name, case in CASES.items()}
     with open(os.path.join(out_dir, f"rank-{hvd.rank()}.json"), "w") as out:

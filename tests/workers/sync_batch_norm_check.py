@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from app.horovod import hvd, tf
+from app.horovod import hvd, keras, tf
 from app.parallel.sync_batch_norm import SyncBatchNormalization
 import horovod.tensorflow
 
@@ -21,7 +21,7 @@ batch = np.concatenate([ordinary, cancelling], axis=1).astype(np.float32)
 found = {"batch": batch}
 for name, layer in (("project", SyncBatchNormalization(momentum=0.0)),
                     ("horovod", horovod.tensorflow.SyncBatchNormalization(momentum=0.0)),
-                    ("plain", tf.keras.layers.BatchNormalization(momentum=0.0))):
+                    ("plain", keras.layers.BatchNormalization(momentum=0.0))):
     outputs = layer(tf.constant(batch), training=True)
     found[f"{name}_mean"] = layer.moving_mean.numpy()
     found[f"{name}_variance"] = layer.moving_variance.numpy()

@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from app.horovod import hvd, tf  # noqa: I001  (sets TF_XLA_FLAGS first)
+from app.horovod import hvd, keras  # noqa: I001  (sets TF_XLA_FLAGS first)
 
 import numpy as np
 
@@ -13,14 +13,14 @@ from app import optimizers
 
 out_dir = sys.argv[1]
 hvd.init()
-tf.keras.utils.set_random_seed(100 + hvd.rank())  # different initial weights on each rank
+keras.utils.set_random_seed(100 + hvd.rank())  # different initial weights on each rank
 
 rng = np.random.default_rng(hvd.rank())  # different data on each rank
 features = rng.normal(size=(256, 8)).astype("float32")
 labels = (features[:, 0] + hvd.rank() * features[:, 1] > 0).astype("int64")
 
-model = tf.keras.Sequential([tf.keras.Input((8,)), tf.keras.layers.Dense(16, activation="relu"),
-                             tf.keras.layers.Dense(2, activation="softmax")])
+model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                          keras.layers.Dense(2, activation="softmax")])
 learning_rate = 0.05 * hvd.size()
 model.compile(hvd.DistributedOptimizer(optimizers.build("momentum", learning_rate, 0.9)),
               loss="sparse_categorical_crossentropy", metrics=["accuracy"])
