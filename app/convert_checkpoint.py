@@ -104,7 +104,7 @@ def main(_):
         target_variables.assign(source_values)
     for _, _, optimizer in targets:
         optimizer.iterations.assign(sources[0][2].iterations)
-        for name in ("dynamic_scale", "step_counter"):  # float16's loss scaling, if any
+        for name in optimizers.LOSS_SCALE_VARIABLES:  # float16's, if any
             if hasattr(optimizer, name):
                 getattr(optimizer, name).assign(getattr(sources[0][2], name))
 

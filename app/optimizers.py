@@ -49,9 +49,10 @@ OPTIMIZERS = {
         lr, weight_decay=decay), "NovoGrad (Ginsburg et al.)", decay_inside=True,
         tf_keras_slots=("m", "v")),
 }
-# An optimizer's own variables, by the last part of their path (float16's loss scaling's
-# included); the others are slots.
-OWN_VARIABLES = ("iteration", "learning_rate", "dynamic_scale", "step_counter")
+# float16's loss scaling's variables (keras.optimizers.LossScaleOptimizer's).
+LOSS_SCALE_VARIABLES = ("dynamic_scale", "step_counter")
+# An optimizer's own variables, by the last part of their path; the others are slots.
+OWN_VARIABLES = ("iteration", "learning_rate", *LOSS_SCALE_VARIABLES)
 
 
 def build(name, learning_rate, momentum=0.0, weight_decay=0.0):

@@ -69,8 +69,9 @@ def _check_inputs(model, input_shape):
     taken = tuple(model.input_shape[1:]) if len(model.inputs) == 1 else None
     if taken is None or len(taken) != len(input_shape) or any(
             extent not in (None, given) for extent, given in zip(taken, input_shape)):
-        raise UserModelError(f"takes inputs of {_shape(taken) if taken else 'several inputs'}, "
-                             f"the data {_shape(input_shape)}")
+        raise UserModelError(f"takes inputs of {_shape(taken)}, the data {_shape(input_shape)}"
+                             if taken else f"takes several inputs; the data is one of "
+                             f"{_shape(input_shape)}")
 
 
 def _saved(path, input_shape):

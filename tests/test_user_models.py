@@ -141,7 +141,10 @@ def test_a_users_model_that_cannot_be_had_says_why_in_one_line(tmp_path, monkeyp
         "    return shape[5]\n"
         "def for_other_images(shape, n):\n"
         "    x = keras.Input((28, 28, 1))\n"
-        "    return keras.Model(x, keras.layers.Dense(n)(keras.layers.Flatten()(x)))\n")
+        "    return keras.Model(x, keras.layers.Dense(n)(keras.layers.Flatten()(x)))\n"
+        "def two_inputs(shape, n):\n"
+        "    a, b = keras.Input(shape), keras.Input(shape)\n"
+        "    return keras.Model([a, b], keras.layers.Dense(n)(keras.layers.Add()([a, b])))\n")
     (tmp_path / "user_models_b.py").write_text("import no_such_dependency\n")
     (tmp_path / "user_models_c.py").write_text("x = (\n")
     (tmp_path / "damaged.keras").write_text("not a zip archive")
@@ -152,6 +155,7 @@ def test_a_users_model_that_cannot_be_had_says_why_in_one_line(tmp_path, monkeyp
         "user_models_a:fails": f"fails((8, 8, 1), 10): IndexError: tuple index out of range "
                                f"({tmp_path}/user_models_a.py:13)",
         "user_models_a:for_other_images": "takes inputs of 28x28x1, the data 8x8x1",
+        "user_models_a:two_inputs": "takes several inputs; the data is one of 8x8x1",
         "user_models_a:missing": f"user_models_a ({tmp_path}/user_models_a.py) has no "
                                  f"function 'missing'",
         "user_models_b:build": f"importing user_models_b: ModuleNotFoundError: No module named "
