@@ -51,10 +51,6 @@ def main(_):
         cli.fail(f"--from_dir={from_dir}: no checkpoint to convert")
     if os.path.isdir(os.path.join(to_dir, "checkpoints")):
         cli.fail(f"--to_dir={to_dir}: holds checkpoints already")
-    blocks = models.count_blocks(FLAGS.model)
-    if to_stages > blocks:
-        cli.fail(f"--to_stages={to_stages}: --model={FLAGS.model} has {blocks} blocks")
-
     if FLAGS.float64:  # the variables' type (mixed precision keeps them in float32)
         models.use_float64()
     source = input_pipeline.load(FLAGS.dataset, "train", **app_flags.load_options())
@@ -62,6 +58,9 @@ def main(_):
         model_blocks = models.blocks_of(FLAGS.model, source.feature_shape, source.num_outputs)
     except models.user.UserModelError as error:
         cli.fail(f"--model={FLAGS.model}: {error}")
+    if to_stages > len(model_blocks):
+        cli.fail(f"--to_stages={to_stages}: --model={FLAGS.model} has {len(model_blocks)} "
+                 f"blocks")
     from_cut, to_cut = (pipeline_plan.cut(model_blocks, stages, FLAGS.pipeline_balance)
                         for stages in (from_stages, to_stages))
 

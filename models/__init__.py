@@ -72,15 +72,11 @@ def all_layers(layer):
 
 def builder(name):
     """The Builder of --model=`name`: BUILDERS's, or for a user's own model (models.user:
-    package.module:function or path/to/model.keras) one of a single block, whose task its
-    outputs tell once it is built."""
+    package.module:function or path/to/model.keras) one whose blocks and task the model
+    tells once it is built (blocks_of, build)."""
     if not user.is_user_model(name):
         return BUILDERS[name]
-
-    def blocks(num_outputs, normalization=None, recompute=False):
-        del normalization, recompute  # the user's model has its own layers
-        return [lambda x: user.load(name, x.shape[1:], num_outputs)(x)]
-    return Builder(blocks, f"the user's model {name}", task=None, example_dataset=None)
+    return Builder(None, f"the user's model {name}", task=None, example_dataset=None)
 
 
 def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormalization,
@@ -97,11 +93,9 @@ def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormal
     cannot be had or does not fit."""
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    if user.is_user_model(name) and input_scaling is None:
-        model = user.load(name, input_shape, num_outputs)
-        if task:
-            user.check_outputs(model, task, input_shape, num_outputs)
-        return model
+    if user.is_user_model(name):
+        return _user_stage(name, input_shape, num_outputs, first_block, last_block,
+                           input_scaling, task)
     extra = {"recompute": True} if recompute else {}
     blocks = builder(name).blocks(num_outputs, normalization=normalization, **extra)
     stage = range(len(blocks))[first_block:last_block]
@@ -117,11 +111,26 @@ def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormal
     for index in stage:
         outputs = blocks[index](outputs)
     whole = len(stage) == len(blocks)
-    base = "user_model" if user.is_user_model(name) else name  # a path is no Keras name
-    model = keras.Model(inputs, outputs,
-                        name=base if whole else f"{base}_blocks_{stage.start}_{stage.stop}")
-    if user.is_user_model(name) and task:
+    return keras.Model(inputs, outputs,
+                       name=name if whole else f"{name}_blocks_{stage.start}_{stage.stop}")
+
+
+def _user_stage(name, input_shape, num_outputs, first_block, last_block, input_scaling, task):
+    """build()'s for a user's model: the model as it is, or its layers between two of its
+    crossings (the stage holds only their weights; the others go with the whole model)."""
+    model = user.load(name, input_shape, num_outputs)
+    if task:
         user.check_outputs(model, task, input_shape, num_outputs)
+    whole = (first_block, last_block) == (0, None)
+    if not whole:
+        crossings = user.crossings(model)
+        stop = len(crossings) - 1 if last_block is None else last_block
+        model = keras.Model(crossings[first_block], crossings[stop],
+                            name=f"user_model_blocks_{first_block}_{stop}")
+    if input_scaling is not None and not first_block:
+        inputs = keras.Input(input_shape)
+        model = keras.Model(inputs, model(_rescaling(input_scaling, input_shape)(inputs)),
+                            name="user_model" if whole else model.name)
     return model
 
 
@@ -135,7 +144,8 @@ def _rescaling(input_scaling, input_shape):
 
 
 def count_blocks(name):
-    """How many blocks model `name` has: at most that many pipeline stages."""
+    """How many blocks the project's model `name` has: at most that many pipeline stages (a
+    user's model tells its own once built: blocks_of)."""
     return len(builder(name).blocks(1))
 
 
@@ -144,7 +154,13 @@ Block = collections.namedtuple("Block", "input_shape parameters flops")
 
 def blocks_of(name, input_shape, num_outputs):
     """[Block(input shape, parameters, forward FLOPs per example)] of each of the model's
-    blocks, worked out in a graph that is thrown away, without allocating any weight."""
+    blocks, worked out in a graph that is thrown away, without allocating any weight (a
+    user's model's, between its crossings, once the model is built)."""
+    if user.is_user_model(name):
+        crossings = user.crossings(user.load(name, input_shape, num_outputs))
+        blocks = [keras.Model(start, end) for start, end in zip(crossings, crossings[1:])]
+        return [Block(tuple(block.input_shape[1:]), block.count_params(),
+                      forward_flops(block, tuple(block.input_shape[1:]))) for block in blocks]
     with tf.Graph().as_default():
         blocks = builder(name).blocks(num_outputs)
         x, found = keras.Input(input_shape), []

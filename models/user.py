@@ -1,7 +1,8 @@
 """A user's own Keras 3 model, with nothing added to the project: --model=package.module:function
 (a function of (input_shape, num_outputs) that returns a keras.Model, imported from the
 PYTHONPATH or the current folder) or --model=path/to/model.keras (a saved model, its weights
-included, which training starts from). Either is one block: a pipeline does not cut it.
+included, which training starts from). A pipeline cuts it where one tensor carries everything
+from its input to its output (crossings).
 """
 import importlib
 import os
@@ -103,6 +104,32 @@ def check_outputs(model, task, input_shape, num_outputs):
         kind = ("one output per voxel" if len(found) > 1 else "outputs per example")
         raise UserModelError(f"gives {kind} of shape {_shape(found)}; a {task} data set of "
                              f"these inputs needs {_shape(wanted)}")
+
+
+def crossings(model):
+    """The tensors of `model`'s graph that carry everything from its input to its output, in
+    order, the input and output included: where a pipeline can cut it (a stage sends the
+    next one tensor). Just [input, output] for a model with none between, and for one whose
+    graph the public attributes do not tell whole (a layer called more than once: its
+    `input` and `output` are its first call's)."""
+    graph = model if hasattr(model, "operations") else keras.Model(model.inputs, model.outputs)
+    ends = [graph.inputs[0], graph.outputs[0]]
+    operations = [operation for operation in graph.operations  # in topological order
+                  if not isinstance(operation, keras.layers.InputLayer)]
+    consumed = [[id(tensor) for tensor in keras.tree.flatten(operation.input)]
+                for operation in operations]
+    produced = [keras.tree.flatten(operation.output) for operation in operations]
+    known = {id(ends[0])} | {id(tensor) for outputs in produced for tensor in outputs}
+    if any(tensor not in known for inputs in consumed for tensor in inputs):
+        return ends
+    last_use = {tensor: index for index, inputs in enumerate(consumed) for tensor in inputs}
+    found, live = [ends[0]], {id(ends[0])}
+    for index, outputs in enumerate(produced[:-1]):
+        live = {tensor for tensor in live | {id(output) for output in outputs}
+                if last_use.get(tensor, -1) > index}
+        if len(outputs) == 1 and live == {id(outputs[0])}:
+            found.append(outputs[0])
+    return found + ends[1:]
 
 
 def _shape(shape):

@@ -245,7 +245,8 @@ def test_recomputation_gives_the_plain_gradients():
 def test_a_pipeline_that_cannot_run_stops_every_rank_with_one_line(tmp_path):
     cases = [
         (mpirun(2), ["--model=linear", "--pipeline_stages=2"],
-         "--pipeline_stages=2: --model=linear has 1 blocks, so at most 1 stages"),
+         "--pipeline_stages=2: --model=linear has 1 block (a pipeline cuts it only where one "
+         "tensor passes), so at most 1 stage"),
         (horovodrun(2), ["--pipeline_stages=2"],
          "--pipeline_stages=2: needs MPI (mpirun, srun, horovodrun --mpi); this run uses Gloo"),
     ]

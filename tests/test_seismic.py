@@ -300,8 +300,9 @@ def test_bad_seismic_flags_are_refused_with_one_line(tmp_path):
                                    "--model=unet3d_small's down-sampling by 4 does not divide"),
              (["--dataset=digits"], "--model=unet3d_small: is a segmentation model, "
                                     "--dataset=digits a classification data set"),
-             (["--pipeline_stages=2"], "--pipeline_stages=2: --model=unet3d_small has 1 "
-                                       "blocks, so at most 1 stages")]
+             (["--pipeline_stages=2"], "--pipeline_stages=2: --model=unet3d_small has 1 block "
+                                       "(a pipeline cuts it only where one tensor passes), "
+                                       "so at most 1 stage")]
     for extra, line in cases:
         result = run(train_command("--flagfile=configs/seismic_faults_cpu.cfg", *extra,
                                    f"--model_dir={tmp_path}"), check=False)

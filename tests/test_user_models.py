@@ -6,8 +6,8 @@ does not fit."""
 import numpy as np
 import pytest
 
-from conftest import (INTEGRITY_FLAGS, REPO, error_lines, mpirun, run, run_concurrently,
-                      train_command)
+from conftest import (INTEGRITY_FLAGS, PYTHON, REPO, error_lines, mpirun, run,
+                      run_concurrently, train_command)
 from test_predict import TINY_RUN, field_survey, predict_command
 from test_train import checkpoint_values
 
@@ -41,19 +41,39 @@ def test_a_users_segmentation_model_trains_under_mpirun_and_predicts_a_survey(tm
 
 
 @pytest.mark.distributed
-def test_a_users_model_ends_with_the_same_weights_on_1_and_2_processes(tmp_path):
+def test_a_users_model_ends_with_the_same_weights_on_1_and_2_processes_and_in_2_stages(
+        tmp_path):
     """digits_net, 4 steps of the integrity run (float64, a global batch of 128): the
-    weights of 2 processes are one process's to 1e-12, ScaledSwish's beta included."""
-    def train(processes):
-        model_dir = tmp_path / str(processes)
+    weights of 2 processes are one process's to 1e-12, ScaledSwish's beta included; cut
+    into 2 pipeline stages where one tensor passes between its layers (2 microbatches), each
+    stage holds only its part, and put together by app.convert_checkpoint they are one
+    process's to 1e-10 (the microbatches' sums in another order)."""
+    runs = {"one": (1, []), "two": (2, []),
+            "staged": (2, ["--pipeline_stages=2", "--microbatches=2"])}
+
+    def train(name):
+        processes, flags = runs[name]
+        model_dir = tmp_path / name
         command = train_command(*INTEGRITY_FLAGS, f"--model={DIGITS_NET}", "--epochs=4",
-                                "--warmup_epochs=1", f"--model_dir={model_dir}")
+                                "--warmup_epochs=1", *flags, f"--model_dir={model_dir}")
         run([*mpirun(processes), *command] if processes > 1 else command)
-        return checkpoint_values(model_dir, 4, "model/")
-    one, two = run_concurrently(train, [1, 2])
-    assert one.keys() == two.keys() and any("beta" in name for name in one)
-    for name in one:
-        np.testing.assert_allclose(two[name], one[name], rtol=0, atol=1e-12, err_msg=name)
+        return model_dir
+    one, two, staged = run_concurrently(train, list(runs))
+    reference = checkpoint_values(one, 4, "model/")
+    assert checkpoint_values(two, 4, "model/").keys() == reference.keys()
+    assert any("beta" in name for name in reference)
+    for name, value in checkpoint_values(two, 4, "model/").items():
+        np.testing.assert_allclose(value, reference[name], rtol=0, atol=1e-12, err_msg=name)
+    stages = [checkpoint_values(staged, 4, "model/", f"checkpoints/stage-{stage}")
+              for stage in (0, 1)]
+    assert min(map(len, stages)) > 0 and sum(map(len, stages)) == len(reference)
+    run([PYTHON, "-m", "app.convert_checkpoint", f"--from_dir={staged}",
+         f"--to_dir={tmp_path / 'converted'}", "--to_stages=1"])
+    converted = checkpoint_values(tmp_path / "converted", 4, "model/")
+    assert converted.keys() == reference.keys()
+    for name in reference:
+        np.testing.assert_allclose(converted[name], reference[name], rtol=0, atol=1e-10,
+                                   err_msg=name)
 
 
 def test_a_saved_keras_file_trains_from_its_own_weights(tmp_path):
@@ -92,17 +112,24 @@ def test_a_saved_keras_file_trains_from_its_own_weights(tmp_path):
      f"--spatial_parts=2: cannot split --model={FAULT_NET}: layer 'scaled_swish' "
      f"(ScaledSwish) mixes the slabs (it is not a convolution, pooling, upsampling, "
      f"normalization or voxel-wise layer)"),
-    ([f"--model={DIGITS_NET}", "--flagfile=configs/digits_cnn.cfg", "--pipeline_stages=2"],
-     f"--pipeline_stages=2: --model={DIGITS_NET} is one block, not cut into stages (the "
-     f"project cuts its own models, which are lists of blocks)"),
+    (["--model={tmp}/two_branches.keras", "--flagfile=configs/digits_cnn.cfg",
+      "--pipeline_stages=2"],
+     "--pipeline_stages=2: --model={tmp}/two_branches.keras has 1 block (a pipeline cuts it "
+     "only where one tensor passes), so at most 1 stage"),
 ])
 def test_a_users_model_that_does_not_fit_is_refused_in_one_line(flags, error, tmp_path):
+    from app.horovod import keras
+    inputs = keras.Input((8, 8, 1))  # two branches from input to output: one block
+    keras.Model(inputs, keras.layers.Add()([keras.layers.Dense(10)(keras.layers.Flatten()(
+        inputs)) for _ in range(2)])).save(tmp_path / "two_branches.keras")
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
     launch = [*mpirun(2)] if {"--spatial_parts=2", "--pipeline_stages=2"} & set(flags) else []
     refused = run([*launch, *train_command(*flags, "--epochs=1", "--warmup_epochs=0",
-                                           f"--model_dir={tmp_path}")], check=False)
+                                           f"--model_dir={tmp_path / 'run'}")], check=False)
     assert refused.returncode == 2, refused.stderr[-3000:]
-    assert set(error_lines(refused)) == {f"app.train: error: {error.format(REPO=REPO)}"}, \
-        refused.stderr[-3000:]
+    assert set(error_lines(refused)) == {
+        f"app.train: error: {error.format(REPO=REPO, tmp=tmp_path)}"}, refused.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_saved_model_with_layers_of_its_own_is_refused_naming_the_function_form(tmp_path):

@@ -163,14 +163,8 @@ class PipelineParallel(DataParallel):
 
     def validate(self, world_size, batch_request):
         flags, stages = self.flags, self.stages
-        blocks = models.count_blocks(flags.model)
-        if stages > blocks:  # a U-Net is one block: its skip connections cross the levels
-            raise FlagError("pipeline_stages", stages,
-                            f"--model={flags.model} is one block, not cut into stages (the "
-                            f"project cuts its own models, which are lists of blocks)"
-                            if models.user.is_user_model(flags.model) else
-                            f"--model={flags.model} has {blocks} blocks, so at most {blocks} "
-                            f"stages")
+        if not models.user.is_user_model(flags.model):  # a user's: once built (cut())
+            _check_stages(flags.model, stages, models.count_blocks(flags.model))
         if world_size % stages:
             raise FlagError("pipeline_stages", stages, f"must divide the {world_size} processes")
         if stages > 1 and cli.gloo_from_environment():
@@ -214,6 +208,8 @@ class PipelineParallel(DataParallel):
         if self._cut is None:
             blocks = (models.blocks_of(self.flags.model, source.feature_shape,
                                        source.num_outputs) if self.stages > 1 else [])
+            if self.stages > 1:
+                _check_stages(self.flags.model, self.stages, len(blocks))
             self._cut = pipeline_plan.cut(blocks, self.stages, self.flags.pipeline_balance)
         return self._cut
 
@@ -262,6 +258,16 @@ class PipelineParallel(DataParallel):
 
     def _where(self):
         return self.place(hvd.rank(), hvd.size())
+
+
+def _check_stages(model, stages, blocks):
+    """FlagError unless `model`'s `blocks` give `stages` stages (a U-Net is one block: its
+    skip connections pass several tensors between its levels)."""
+    if stages > blocks:
+        raise FlagError("pipeline_stages", stages,
+                        f"--model={model} has {blocks} block{'s' * (blocks > 1)} (a pipeline "
+                        f"cuts it only where one tensor passes), so at most {blocks} "
+                        f"stage{'s' * (blocks > 1)}")
 
 
 class SpatialParallel(DataParallel):
