@@ -198,3 +198,34 @@ def test_a_users_model_that_cannot_be_had_says_why_in_one_line(tmp_path, monkeyp
         assert str(error.value) == reason
     assert not any(map(user.is_user_model, (":build", ".module:build", "a:b:c")))
 
+
+
+def test_a_users_model_is_cut_only_where_one_tensor_passes():
+    """models.user.crossings: in a residual chain, after the stem and after each block's sum
+    (not between its branches); a layer called twice leaves the model uncut; the stages'
+    weights, one after the other, are the whole model's in its order (what
+    app.convert_checkpoint assigns by)."""
+    from app.horovod import keras
+    from models import user
+    inputs = keras.Input((8, 8, 3))
+    x = stem = keras.layers.Conv2D(4, 3)(inputs)
+    sums = []
+    for _ in range(2):
+        branch = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3, padding="same")(x))
+        x = keras.layers.Add()([keras.layers.Conv2D(4, 1)(x), branch])
+        sums.append(x)
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    crossings = user.crossings(model)
+    assert crossings[:4] == [inputs, stem, *sums] and crossings[-1] is outputs
+    assert len(crossings) == 6  # and the pooled features
+    stages = [keras.Model(start, end) for start, end in zip(crossings, crossings[1:])]
+    assert [weight.path for stage in stages for weight in stage.weights] == [
+        weight.path for weight in model.weights]
+
+    # its second call reads the stem again, which its attributes (the first call's) hide
+    shared, inputs = keras.layers.Dense(8), keras.Input((8,))
+    stem = keras.layers.Dense(8)(inputs)
+    twice = keras.Model(inputs, keras.layers.Add()([keras.layers.Dense(8)(shared(stem)),
+                                                    shared(stem)]))
+    assert user.crossings(twice) == [inputs, twice.outputs[0]]
