@@ -139,7 +139,7 @@ def build_and_restore(parallel, source, resume):
     elif FLAGS.float64:
         models.use_float64()
     normalization = (sync_batch_norm.SyncBatchNormalization if FLAGS.sync_batch_norm
-                     else keras.layers.BatchNormalization)
+                     else models.FusedBatchNormalization)
     try:
         model = parallel.build_model(source, normalization)
         # known once built: whether any block made a batch normalization layer

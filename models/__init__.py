@@ -1,12 +1,13 @@
 """Pure Keras model builders, chosen by name. No Horovod here: app/ wraps what these build.
 
-Every builder takes the number of outputs and a `normalization` layer factory
-(BatchNormalization by default), so that app/ can swap in a synchronized batch norm without
-this package knowing about Horovod, and returns the model as a list of blocks: functions from
-one tensor to the next, each making its layers when called. A model is its blocks chained;
-the places between blocks, where one tensor passes, are where a pipeline can cut it into
-stages (build(first_block=, last_block=)). A stage built alone starts from the weights the
-whole model would have: the blocks before it are built first in a graph that is thrown away,
+Every builder takes the number of outputs and a `normalization` layer factory (Keras 3's
+BatchNormalization in one fused kernel by default, models.normalization), so that app/ can
+swap in a synchronized batch norm without this package knowing about Horovod, and returns
+the model as a list of blocks: functions from one tensor to the next, each making its
+layers when called. A model is its blocks chained; the places between blocks, where one
+tensor passes, are where a pipeline can cut it into stages (build(first_block=,
+last_block=)). A stage built alone starts from the weights the whole model would have: the
+blocks before it are built first in a graph that is thrown away,
 which draws the same random numbers as building them (and allocates no weight).
 """
 
@@ -19,6 +20,7 @@ import keras
 from models import segmentation, user
 from models.cnn import pooled_cnn, small_cnn
 from models.dense import float_dtype, linear, mlp
+from models.normalization import FusedBatchNormalization
 from models.resnet import resnet20, resnet50, resnet56, wide_resnet16_10
 from models.unet import unet2d, unet2d_small, unet3d, unet3d_small
 
@@ -79,7 +81,7 @@ def builder(name):
     return Builder(None, f"the user's model {name}", task=None, example_dataset=None)
 
 
-def build(name, input_shape, num_outputs, normalization=keras.layers.BatchNormalization,
+def build(name, input_shape, num_outputs, normalization=FusedBatchNormalization,
           seed=None, first_block=0, last_block=None, input_scaling=None, recompute=False,
           task=None):
     """Returns the uncompiled Keras model `name` on inputs of `input_shape`, or the stage of

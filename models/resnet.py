@@ -4,6 +4,7 @@ WideResNet-16-10 (Zagoruyko and Komodakis 2016, pre-activation) and ImageNet Res
 import keras
 
 from models.dense import float_dtype
+from models.normalization import FusedBatchNormalization
 
 _CONV = dict(padding="same", use_bias=False, kernel_initializer="he_normal")
 
@@ -40,15 +41,15 @@ def _pooled_classifier(num_outputs, normalization=None):
     return head
 
 
-def resnet20(num_outputs, normalization=keras.layers.BatchNormalization):
+def resnet20(num_outputs, normalization=FusedBatchNormalization):
     return _cifar_resnet(num_outputs, 3, normalization)
 
 
-def resnet56(num_outputs, normalization=keras.layers.BatchNormalization):
+def resnet56(num_outputs, normalization=FusedBatchNormalization):
     return _cifar_resnet(num_outputs, 9, normalization)
 
 
-def wide_resnet16_10(num_outputs, normalization=keras.layers.BatchNormalization):
+def wide_resnet16_10(num_outputs, normalization=FusedBatchNormalization):
     """WRN-16-10: 2 pre-activation blocks per stage, widths 160/320/640, no dropout."""
     depth, width = 16, 10
     blocks_per_stage = (depth - 4) // 6
@@ -77,7 +78,7 @@ def wide_resnet16_10(num_outputs, normalization=keras.layers.BatchNormalization)
 _IMAGENET_BATCH_NORM = dict(momentum=0.9, epsilon=1e-5)
 
 
-def resnet50(num_outputs, normalization=keras.layers.BatchNormalization):
+def resnet50(num_outputs, normalization=FusedBatchNormalization):
     """ResNet-50 v1.5: bottleneck blocks (3, 4, 6, 3) whose stride is on the 3x3 convolution
     (v1 strides the first 1x1, which skips three quarters of its input), convolutions without
     bias and He-normal initialized, and the last batch norm of every residual branch

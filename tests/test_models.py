@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import keras
+import tensorflow as tf
 
 import models
 
@@ -38,6 +39,43 @@ def test_normalization_layers_are_the_ones_asked_for(name):
     norms = [layer for layer in model.layers
              if isinstance(layer, keras.layers.BatchNormalization)]
     assert norms and all(isinstance(layer, MarkedBatchNorm) for layer in norms)
+
+
+@pytest.mark.parametrize("policy, shape, tolerance", [
+    ("float32", (8, 6, 5, 4), 1e-5), ("mixed_bfloat16", (4, 3, 5, 6, 7), 2 ** -8),
+    ("float64", (8, 6, 5, 4), 0)])
+def test_the_fused_batch_norm_computes_what_keras_3s_does(policy, shape, tolerance):
+    """models.FusedBatchNormalization against keras.layers.BatchNormalization, on the same
+    inputs (large mean, odd shapes; 5D too): outputs, gradients and moving statistics (Keras
+    3's, of the biased variance) agree to float32's rounding, and bfloat16's outputs to one
+bfloat16 step (2^-8 of their largest); float64 takes
+    Keras' own path (the kernel has none), to the bit."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        dtype = keras.mixed_precision.global_policy().compute_dtype
+        inputs = tf.constant(np.random.RandomState(0).randn(*shape) * 3 + 5, dtype)
+        layers = [kind(momentum=0.9) for kind in (keras.layers.BatchNormalization,
+                                                  models.FusedBatchNormalization)]
+        found = []
+        for layer in layers:
+            layer.build(shape)
+            layer.gamma.assign(np.linspace(0.5, 2, shape[-1]))
+            layer.beta.assign(np.linspace(-1, 1, shape[-1]))
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                outputs = layer(inputs, training=True)
+                loss = tf.reduce_sum(tf.cast(outputs, tf.float32) ** 2)
+            gradients = tape.gradient(loss, [inputs, layer.gamma, layer.beta])
+            found.append([outputs, *gradients, layer.moving_mean, layer.moving_variance,
+                          layer(inputs, training=False)])
+        for keras_value, fused_value in zip(*found):
+            keras_value, fused_value = (np.asarray(tf.cast(value, tf.float64))
+                                        for value in (keras_value, fused_value))
+            scale = max(1.0, np.abs(keras_value).max())
+            np.testing.assert_allclose(fused_value, keras_value, rtol=0, atol=tolerance * scale)
+        assert np.abs(found[0][-2].numpy() - 1).max() > 0.5  # the variance moved
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def test_weight_decay_adds_half_the_squared_kernels():
