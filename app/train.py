@@ -153,12 +153,9 @@ def build_and_restore(parallel, source, resume):
         cli.fail(f"--model={FLAGS.model}: {error}")
     resumed = bool(resume.epoch or resume.saved_step)
     if FLAGS.init_checkpoint and not resumed:  # before compile(): Keras 3 would compile the
-        try:  # twin the weights are read into as well, from the losses' configs
+        # twin the weights are read into as well, from the losses' configs
+        with checkpoint_refused(f"--init_checkpoint={FLAGS.init_checkpoint}"):
             checkpoints.initialize_from(model, FLAGS.init_checkpoint)
-        except checkpoints.MismatchError as error:
-            cli.fail(f"--model={FLAGS.model}: {error}", cli.RUN_ERROR)
-        except checkpoints.WrittenByTfKerasError as error:
-            cli.fail(f"--init_checkpoint={FLAGS.init_checkpoint}: {error}", cli.RUN_ERROR)
     models.add_weight_decay(
         model, optimizers.l2_loss_weight_decay(FLAGS.optimizer, FLAGS.weight_decay))
     optimizer = optimizers.build(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum,
@@ -175,22 +172,31 @@ def build_and_restore(parallel, source, resume):
     # LR change (a pipeline stage's optimizer would build them only at its first step), and
     # the elastic sync finds the same ones on every worker.
     optimizers.create_slots(optimizer, trainer.trainable_variables)
-    try:
-        if resumed:
+    if resumed:
+        with checkpoint_refused(f"--model_dir={FLAGS.model_dir}"):
             parallel.check_checkpoints(FLAGS.model_dir)
             # a sharded optimizer keeps its rank's pieces of the restored whole state
             with sharded_optimizer.restored_whole_state(manager.checkpoint,
                                                         model.trainable_variables):
                 checkpoints.restore(manager, resume.epoch, resume.saved_step)
-    except checkpoints.MismatchError as error:
-        cli.fail(f"--model={FLAGS.model}: {error}", cli.RUN_ERROR)
-    except checkpoints.WrittenByTfKerasError as error:
-        cli.fail(f"--model_dir={FLAGS.model_dir}: {error}", cli.RUN_ERROR)
-    except pipeline_plan.CutError as error:
-        cli.fail(error, cli.RUN_ERROR)
-    if not resumed and hvd.rank() == 0:
+    elif hvd.rank() == 0:
         parallel.record_layout(FLAGS.model_dir)
     return model, trainer, manager
+
+
+@contextlib.contextmanager
+def checkpoint_refused(source):
+    """Stops the run with one line where the checkpoint from `source` (its flag and value)
+    is not this model's: of another model, another cut into stages, or of the tf_keras
+    version of the project."""
+    try:
+        yield
+    except checkpoints.MismatchError as error:
+        cli.fail(f"--model={FLAGS.model}: {error}", cli.RUN_ERROR)
+    except pipeline_plan.CutError as error:
+        cli.fail(error, cli.RUN_ERROR)
+    except checkpoints.WrittenByTfKerasError as error:
+        cli.fail(f"{source}: {error}", cli.RUN_ERROR)
 
 
 @hvd.elastic.run

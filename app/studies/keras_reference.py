@@ -5,6 +5,7 @@ throughput measurement as `app.train --benchmark`; writes MODEL_DIR/reference-RA
 
     python -m app.studies.keras_reference --flagfile=configs/digits_cnn.cfg --model_dir=/tmp/ref
 """
+import itertools
 import json
 import os
 
@@ -26,14 +27,16 @@ def fit_on_workers(model, strategy, dataset, steps_per_epoch, throughput):
     loop runs Keras' own train_step through strategy.run, its gradients all-reduced by the
     optimizer, and leaves each worker its own logs. Each worker feeds its own shard at the
     per-worker batch, as each Horovod rank does."""
-    features, labels = next(iter(dataset))
+    batches = iter(dataset)
+    first = next(batches)
+    features, labels = first
     with strategy.scope():  # the loss, metrics and slots are built here, not in the step
         predictions = model(features)
         model.compute_loss(features, labels, predictions)
         model.compute_metrics(features, labels, predictions)
         model.optimizer.build(model.trainable_variables)
     step = tf.function(lambda batch: strategy.run(model.train_step, args=(batch,)))
-    batches = iter(dataset)
+    batches = itertools.chain([first], batches)  # the first batch is trained on too
     hooks = keras.callbacks.CallbackList([throughput], model=model)
     hooks.on_train_begin()
     for epoch in range(FLAGS.epochs):
