@@ -7,8 +7,8 @@ the model as a list of blocks: functions from one tensor to the next, each makin
 layers when called. A model is its blocks chained; the places between blocks, where one
 tensor passes, are where a pipeline can cut it into stages (build(first_block=,
 last_block=)). A stage built alone starts from the weights the whole model would have: the
-blocks before it are built first in a graph that is thrown away,
-which draws the same random numbers as building them (and allocates no weight).
+blocks before it are built first in a graph that is thrown away, which draws the same random
+numbers as building them (and allocates no weight).
 """
 
 import collections
