@@ -48,8 +48,8 @@ def test_the_fused_batch_norm_computes_what_keras_3s_does(policy, shape, toleran
     """models.FusedBatchNormalization against keras.layers.BatchNormalization, on the same
     inputs (large mean, odd shapes; 5D too): outputs, gradients and moving statistics (Keras
     3's, of the biased variance) agree to float32's rounding, and bfloat16's outputs to one
-bfloat16 step (2^-8 of their largest); float64 takes
-    Keras' own path (the kernel has none), to the bit."""
+    bfloat16 step (2^-8 of their largest); float64 takes Keras' own path (the kernel has
+    none), to the bit."""
     keras.mixed_precision.set_global_policy(policy)
     try:
         dtype = keras.mixed_precision.global_policy().compute_dtype

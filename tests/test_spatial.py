@@ -215,9 +215,9 @@ def test_bilinear_upsampling_and_a_sequential_models_first_layer_are_refused_by_
     layers = keras.layers
     inputs = keras.Input((8, 4, 1))
     bilinear = keras.Model(inputs, layers.UpSampling2D(interpolation="bilinear",
-                                                          name="smooth")(inputs))
+                                                       name="smooth")(inputs))
     first = keras.Sequential([keras.Input((8, 4, 1)), layers.Conv2D(2, 3, name="first"),
-                                 layers.ReLU()])
+                              layers.ReLU()])
     for model, named in ((bilinear, "'smooth' (UpSampling2D) interpolates (bilinear)"),
                          (first, "'first' (Conv2D) has valid padding")):
         with pytest.raises(spatial.SpatialError) as refused:

@@ -59,10 +59,11 @@ def test_a_users_model_ends_with_the_same_weights_on_1_and_2_processes_and_in_2_
         run([*mpirun(processes), *command] if processes > 1 else command)
         return model_dir
     one, two, staged = run_concurrently(train, list(runs))
-    reference = checkpoint_values(one, 4, "model/")
-    assert checkpoint_values(two, 4, "model/").keys() == reference.keys()
+    reference, data_parallel = (checkpoint_values(model_dir, 4, "model/")
+                                for model_dir in (one, two))
+    assert data_parallel.keys() == reference.keys()
     assert any("beta" in name for name in reference)
-    for name, value in checkpoint_values(two, 4, "model/").items():
+    for name, value in data_parallel.items():
         np.testing.assert_allclose(value, reference[name], rtol=0, atol=1e-12, err_msg=name)
     stages = [checkpoint_values(staged, 4, "model/", f"checkpoints/stage-{stage}")
               for stage in (0, 1)]
@@ -197,7 +198,6 @@ def test_a_users_model_that_cannot_be_had_says_why_in_one_line(tmp_path, monkeyp
             user.load(name, (8, 8, 1), 10)
         assert str(error.value) == reason
     assert not any(map(user.is_user_model, (":build", ".module:build", "a:b:c")))
-
 
 
 def test_a_users_model_is_cut_only_where_one_tensor_passes():
