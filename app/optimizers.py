@@ -16,7 +16,7 @@ distributed optimizer (app.horovod) or the sharded one (app.parallel.sharded_opt
 import dataclasses
 from typing import Callable
 
-from app.horovod import keras  # first: it sets TF_XLA_FLAGS
+from app.horovod import keras, tf  # first: it sets TF_XLA_FLAGS
 
 from app import large_batch_optimizers
 
@@ -35,8 +35,8 @@ class Optimizer:
 
 OPTIMIZERS = {
     "sgd": Optimizer(lambda lr, momentum, decay: keras.optimizers.SGD(lr), "plain SGD"),
-    "momentum": Optimizer(lambda lr, momentum, decay: keras.optimizers.SGD(
-        lr, momentum=momentum), "SGD with --momentum", tf_keras_slots=("momentum",)),
+    "momentum": Optimizer(lambda lr, momentum, decay: MomentumSGD(lr, momentum=momentum),
+                          "SGD with --momentum", tf_keras_slots=("momentum",)),
     "adam": Optimizer(lambda lr, momentum, decay: keras.optimizers.Adam(lr), "Adam",
                       tf_keras_slots=("m", "v")),
     "lars": Optimizer(lambda lr, momentum, decay: large_batch_optimizers.LARS(
@@ -49,6 +49,25 @@ OPTIMIZERS = {
         lr, weight_decay=decay), "NovoGrad (Ginsburg et al.)", decay_inside=True,
         tf_keras_slots=("m", "v")),
 }
+
+
+@keras.saving.register_keras_serializable(package="app")
+class MomentumSGD(keras.optimizers.SGD):
+    """Keras 3's SGD with momentum, each variable's update in TensorFlow's one fused kernel
+    (ResourceApplyKerasMomentum, which tf_keras ran: the same formula, v = momentum * v -
+    lr * g, w += v); Keras 3 composes it of five operations per variable, which cost
+    ResNet-50's 161 variables a tenth of a step on 2 processes (BENCHMARKS.md)."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.momentum == 0 or self.nesterov:
+            return super().update_step(gradient, variable, learning_rate)
+        velocity = self.momentums[self._get_variable_index(variable)]
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=variable.handle, accum=velocity.handle,
+            lr=tf.cast(learning_rate, variable.dtype), grad=tf.cast(gradient, variable.dtype),
+            momentum=tf.cast(self.momentum, variable.dtype), use_locking=False)
+
+
 # float16's loss scaling's variables (keras.optimizers.LossScaleOptimizer's).
 LOSS_SCALE_VARIABLES = ("dynamic_scale", "step_counter")
 # An optimizer's own variables, by the last part of their path; the others are slots.

@@ -1,13 +1,13 @@
 """LARS, LAMB and NovoGrad against NumPy transcriptions of their papers' updates, several
 steps each, on a weight matrix (trust ratio and weight decay apply) and a bias (excluded);
 the same optimizers wrapped in hvd.DistributedOptimizer; Horovod's momentum correction on
-LARS."""
+LARS; and the project's momentum SGD in TensorFlow's fused kernel against Keras 3's SGD."""
 import numpy as np
 import pytest
 
 from app.horovod import hvd, tf  # first: TensorFlow's environment
 import keras
-from app import large_batch_optimizers as lbo
+from app import large_batch_optimizers as lbo, optimizers
 from conftest import mpirun, read_log, run, train_command
 
 STEPS, LR, WD = 5, 0.1, 0.01
@@ -94,6 +94,37 @@ def test_horovods_distributed_optimizer_wraps_each_without_changing_its_steps(na
     assert isinstance(wrapped, type(make()))
     np.testing.assert_allclose(run_steps(wrapped, start, grads, "kernel"),
                                run_steps(make(), start, grads, "kernel"), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_fused_momentum_sgd_steps_as_keras_3s_sgd_to_the_bit(dtype):
+    """optimizers.MomentumSGD (ResourceApplyKerasMomentum) against keras.optimizers.SGD,
+    five steps with a changing LR, eagerly and compiled alike."""
+    rng = np.random.default_rng(2)
+    start = rng.normal(size=(4, 3)).astype(dtype)
+    grads = [rng.normal(size=(4, 3)).astype(dtype) for _ in range(STEPS)]
+    found = []
+    for make in (keras.optimizers.SGD, optimizers.MomentumSGD):
+        for compiled in (False, True):
+            optimizer, weight = make(LR, momentum=0.9), keras.Variable(start, dtype=dtype)
+            optimizer.build([weight])
+            step = stepper(optimizer, weight)
+            step = tf.function(step) if compiled else step
+            for index, grad in enumerate(grads):
+                optimizer.learning_rate.assign(LR / (index + 1))
+                step(tf.constant(grad))
+            found.append(weight.numpy())
+    assert not np.array_equal(found[0], start)
+    for other in found[1:]:
+        np.testing.assert_array_equal(other, found[0])
+
+
+def stepper(optimizer, weight):
+    """A function of a gradient that steps `weight` (captured: a tf.function's arguments
+    would be tensors, which the optimizer does not know)."""
+    def step(grad):
+        optimizer.apply([grad], [weight])
+    return step
 
 
 def test_a_zero_weight_gets_a_trust_ratio_of_one():
