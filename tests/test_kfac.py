@@ -1,0 +1,99 @@
+"""K-FAC's factors and preconditioning (app.kfac), against computations by hand in float64.
+Work in progress for issue 42: one process, one batch."""
+import numpy as np
+import pytest
+
+from app.horovod import keras, tf
+from app import kfac
+
+
+@pytest.fixture
+def float64():
+    keras.config.set_floatx("float64")
+    keras.mixed_precision.set_global_policy("float64")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+    keras.config.set_floatx("float32")
+
+
+def mse_gradient(model, inputs, targets):
+    """The gradients of the mean squared error over the batch, with the factors recorded."""
+    with tf.GradientTape() as tape:
+        loss = keras.losses.MeanSquaredError()(targets, model(inputs, training=True))
+    return tape.gradient(loss, model.trainable_variables)
+
+
+def test_a_dense_layers_factors_are_its_inputs_and_per_example_gradients_second_moments(
+        float64):
+    """A = mean of [a, 1][a, 1]^T over the batch; G = mean of g g^T, g = the per-example
+    loss's gradient at the pre-activations, 2 (s - y) / outputs for the MSE of a linear
+    layer; and the model's own gradient is untouched by the watching."""
+    random = np.random.RandomState(0)
+    inputs, targets = random.randn(7, 3), random.randn(7, 2)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    before = [gradient.numpy() for gradient in mse_gradient(model, inputs, targets)]
+    [factors] = kfac.watch(model).values()
+    after = [gradient.numpy() for gradient in mse_gradient(model, inputs, targets)]
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(new, old)
+    kernel, bias = (weight.numpy() for weight in model.weights)
+    rows = np.hstack([inputs, np.ones((7, 1))])
+    per_example = 2 * (inputs @ kernel + bias - targets) / 2
+    np.testing.assert_allclose(factors.a.numpy(), rows.T @ rows / 7, rtol=1e-12)
+    np.testing.assert_allclose(factors.g.numpy(), per_example.T @ per_example / 7, rtol=1e-12)
+
+
+def patches_by_hand(images, size, stride, padding):
+    """Each output position's receptive field, flattened as (row, column, channel)."""
+    if padding == "same":
+        total = [max((-(-extent // stride) - 1) * stride + size - extent, 0)
+                 for extent in images.shape[1:3]]
+        images = np.pad(images, [(0, 0), *((t // 2, t - t // 2) for t in total), (0, 0)])
+    rows = []
+    for image in images:
+        for top in range(0, image.shape[0] - size + 1, stride):
+            for left in range(0, image.shape[1] - size + 1, stride):
+                rows.append(image[top:top + size, left:left + size].reshape(-1))
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("stride, padding", [(1, "valid"), (2, "same")])
+def test_a_convolutions_factors_average_over_its_output_positions(float64, stride, padding):
+    """A = mean over every example's output positions of [patch, 1][patch, 1]^T, G = mean
+    of the per-example gradients' g g^T at each position, the patches cut by hand (odd
+    extents, zero padding where 'same' pads)."""
+    random = np.random.RandomState(1)
+    images = random.randn(2, 5, 6, 2)
+    layer = keras.layers.Conv2D(3, 3, strides=stride, padding=padding)
+    model = keras.Sequential([keras.Input((5, 6, 2)), layer])
+    targets = random.randn(*model.output_shape[1:])[None].repeat(2, axis=0)
+    [factors] = kfac.watch(model).values()
+    mse_gradient(model, images, targets)
+    rows = np.hstack([patches_by_hand(images, 3, stride, padding),
+                      np.ones((2 * np.prod(model.output_shape[1:3]), 1))])
+    np.testing.assert_allclose(factors.a.numpy(), rows.T @ rows / len(rows), rtol=1e-12)
+    outputs = model(images).numpy()
+    per_example = (2 * (outputs - targets) / outputs[0].size).reshape(-1, 3)
+    np.testing.assert_allclose(factors.g.numpy(), per_example.T @ per_example / len(rows),
+                               rtol=1e-12, atol=1e-15)
+    kernel_rows = layer.kernel.numpy().reshape(-1, 3)  # the kernel's rows match the patches'
+    np.testing.assert_allclose(rows[:, :-1] @ kernel_rows + layer.bias.numpy(),
+                               outputs.reshape(-1, 3), rtol=1e-12)
+
+
+def test_the_preconditioned_gradient_solves_the_damped_kronecker_system(float64):
+    """precondition(gradient) = (A (x) G + damping I)^-1 applied to the gradient, as the
+    Kronecker product built whole and solved by hand: row-major vec(A X G) = (A (x) G)
+    vec(X) for symmetric A and G."""
+    random = np.random.RandomState(2)
+    inputs, targets = random.randn(9, 3), random.randn(9, 2)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="tanh")])
+    [factors] = kfac.watch(model).values()
+    kernel_gradient, bias_gradient = mse_gradient(model, inputs, targets)
+    gradient = kfac.layer_gradient(model.layers[0], kernel_gradient, bias_gradient).numpy()
+    damping = 1e-3
+    system = np.kron(factors.a.numpy(), factors.g.numpy()) + damping * np.eye(4 * 2)
+    expected = np.linalg.solve(system, gradient.reshape(-1)).reshape(4, 2)
+    found = kfac.precondition(tf.constant(gradient), factors, damping).numpy()
+    np.testing.assert_allclose(found, expected, rtol=1e-9)
+    assert np.abs(found - gradient).max() > 1e-3  # preconditioning moved it
