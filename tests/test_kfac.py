@@ -97,3 +97,19 @@ def test_the_preconditioned_gradient_solves_the_damped_kronecker_system(float64)
     found = kfac.precondition(tf.constant(gradient), factors, damping).numpy()
     np.testing.assert_allclose(found, expected, rtol=1e-9)
     assert np.abs(found - gradient).max() > 1e-3  # preconditioning moved it
+
+
+def test_the_factors_are_written_inside_fits_compiled_step(float64):
+    """Keras' fit() traces its step into a graph: the factors are written there too (a
+    stateful operation of the backward pass), from the step's batch."""
+    random = np.random.RandomState(3)
+    inputs, targets = random.randn(6, 3), random.randn(6, 2)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    [factors] = kfac.watch(model).values()
+    model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=False)
+    model.fit(inputs, targets, batch_size=6, epochs=1, verbose=0, shuffle=False)
+    rows = np.hstack([inputs, np.ones((6, 1))])
+    np.testing.assert_allclose(factors.a.numpy(), rows.T @ rows / 6, rtol=1e-12)
+    kernel, bias = (weight.numpy() for weight in model.weights)
+    per_example = inputs @ kernel + bias - targets  # 2 (s - y) / 2 outputs
+    np.testing.assert_allclose(factors.g.numpy(), per_example.T @ per_example / 6, rtol=1e-12)
