@@ -6,9 +6,10 @@ gradient preconditioned by (A + d I)^-1 grad (G + d I)^-1 through the factors'
 eigendecompositions, with the damping on the eigenvalues' products (as KAISA,
 Pauloski et al. 2021).
 
-Work in progress for issue 42 (branch wt-k42): the factors of one batch and the
-preconditioning, on one process; the optimizer entry, the running averages across steps and
-ranks and KAISA's placement of the eigendecompositions are not written yet.
+Work in progress for issue 42 (branch wt-k42): the factors of one batch, their running
+averages and eigendecompositions in the optimizer (preconditioned), on one process; the
+factors' average over the ranks, KAISA's placement of the eigendecompositions, the table
+entry and flags are not written yet.
 
 The factors come from the layers as they are: `watch` wraps each layer's `call` (to keep its
 inputs) and its `activation` (to see the gradient of its pre-activations in the backward
@@ -69,6 +70,11 @@ def watch(model):
     for layer in _layers(model):
         if isinstance(layer, CURVED_LAYERS) and layer.trainable and layer.built:
             found[layer] = factors = LayerFactors(layer)
+            # the factors ride on the variables they precondition: an optimizer rebuilt from
+            # its config (Horovod's) finds them there
+            layer.kernel.kfac_factors = factors
+            if layer.use_bias:
+                layer.bias.kfac_factors = factors
             layer.call = _keeping_inputs(layer.call, factors)
             layer.activation = _seeing_gradients(layer.activation, factors)
     return found
@@ -104,12 +110,12 @@ def _seeing_gradients(activation, factors):
     return seen
 
 
-def precondition(gradient, factors, damping):
+def precondition(gradient, a_eigen, g_eigen, damping):
     """(A + ...)^-1 gradient (G + ...)^-1 for a layer's gradient as its kernel's rows (and the
-    bias's last row), through A = Qa diag(la) Qa^T and G = Qg diag(lg) Qg^T: Qa ((Qa^T
-    gradient Qg) / (la lg^T + damping)) Qg^T."""
-    a_values, a_vectors = tf.linalg.eigh(factors.a)
-    g_values, g_vectors = tf.linalg.eigh(factors.g)
+    bias's last row), from A = Qa diag(la) Qa^T and G = Qg diag(lg) Qg^T given as (la, Qa)
+    and (lg, Qg): Qa ((Qa^T gradient Qg) / (la lg^T + damping)) Qg^T, the damped Kronecker
+    product's inverse."""
+    (a_values, a_vectors), (g_values, g_vectors) = a_eigen, g_eigen
     rotated = tf.matmul(tf.matmul(a_vectors, gradient, transpose_a=True), g_vectors)
     scaled = rotated / (a_values[:, None] * g_values[None, :] + damping)
     return tf.matmul(tf.matmul(a_vectors, scaled), g_vectors, transpose_b=True)
@@ -119,3 +125,105 @@ def layer_gradient(layer, kernel_gradient, bias_gradient=None):
     """The layer's gradient as one matrix: the kernel's rows, then the bias's."""
     rows = tf.reshape(kernel_gradient, [-1, kernel_gradient.shape[-1]])
     return rows if bias_gradient is None else tf.concat([rows, bias_gradient[None]], axis=0)
+
+
+def preconditioning(optimizer, damping=1e-3, factor_decay=0.95, factor_steps=1,
+                    inverse_steps=1):
+    """`optimizer` (a Keras 3 optimizer) made to precondition the gradients of the watched
+    layers (watch) with K-FAC before its own update: the same class with Preconditioning
+    before it, so that its learning rate, momentum and slots stay its own (Horovod's LR
+    callbacks and momentum correction see them as ever). Every `factor_steps` updates the
+    running factors take the last batch's with weight 1 - `factor_decay`; every
+    `inverse_steps` their eigendecompositions are taken anew."""
+    cls = type(f"KFAC{type(optimizer).__name__}", (Preconditioning, type(optimizer)), {})
+    return cls.from_config({**optimizer.get_config(), "kfac_damping": damping,
+                            "kfac_factor_decay": factor_decay,
+                            "kfac_factor_steps": factor_steps,
+                            "kfac_inverse_steps": inverse_steps})
+
+
+class Preconditioning:
+    """The K-FAC half of preconditioning()'s class (before the base optimizer's in the MRO):
+    its hyperparameters in the config, so that a copy from the config (Horovod's
+    DistributedOptimizer) keeps them; the running factors and eigendecompositions its
+    variables, so that checkpoints and broadcasts hold them."""
+
+    HYPERPARAMETERS = ("kfac_damping", "kfac_factor_decay", "kfac_factor_steps",
+                       "kfac_inverse_steps")
+
+    def __init__(self, *args, **kwargs):
+        own = {name: kwargs.pop(name) for name in self.HYPERPARAMETERS}
+        super().__init__(*args, **kwargs)
+        for name, value in own.items():
+            setattr(self, name, value)
+        # LayerFactors: its running factors and eigendecompositions (variables of this
+        # optimizer's, which Keras tracks itself); kept out of Keras' attribute tracking
+        object.__setattr__(self, "curvature", {})
+
+    def get_config(self):
+        return {**super().get_config(),
+                **{name: getattr(self, name) for name in self.HYPERPARAMETERS}}
+
+    def build(self, variables):
+        super().build(variables)
+        for variable in variables:
+            factors = getattr(variable, "kfac_factors", None)
+            if factors is None or factors in self.curvature:
+                continue
+            self.curvature[factors] = {
+                name: self.add_variable(shape, dtype=factors.a.dtype,
+                                        name=f"{factors.layer.name}_kfac_{name}")
+                for name, shape in (("a", factors.a.shape), ("g", factors.g.shape),
+                                    ("a_vectors", factors.a.shape),
+                                    ("a_values", factors.a.shape[:1]),
+                                    ("g_vectors", factors.g.shape),
+                                    ("g_values", factors.g.shape[:1]))}
+
+    def apply(self, grads, trainable_variables):
+        grads, variables = list(grads), list(trainable_variables)
+        if not self.built:
+            self.build(variables)
+        step = self.iterations
+        tf.cond(tf.equal(step % self.kfac_factor_steps, 0), self._update_factors,
+                lambda: None)
+        tf.cond(tf.equal(step % self.kfac_inverse_steps, 0), self._update_inverses,
+                lambda: None)
+        return super().apply(self._preconditioned(grads, variables), variables)
+
+    def _update_factors(self):
+        first = tf.equal(self.iterations, 0)  # the first batch's factors are the average
+        decay = tf.where(first, tf.constant(0.0, tf.float64),
+                         tf.constant(self.kfac_factor_decay, tf.float64))
+        for factors, state in self.curvature.items():
+            for name in ("a", "g"):
+                batch = getattr(factors, name)
+                state[name].assign(tf.cast(decay, batch.dtype) * state[name]
+                                   + tf.cast(1 - decay, batch.dtype) * batch)
+
+    def _update_inverses(self):
+        for state in self.curvature.values():
+            for name in ("a", "g"):
+                values, vectors = tf.linalg.eigh(state[name])
+                state[f"{name}_values"].assign(tf.maximum(values, 0.0))
+                state[f"{name}_vectors"].assign(vectors)
+
+    def _preconditioned(self, grads, variables):
+        by_layer = {}
+        for index, variable in enumerate(variables):
+            factors = getattr(variable, "kfac_factors", None)
+            if factors is not None:
+                by_layer.setdefault(factors, {})[
+                    "kernel" if variable is factors.layer.kernel else "bias"] = index
+        for factors, where in by_layer.items():
+            state = self.curvature[factors]
+            kernel = grads[where["kernel"]]
+            bias = grads[where["bias"]] if "bias" in where else None
+            result = precondition(
+                layer_gradient(factors.layer, kernel, bias),
+                (state["a_values"], state["a_vectors"]), (state["g_values"], state["g_vectors"]),
+                tf.constant(self.kfac_damping, kernel.dtype))  # not tf.cast: via float32
+            rows = kernel.shape[:-1].num_elements()
+            grads[where["kernel"]] = tf.reshape(result[:rows], kernel.shape)
+            if bias is not None:
+                grads[where["bias"]] = result[rows]
+        return grads

@@ -94,7 +94,8 @@ def test_the_preconditioned_gradient_solves_the_damped_kronecker_system(float64)
     damping = 1e-3
     system = np.kron(factors.a.numpy(), factors.g.numpy()) + damping * np.eye(4 * 2)
     expected = np.linalg.solve(system, gradient.reshape(-1)).reshape(4, 2)
-    found = kfac.precondition(tf.constant(gradient), factors, damping).numpy()
+    found = kfac.precondition(tf.constant(gradient), tf.linalg.eigh(factors.a),
+                              tf.linalg.eigh(factors.g), damping).numpy()
     np.testing.assert_allclose(found, expected, rtol=1e-9)
     assert np.abs(found - gradient).max() > 1e-3  # preconditioning moved it
 
@@ -113,3 +114,30 @@ def test_the_factors_are_written_inside_fits_compiled_step(float64):
     kernel, bias = (weight.numpy() for weight in model.weights)
     per_example = inputs @ kernel + bias - targets  # 2 (s - y) / 2 outputs
     np.testing.assert_allclose(factors.g.numpy(), per_example.T @ per_example / 6, rtol=1e-12)
+
+
+def test_one_update_of_sgd_preconditioned_by_kfac_is_the_hand_computed_step(float64):
+    """kfac.preconditioning(SGD) on a Dense layer with a tanh, first step (the running
+    factors are the batch's): w1 = w0 - lr (A (x) G + damping I)^-1 grad, the system built
+    whole and solved by hand; the bias's row with the kernel's; its config keeps K-FAC's
+    settings (Horovod rebuilds an optimizer from it)."""
+    random = np.random.RandomState(4)
+    inputs, targets = random.randn(8, 3), random.randn(8, 2)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="tanh")])
+    [factors] = kfac.watch(model).values()
+    optimizer = kfac.preconditioning(keras.optimizers.SGD(0.5), damping=1e-2)
+    rebuilt = type(optimizer).from_config(optimizer.get_config())
+    assert rebuilt.kfac_damping == 1e-2 and isinstance(rebuilt, keras.optimizers.SGD)
+    before = [weight.numpy() for weight in model.weights]
+    gradients = mse_gradient(model, inputs, targets)
+    gradient = kfac.layer_gradient(model.layers[0], *gradients)
+    a, g = factors.a.numpy(), factors.g.numpy()  # this batch's, which the step takes
+    system = np.kron(a, g) + 1e-2 * np.eye(8)
+    step = np.linalg.solve(system, gradient.numpy().reshape(-1)).reshape(4, 2)
+    optimizer.build(model.trainable_variables)
+    tf.function(lambda: optimizer.apply_gradients(  # as in fit()'s compiled step
+        zip(gradients, model.trainable_variables)))()
+    np.testing.assert_allclose(model.weights[0].numpy(), before[0] - 0.5 * step[:3],
+                               rtol=1e-12)
+    np.testing.assert_allclose(model.weights[1].numpy(), before[1] - 0.5 * step[3],
+                               rtol=1e-12)
