@@ -25,8 +25,8 @@ class LayerFactors:
     """One layer's factors of the last batch it was trained on: `a` and `g`, variables
     written in the backward pass."""
 
-    def __init__(self, layer):
-        self.layer = layer
+    def __init__(self, layer, average):
+        self.layer, self.average = layer, average
         inputs = layer.kernel.shape[:-1].num_elements() + int(layer.use_bias)
         outputs = layer.kernel.shape[-1]
         dtype = layer.kernel.dtype
@@ -62,14 +62,15 @@ class LayerFactors:
         self.g.assign(tf.matmul(per_example, per_example, transpose_a=True) / positions)
 
 
-def watch(model):
+def watch(model, average=None):
     """{layer: LayerFactors} of `model`'s Dense and Conv2D layers with a trainable kernel,
     their `call` and `activation` wrapped so that every gradient taken through them writes
-    their factors."""
+    their factors. `average`, a function of a list of tensors, averages the batch factors
+    over the ranks (one call for all layers: one grouped allreduce); None: one process."""
     found = {}
     for layer in _layers(model):
         if isinstance(layer, CURVED_LAYERS) and layer.trainable and layer.built:
-            found[layer] = factors = LayerFactors(layer)
+            found[layer] = factors = LayerFactors(layer, average or (lambda tensors: tensors))
             # the factors ride on the variables they precondition: an optimizer rebuilt from
             # its config (Horovod's) finds them there
             layer.kernel.kfac_factors = factors
@@ -194,9 +195,13 @@ class Preconditioning:
         first = tf.equal(self.iterations, 0)  # the first batch's factors are the average
         decay = tf.where(first, tf.constant(0.0, tf.float64),
                          tf.constant(self.kfac_factor_decay, tf.float64))
-        for factors, state in self.curvature.items():
-            for name in ("a", "g"):
-                batch = getattr(factors, name)
+        if not self.curvature:
+            return
+        layers = list(self.curvature.items())
+        batches = layers[0][0].average([getattr(factors, name) for factors, _ in layers
+                                        for name in ("a", "g")])
+        for (factors, state), (a, g) in zip(layers, zip(batches[::2], batches[1::2])):
+            for name, batch in (("a", a), ("g", g)):
                 state[name].assign(tf.cast(decay, batch.dtype) * state[name]
                                    + tf.cast(1 - decay, batch.dtype) * batch)
 
