@@ -15,18 +15,38 @@ The factors come from the layers as they are: `watch` wraps each layer's `call` 
 inputs) and its `activation` (to see the gradient of its pre-activations in the backward
 pass), and leaves the model's code and weights alone.
 """
+import collections
+
 import tensorflow as tf
 import keras
 
 CURVED_LAYERS = (keras.layers.Dense, keras.layers.Conv2D)
+
+# How the ranks share the curvature work: `average(tensors)` averages the batch factors over
+# them (one grouped allreduce), `broadcast(tensors, roots, names)` sends each tensor from its
+# root rank to the others; this process is `rank` of `size`.
+Ranks = collections.namedtuple("Ranks", "average broadcast rank size")
+ONE_PROCESS = Ranks(lambda tensors: tensors, None, 0, 1)
+
+
+def placement(sizes, size):
+    """The rank that decomposes each factor of `sizes` (their orders, n for an n x n
+    factor): the costliest first (an eigendecomposition costs about n^3), each to the rank
+    with the least work so far (KAISA's balance; ties to the lowest rank)."""
+    owners, loads = [None] * len(sizes), [0] * size
+    for index in sorted(range(len(sizes)), key=lambda index: -sizes[index]):
+        rank = loads.index(min(loads))
+        owners[index] = rank
+        loads[rank] += sizes[index] ** 3
+    return owners
 
 
 class LayerFactors:
     """One layer's factors of the last batch it was trained on: `a` and `g`, variables
     written in the backward pass."""
 
-    def __init__(self, layer, average):
-        self.layer, self.average = layer, average
+    def __init__(self, layer, ranks):
+        self.layer, self.ranks = layer, ranks
         inputs = layer.kernel.shape[:-1].num_elements() + int(layer.use_bias)
         outputs = layer.kernel.shape[-1]
         dtype = layer.kernel.dtype
@@ -35,6 +55,11 @@ class LayerFactors:
         self.g = tf.Variable(tf.zeros([outputs, outputs], dtype), trainable=False,
                              name=f"{layer.name}_g")
         self._inputs = None
+        self.owners = {"a": 0, "g": 0}  # the ranks that decompose a and g (watch)
+        # how many eigendecompositions of each this rank computed: where placement() put them
+        self.decompositions = {name: tf.Variable(0, trainable=False,
+                                                 name=f"{layer.name}_{name}_eighs")
+                               for name in ("a", "g")}
 
     def rows(self, inputs):
         """The layer's inputs as the rows its kernel multiplies: a Dense layer's, or a
@@ -62,15 +87,14 @@ class LayerFactors:
         self.g.assign(tf.matmul(per_example, per_example, transpose_a=True) / positions)
 
 
-def watch(model, average=None):
+def watch(model, ranks=ONE_PROCESS):
     """{layer: LayerFactors} of `model`'s Dense and Conv2D layers with a trainable kernel,
     their `call` and `activation` wrapped so that every gradient taken through them writes
-    their factors. `average`, a function of a list of tensors, averages the batch factors
-    over the ranks (one call for all layers: one grouped allreduce); None: one process."""
+    their factors; each factor's eigendecomposition placed on one of `ranks` (placement)."""
     found = {}
     for layer in _layers(model):
         if isinstance(layer, CURVED_LAYERS) and layer.trainable and layer.built:
-            found[layer] = factors = LayerFactors(layer, average or (lambda tensors: tensors))
+            found[layer] = factors = LayerFactors(layer, ranks)
             # the factors ride on the variables they precondition: an optimizer rebuilt from
             # its config (Horovod's) finds them there
             layer.kernel.kfac_factors = factors
@@ -78,6 +102,11 @@ def watch(model, average=None):
                 layer.bias.kfac_factors = factors
             layer.call = _keeping_inputs(layer.call, factors)
             layer.activation = _seeing_gradients(layer.activation, factors)
+    every = [(factors, name) for factors in found.values() for name in ("a", "g")]
+    owners = placement([getattr(factors, name).shape[0] for factors, name in every],
+                       ranks.size)
+    for (factors, name), owner in zip(every, owners):
+        factors.owners[name] = owner
     return found
 
 
@@ -120,6 +149,14 @@ def precondition(gradient, a_eigen, g_eigen, damping):
     rotated = tf.matmul(tf.matmul(a_vectors, gradient, transpose_a=True), g_vectors)
     scaled = rotated / (a_values[:, None] * g_values[None, :] + damping)
     return tf.matmul(tf.matmul(a_vectors, scaled), g_vectors, transpose_b=True)
+
+
+def _decomposed(factor, count):
+    """[eigenvalues, eigenvectors] of `factor`, counted in `count`; the eigenvalues no lower
+    than 0 (rounding can put a zero one just below)."""
+    values, vectors = tf.linalg.eigh(factor)
+    count.assign_add(1)
+    return [tf.maximum(values, 0.0), vectors]
 
 
 def layer_gradient(layer, kernel_gradient, bias_gradient=None):
@@ -198,19 +235,38 @@ class Preconditioning:
         if not self.curvature:
             return
         layers = list(self.curvature.items())
-        batches = layers[0][0].average([getattr(factors, name) for factors, _ in layers
-                                        for name in ("a", "g")])
+        batches = layers[0][0].ranks.average([getattr(factors, name) for factors, _ in layers
+                                              for name in ("a", "g")])
         for (factors, state), (a, g) in zip(layers, zip(batches[::2], batches[1::2])):
             for name, batch in (("a", a), ("g", g)):
                 state[name].assign(tf.cast(decay, batch.dtype) * state[name]
                                    + tf.cast(1 - decay, batch.dtype) * batch)
 
     def _update_inverses(self):
-        for state in self.curvature.values():
-            for name in ("a", "g"):
-                values, vectors = tf.linalg.eigh(state[name])
-                state[f"{name}_values"].assign(tf.maximum(values, 0.0))
-                state[f"{name}_vectors"].assign(vectors)
+        """Each factor's eigendecomposition on the rank placement() gave it, then sent to
+        every rank (KAISA's communication-optimal placement: every rank preconditions every
+        layer). All the decompositions first, then all the broadcasts: a broadcast ordered
+        before a decomposition another rank waits for would deadlock the two."""
+        every = [(factors, state, name) for factors, state in self.curvature.items()
+                 for name in ("a", "g")]
+        found, names = [], []
+        for factors, state, name in every:
+            # the same graph on every rank (Horovod names its tensors by their place in it),
+            # which decomposes on the owner only
+            found += tf.cond(tf.equal(tf.constant(factors.ranks.rank), factors.owners[name]),
+                             lambda factor=state[name], done=factors.decompositions[name]:
+                                 _decomposed(factor, done),
+                             lambda factor=state[name]: [
+                                 tf.zeros(factor.shape[:1], factor.dtype),
+                                 tf.zeros(factor.shape, factor.dtype)])
+            names += [f"kfac_{factors.layer.name}_{name}_{part}" for part in ("values", "vectors")]
+        ranks = every[0][0].ranks if every else None
+        if ranks is not None and ranks.size > 1:
+            roots = [factors.owners[name] for factors, _, name in every for _ in range(2)]
+            found = ranks.broadcast(found, roots, names)
+        for (factors, state, name), values, vectors in zip(every, found[::2], found[1::2]):
+            state[f"{name}_values"].assign(values)
+            state[f"{name}_vectors"].assign(vectors)
 
     def _preconditioned(self, grads, variables):
         by_layer = {}

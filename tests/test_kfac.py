@@ -1,5 +1,6 @@
 """K-FAC's factors and preconditioning (app.kfac), against computations by hand in float64,
 and on 1, 2 and 4 processes. Work in progress for issue 42 (branch wt-k42)."""
+import json
 import os
 
 import numpy as np
@@ -151,7 +152,9 @@ def test_kfac_ends_with_one_processs_weights_on_2_and_4_processes(tmp_path):
     """tests/workers/kfac_check.py: a CNN trained by momentum SGD with K-FAC inside Horovod's
     DistributedOptimizer, a fixed global batch of 8 split over the ranks: with the batch
     factors averaged over the ranks (one grouped allreduce) every rank ends with one
-    process's weights to 1e-10 in float64; each rank on its own factors does not."""
+    process's weights to 1e-10 in float64; each rank on its own factors does not. Each
+    factor is decomposed at every step on the rank kfac.placement gives it alone (counted
+    on every rank), and its eigendecomposition broadcast from there."""
     worker = os.path.join(REPO, "tests", "workers", "kfac_check.py")
     cases = {"1": (1, []), "2": (2, []), "4": (4, []), "2-alone": (2, ["alone"])}
 
@@ -169,3 +172,16 @@ def test_kfac_ends_with_one_processs_weights_on_2_and_4_processes(tmp_path):
                 np.testing.assert_allclose(rank_weights[key], one[key], rtol=0, atol=1e-10,
                                            err_msg=f"{name} processes, {key}")
     assert max(np.abs(found["2-alone"][0][key] - one[key]).max() for key in one) > 1e-3
+    for name in ("2", "4"):  # each factor decomposed at every step, by its owner only
+        processes = len(found[name])
+        counts = [json.loads((tmp_path / name / f"decompositions-{rank}.json").read_text())
+                  for rank in range(processes)]
+        owners = {factor: owner for factor, (owner, _) in counts[0].items()}
+        assert all({factor: owner for factor, (owner, _) in ranks.items()} == owners
+                   for ranks in counts)
+        assert sorted(owners.values()) == sorted(kfac.placement([19, 3, 49, 4], processes))
+        for rank, ranks in enumerate(counts):
+            assert {factor: done for factor, (_, done) in ranks.items()} == {
+                factor: 3 if owner == rank else 0 for factor, owner in owners.items()}
+    assert kfac.placement([19, 3, 49, 4], 4) == [1, 3, 0, 2]  # costliest first, each alone
+    assert kfac.placement([19, 3, 49, 4], 2) == [1, 1, 0, 1]  # 49^3 outweighs the rest

@@ -2,10 +2,13 @@
 preconditioned) trained STEPS steps of a fixed global batch through Keras' fit() by momentum
 SGD with K-FAC (app.kfac) inside Horovod's DistributedOptimizer, each rank on its share of
 every batch; the batch factors averaged over the ranks in one grouped allreduce (or, with
-`alone`, not at all). Writes OUT_DIR/rank-R.npz: the weights after the steps.
+`alone`, not at all), each factor's eigendecomposition on the rank kfac.placement gives it.
+Writes OUT_DIR/rank-R.npz, the weights after the steps, and OUT_DIR/decompositions-R.json:
+{layer/factor: [its owner, the eigendecompositions this rank computed of it]}.
 
     mpirun -np N python tests/workers/kfac_check.py OUT_DIR [alone]
 """
+import json
 import os
 import sys
 
@@ -27,9 +30,13 @@ def main(out_dir, alone):
     x = keras.layers.Conv2D(3, 3, activation="tanh")(inputs)
     outputs = keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(x))
     model = keras.Model(inputs, outputs)
-    average = None if alone else (lambda tensors: hvd_tensorflow.grouped_allreduce(
-        tensors, op=hvd_tensorflow.Average, name="kfac_factors"))
-    kfac.watch(model, average)
+    ranks = kfac.Ranks(
+        (lambda tensors: tensors) if alone else lambda tensors: hvd_tensorflow.grouped_allreduce(
+            tensors, op=hvd_tensorflow.Average, name="kfac_factors"),
+        lambda tensors, roots, names: [hvd_tensorflow.broadcast(tensor, root, name=name)
+                                       for tensor, root, name in zip(tensors, roots, names)],
+        hvd.rank(), hvd.size())
+    watched = kfac.watch(model, ranks)
     optimizer = hvd.DistributedOptimizer(kfac.preconditioning(
         keras.optimizers.SGD(0.1, momentum=0.9), damping=0.03, factor_decay=0.5))
     model.compile(optimizer, "sparse_categorical_crossentropy", jit_compile=False)
@@ -44,6 +51,10 @@ def main(out_dir, alone):
               verbose=0, callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
     np.savez(os.path.join(out_dir, f"rank-{hvd.rank()}.npz"),
              *[weight.numpy() for weight in model.weights])
+    with open(os.path.join(out_dir, f"decompositions-{hvd.rank()}.json"), "w") as out:
+        json.dump({f"{layer.name}/{name}": [owner, int(factors.decompositions[name].numpy())]
+                   for layer, factors in watched.items()
+                   for name, owner in factors.owners.items()}, out)
 
 
 if __name__ == "__main__":
