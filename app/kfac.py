@@ -1,15 +1,17 @@
 """K-FAC's curvature for Keras 3 models (Martens and Grosse 2015; convolutions as Grosse and
-Martens 2016): each Dense or Conv2D layer's Fisher block approximated by the Kronecker
-product of A, the second moment of its inputs (with a 1 appended where it has a bias), and
-G, that of the loss's gradients with respect to its pre-activations, per example; the
-gradient preconditioned by (A + d I)^-1 grad (G + d I)^-1 through the factors'
-eigendecompositions, with the damping on the eigenvalues' products (as KAISA,
-Pauloski et al. 2021).
+Martens 2016): each Dense or convolution (1D, 2D, 3D) layer's Fisher block approximated by
+the Kronecker product of A, the second moment of its inputs (with a 1 appended where it has
+a bias), and G, that of the loss's gradients with respect to its pre-activations, per
+example; the gradient preconditioned by (A + d I)^-1 grad (G + d I)^-1 through the factors'
+eigendecompositions, with the damping on the eigenvalues' products (as KAISA, Pauloski et
+al. 2021).
 
-Work in progress for issue 42 (branch wt-k42): the factors of one batch, their running
-averages and eigendecompositions in the optimizer (preconditioned), on one process; the
-factors' average over the ranks, KAISA's placement of the eigendecompositions, the table
-entry and flags are not written yet.
+Work in progress for issue 42 (branch wt-k42). Written: the factors, their running
+averages over steps and their average over the ranks (one grouped allreduce), each factor's
+eigendecomposition on one rank (KAISA's balance) broadcast to the others, and the
+preconditioned step of any Keras 3 optimizer. Not yet: the optimizer table's entry and
+flags, the memory-optimal placement (--kfac_grad_workers), checkpoints and resume,
+Shampoo.
 
 The factors come from the layers as they are: `watch` wraps each layer's `call` (to keep its
 inputs) and its `activation` (to see the gradient of its pre-activations in the backward
@@ -20,7 +22,8 @@ import collections
 import tensorflow as tf
 import keras
 
-CURVED_LAYERS = (keras.layers.Dense, keras.layers.Conv2D)
+CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+CURVED_LAYERS = (keras.layers.Dense, *CONVOLUTIONS)
 
 # How the ranks share the curvature work: `average(tensors)` averages the batch factors over
 # them (one grouped allreduce), `broadcast(tensors, roots, names)` sends each tensor from its
@@ -64,11 +67,8 @@ class LayerFactors:
     def rows(self, inputs):
         """The layer's inputs as the rows its kernel multiplies: a Dense layer's, or a
         convolution's patches (one row per output position), with a 1 for the bias."""
-        if isinstance(self.layer, keras.layers.Conv2D):
-            layer = self.layer
-            inputs = tf.image.extract_patches(
-                inputs, sizes=[1, *layer.kernel_size, 1], strides=[1, *layer.strides, 1],
-                rates=[1, *layer.dilation_rate, 1], padding=layer.padding.upper())
+        if isinstance(self.layer, CONVOLUTIONS):
+            inputs = _patches(self.layer, inputs)
         rows = tf.reshape(inputs, [-1, inputs.shape[-1]])
         if self.layer.use_bias:
             rows = tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
@@ -87,13 +87,44 @@ class LayerFactors:
         self.g.assign(tf.matmul(per_example, per_example, transpose_a=True) / positions)
 
 
+def _patches(layer, inputs):
+    """Each output position's receptive field of a channels-last convolution's `inputs`,
+    flattened in its kernel's order (position by position, then channel)."""
+    if isinstance(layer, keras.layers.Conv3D):
+        return tf.extract_volume_patches(
+            inputs, ksizes=[1, *layer.kernel_size, 1], strides=[1, *layer.strides, 1],
+            padding=layer.padding.upper())
+    one_dimensional = isinstance(layer, keras.layers.Conv1D)
+    sizes, strides, rates = ([1, *([1] if one_dimensional else []), *values, 1] for values in (
+        layer.kernel_size, layer.strides, layer.dilation_rate))
+    return tf.image.extract_patches(inputs[:, None] if one_dimensional else inputs, sizes,
+                                    strides, rates, layer.padding.upper())
+
+
+def unsupported(layer):
+    """Why K-FAC cannot take `layer` (a reason, or None where it can)."""
+    if isinstance(layer, CONVOLUTIONS):
+        if layer.data_format != "channels_last":
+            return "its channels come first"
+        if layer.groups != 1:
+            return "it convolves in groups"
+        if layer.padding == "causal":
+            return "its padding is causal"
+        if isinstance(layer, keras.layers.Conv3D) and max(layer.dilation_rate) > 1:
+            return "it is dilated (TensorFlow cuts no dilated volume patches)"
+    return None
+
+
 def watch(model, ranks=ONE_PROCESS):
-    """{layer: LayerFactors} of `model`'s Dense and Conv2D layers with a trainable kernel,
+    """{layer: LayerFactors} of `model`'s Dense and convolution layers with a trainable kernel,
     their `call` and `activation` wrapped so that every gradient taken through them writes
     their factors; each factor's eigendecomposition placed on one of `ranks` (placement)."""
     found = {}
     for layer in _layers(model):
         if isinstance(layer, CURVED_LAYERS) and layer.trainable and layer.built:
+            if unsupported(layer):
+                raise ValueError(f"K-FAC cannot precondition layer {layer.name!r} "
+                                 f"({type(layer).__name__}): {unsupported(layer)}")
             found[layer] = factors = LayerFactors(layer, ranks)
             # the factors ride on the variables they precondition: an optimizer rebuilt from
             # its config (Horovod's) finds them there

@@ -1,5 +1,6 @@
 """K-FAC's factors and preconditioning (app.kfac), against computations by hand in float64,
 and on 1, 2 and 4 processes. Work in progress for issue 42 (branch wt-k42)."""
+import itertools
 import json
 import os
 
@@ -48,33 +49,40 @@ def test_a_dense_layers_factors_are_its_inputs_and_per_example_gradients_second_
 
 
 def patches_by_hand(images, size, stride, padding):
-    """Each output position's receptive field, flattened as (row, column, channel)."""
+    """Each output position's receptive field, flattened as (position..., channel), for
+    examples of any number of spatial axes."""
+    spatial = images.shape[1:-1]
     if padding == "same":
         total = [max((-(-extent // stride) - 1) * stride + size - extent, 0)
-                 for extent in images.shape[1:3]]
+                 for extent in spatial]
         images = np.pad(images, [(0, 0), *((t // 2, t - t // 2) for t in total), (0, 0)])
     rows = []
     for image in images:
-        for top in range(0, image.shape[0] - size + 1, stride):
-            for left in range(0, image.shape[1] - size + 1, stride):
-                rows.append(image[top:top + size, left:left + size].reshape(-1))
+        starts = [range(0, extent - size + 1, stride) for extent in image.shape[:-1]]
+        for corner in itertools.product(*starts):
+            window = tuple(slice(start, start + size) for start in corner)
+            rows.append(image[window].reshape(-1))
     return np.array(rows)
 
 
-@pytest.mark.parametrize("stride, padding", [(1, "valid"), (2, "same")])
-def test_a_convolutions_factors_average_over_its_output_positions(float64, stride, padding):
-    """A = mean over every example's output positions of [patch, 1][patch, 1]^T, G = mean
-    of the per-example gradients' g g^T at each position, the patches cut by hand (odd
-    extents, zero padding where 'same' pads)."""
+@pytest.mark.parametrize("shape, stride, padding", [
+    ((7, 2), 1, "valid"), ((5, 6, 2), 1, "valid"), ((5, 6, 2), 2, "same"),
+    ((4, 5, 3, 2), 1, "same")])
+def test_a_convolutions_factors_average_over_its_output_positions(float64, shape, stride,
+                                                                  padding):
+    """Conv1D, Conv2D and Conv3D: A = mean over every example's output positions of
+    [patch, 1][patch, 1]^T, G = mean of the per-example gradients' g g^T at each position,
+    the patches cut by hand (odd extents, zero padding where 'same' pads)."""
     random = np.random.RandomState(1)
-    images = random.randn(2, 5, 6, 2)
-    layer = keras.layers.Conv2D(3, 3, strides=stride, padding=padding)
-    model = keras.Sequential([keras.Input((5, 6, 2)), layer])
+    images = random.randn(2, *shape)
+    convolution = {2: keras.layers.Conv1D, 3: keras.layers.Conv2D, 4: keras.layers.Conv3D}
+    layer = convolution[len(shape)](3, 3, strides=stride, padding=padding)
+    model = keras.Sequential([keras.Input(shape), layer])
     targets = random.randn(*model.output_shape[1:])[None].repeat(2, axis=0)
     [factors] = kfac.watch(model).values()
     mse_gradient(model, images, targets)
-    rows = np.hstack([patches_by_hand(images, 3, stride, padding),
-                      np.ones((2 * np.prod(model.output_shape[1:3]), 1))])
+    patches = patches_by_hand(images, 3, stride, padding)
+    rows = np.hstack([patches, np.ones((len(patches), 1))])
     np.testing.assert_allclose(factors.a.numpy(), rows.T @ rows / len(rows), rtol=1e-12)
     outputs = model(images).numpy()
     per_example = (2 * (outputs - targets) / outputs[0].size).reshape(-1, 3)
@@ -83,6 +91,13 @@ def test_a_convolutions_factors_average_over_its_output_positions(float64, strid
     kernel_rows = layer.kernel.numpy().reshape(-1, 3)  # the kernel's rows match the patches'
     np.testing.assert_allclose(rows[:, :-1] @ kernel_rows + layer.bias.numpy(),
                                outputs.reshape(-1, 3), rtol=1e-12)
+
+
+def test_a_layer_kfac_cannot_take_is_refused_by_name():
+    model = keras.Sequential([keras.Input((8, 2)), keras.layers.Conv1D(2, 3, padding="causal",
+                                                                       name="causal")])
+    with pytest.raises(ValueError, match="layer 'causal' .Conv1D.: its padding is causal"):
+        kfac.watch(model)
 
 
 def test_the_preconditioned_gradient_solves_the_damped_kronecker_system(float64):
