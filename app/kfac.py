@@ -197,18 +197,21 @@ def layer_gradient(layer, kernel_gradient, bias_gradient=None):
 
 
 def preconditioning(optimizer, damping=1e-3, factor_decay=0.95, factor_steps=1,
-                    inverse_steps=1):
+                    inverse_steps=1, kl_clip=None):
     """`optimizer` (a Keras 3 optimizer) made to precondition the gradients of the watched
     layers (watch) with K-FAC before its own update: the same class with Preconditioning
     before it, so that its learning rate, momentum and slots stay its own (Horovod's LR
     callbacks and momentum correction see them as ever). Every `factor_steps` updates the
     running factors take the last batch's with weight 1 - `factor_decay`; every
-    `inverse_steps` their eigendecompositions are taken anew."""
+    `inverse_steps` their eigendecompositions are taken anew. `kl_clip` (None: off) scales
+    the preconditioned gradients down so that the step's lr^2 <preconditioned, gradient>,
+    summed over the layers, is at most it (Ba et al. 2017's KL clipping, KAISA's default
+    0.001)."""
     cls = type(f"KFAC{type(optimizer).__name__}", (Preconditioning, type(optimizer)), {})
     return cls.from_config({**optimizer.get_config(), "kfac_damping": damping,
                             "kfac_factor_decay": factor_decay,
                             "kfac_factor_steps": factor_steps,
-                            "kfac_inverse_steps": inverse_steps})
+                            "kfac_inverse_steps": inverse_steps, "kfac_kl_clip": kl_clip})
 
 
 class Preconditioning:
@@ -218,7 +221,7 @@ class Preconditioning:
     variables, so that checkpoints and broadcasts hold them."""
 
     HYPERPARAMETERS = ("kfac_damping", "kfac_factor_decay", "kfac_factor_steps",
-                       "kfac_inverse_steps")
+                       "kfac_inverse_steps", "kfac_kl_clip")
 
     def __init__(self, *args, **kwargs):
         own = {name: kwargs.pop(name) for name in self.HYPERPARAMETERS}
@@ -306,16 +309,31 @@ class Preconditioning:
             if factors is not None:
                 by_layer.setdefault(factors, {})[
                     "kernel" if variable is factors.layer.kernel else "bias"] = index
+        found = {}
         for factors, where in by_layer.items():
             state = self.curvature[factors]
             kernel = grads[where["kernel"]]
             bias = grads[where["bias"]] if "bias" in where else None
-            result = precondition(
-                layer_gradient(factors.layer, kernel, bias),
-                (state["a_values"], state["a_vectors"]), (state["g_values"], state["g_vectors"]),
-                tf.constant(self.kfac_damping, kernel.dtype))  # not tf.cast: via float32
+            gradient = layer_gradient(factors.layer, kernel, bias)
+            found[factors] = (gradient, precondition(
+                gradient, (state["a_values"], state["a_vectors"]),
+                (state["g_values"], state["g_vectors"]),
+                tf.constant(self.kfac_damping, kernel.dtype)))  # not tf.cast: via float32
+        scale = self._kl_clip_scale(found.values()) if found and self.kfac_kl_clip else None
+        for factors, (_, result) in found.items():
+            where, kernel = by_layer[factors], grads[by_layer[factors]["kernel"]]
+            result = result if scale is None else result * tf.cast(scale, result.dtype)
             rows = kernel.shape[:-1].num_elements()
             grads[where["kernel"]] = tf.reshape(result[:rows], kernel.shape)
-            if bias is not None:
+            if "bias" in where:
                 grads[where["bias"]] = result[rows]
         return grads
+
+    def _kl_clip_scale(self, gradients_and_results):
+        """min(1, sqrt(kl_clip / (lr^2 sum <preconditioned, gradient>))), in float64."""
+        learning_rate = tf.cast(self.learning_rate, tf.float64)
+        product = tf.add_n([tf.reduce_sum(tf.cast(result * gradient, tf.float64))
+                            for gradient, result in gradients_and_results])
+        bound = tf.constant(self.kfac_kl_clip, tf.float64)
+        return tf.minimum(tf.constant(1.0, tf.float64),
+                          tf.sqrt(bound / (learning_rate ** 2 * product)))

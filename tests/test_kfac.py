@@ -162,6 +162,37 @@ def test_one_update_of_sgd_preconditioned_by_kfac_is_the_hand_computed_step(floa
                                rtol=1e-12)
 
 
+def test_kl_clipping_scales_the_preconditioned_step_down_to_its_bound(float64):
+    """With kl_clip, the preconditioned gradient P (kernel and bias) is scaled by
+    min(1, sqrt(kl_clip / (lr^2 <P, grad>))), by hand from the unclipped step; a bound the
+    step is under leaves it as it was."""
+    random = np.random.RandomState(6)
+    inputs, targets = random.randn(8, 3), random.randn(8, 2)
+    steps = {}
+    for kl_clip in (None, 1e-4, 1e6):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        kfac.watch(model)
+        optimizer = kfac.preconditioning(keras.optimizers.SGD(0.5), damping=1e-2,
+                                         kl_clip=kl_clip)
+        before = [weight.numpy() for weight in model.weights]
+        gradients = mse_gradient(model, inputs, targets)
+        optimizer.build(model.trainable_variables)
+        tf.function(lambda: optimizer.apply_gradients(
+            zip(gradients, model.trainable_variables)))()
+        steps[kl_clip] = ([(old - weight.numpy()) / 0.5
+                           for old, weight in zip(before, model.weights)],
+                          [gradient.numpy() for gradient in gradients])
+    (preconditioned, gradients), clipped = steps[None], steps[1e-4][0]
+    inner = sum(np.sum(p * g) for p, g in zip(preconditioned, gradients))
+    scale = min(1.0, np.sqrt(1e-4 / (0.5 ** 2 * inner)))
+    assert scale < 0.5
+    for found, plain in zip(clipped, preconditioned):
+        np.testing.assert_allclose(found, scale * plain, rtol=1e-10)
+    for found, plain in zip(steps[1e6][0], preconditioned):
+        np.testing.assert_array_equal(found, plain)
+
+
 @pytest.mark.distributed
 def test_kfac_ends_with_one_processs_weights_on_2_and_4_processes(tmp_path):
     """tests/workers/kfac_check.py: a CNN trained by momentum SGD with K-FAC inside Horovod's
