@@ -193,6 +193,54 @@ def test_kl_clipping_scales_the_preconditioned_step_down_to_its_bound(float64):
         np.testing.assert_array_equal(found, plain)
 
 
+def test_a_resumed_kfac_run_ends_as_the_uninterrupted_one(float64, tmp_path):
+    """4 steps of a CNN with K-FAC (factor decay 0.5, decompositions every 2 steps, momentum)
+    against 2 steps, a checkpoint (tf.train.Checkpoint of the model and optimizer), a fresh
+    model and optimizer restored from it, and 2 more: the same weights to 1e-12, so the
+    running factors, eigendecompositions and step count are in the checkpoint; without
+    them (a fresh optimizer's) the weights part."""
+    random = np.random.RandomState(7)
+    images, labels = random.randn(4, 8, 5, 5, 2), random.randint(0, 3, (4, 8))
+
+    def fresh():
+        keras.utils.set_random_seed(2)
+        inputs = keras.Input((5, 5, 2))
+        x = keras.layers.Flatten()(keras.layers.Conv2D(2, 3, activation="tanh")(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+        kfac.watch(model)
+        optimizer = kfac.preconditioning(keras.optimizers.SGD(0.2, momentum=0.9),
+                                         damping=0.03, factor_decay=0.5, inverse_steps=2)
+        optimizer.build(model.trainable_variables)
+        return model, optimizer
+
+    def train(model, optimizer, steps):
+        @tf.function
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                loss = keras.losses.SparseCategoricalCrossentropy()(y, model(x, training=True))
+            optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                          model.trainable_variables))
+        for index in steps:
+            step(images[index], labels[index])
+
+    model, optimizer = fresh()
+    train(model, optimizer, range(4))
+    uninterrupted = [weight.numpy() for weight in model.weights]
+    model, optimizer = fresh()
+    train(model, optimizer, range(2))
+    path = tf.train.Checkpoint(model=model, optimizer=optimizer).write(str(tmp_path / "ckpt"))
+    for restored in (True, False):
+        model, optimizer = fresh()
+        if restored:
+            tf.train.Checkpoint(model=model, optimizer=optimizer).read(path).assert_consumed()
+        else:  # the weights alone
+            tf.train.Checkpoint(model=model).read(path).expect_partial()
+        train(model, optimizer, range(2, 4))
+        difference = max(np.abs(weight.numpy() - value).max()
+                         for weight, value in zip(model.weights, uninterrupted))
+        assert difference < 1e-12 if restored else difference > 1e-4, (restored, difference)
+
+
 @pytest.mark.distributed
 def test_kfac_ends_with_one_processs_weights_on_2_and_4_processes(tmp_path):
     """tests/workers/kfac_check.py: a CNN trained by momentum SGD with K-FAC inside Horovod's
