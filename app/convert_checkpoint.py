@@ -43,6 +43,9 @@ def main(_):
     if not os.path.isfile(run_flags):
         cli.fail(f"--from_dir={from_dir}: no flags.cfg (not a model_dir of app.train)")
     FLAGS(["convert_checkpoint", f"--flagfile={run_flags}"], known_only=True)
+    if optimizers.preconditions(FLAGS.optimizer):
+        cli.fail(f"--from_dir={from_dir}: trained with --optimizer={FLAGS.optimizer}, which "
+                 f"pipeline stages cannot take")
     from_stages = FLAGS.pipeline_stages
     to_stages = from_stages if to_stages is None else to_stages
     epochs, steps, global_batch = checkpoints.latest(

@@ -4,14 +4,12 @@ the Kronecker product of A, the second moment of its inputs (with a 1 appended w
 a bias), and G, that of the loss's gradients with respect to its pre-activations, per
 example; the gradient preconditioned by (A + d I)^-1 grad (G + d I)^-1 through the factors'
 eigendecompositions, with the damping on the eigenvalues' products (as KAISA, Pauloski et
-al. 2021).
+al. 2021). `--optimizer=kfac` (app.optimizers) is `preconditioning()` of the base optimizer.
 
-Work in progress for issue 42 (branch wt-k42). Written: the factors, their running
-averages over steps and their average over the ranks (one grouped allreduce), each factor's
-eigendecomposition on one rank (KAISA's balance) broadcast to the others, and the
-preconditioned step of any Keras 3 optimizer. Not yet: the optimizer table's entry and
-flags, the memory-optimal placement (--kfac_grad_workers), checkpoints and resume,
-Shampoo.
+Distributed as KAISA's communication-optimal placement: the batch factors averaged over the
+ranks (one grouped allreduce), each factor's eigendecomposition on one rank (the costliest
+first, to the least loaded) and broadcast to the others, every rank preconditioning every
+layer.
 
 The factors come from the layers as they are: `watch` wraps each layer's `call` (to keep its
 inputs) and its `activation` (to see the gradient of its pre-activations in the backward
@@ -19,8 +17,7 @@ pass), and leaves the model's code and weights alone.
 """
 import collections
 
-import tensorflow as tf
-import keras
+from app.horovod import hvd, hvd_tensorflow, keras, tf  # first: it sets TF_XLA_FLAGS
 
 CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 CURVED_LAYERS = (keras.layers.Dense, *CONVOLUTIONS)
@@ -30,6 +27,17 @@ CURVED_LAYERS = (keras.layers.Dense, *CONVOLUTIONS)
 # root rank to the others; this process is `rank` of `size`.
 Ranks = collections.namedtuple("Ranks", "average broadcast rank size")
 ONE_PROCESS = Ranks(lambda tensors: tensors, None, 0, 1)
+
+
+def horovod_ranks():
+    """Horovod's ranks: the factors averaged in one grouped allreduce, the decompositions
+    broadcast from their owners."""
+    return Ranks(
+        lambda tensors: hvd_tensorflow.grouped_allreduce(tensors, op=hvd_tensorflow.Average,
+                                                         name="kfac_factors"),
+        lambda tensors, roots, names: [hvd_tensorflow.broadcast(tensor, root, name=name)
+                                       for tensor, root, name in zip(tensors, roots, names)],
+        hvd.rank(), hvd.size())
 
 
 def placement(sizes, size):
@@ -45,8 +53,10 @@ def placement(sizes, size):
 
 
 class LayerFactors:
-    """One layer's factors of the last batch it was trained on: `a` and `g`, variables
-    written in the backward pass."""
+    """One layer's factors summed over the batches it was trained on since the optimizer
+    last took them: `a` and `g`, variables added to in the backward pass, and `batches`,
+    their count (accumulated gradients' several batches, or the steps between factor
+    updates)."""
 
     def __init__(self, layer, ranks):
         self.layer, self.ranks = layer, ranks
@@ -57,6 +67,8 @@ class LayerFactors:
                              name=f"{layer.name}_a")
         self.g = tf.Variable(tf.zeros([outputs, outputs], dtype), trainable=False,
                              name=f"{layer.name}_g")
+        self.batches = tf.Variable(0, trainable=False, dtype=dtype,
+                                   name=f"{layer.name}_batches")
         self._inputs = None
         self.owners = {"a": 0, "g": 0}  # the ranks that decompose a and g (watch)
         # how many eigendecompositions of each this rank computed: where placement() put them
@@ -75,7 +87,7 @@ class LayerFactors:
         return rows
 
     def record(self, outputs_gradient, examples):
-        """Writes the batch's factors from the kept inputs and the gradient of the loss (a
+        """Adds the batch's factors from the kept inputs and the gradient of the loss (a
         mean over `examples`) with respect to the pre-activations: per-example gradients
         are `examples` times it. A convolution's are averaged over its output positions,
         A's and G's alike (Grosse and Martens' spatially uncorrelated derivatives)."""
@@ -83,8 +95,18 @@ class LayerFactors:
         per_example = tf.reshape(tf.cast(outputs_gradient, self.g.dtype) * examples,
                                  [-1, outputs_gradient.shape[-1]])
         positions = tf.cast(tf.shape(rows)[0], self.a.dtype)
-        self.a.assign(tf.matmul(rows, rows, transpose_a=True) / positions)
-        self.g.assign(tf.matmul(per_example, per_example, transpose_a=True) / positions)
+        self.a.assign_add(tf.matmul(rows, rows, transpose_a=True) / positions)
+        self.g.assign_add(tf.matmul(per_example, per_example, transpose_a=True) / positions)
+        self.batches.assign_add(1)
+
+    def taken(self):
+        """[A, G]: the mean of the batches' factors since the last call, which starts the
+        sums anew."""
+        mean = [tf.identity(factor / tf.maximum(self.batches, 1)) for factor in (self.a, self.g)]
+        with tf.control_dependencies(mean):
+            for variable in (self.a, self.g, self.batches):
+                variable.assign(tf.zeros_like(variable))
+        return mean
 
 
 def _patches(layer, inputs):
@@ -117,8 +139,9 @@ def unsupported(layer):
 
 def watch(model, ranks=ONE_PROCESS):
     """{layer: LayerFactors} of `model`'s Dense and convolution layers with a trainable kernel,
-    their `call` and `activation` wrapped so that every gradient taken through them writes
-    their factors; each factor's eigendecomposition placed on one of `ranks` (placement)."""
+    their `call` and `activation` wrapped so that every gradient taken through them adds to
+    their factors; each factor's eigendecomposition placed on one of `ranks` (placement).
+    ValueError where a layer cannot be taken (unsupported) or none can."""
     found = {}
     for layer in _layers(model):
         if isinstance(layer, CURVED_LAYERS) and layer.trainable and layer.built:
@@ -133,6 +156,9 @@ def watch(model, ranks=ONE_PROCESS):
                 layer.bias.kfac_factors = factors
             layer.call = _keeping_inputs(layer.call, factors)
             layer.activation = _seeing_gradients(layer.activation, factors)
+    if not found:
+        raise ValueError(f"model {model.name!r} has no Dense or convolution layer with a "
+                         f"trainable kernel to precondition")
     every = [(factors, name) for factors in found.values() for name in ("a", "g")]
     owners = placement([getattr(factors, name).shape[0] for factors, name in every],
                        ranks.size)
@@ -269,8 +295,8 @@ class Preconditioning:
         if not self.curvature:
             return
         layers = list(self.curvature.items())
-        batches = layers[0][0].ranks.average([getattr(factors, name) for factors, _ in layers
-                                              for name in ("a", "g")])
+        batches = layers[0][0].ranks.average([factor for factors, _ in layers
+                                              for factor in factors.taken()])
         for (factors, state), (a, g) in zip(layers, zip(batches[::2], batches[1::2])):
             for name, batch in (("a", a), ("g", g)):
                 state[name].assign(tf.cast(decay, batch.dtype) * state[name]

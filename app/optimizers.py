@@ -11,6 +11,9 @@ outside the bias-corrected square root ("epsilon hat") in both, 1e-7 by default;
 rounded to float32 (1 - beta_2: 0.001, not 0.00099998713), which moves the weights by
 1.8e-6 relative after 5 steps at LR 0.1, in float32 and float64 alike.
 
+K-FAC (app.kfac) preconditions a base optimizer's update (--base_optimizer): it watches the
+model's layers (watch) before the optimizer is built.
+
 The wrappers around them, in this order: for float16, Keras' loss scaling, then Horovod's
 distributed optimizer (app.horovod) or the sharded one (app.parallel.sharded_optimizer)."""
 import dataclasses
@@ -18,7 +21,7 @@ from typing import Callable
 
 from app.horovod import keras, tf  # first: it sets TF_XLA_FLAGS
 
-from app import large_batch_optimizers
+from app import kfac, large_batch_optimizers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,11 +29,14 @@ class Optimizer:
     """An optimizer: `build(learning_rate, momentum, weight_decay)`, whether the weight
     decay is inside its update (else the model gets it as an L2 loss), and the names of each
     variable's slots in the checkpoints of the project's tf_keras version, in the order the
-    Keras 3 optimizer makes them (app.convert_checkpoint)."""
+    Keras 3 optimizer makes them (app.convert_checkpoint). A preconditioner instead has
+    `precondition(base optimizer, **settings)` and `watch(model)`, called first."""
     build: Callable
     description: str
     decay_inside: bool = False
     tf_keras_slots: tuple = ()
+    precondition: Callable = None
+    watch: Callable = None
 
 
 OPTIMIZERS = {
@@ -48,7 +54,12 @@ OPTIMIZERS = {
     "novograd": Optimizer(lambda lr, momentum, decay: large_batch_optimizers.NovoGrad(
         lr, weight_decay=decay), "NovoGrad (Ginsburg et al.)", decay_inside=True,
         tf_keras_slots=("m", "v")),
+    "kfac": Optimizer(None, "K-FAC (Martens and Grosse; distributed as KAISA) preconditioning "
+                      "--base_optimizer", precondition=kfac.preconditioning,
+                      watch=lambda model: kfac.watch(model, kfac.horovod_ranks())),
 }
+# What a preconditioner's --base_optimizer can be.
+BASE_OPTIMIZERS = ("momentum", "adam")
 
 
 @keras.saving.register_keras_serializable(package="app")
@@ -74,16 +85,32 @@ LOSS_SCALE_VARIABLES = ("dynamic_scale", "step_counter")
 OWN_VARIABLES = ("iteration", "learning_rate", *LOSS_SCALE_VARIABLES)
 
 
-def build(name, learning_rate, momentum=0.0, weight_decay=0.0):
+def build(name, learning_rate, momentum=0.0, weight_decay=0.0, base=None, settings=None):
     """The optimizer `name` of OPTIMIZERS; `weight_decay` is used by those that decay inside
-    their update only."""
-    return OPTIMIZERS[name].build(learning_rate, momentum, weight_decay)
+    their update only; a preconditioner's is `base` preconditioned with `settings` (a dict
+    of its hyperparameters)."""
+    if not preconditions(name):
+        return OPTIMIZERS[name].build(learning_rate, momentum, weight_decay)
+    return OPTIMIZERS[name].precondition(build(base, learning_rate, momentum, weight_decay),
+                                         **(settings or {}))
 
 
-def l2_loss_weight_decay(name, weight_decay):
-    """The weight decay the model's L2 loss carries for optimizer `name`: none where the
-    optimizer decays the weights itself."""
-    return 0.0 if OPTIMIZERS[name].decay_inside else weight_decay
+def preconditions(name):
+    """Whether optimizer `name` preconditions a base optimizer's update (K-FAC)."""
+    return OPTIMIZERS[name].precondition is not None
+
+
+def watch(name, model):
+    """What optimizer `name` must see of `model` before it is built (K-FAC: its layers'
+    inputs and output gradients); nothing for the others."""
+    if OPTIMIZERS[name].watch is not None:
+        OPTIMIZERS[name].watch(model)
+
+
+def l2_loss_weight_decay(name, weight_decay, base=None):
+    """The weight decay the model's L2 loss carries for optimizer `name` (a preconditioner:
+    its `base`): none where the optimizer decays the weights itself."""
+    return 0.0 if OPTIMIZERS[base if preconditions(name) else name].decay_inside else weight_decay
 
 
 def loss_scaled(optimizer, mixed_precision):

@@ -156,10 +156,15 @@ def build_and_restore(parallel, source, resume):
         # twin the weights are read into as well, from the losses' configs
         with checkpoint_refused(f"--init_checkpoint={FLAGS.init_checkpoint}"):
             checkpoints.initialize_from(model, FLAGS.init_checkpoint)
-    models.add_weight_decay(
-        model, optimizers.l2_loss_weight_decay(FLAGS.optimizer, FLAGS.weight_decay))
+    models.add_weight_decay(model, optimizers.l2_loss_weight_decay(
+        FLAGS.optimizer, FLAGS.weight_decay, FLAGS.base_optimizer))
+    try:  # K-FAC: its factors come from the model's layers
+        optimizers.watch(FLAGS.optimizer, model)
+    except ValueError as error:
+        cli.fail(f"--optimizer={FLAGS.optimizer}: {error}")
     optimizer = optimizers.build(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.momentum,
-                                 FLAGS.weight_decay)
+                                 FLAGS.weight_decay, FLAGS.base_optimizer,
+                                 app_flags.preconditioner_settings())
     # Horovod: wrap the optimizer in hvd.DistributedOptimizer (fit() scales its LR).
     trainer, optimizer = parallel.trainer(model, optimizer, source.num_outputs)
     models.compile_for_task(trainer, optimizer, source.task, FLAGS.steps_per_execution,

@@ -1,12 +1,14 @@
-"""K-FAC's factors and preconditioning (app.kfac), against computations by hand in float64,
-and on 1, 2 and 4 processes. Work in progress for issue 42 (branch wt-k42)."""
+"""K-FAC's factors and preconditioning (app.kfac), against computations by hand in float64;
+on 1, 2 and 4 processes; and as app.train's --optimizer=kfac, accumulated and resumed."""
 import itertools
 import json
 import os
 
 import numpy as np
 import pytest
-from conftest import PYTHON, REPO, mpirun, run, run_concurrently
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+from conftest import INTEGRITY_FLAGS, PYTHON, REPO, mpirun, run, run_concurrently, train_command
+from test_train import checkpoint_values
 
 from app.horovod import keras, tf
 from app import kfac
@@ -98,6 +100,9 @@ def test_a_layer_kfac_cannot_take_is_refused_by_name():
                                                                        name="causal")])
     with pytest.raises(ValueError, match="layer 'causal' .Conv1D.: its padding is causal"):
         kfac.watch(model)
+    pooling = keras.Sequential([keras.Input((8, 2)), keras.layers.GlobalAveragePooling1D()])
+    with pytest.raises(ValueError, match="no Dense or convolution layer"):
+        kfac.watch(pooling)
 
 
 def test_the_preconditioned_gradient_solves_the_damped_kronecker_system(float64):
@@ -133,6 +138,34 @@ def test_the_factors_are_written_inside_fits_compiled_step(float64):
     kernel, bias = (weight.numpy() for weight in model.weights)
     per_example = inputs @ kernel + bias - targets  # 2 (s - y) / 2 outputs
     np.testing.assert_allclose(factors.g.numpy(), per_example.T @ per_example / 6, rtol=1e-12)
+
+
+def test_under_bfloat16_the_factors_are_taken_in_float32_from_the_bfloat16_inputs():
+    """mixed_bfloat16: the layers compute in bfloat16, the factors and decompositions are
+    float32 (the variables' type), and one fit() step's running A of the Dense layer is the
+    second moment of its bfloat16 inputs taken in float32."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((5, 5, 2)),
+                                  keras.layers.Conv2D(3, 3, activation="relu"),
+                                  keras.layers.Flatten(), keras.layers.Dense(4)])
+        watched = kfac.watch(model)
+        optimizer = kfac.preconditioning(keras.optimizers.SGD(0.1, momentum=0.9))
+        model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=False)
+        random = np.random.RandomState(0)
+        images, labels = random.randn(8, 5, 5, 2).astype("float32"), random.randint(0, 4, 8)
+        flattened = keras.Model(model.inputs, model.layers[1].output)(images)
+        assert flattened.dtype == tf.bfloat16
+        model.fit(images, labels, batch_size=8, epochs=1, verbose=0, shuffle=False)
+        assert {variable.dtype for variable in optimizer.variables} == {"float32", "int64"}
+        rows = np.hstack([np.asarray(tf.cast(flattened, tf.float32)), np.ones((8, 1))])
+        dense = watched[model.layers[2]]
+        np.testing.assert_allclose(optimizer.curvature[dense]["a"].numpy(), rows.T @ rows / 8,
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def test_one_update_of_sgd_preconditioned_by_kfac_is_the_hand_computed_step(float64):
@@ -279,3 +312,76 @@ def test_kfac_ends_with_one_processs_weights_on_2_and_4_processes(tmp_path):
                 factor: 3 if owner == rank else 0 for factor, owner in owners.items()}
     assert kfac.placement([19, 3, 49, 4], 4) == [1, 3, 0, 2]  # costliest first, each alone
     assert kfac.placement([19, 3, 49, 4], 2) == [1, 1, 0, 1]  # 49^3 outweighs the rest
+
+
+@pytest.mark.distributed
+def test_app_train_with_kfac_ends_as_one_process_accumulated_or_resumed_elsewhere(tmp_path):
+    """--optimizer=kfac through app.train: the integrity runs' digits CNN (float64, a global
+    batch of 128) for 6 updates at a constant LR, decompositions every 4. On 2 processes; on
+    one accumulating 2 batches of 64 (the factors the mean of the batches'); and on 2 for 3
+    epochs, resumed on one (between two decompositions: the checkpoint's are used): each
+    ends with one process's weights, momentum and K-FAC state to 1e-10. Momentum SGD alone
+    ends elsewhere."""
+    flags = [*INTEGRITY_FLAGS, "--epochs=6", "--warmup_epochs=0", "--lr_schedule=constant"]
+    kfac_flags = [*flags, "--optimizer=kfac", "--kfac_inverse_steps=4"]
+
+    def folder(name):
+        return f"--model_dir={tmp_path / name}"
+    rounds = [
+        [train_command(*kfac_flags, folder("np1")),
+         [*mpirun(2), *train_command(*kfac_flags, folder("np2"))]],
+        [train_command(*kfac_flags, "--accumulation_steps=2", "--steps_per_epoch=2",
+                       folder("accumulated")),
+         [*mpirun(2), *train_command(*kfac_flags, "--epochs=3", folder("resumed"))]],
+        [train_command(*kfac_flags, folder("resumed")),
+         train_command(*flags, "--optimizer=momentum", folder("momentum"))]]
+    for commands in rounds:
+        run_concurrently(run, commands)
+    one = comparable(tmp_path / "np1", 6)
+    assert len(one) == 16 + 4 * 4  # weights, momentum, and 4 layers' A, G and their inverses
+    for name in ("np2", "accumulated", "resumed"):
+        other = comparable(tmp_path / name, 6)
+        assert other.keys() == one.keys(), name
+        for key in one:
+            np.testing.assert_allclose(other[key], one[key], rtol=0, atol=1e-10,
+                                       err_msg=f"{name}: {key}")
+    # the decompositions are of the factors at the 5th update (the 1st and 5th decompose)
+    fifth = optimizer_state(tmp_path / "np1", 5)
+    for name in ("dense_kfac_a", "conv2d_1_kfac_g"):
+        np.testing.assert_allclose(decomposed(fifth, name), fifth[name], rtol=0, atol=1e-12)
+    assert np.abs(one["dense_kfac_a"] - fifth["dense_kfac_a"]).max() > 1e-6
+    momentum = checkpoint_values(tmp_path / "momentum", 6, "model/")
+    assert max(np.abs(momentum[key] - one[key]).max() for key in momentum) > 1e-3
+
+
+def optimizer_state(model_dir, epoch):
+    """{name: value} of the optimizer's variables in MODEL_DIR's epoch-EPOCH checkpoint, by
+    the names Keras gave them (K-FAC's: LAYER_kfac_a, _g, _a_vectors, _a_values, ...)."""
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints", f"epoch-{epoch}"))
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    return {attribute.full_name.split("/")[-1]: reader.get_tensor(attribute.checkpoint_key)
+            for node in graph.nodes for attribute in node.attributes
+            if attribute.checkpoint_key.startswith("optimizer/_variables/")}
+
+
+def decomposed(state, factor):
+    """Q diag(l) Q^T from a factor's checkpointed eigendecomposition."""
+    vectors, values = state[f"{factor}_vectors"], state[f"{factor}_values"]
+    return (vectors * values) @ vectors.T
+
+
+def comparable(model_dir, epoch):
+    """The checkpoint's weights by path and its optimizer's state by name, each K-FAC
+    eigendecomposition as the matrix it decomposes: eigenvectors of a repeated eigenvalue (A's
+    zero ones, where a layer saw fewer examples than it has inputs) are any basis of their
+    space, which rounding picks."""
+    state = optimizer_state(model_dir, epoch)
+    found = checkpoint_values(model_dir, epoch, "model/")
+    for name in state:
+        if name.endswith("_vectors"):
+            factor = name[:-len("_vectors")]
+            found[f"{factor}_decomposed"] = decomposed(state, factor)
+        elif not name.endswith("_values"):
+            found[name] = state[name]
+    return found

@@ -24,7 +24,8 @@ from app.flags import data, distributed, experiment, performance, recipe, stoppi
 from app.flags.common import FLAGS
 from app.flags.data import load_options
 from app.flags.experiment import check_extents
-from app.flags.recipe import batch_request, decay_epochs, scaled_learning_rate
+from app.flags.recipe import (batch_request, decay_epochs, preconditioner_settings,
+                              scaled_learning_rate)
 
 # In the order of the reference page and of the checks.
 CONCERNS = (experiment, recipe, data, distributed, performance, stopping)
@@ -121,5 +122,6 @@ def _cell(text):
 
 
 __all__ = ["FLAGS", "batch_request", "check_extents", "decay_epochs",
-           "define_training_flags", "load_options", "parse", "parser", "reference_page",
-           "resolved_flagfile", "scaled_learning_rate", "validate", "values"]
+           "define_training_flags", "load_options", "parse", "parser",
+           "preconditioner_settings", "reference_page", "resolved_flagfile",
+           "scaled_learning_rate", "validate", "values"]

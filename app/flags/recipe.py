@@ -64,7 +64,31 @@ def define_optimizer_flags():
                        "and novograd.", lower_bound=0.0)
 
 
-DEFINES = (define_batch_flags, define_learning_rate_flags, define_optimizer_flags)
+def define_preconditioner_flags():
+    """K-FAC's settings (--optimizer=kfac), with kfac-pytorch's CIFAR-10 ResNet defaults."""
+    flags.DEFINE_enum("base_optimizer", "momentum", list(optimizers.BASE_OPTIMIZERS),
+                      "The first-order update --optimizer=kfac preconditions.")
+    flags.DEFINE_float("kfac_damping", 0.003,
+                       "Added to the products of the factors' eigenvalues before dividing.",
+                       lower_bound=0.0)
+    flags.DEFINE_float("kfac_factor_decay", 0.95,
+                       "Weight of the running factors against a new update's.",
+                       lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_integer("kfac_factor_steps", 1,
+                         "Steps between updates of the running factors (from the mean of the "
+                         "batches since the last).", lower_bound=1)
+    flags.DEFINE_integer("kfac_inverse_steps", 10,
+                         "Steps between the factors' eigendecompositions.", lower_bound=1)
+    flags.DEFINE_float("kfac_kl_clip", 0.001,
+                       "Bound on lr^2 <preconditioned gradient, gradient> of a step, by which "
+                       "the preconditioned gradients are scaled down (0: none).",
+                       lower_bound=0.0)
+
+
+DEFINES = (define_batch_flags, define_learning_rate_flags, define_optimizer_flags,
+           define_preconditioner_flags)
+PRECONDITIONER_FLAGS = ("base_optimizer", "kfac_damping", "kfac_factor_decay",
+                        "kfac_factor_steps", "kfac_inverse_steps", "kfac_kl_clip")
 
 
 def check(world_size):
@@ -76,6 +100,35 @@ def check(world_size):
     if FLAGS.warmup_epochs and FLAGS.warmup_epochs >= FLAGS.epochs:
         raise invalid("warmup_epochs", f"must be shorter than --epochs={FLAGS.epochs}")
     decay_epochs()
+    check_preconditioner()
+
+
+def check_preconditioner():
+    """K-FAC's flags only with it; and K-FAC only where its factors mean what they should: not
+    with the optimizer state sharded, the model cut in stages or parts (each rank would see
+    a part of a layer's inputs or gradients), elastic worker counts (its placement is made
+    for one), or float16 (its loss scale would be in the gradients' factor)."""
+    if not optimizers.preconditions(FLAGS.optimizer):
+        for name in PRECONDITIONER_FLAGS:
+            if not FLAGS[name].using_default_value:
+                raise invalid(name, f"is --optimizer=kfac's, not --optimizer={FLAGS.optimizer}'s")
+        return
+    refused = {"shard_optimizer_state": FLAGS.shard_optimizer_state,
+               "shard_gradients": FLAGS.shard_gradients,
+               "pipeline_stages": FLAGS.pipeline_stages > 1,
+               "microbatches": FLAGS.microbatches > 1, "recompute": FLAGS.recompute,
+               "spatial_parts": FLAGS.spatial_parts > 1, "elastic": FLAGS.elastic,
+               "mixed_precision": FLAGS.mixed_precision == "float16"}
+    for name, set_ in refused.items():
+        if set_:
+            raise invalid(name, f"is not supported with --optimizer={FLAGS.optimizer}")
+
+
+def preconditioner_settings():
+    """K-FAC's keyword arguments (app.kfac.preconditioning) from its flags."""
+    return dict(damping=FLAGS.kfac_damping, factor_decay=FLAGS.kfac_factor_decay,
+                factor_steps=FLAGS.kfac_factor_steps, inverse_steps=FLAGS.kfac_inverse_steps,
+                kl_clip=FLAGS.kfac_kl_clip or None)
 
 
 def batch_request():

@@ -15,7 +15,7 @@ from absl import app
 
 import input_pipeline
 import models
-from app import arithmetic, callbacks, devices, optimizers
+from app import arithmetic, callbacks, cli, devices, optimizers
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
@@ -49,6 +49,9 @@ def fit_on_workers(model, strategy, dataset, steps_per_epoch, throughput):
 
 
 def main(_):
+    if optimizers.preconditions(FLAGS.optimizer):
+        cli.fail(f"--optimizer={FLAGS.optimizer}: the reference runs take first-order "
+                 f"optimizers only")
     cluster = json.loads(os.environ.get("TF_CONFIG", "{}"))
     size = len(cluster["cluster"]["worker"]) if cluster else 1
     rank = cluster["task"]["index"] if cluster else 0

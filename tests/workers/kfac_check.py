@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from app.horovod import hvd, hvd_tensorflow, keras  # first: it sets TF_XLA_FLAGS
+from app.horovod import hvd, keras  # first: it sets TF_XLA_FLAGS
 
 from app import kfac
 
@@ -30,12 +30,9 @@ def main(out_dir, alone):
     x = keras.layers.Conv2D(3, 3, activation="tanh")(inputs)
     outputs = keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(x))
     model = keras.Model(inputs, outputs)
-    ranks = kfac.Ranks(
-        (lambda tensors: tensors) if alone else lambda tensors: hvd_tensorflow.grouped_allreduce(
-            tensors, op=hvd_tensorflow.Average, name="kfac_factors"),
-        lambda tensors, roots, names: [hvd_tensorflow.broadcast(tensor, root, name=name)
-                                       for tensor, root, name in zip(tensors, roots, names)],
-        hvd.rank(), hvd.size())
+    ranks = kfac.horovod_ranks()
+    if alone:
+        ranks = ranks._replace(average=lambda tensors: tensors)
     watched = kfac.watch(model, ranks)
     optimizer = hvd.DistributedOptimizer(kfac.preconditioning(
         keras.optimizers.SGD(0.1, momentum=0.9), damping=0.03, factor_decay=0.5))
