@@ -15,42 +15,12 @@ The factors come from the layers as they are: `watch` wraps each layer's `call` 
 inputs) and its `activation` (to see the gradient of its pre-activations in the backward
 pass), and leaves the model's code and weights alone.
 """
-import collections
+from app.horovod import keras, tf  # first: it sets TF_XLA_FLAGS
 
-from app.horovod import hvd, hvd_tensorflow, keras, tf  # first: it sets TF_XLA_FLAGS
+from app import curvature
 
 CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 CURVED_LAYERS = (keras.layers.Dense, *CONVOLUTIONS)
-
-# How the ranks share the curvature work: `average(tensors)` averages the batch factors over
-# them (one grouped allreduce), `broadcast(tensors, roots, names)` sends each tensor from its
-# root rank to the others; this process is `rank` of `size`.
-Ranks = collections.namedtuple("Ranks", "average broadcast rank size")
-ONE_PROCESS = Ranks(lambda tensors: tensors, None, 0, 1)
-
-
-def horovod_ranks():
-    """Horovod's ranks: the factors averaged in one grouped allreduce, the decompositions
-    broadcast from their owners."""
-    return Ranks(
-        lambda tensors: hvd_tensorflow.grouped_allreduce(tensors, op=hvd_tensorflow.Average,
-                                                         name="kfac_factors"),
-        lambda tensors, roots, names: [hvd_tensorflow.broadcast(tensor, root, name=name)
-                                       for tensor, root, name in zip(tensors, roots, names)],
-        hvd.rank(), hvd.size())
-
-
-def placement(sizes, size):
-    """The rank that decomposes each factor of `sizes` (their orders, n for an n x n
-    factor): the costliest first (an eigendecomposition costs about n^3), each to the rank
-    with the least work so far (KAISA's balance; ties to the lowest rank)."""
-    owners, loads = [None] * len(sizes), [0] * size
-    for index in sorted(range(len(sizes)), key=lambda index: -sizes[index]):
-        rank = loads.index(min(loads))
-        owners[index] = rank
-        loads[rank] += sizes[index] ** 3
-    return owners
-
 
 class LayerFactors:
     """One layer's factors summed over the batches it was trained on since the optimizer
@@ -71,7 +41,7 @@ class LayerFactors:
                                    name=f"{layer.name}_batches")
         self._inputs = None
         self.owners = {"a": 0, "g": 0}  # the ranks that decompose a and g (watch)
-        # how many eigendecompositions of each this rank computed: where placement() put them
+        # how many eigendecompositions of each this rank computed: where the placement put them
         self.decompositions = {name: tf.Variable(0, trainable=False,
                                                  name=f"{layer.name}_{name}_eighs")
                                for name in ("a", "g")}
@@ -137,7 +107,7 @@ def unsupported(layer):
     return None
 
 
-def watch(model, ranks=ONE_PROCESS):
+def watch(model, ranks=curvature.ONE_PROCESS):
     """{layer: LayerFactors} of `model`'s Dense and convolution layers with a trainable kernel,
     their `call` and `activation` wrapped so that every gradient taken through them adds to
     their factors; each factor's eigendecomposition placed on one of `ranks` (placement).
@@ -160,8 +130,8 @@ def watch(model, ranks=ONE_PROCESS):
         raise ValueError(f"model {model.name!r} has no Dense or convolution layer with a "
                          f"trainable kernel to precondition")
     every = [(factors, name) for factors in found.values() for name in ("a", "g")]
-    owners = placement([getattr(factors, name).shape[0] for factors, name in every],
-                       ranks.size)
+    owners = curvature.placement([getattr(factors, name).shape[0] for factors, name in every],
+                                 ranks.size)
     for (factors, name), owner in zip(every, owners):
         factors.owners[name] = owner
     return found
@@ -208,11 +178,10 @@ def precondition(gradient, a_eigen, g_eigen, damping):
     return tf.matmul(tf.matmul(a_vectors, scaled), g_vectors, transpose_b=True)
 
 
-def _decomposed(factor, count):
-    """[eigenvalues, eigenvectors] of `factor`, counted in `count`; the eigenvalues no lower
-    than 0 (rounding can put a zero one just below)."""
+def _decomposed(factor):
+    """[eigenvalues, eigenvectors] of `factor`; the eigenvalues no lower than 0 (rounding can
+    put a zero one just below)."""
     values, vectors = tf.linalg.eigh(factor)
-    count.assign_add(1)
     return [tf.maximum(values, 0.0), vectors]
 
 
@@ -229,7 +198,7 @@ def preconditioning(optimizer, damping=1e-3, factor_decay=0.95, factor_steps=1,
     before it, so that its learning rate, momentum and slots stay its own (Horovod's LR
     callbacks and momentum correction see them as ever). Every `factor_steps` updates the
     running factors take the last batch's with weight 1 - `factor_decay`; every
-    `inverse_steps` their eigendecompositions are taken anew. `kl_clip` (None: off) scales
+    `inverse_steps` their eigendecompositions are taken anew. `kl_clip` (None or 0: off) scales
     the preconditioned gradients down so that the step's lr^2 <preconditioned, gradient>,
     summed over the layers, is at most it (Ba et al. 2017's KL clipping, KAISA's default
     0.001)."""
@@ -303,30 +272,16 @@ class Preconditioning:
                                    + tf.cast(1 - decay, batch.dtype) * batch)
 
     def _update_inverses(self):
-        """Each factor's eigendecomposition on the rank placement() gave it, then sent to
+        """Each factor's eigendecomposition on the rank placement gave it, then sent to
         every rank (KAISA's communication-optimal placement: every rank preconditions every
-        layer). All the decompositions first, then all the broadcasts: a broadcast ordered
-        before a decomposition another rank waits for would deadlock the two."""
-        every = [(factors, state, name) for factors, state in self.curvature.items()
-                 for name in ("a", "g")]
-        found, names = [], []
-        for factors, state, name in every:
-            # the same graph on every rank (Horovod names its tensors by their place in it),
-            # which decomposes on the owner only
-            found += tf.cond(tf.equal(tf.constant(factors.ranks.rank), factors.owners[name]),
-                             lambda factor=state[name], done=factors.decompositions[name]:
-                                 _decomposed(factor, done),
-                             lambda factor=state[name]: [
-                                 tf.zeros(factor.shape[:1], factor.dtype),
-                                 tf.zeros(factor.shape, factor.dtype)])
-            names += [f"kfac_{factors.layer.name}_{name}_{part}" for part in ("values", "vectors")]
-        ranks = every[0][0].ranks if every else None
-        if ranks is not None and ranks.size > 1:
-            roots = [factors.owners[name] for factors, _, name in every for _ in range(2)]
-            found = ranks.broadcast(found, roots, names)
-        for (factors, state, name), values, vectors in zip(every, found[::2], found[1::2]):
-            state[f"{name}_values"].assign(values)
-            state[f"{name}_vectors"].assign(vectors)
+        layer)."""
+        jobs = [curvature.Job(f"kfac_{factors.layer.name}_{name}", factors.owners[name],
+                              lambda factor=state[name]: _decomposed(factor),
+                              [state[f"{name}_values"], state[f"{name}_vectors"]],
+                              factors.decompositions[name])
+                for factors, state in self.curvature.items() for name in ("a", "g")]
+        if jobs:
+            curvature.run_on_owners(jobs, next(iter(self.curvature)).ranks)
 
     def _preconditioned(self, grads, variables):
         by_layer = {}

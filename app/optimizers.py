@@ -11,8 +11,8 @@ outside the bias-corrected square root ("epsilon hat") in both, 1e-7 by default;
 rounded to float32 (1 - beta_2: 0.001, not 0.00099998713), which moves the weights by
 1.8e-6 relative after 5 steps at LR 0.1, in float32 and float64 alike.
 
-K-FAC (app.kfac) preconditions a base optimizer's update (--base_optimizer): it watches the
-model's layers (watch) before the optimizer is built.
+K-FAC (app.kfac) and Shampoo (app.shampoo) precondition a base optimizer's update
+(--base_optimizer); K-FAC watches the model's layers (watch) before the optimizer is built.
 
 The wrappers around them, in this order: for float16, Keras' loss scaling, then Horovod's
 distributed optimizer (app.horovod) or the sharded one (app.parallel.sharded_optimizer)."""
@@ -21,7 +21,7 @@ from typing import Callable
 
 from app.horovod import keras, tf  # first: it sets TF_XLA_FLAGS
 
-from app import kfac, large_batch_optimizers
+from app import curvature, kfac, large_batch_optimizers, shampoo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +30,15 @@ class Optimizer:
     decay is inside its update (else the model gets it as an L2 loss), and the names of each
     variable's slots in the checkpoints of the project's tf_keras version, in the order the
     Keras 3 optimizer makes them (app.convert_checkpoint). A preconditioner instead has
-    `precondition(base optimizer, **settings)` and `watch(model)`, called first."""
+    `precondition(base optimizer, **settings)`, maybe `watch(model)`, called first, and
+    whether float16's loss scale leaves it right."""
     build: Callable
     description: str
     decay_inside: bool = False
     tf_keras_slots: tuple = ()
     precondition: Callable = None
     watch: Callable = None
+    takes_float16: bool = True
 
 
 OPTIMIZERS = {
@@ -56,7 +58,12 @@ OPTIMIZERS = {
         tf_keras_slots=("m", "v")),
     "kfac": Optimizer(None, "K-FAC (Martens and Grosse; distributed as KAISA) preconditioning "
                       "--base_optimizer", precondition=kfac.preconditioning,
-                      watch=lambda model: kfac.watch(model, kfac.horovod_ranks())),
+                      watch=lambda model: kfac.watch(model, curvature.horovod_ranks()),
+                      takes_float16=False),
+    "shampoo": Optimizer(None, "Shampoo (Gupta et al.; distributed as Anil et al.) "
+                         "preconditioning --base_optimizer", precondition=lambda base, **settings:
+                         shampoo.preconditioning(base, ranks=curvature.horovod_ranks(),
+                                                 **settings)),
 }
 # What a preconditioner's --base_optimizer can be.
 BASE_OPTIMIZERS = ("momentum", "adam")

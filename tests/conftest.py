@@ -32,6 +32,17 @@ def digits_tfrecords(tmp_path_factory):
     return folder
 
 
+@pytest.fixture
+def float64():
+    """Keras' variables and computations in float64 for the test (imports Keras)."""
+    from app.horovod import keras
+    keras.config.set_floatx("float64")
+    keras.mixed_precision.set_global_policy("float64")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+    keras.config.set_floatx("float32")
+
+
 def run_concurrently(function, cases):
     """function(case) for each case, as many at a time as there are cores: much of a short
     run is importing TensorFlow and building the model, on one core."""

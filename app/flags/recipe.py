@@ -3,7 +3,7 @@ with the global batch, warmup and schedule) and the optimizer; their checks, and
 app.arithmetic computes from them."""
 from absl import flags
 
-from app import arithmetic, optimizers
+from app import arithmetic, optimizers, shampoo
 from app.flags.common import FLAGS, choices, invalid, require
 
 BATCH_FLAGS = ("batch_size", "global_batch_size")  # exactly one of them
@@ -65,9 +65,10 @@ def define_optimizer_flags():
 
 
 def define_preconditioner_flags():
-    """K-FAC's settings (--optimizer=kfac), with kfac-pytorch's CIFAR-10 ResNet defaults."""
+    """The preconditioners' settings: K-FAC's (--optimizer=kfac, with kfac-pytorch's CIFAR-10
+    ResNet defaults) and Shampoo's (--optimizer=shampoo)."""
     flags.DEFINE_enum("base_optimizer", "momentum", list(optimizers.BASE_OPTIMIZERS),
-                      "The first-order update --optimizer=kfac preconditions.")
+                      "The first-order update --optimizer=kfac or shampoo preconditions.")
     flags.DEFINE_float("kfac_damping", 0.003,
                        "Added to the products of the factors' eigenvalues before dividing.",
                        lower_bound=0.0)
@@ -83,12 +84,30 @@ def define_preconditioner_flags():
                        "Bound on lr^2 <preconditioned gradient, gradient> of a step, by which "
                        "the preconditioned gradients are scaled down (0: none).",
                        lower_bound=0.0)
+    flags.DEFINE_integer("shampoo_block_size", 128,
+                         "Largest side of the blocks a weight matrix is cut into, each with its "
+                         "own preconditioners.", lower_bound=1)
+    flags.DEFINE_float("shampoo_beta2", 1.0,
+                       "Statistics: summed over the steps at 1, else running averages with "
+                       "this weight on the old.", lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_float("shampoo_epsilon", 1e-6,
+                       "Ridge added to each statistic before its inverse root, relative to its "
+                       "largest eigenvalue.", lower_bound=0.0)
+    flags.DEFINE_integer("shampoo_root_steps", 10,
+                         "Steps between the inverse fourth roots.", lower_bound=1)
+    flags.DEFINE_enum("shampoo_grafting", "sgd", list(shampoo.GRAFTINGS),
+                      "The first-order method whose step's norm each block's takes: sgd (the "
+                      "gradient's) or adagrad.")
 
 
 DEFINES = (define_batch_flags, define_learning_rate_flags, define_optimizer_flags,
            define_preconditioner_flags)
-PRECONDITIONER_FLAGS = ("base_optimizer", "kfac_damping", "kfac_factor_decay",
-                        "kfac_factor_steps", "kfac_inverse_steps", "kfac_kl_clip")
+# Each preconditioner's flags (--base_optimizer is theirs together).
+PRECONDITIONER_FLAGS = {
+    "kfac": ("kfac_damping", "kfac_factor_decay", "kfac_factor_steps", "kfac_inverse_steps",
+             "kfac_kl_clip"),
+    "shampoo": ("shampoo_block_size", "shampoo_beta2", "shampoo_epsilon", "shampoo_root_steps",
+                "shampoo_grafting")}
 
 
 def check(world_size):
@@ -104,31 +123,39 @@ def check(world_size):
 
 
 def check_preconditioner():
-    """K-FAC's flags only with it; and K-FAC only where its factors mean what they should: not
-    with the optimizer state sharded, the model cut in stages or parts (each rank would see
-    a part of a layer's inputs or gradients), elastic worker counts (its placement is made
-    for one), or float16 (its loss scale would be in the gradients' factor)."""
+    """A preconditioner's flags only with it; and a preconditioner only where its curvature
+    means what it should: not with the optimizer state sharded, the model cut in stages or
+    parts (a rank would see a part of a layer or of its inputs), elastic worker counts (its
+    placement is made for one), or float16 where its loss scale would be in K-FAC's G."""
     if not optimizers.preconditions(FLAGS.optimizer):
-        for name in PRECONDITIONER_FLAGS:
-            if not FLAGS[name].using_default_value:
-                raise invalid(name, f"is --optimizer=kfac's, not --optimizer={FLAGS.optimizer}'s")
+        if not FLAGS["base_optimizer"].using_default_value:
+            raise invalid("base_optimizer", f"is --optimizer={' or '.join(PRECONDITIONER_FLAGS)}"
+                                            f"'s, not --optimizer={FLAGS.optimizer}'s")
+    for owner, names in PRECONDITIONER_FLAGS.items():
+        for name in names:
+            if owner != FLAGS.optimizer and not FLAGS[name].using_default_value:
+                raise invalid(name, f"is --optimizer={owner}'s, not "
+                                    f"--optimizer={FLAGS.optimizer}'s")
+    if not optimizers.preconditions(FLAGS.optimizer):
         return
     refused = {"shard_optimizer_state": FLAGS.shard_optimizer_state,
                "shard_gradients": FLAGS.shard_gradients,
                "pipeline_stages": FLAGS.pipeline_stages > 1,
                "microbatches": FLAGS.microbatches > 1, "recompute": FLAGS.recompute,
                "spatial_parts": FLAGS.spatial_parts > 1, "elastic": FLAGS.elastic,
-               "mixed_precision": FLAGS.mixed_precision == "float16"}
+               "mixed_precision": (FLAGS.mixed_precision == "float16"
+                                   and not optimizers.OPTIMIZERS[FLAGS.optimizer].takes_float16)}
     for name, set_ in refused.items():
         if set_:
             raise invalid(name, f"is not supported with --optimizer={FLAGS.optimizer}")
 
 
 def preconditioner_settings():
-    """K-FAC's keyword arguments (app.kfac.preconditioning) from its flags."""
-    return dict(damping=FLAGS.kfac_damping, factor_decay=FLAGS.kfac_factor_decay,
-                factor_steps=FLAGS.kfac_factor_steps, inverse_steps=FLAGS.kfac_inverse_steps,
-                kl_clip=FLAGS.kfac_kl_clip or None)
+    """The preconditioner's keyword arguments (app.kfac's or app.shampoo's preconditioning:
+    its flags' names without the prefix); {} for the other optimizers."""
+    prefix = f"{FLAGS.optimizer}_"
+    return {name[len(prefix):]: FLAGS[name].value
+            for name in PRECONDITIONER_FLAGS.get(FLAGS.optimizer, ())}
 
 
 def batch_request():

@@ -1,0 +1,65 @@
+"""How the ranks share a curvature preconditioner's work (K-FAC's in app.kfac, Shampoo's in
+app.shampoo): the costly decompositions dealt over the ranks, the costliest first to the
+least loaded (KAISA's balance, Pauloski et al. 2021), each computed on its rank alone and
+broadcast from there."""
+import collections
+
+from app.horovod import hvd, hvd_tensorflow, tf  # first: it sets TF_XLA_FLAGS
+
+# `average(tensors)` averages tensors over the ranks (one grouped allreduce),
+# `broadcast(tensors, roots, names)` sends each tensor from its root rank to the others; this
+# process is `rank` of `size`.
+Ranks = collections.namedtuple("Ranks", "average broadcast rank size")
+ONE_PROCESS = Ranks(lambda tensors: tensors, None, 0, 1)
+# One decomposition: `compute()` gives its tensors, shaped and typed as the variables `into`
+# that take them, on rank `owner`, which counts it in `count` (a variable).
+Job = collections.namedtuple("Job", "name owner compute into count")
+
+
+def horovod_ranks():
+    """Horovod's ranks: one grouped allreduce for the averages, a broadcast per tensor."""
+    return Ranks(
+        lambda tensors: hvd_tensorflow.grouped_allreduce(tensors, op=hvd_tensorflow.Average,
+                                                         name="curvature_average"),
+        lambda tensors, roots, names: [hvd_tensorflow.broadcast(tensor, root, name=name)
+                                       for tensor, root, name in zip(tensors, roots, names)],
+        hvd.rank(), hvd.size())
+
+
+def placement(sizes, size):
+    """The rank that decomposes each matrix of `sizes` (their orders, n for an n x n
+    matrix): the costliest first (a decomposition costs about n^3), each to the rank with
+    the least work so far (ties to the lowest rank)."""
+    owners, loads = [None] * len(sizes), [0] * size
+    for index in sorted(range(len(sizes)), key=lambda index: -sizes[index]):
+        rank = loads.index(min(loads))
+        owners[index] = rank
+        loads[rank] += sizes[index] ** 3
+    return owners
+
+
+def run_on_owners(jobs, ranks):
+    """Each job computed on its owner and its tensors assigned on every rank. The graph is
+    the same on every rank (a tf.cond on the rank picks the work; Horovod names its
+    collectives by their place in the graph), and all the jobs come before all the
+    broadcasts: a broadcast ordered before a computation another rank waits for would
+    deadlock the two."""
+    found = []
+    for job in jobs:
+        found += tf.cond(tf.equal(tf.constant(ranks.rank), job.owner),
+                         lambda job=job: _counted(job),
+                         lambda job=job: [tf.zeros(variable.shape, variable.dtype)
+                                          for variable in job.into])
+    if ranks.size > 1 and jobs:
+        found = ranks.broadcast(found, [job.owner for job in jobs for _ in job.into],
+                                [f"{job.name}_{index}" for job in jobs
+                                 for index in range(len(job.into))])
+    tensors = iter(found)
+    for job in jobs:
+        for variable in job.into:
+            variable.assign(next(tensors))
+
+
+def _counted(job):
+    job.count.assign_add(1)
+    return list(job.compute())
