@@ -63,3 +63,26 @@ def run_on_owners(jobs, ranks):
 def _counted(job):
     job.count.assign_add(1)
     return list(job.compute())
+
+
+class Configured:
+    """A preconditioner's mix-in, before a Keras optimizer's class: its HYPERPARAMETERS taken
+    from the constructor's keyword arguments and given back in the config (Horovod's
+    DistributedOptimizer rebuilds the optimizer from it); its UNTRACKED attributes ({name:
+    factory}) kept out of Keras' attribute tracking (add_variable tracks the variables in
+    them)."""
+
+    HYPERPARAMETERS = ()
+    UNTRACKED = {}
+
+    def __init__(self, *args, **kwargs):
+        own = {name: kwargs.pop(name) for name in self.HYPERPARAMETERS}
+        super().__init__(*args, **kwargs)
+        for name, value in own.items():
+            setattr(self, name, value)
+        for name, make in self.UNTRACKED.items():
+            object.__setattr__(self, name, make())
+
+    def get_config(self):
+        return {**super().get_config(),
+                **{name: getattr(self, name) for name in self.HYPERPARAMETERS}}

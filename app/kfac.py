@@ -209,27 +209,15 @@ def preconditioning(optimizer, damping=1e-3, factor_decay=0.95, factor_steps=1,
                             "kfac_inverse_steps": inverse_steps, "kfac_kl_clip": kl_clip})
 
 
-class Preconditioning:
+class Preconditioning(curvature.Configured):
     """The K-FAC half of preconditioning()'s class (before the base optimizer's in the MRO):
-    its hyperparameters in the config, so that a copy from the config (Horovod's
-    DistributedOptimizer) keeps them; the running factors and eigendecompositions its
-    variables, so that checkpoints and broadcasts hold them."""
+    its hyperparameters in the config; the running factors and eigendecompositions its
+    variables, so that checkpoints and broadcasts hold them (`curvature`: LayerFactors ->
+    {name: variable})."""
 
     HYPERPARAMETERS = ("kfac_damping", "kfac_factor_decay", "kfac_factor_steps",
                        "kfac_inverse_steps", "kfac_kl_clip")
-
-    def __init__(self, *args, **kwargs):
-        own = {name: kwargs.pop(name) for name in self.HYPERPARAMETERS}
-        super().__init__(*args, **kwargs)
-        for name, value in own.items():
-            setattr(self, name, value)
-        # LayerFactors: its running factors and eigendecompositions (variables of this
-        # optimizer's, which Keras tracks itself); kept out of Keras' attribute tracking
-        object.__setattr__(self, "curvature", {})
-
-    def get_config(self):
-        return {**super().get_config(),
-                **{name: getattr(self, name) for name in self.HYPERPARAMETERS}}
+    UNTRACKED = {"curvature": dict}
 
     def build(self, variables):
         super().build(variables)

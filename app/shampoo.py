@@ -55,30 +55,16 @@ def preconditioning(optimizer, block_size=128, beta2=1.0, epsilon=1e-6, root_ste
                             "shampoo_root_steps": root_steps, "shampoo_grafting": grafting})
 
 
-class Preconditioning:
+class Preconditioning(curvature.Configured):
     """The Shampoo half of preconditioning()'s class (before the base optimizer's in the MRO):
-    its hyperparameters in the config (Horovod's DistributedOptimizer rebuilds from it), its
-    statistics, roots and AdaGrad accumulators its variables (checkpointed and broadcast)."""
+    its hyperparameters in the config; its statistics, roots and AdaGrad accumulators its
+    variables (checkpointed and broadcast): `preconditioned`, variable index -> its blocks'
+    state; `roots_computed`, a root's name -> its computations on this rank."""
 
     ranks = curvature.ONE_PROCESS
-
     HYPERPARAMETERS = ("shampoo_block_size", "shampoo_beta2", "shampoo_epsilon",
                        "shampoo_root_steps", "shampoo_grafting")
-
-    def __init__(self, *args, **kwargs):
-        own = {name: kwargs.pop(name) for name in self.HYPERPARAMETERS}
-        super().__init__(*args, **kwargs)
-        for name, value in own.items():
-            setattr(self, name, value)
-        # kept out of Keras' attribute tracking (add_variable tracks the variables):
-        # variable index -> its blocks' state; a root's name -> its computations on this rank
-        for name, value in (("preconditioned", {}), ("roots_computed", {}),
-                            ("graft_accumulators", [])):
-            object.__setattr__(self, name, value)
-
-    def get_config(self):
-        return {**super().get_config(),
-                **{name: getattr(self, name) for name in self.HYPERPARAMETERS}}
+    UNTRACKED = {"preconditioned": dict, "roots_computed": dict, "graft_accumulators": list}
 
     def build(self, variables):
         super().build(variables)
