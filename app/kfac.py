@@ -17,6 +17,7 @@ pass), and leaves the model's code and weights alone.
 """
 from app.horovod import keras, tf  # first: it sets TF_XLA_FLAGS
 
+import models
 from app import curvature
 
 CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
@@ -59,13 +60,14 @@ class LayerFactors:
     def record(self, outputs_gradient, examples):
         """Adds the batch's factors from the kept inputs and the gradient of the loss (a
         mean over `examples`) with respect to the pre-activations: per-example gradients
-        are `examples` times it. A convolution's are averaged over its output positions,
-        A's and G's alike (Grosse and Martens' spatially uncorrelated derivatives)."""
+        are `examples` times it. A convolution's, by Grosse and Martens' KFC: A sums over
+        its output positions (Omega), G averages over them (Gamma), so that A (x) G
+        approximates the Fisher block at a Dense layer's scale (KFAC-expand)."""
         rows = self.rows(tf.cast(self._inputs, self.a.dtype))
         per_example = tf.reshape(tf.cast(outputs_gradient, self.g.dtype) * examples,
                                  [-1, outputs_gradient.shape[-1]])
-        positions = tf.cast(tf.shape(rows)[0], self.a.dtype)
-        self.a.assign_add(tf.matmul(rows, rows, transpose_a=True) / positions)
+        positions = tf.cast(tf.shape(rows)[0], self.a.dtype)  # examples x output positions
+        self.a.assign_add(tf.matmul(rows, rows, transpose_a=True) / examples)
         self.g.assign_add(tf.matmul(per_example, per_example, transpose_a=True) / positions)
         self.batches.assign_add(1)
 
@@ -113,7 +115,7 @@ def watch(model, ranks=curvature.ONE_PROCESS):
     their factors; each factor's eigendecomposition placed on one of `ranks` (placement).
     ValueError where a layer cannot be taken (unsupported) or none can."""
     found = {}
-    for layer in _layers(model):
+    for layer in models.all_layers(model):
         if isinstance(layer, CURVED_LAYERS) and layer.trainable and layer.built:
             if unsupported(layer):
                 raise ValueError(f"K-FAC cannot precondition layer {layer.name!r} "
@@ -135,13 +137,6 @@ def watch(model, ranks=curvature.ONE_PROCESS):
     for (factors, name), owner in zip(every, owners):
         factors.owners[name] = owner
     return found
-
-
-def _layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _layers(layer)
 
 
 def _keeping_inputs(call, factors):
@@ -191,7 +186,7 @@ def layer_gradient(layer, kernel_gradient, bias_gradient=None):
     return rows if bias_gradient is None else tf.concat([rows, bias_gradient[None]], axis=0)
 
 
-def preconditioning(optimizer, damping=1e-3, factor_decay=0.95, factor_steps=1,
+def preconditioning(optimizer, damping=0.003, factor_decay=0.95, factor_steps=1,
                     inverse_steps=1, kl_clip=None):
     """`optimizer` (a Keras 3 optimizer) made to precondition the gradients of the watched
     layers (watch) with K-FAC before its own update: the same class with Preconditioning
@@ -275,9 +270,10 @@ class Preconditioning(curvature.Configured):
         by_layer = {}
         for index, variable in enumerate(variables):
             factors = getattr(variable, "kfac_factors", None)
-            if factors is not None:
+            if factors is not None and grads[index] is not None:  # None: not in the loss
                 by_layer.setdefault(factors, {})[
                     "kernel" if variable is factors.layer.kernel else "bias"] = index
+        by_layer = {factors: where for factors, where in by_layer.items() if "kernel" in where}
         found = {}
         for factors, where in by_layer.items():
             state = self.curvature[factors]

@@ -30,15 +30,13 @@ class Optimizer:
     decay is inside its update (else the model gets it as an L2 loss), and the names of each
     variable's slots in the checkpoints of the project's tf_keras version, in the order the
     Keras 3 optimizer makes them (app.convert_checkpoint). A preconditioner instead has
-    `precondition(base optimizer, **settings)`, maybe `watch(model)`, called first, and
-    whether float16's loss scale leaves it right."""
+    `precondition(base optimizer, **settings)` and maybe `watch(model)`, called first."""
     build: Callable
     description: str
     decay_inside: bool = False
     tf_keras_slots: tuple = ()
     precondition: Callable = None
     watch: Callable = None
-    takes_float16: bool = True
 
 
 OPTIMIZERS = {
@@ -58,8 +56,7 @@ OPTIMIZERS = {
         tf_keras_slots=("m", "v")),
     "kfac": Optimizer(None, "K-FAC (Martens and Grosse; distributed as KAISA) preconditioning "
                       "--base_optimizer", precondition=kfac.preconditioning,
-                      watch=lambda model: kfac.watch(model, curvature.horovod_ranks()),
-                      takes_float16=False),
+                      watch=lambda model: kfac.watch(model, curvature.horovod_ranks())),
     "shampoo": Optimizer(None, "Shampoo (Gupta et al.; distributed as Anil et al.) "
                          "preconditioning --base_optimizer", precondition=lambda base, **settings:
                          shampoo.preconditioning(base, ranks=curvature.horovod_ranks(),

@@ -8,10 +8,11 @@ first-order method per block (`grafting`: the gradient's own norm, SGD's; or Ada
 step's), and the result handed to the base optimizer (its momentum, LR and schedule its
 own). Variables of one axis (biases, normalization) get the grafted method's step as it is.
 
-Distributed: the gradients reaching the optimizer are the ranks' average already, so every
-rank keeps the same statistics without a message; the inverse roots, the costly part, are
-dealt over the ranks (app.curvature: the costliest first, to the least loaded), each
-computed on its rank alone every `root_steps` updates and broadcast from there.
+Distributed: the gradients reaching the optimizer are the same on every rank (Horovod's
+average, or Adasum's), so every rank keeps the same statistics without a message; the
+inverse roots, the costly part, are dealt over the ranks (app.curvature: the costliest
+first, to the least loaded), each computed on its rank alone every `root_steps` updates
+and broadcast from there.
 """
 from app.horovod import tf  # first: it sets TF_XLA_FLAGS
 
@@ -103,7 +104,7 @@ class Preconditioning(curvature.Configured):
         if not self.built:
             self.build(variables)
         matrices = {index: tf.reshape(grads[index], [-1, grads[index].shape[-1]])
-                    for index in self.preconditioned}
+                    for index in self.preconditioned if grads[index] is not None}
         self._update_statistics(matrices)
         tf.cond(tf.equal(self.iterations % self.shampoo_root_steps, 0), self._update_roots,
                 lambda: None)
@@ -111,9 +112,9 @@ class Preconditioning(curvature.Configured):
 
     def _update_statistics(self, matrices):
         beta2 = self.shampoo_beta2
-        for index, state in self.preconditioned.items():
-            for block in state:
-                gradient = matrices[index][block["rows"], block["columns"]]
+        for index, matrix in matrices.items():
+            for block in self.preconditioned[index]:
+                gradient = matrix[block["rows"], block["columns"]]
                 for side, product in (
                         ("left", tf.matmul(gradient, gradient, transpose_b=True)),
                         ("right", tf.matmul(gradient, gradient, transpose_a=True))):
@@ -144,8 +145,10 @@ class Preconditioning(curvature.Configured):
     def _preconditioned(self, grads, matrices):
         found = list(grads)
         for index, gradient in enumerate(grads):
+            if gradient is None:  # not in the loss: Keras leaves the variable alone
+                continue
             grafted = self._grafted_direction(index, gradient)
-            if index not in self.preconditioned:
+            if index not in matrices:
                 found[index] = grafted
                 continue
             grafted = tf.reshape(grafted, matrices[index].shape)

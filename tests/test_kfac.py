@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from app.horovod import keras, tf
+import models
 from app import kfac
 
 
@@ -56,11 +57,11 @@ def patches_by_hand(images, size, stride, padding):
 @pytest.mark.parametrize("shape, stride, padding", [
     ((7, 2), 1, "valid"), ((5, 6, 2), 1, "valid"), ((5, 6, 2), 2, "same"),
     ((4, 5, 3, 2), 1, "same")])
-def test_a_convolutions_factors_average_over_its_output_positions(float64, shape, stride,
-                                                                  padding):
-    """Conv1D, Conv2D and Conv3D: A = mean over every example's output positions of
-    [patch, 1][patch, 1]^T, G = mean of the per-example gradients' g g^T at each position,
-    the patches cut by hand (odd extents, zero padding where 'same' pads)."""
+def test_a_convolutions_factors_are_kfcs(float64, shape, stride, padding):
+    """Conv1D, Conv2D and Conv3D, as Grosse and Martens' KFC: A = the mean over the examples of
+    the sum over their output positions of [patch, 1][patch, 1]^T (Omega), G = the mean over
+    examples and positions of the per-example gradients' g g^T (Gamma), the patches cut by
+    hand (odd extents, zero padding where 'same' pads)."""
     random = np.random.RandomState(1)
     images = random.randn(2, *shape)
     convolution = {2: keras.layers.Conv1D, 3: keras.layers.Conv2D, 4: keras.layers.Conv3D}
@@ -71,7 +72,8 @@ def test_a_convolutions_factors_average_over_its_output_positions(float64, shape
     mse_gradient(model, images, targets)
     patches = patches_by_hand(images, 3, stride, padding)
     rows = np.hstack([patches, np.ones((len(patches), 1))])
-    np.testing.assert_allclose(factors.a.numpy(), rows.T @ rows / len(rows), rtol=1e-12)
+    np.testing.assert_allclose(factors.a.numpy(), rows.T @ rows / len(images), rtol=1e-12)
+    assert len(rows) > 2 * len(images)  # several positions an example
     outputs = model(images).numpy()
     per_example = (2 * (outputs - targets) / outputs[0].size).reshape(-1, 3)
     np.testing.assert_allclose(factors.g.numpy(), per_example.T @ per_example / len(rows),
@@ -79,6 +81,17 @@ def test_a_convolutions_factors_average_over_its_output_positions(float64, shape
     kernel_rows = layer.kernel.numpy().reshape(-1, 3)  # the kernel's rows match the patches'
     np.testing.assert_allclose(rows[:, :-1] @ kernel_rows + layer.bias.numpy(),
                                outputs.reshape(-1, 3), rtol=1e-12)
+
+
+def test_every_dense_and_convolution_is_watched_inside_a_u_nets_levels():
+    """The 3D U-Net keeps each level's convolutions inside a layer of its own (models.unet's
+    Level): K-FAC finds every one of them, so that no kernel is left to the base update."""
+    model = models.build("unet3d_small", (16, 16, 16, 1), 2)
+    watched = kfac.watch(model)
+    kernels = [layer.kernel for layer in models.all_layers(model)
+               if isinstance(layer, kfac.CURVED_LAYERS)]
+    assert len(kernels) > 8 and len(watched) == len(kernels)
+    assert all(hasattr(kernel, "kfac_factors") for kernel in kernels)
 
 
 def test_a_layer_kfac_cannot_take_is_refused_by_name():

@@ -28,13 +28,14 @@ def preconditioned_sgd(name, model):
 
 @pytest.mark.parametrize("name", ["kfac", "shampoo"])
 def test_a_resumed_run_ends_as_the_uninterrupted_one(name, float64, tmp_path):
-    """4 steps of a CNN against 2 steps, a checkpoint (tf.train.Checkpoint of the model and
-    optimizer), a fresh model and optimizer restored from it, and 2 more, whose first uses
-    the checkpoint's decompositions: the same weights to 1e-12, so the running factors or
-    statistics, the decompositions and the step count are in the checkpoint; from the
-    weights alone (a fresh optimizer's state) the weights part."""
+    """5 steps of a CNN against 3 steps, a checkpoint (tf.train.Checkpoint of the model and
+    optimizer), a fresh model and optimizer restored from it, and 2 more, the first of which
+    uses the checkpoint's decompositions (they are taken every other step) and the second
+    takes new ones: the same weights to 1e-12, so the running factors or statistics, the
+    decompositions and the step count are in the checkpoint; from the weights alone (a
+    fresh optimizer's state) the weights part."""
     random = np.random.RandomState(7)
-    images, labels = random.randn(4, 8, 5, 5, 2), random.randint(0, 3, (4, 8))
+    images, labels = random.randn(5, 8, 5, 5, 2), random.randint(0, 3, (5, 8))
 
     def fresh():
         keras.utils.set_random_seed(2)
@@ -56,10 +57,10 @@ def test_a_resumed_run_ends_as_the_uninterrupted_one(name, float64, tmp_path):
             step(images[index], labels[index])
 
     model, optimizer = fresh()
-    train(model, optimizer, range(4))
+    train(model, optimizer, range(5))
     uninterrupted = [weight.numpy() for weight in model.weights]
     model, optimizer = fresh()
-    train(model, optimizer, range(2))
+    train(model, optimizer, range(3))
     path = tf.train.Checkpoint(model=model, optimizer=optimizer).write(str(tmp_path / "ckpt"))
     for restored in (True, False):
         model, optimizer = fresh()
@@ -67,7 +68,7 @@ def test_a_resumed_run_ends_as_the_uninterrupted_one(name, float64, tmp_path):
             tf.train.Checkpoint(model=model, optimizer=optimizer).read(path).assert_consumed()
         else:  # the weights alone
             tf.train.Checkpoint(model=model).read(path).expect_partial()
-        train(model, optimizer, range(2, 4))
+        train(model, optimizer, range(3, 5))
         difference = max(np.abs(weight.numpy() - value).max()
                          for weight, value in zip(model.weights, uninterrupted))
         assert difference < 1e-12 if restored else difference > 1e-4, (restored, difference)

@@ -307,6 +307,8 @@ BAD_FLAGS = [
      "--shard_optimizer_state=True: is not supported with --optimizer=kfac"),
     ("digits_cnn", ["--optimizer=kfac", "--shampoo_grafting=adagrad"],
      "--shampoo_grafting=adagrad: is --optimizer=shampoo's, not --optimizer=kfac's"),
+    ("digits_cnn", ["--optimizer=kfac", "--kfac_damping=0"],
+     "--kfac_damping=0.0: must be above 0"),
     ("digits_cnn", ["--recompute", "--sync_batch_norm"],
      "--sync_batch_norm=True: is not supported with --pipeline_stages"),
     ("cifar10_resnet20", ["--data_dir=/does/not/exist"], "--data_dir"),

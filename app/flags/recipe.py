@@ -57,7 +57,8 @@ def define_optimizer_flags():
     flags.DEFINE_enum("optimizer", "momentum", list(optimizers.OPTIMIZERS),
                       "Optimizer (app.optimizers.OPTIMIZERS): "
                       + choices(optimizers.OPTIMIZERS))
-    flags.DEFINE_float("momentum", 0.9, "Momentum of --optimizer=momentum and lars.",
+    flags.DEFINE_float("momentum", 0.9, "Momentum of --optimizer=momentum and lars (and of "
+                       "kfac and shampoo with --base_optimizer=momentum).",
                        lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_float("weight_decay", 0.0,
                        "Weight decay on kernels: an L2 loss, or inside the update of lars, lamb "
@@ -108,6 +109,7 @@ PRECONDITIONER_FLAGS = {
              "kfac_kl_clip"),
     "shampoo": ("shampoo_block_size", "shampoo_beta2", "shampoo_epsilon", "shampoo_root_steps",
                 "shampoo_grafting")}
+ABOVE_ZERO, BELOW_ONE = ("kfac_damping", "shampoo_epsilon"), ("kfac_factor_decay",)
 
 
 def check(world_size):
@@ -123,10 +125,12 @@ def check(world_size):
 
 
 def check_preconditioner():
-    """A preconditioner's flags only with it; and a preconditioner only where its curvature
-    means what it should: not with the optimizer state sharded, the model cut in stages or
-    parts (a rank would see a part of a layer or of its inputs), elastic worker counts (its
-    placement is made for one), or float16 where its loss scale would be in K-FAC's G."""
+    """A preconditioner's flags only with it, and values that divide by nothing refused; and a
+    preconditioner only where its curvature means what it should: not with the optimizer
+    state sharded, the model cut in stages or parts (a rank would see a part of a layer or
+    of its inputs), elastic worker counts (its placement is made for one), or float16 (its
+    loss scale would be in K-FAC's G; Keras' loss scaling rebuilds its inner optimizer by
+    a registered class, which a preconditioned one is not)."""
     if not optimizers.preconditions(FLAGS.optimizer):
         if not FLAGS["base_optimizer"].using_default_value:
             raise invalid("base_optimizer", f"is --optimizer={' or '.join(PRECONDITIONER_FLAGS)}"
@@ -143,11 +147,15 @@ def check_preconditioner():
                "pipeline_stages": FLAGS.pipeline_stages > 1,
                "microbatches": FLAGS.microbatches > 1, "recompute": FLAGS.recompute,
                "spatial_parts": FLAGS.spatial_parts > 1, "elastic": FLAGS.elastic,
-               "mixed_precision": (FLAGS.mixed_precision == "float16"
-                                   and not optimizers.OPTIMIZERS[FLAGS.optimizer].takes_float16)}
+               "mixed_precision": FLAGS.mixed_precision == "float16"}
     for name, set_ in refused.items():
         if set_:
             raise invalid(name, f"is not supported with --optimizer={FLAGS.optimizer}")
+    for name in PRECONDITIONER_FLAGS[FLAGS.optimizer]:
+        if name in ABOVE_ZERO and FLAGS[name].value == 0:  # a factor's eigenvalues can be 0
+            raise invalid(name, "must be above 0: it keeps the inverse of a singular matrix finite")
+        if name in BELOW_ONE and FLAGS[name].value == 1:
+            raise invalid(name, "must be below 1: at 1 the running factors never change")
 
 
 def preconditioner_settings():
