@@ -23,6 +23,7 @@ from app import curvature
 CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 CURVED_LAYERS = (keras.layers.Dense, *CONVOLUTIONS)
 
+
 class LayerFactors:
     """One layer's factors summed over the batches it was trained on since the optimizer
     last took them: `a` and `g`, variables added to in the backward pass, and `batches`,

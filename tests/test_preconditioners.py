@@ -191,6 +191,8 @@ def test_app_train_ends_as_one_process_on_two_accumulated_or_resumed_elsewhere(n
     if "momentum" in cases:
         momentum = checkpoint_values(tmp_path / "momentum", 6, "model/")
         assert max(np.abs(momentum[key] - one[key]).max() for key in momentum) > 1e-3
+
+
 def optimizer_state(model_dir, epoch):
     """{name: value} of the optimizer's variables in MODEL_DIR's epoch-EPOCH checkpoint, by
     the names Keras gave them (K-FAC's: LAYER_kfac_a, _g, _a_vectors, _a_values, ...)."""
