@@ -125,19 +125,20 @@ def check(world_size):
 
 
 def check_preconditioner():
-    """A preconditioner's flags only with it, and values that divide by nothing refused; and a
-    preconditioner only where its curvature means what it should: not with the optimizer
-    state sharded, the model cut in stages or parts (a rank would see a part of a layer or
-    of its inputs), elastic worker counts (its placement is made for one), or float16 (its
-    loss scale would be in K-FAC's G; Keras' loss scaling rebuilds its inner optimizer by
-    a registered class, which a preconditioned one is not)."""
+    """A preconditioner's flags only with it (set to other than their defaults), values that
+    divide by nothing refused; and a preconditioner only where its curvature means what it
+    should: not with the optimizer state sharded, the model cut in stages or parts (a rank
+    would see a part of a layer or of its inputs), elastic worker counts (its placement is
+    made for one), or float16 (its loss scale would be in K-FAC's G; Keras' loss scaling
+    rebuilds its inner optimizer by a registered class, which a preconditioned one is
+    not)."""
     if not optimizers.preconditions(FLAGS.optimizer):
-        if not FLAGS["base_optimizer"].using_default_value:
+        if _changed("base_optimizer"):
             raise invalid("base_optimizer", f"is --optimizer={' or '.join(PRECONDITIONER_FLAGS)}"
                                             f"'s, not --optimizer={FLAGS.optimizer}'s")
     for owner, names in PRECONDITIONER_FLAGS.items():
         for name in names:
-            if owner != FLAGS.optimizer and not FLAGS[name].using_default_value:
+            if owner != FLAGS.optimizer and _changed(name):
                 raise invalid(name, f"is --optimizer={owner}'s, not "
                                     f"--optimizer={FLAGS.optimizer}'s")
     if not optimizers.preconditions(FLAGS.optimizer):
@@ -156,6 +157,12 @@ def check_preconditioner():
             raise invalid(name, "must be above 0: it keeps the inverse of a singular matrix finite")
         if name in BELOW_ONE and FLAGS[name].value == 1:
             raise invalid(name, "must be below 1: at 1 the running factors never change")
+
+
+def _changed(name):
+    """Whether --`name` differs from its default (a run's resolved flags.cfg gives every flag,
+    at its default too)."""
+    return FLAGS[name].value != FLAGS[name].default
 
 
 def preconditioner_settings():
