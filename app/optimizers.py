@@ -100,7 +100,7 @@ def build(name, learning_rate, momentum=0.0, weight_decay=0.0, base=None, settin
 
 
 def preconditions(name):
-    """Whether optimizer `name` preconditions a base optimizer's update (K-FAC)."""
+    """Whether optimizer `name` preconditions a base optimizer's update (K-FAC, Shampoo)."""
     return OPTIMIZERS[name].precondition is not None
 
 
