@@ -25,10 +25,11 @@ CURVED_LAYERS = (keras.layers.Dense, *CONVOLUTIONS)
 
 
 class LayerFactors:
-    """One layer's factors summed over the batches it was trained on since the optimizer
-    last took them: `a` and `g`, variables added to in the backward pass, and `batches`,
-    their count (accumulated gradients' several batches, or the steps between factor
-    updates)."""
+    """One layer's factors summed over the batches of the update that takes them: `a` and
+    `g`, variables added to in the backward pass, and `batches`, their count (several with
+    accumulated gradients). `taking()`, set by the optimizer, says whether this step's
+    update takes factors: the batches of the other steps cost no factor (kfac-pytorch's
+    hooks likewise run only at factor updates)."""
 
     def __init__(self, layer, ranks):
         self.layer, self.ranks = layer, ranks
@@ -42,6 +43,7 @@ class LayerFactors:
         self.batches = tf.Variable(0, trainable=False, dtype=dtype,
                                    name=f"{layer.name}_batches")
         self._inputs = None
+        self.taking = None  # None (no optimizer yet): every step's
         self.owners = {"a": 0, "g": 0}  # the ranks that decompose a and g (watch)
         # how many eigendecompositions of each this rank computed: where the placement put them
         self.decompositions = {name: tf.Variable(0, trainable=False,
@@ -64,13 +66,21 @@ class LayerFactors:
         are `examples` times it. A convolution's, by Grosse and Martens' KFC: A sums over
         its output positions (Omega), G averages over them (Gamma), so that A (x) G
         approximates the Fisher block at a Dense layer's scale (KFAC-expand)."""
-        rows = self.rows(tf.cast(self._inputs, self.a.dtype))
-        per_example = tf.reshape(tf.cast(outputs_gradient, self.g.dtype) * examples,
-                                 [-1, outputs_gradient.shape[-1]])
-        positions = tf.cast(tf.shape(rows)[0], self.a.dtype)  # examples x output positions
-        self.a.assign_add(tf.matmul(rows, rows, transpose_a=True) / examples)
-        self.g.assign_add(tf.matmul(per_example, per_example, transpose_a=True) / positions)
-        self.batches.assign_add(1)
+        inputs = self._inputs
+
+        def add():
+            rows = self.rows(tf.cast(inputs, self.a.dtype))
+            per_example = tf.reshape(tf.cast(outputs_gradient, self.g.dtype) * examples,
+                                     [-1, outputs_gradient.shape[-1]])
+            positions = tf.cast(tf.shape(rows)[0], self.a.dtype)  # examples x positions
+            self.a.assign_add(tf.matmul(rows, rows, transpose_a=True) / examples)
+            self.g.assign_add(tf.matmul(per_example, per_example, transpose_a=True)
+                              / positions)
+            self.batches.assign_add(1)
+        if self.taking is None:
+            add()
+        else:
+            tf.cond(self.taking(), add, lambda: None)
 
     def taken(self):
         """[A, G]: the mean of the batches' factors since the last call, which starts the
@@ -193,11 +203,11 @@ def preconditioning(optimizer, damping=0.003, factor_decay=0.95, factor_steps=1,
     layers (watch) with K-FAC before its own update: the same class with Preconditioning
     before it, so that its learning rate, momentum and slots stay its own (Horovod's LR
     callbacks and momentum correction see them as ever). Every `factor_steps` updates the
-    running factors take the last batch's with weight 1 - `factor_decay`; every
-    `inverse_steps` their eigendecompositions are taken anew. `kl_clip` (None or 0: off) scales
-    the preconditioned gradients down so that the step's lr^2 <preconditioned, gradient>,
-    summed over the layers, is at most it (Ba et al. 2017's KL clipping, KAISA's default
-    0.001)."""
+    running factors take that update's batches' with weight 1 - `factor_decay` (the other
+    updates' batches record none); every `inverse_steps` their eigendecompositions are
+    taken anew. `kl_clip` (None or 0: off) scales the preconditioned gradients down so that
+    the step's lr^2 <preconditioned, gradient>, summed over the layers, is at most it (Ba et
+    al. 2017's KL clipping, KAISA's default 0.001)."""
     cls = type(f"KFAC{type(optimizer).__name__}", (Preconditioning, type(optimizer)), {})
     return cls.from_config({**optimizer.get_config(), "kfac_damping": damping,
                             "kfac_factor_decay": factor_decay,
@@ -221,6 +231,7 @@ class Preconditioning(curvature.Configured):
             factors = getattr(variable, "kfac_factors", None)
             if factors is None or factors in self.curvature:
                 continue
+            factors.taking = self._takes_factors
             self.curvature[factors] = {
                 name: self.add_variable(shape, dtype=factors.a.dtype,
                                         name=f"{factors.layer.name}_kfac_{name}")
@@ -235,11 +246,15 @@ class Preconditioning(curvature.Configured):
         if not self.built:
             self.build(variables)
         step = self.iterations
-        tf.cond(tf.equal(step % self.kfac_factor_steps, 0), self._update_factors,
-                lambda: None)
+        tf.cond(self._takes_factors(), self._update_factors, lambda: None)
         tf.cond(tf.equal(step % self.kfac_inverse_steps, 0), self._update_inverses,
                 lambda: None)
         return super().apply(self._preconditioned(grads, variables), variables)
+
+    def _takes_factors(self):
+        """Whether this update takes factors: `iterations` counts the updates, and the
+        batches of one update (accumulated ones too) all see the same count."""
+        return tf.equal(self.iterations % self.kfac_factor_steps, 0)
 
     def _update_factors(self):
         first = tf.equal(self.iterations, 0)  # the first batch's factors are the average

@@ -152,11 +152,21 @@ class RunRecordError(ValueError):
     """A model_dir that app.predict cannot use, and why."""
 
 
+# What app.predict reads of a run's record (checkpoints.write_model_record writes them)
+RECORD_KEYS = {"model", "task", "input_shape", "num_outputs", "standardization", "precision"}
+
+
 def run_model(model_dir):
     """(the run's record, its latest checkpoint's path) of app.train's run in `model_dir`."""
     record = checkpoints.read_model_record(model_dir)
     if record is None:
         raise RunRecordError(f"no {checkpoints.MODEL_RECORD} (not a model_dir of app.train)")
+    missing = sorted(RECORD_KEYS - set(record))
+    if missing:
+        raise RunRecordError(f"{checkpoints.MODEL_RECORD} lacks {', '.join(missing)}")
+    if record["standardization"] not in (None, seismic.STANDARDIZATION):
+        raise RunRecordError(f"its inputs were scaled '{record['standardization']}', which this "
+                             f"version cannot repeat (it scales '{seismic.STANDARDIZATION}')")
     if record["task"] != "segmentation":
         raise RunRecordError(f"trained --model={record['model']}, a {record['task']} "
                              f"model; app.predict applies segmentation models")

@@ -139,6 +139,24 @@ def test_the_factors_are_written_inside_fits_compiled_step(float64):
     np.testing.assert_allclose(factors.g.numpy(), per_example.T @ per_example / 6, rtol=1e-12)
 
 
+def test_only_the_batches_of_factor_updates_record_factors(float64):
+    """factor_steps=2 over fit()'s 4 steps: steps 0 and 2 take their batch's A (running: the
+    first, then decay 0.5 of it and 0.5 of the third); steps 1 and 3 record nothing, so no
+    sum is left pending between two factor updates (a checkpoint there misses none)."""
+    inputs = np.random.RandomState(5).randn(16, 3)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    [factors] = kfac.watch(model).values()
+    optimizer = kfac.preconditioning(keras.optimizers.SGD(0.0), factor_decay=0.5,
+                                     factor_steps=2, inverse_steps=2)
+    model.compile(optimizer, "mse", jit_compile=False)
+    model.fit(inputs, np.zeros((16, 2)), batch_size=4, epochs=1, verbose=0, shuffle=False)
+    rows = [np.hstack([batch, np.ones((4, 1))]) for batch in np.split(inputs, 4)]
+    second_moments = [batch.T @ batch / 4 for batch in rows]
+    np.testing.assert_allclose(optimizer.curvature[factors]["a"].numpy(),
+                               0.5 * second_moments[0] + 0.5 * second_moments[2], rtol=1e-12)
+    assert factors.batches.numpy() == 0 and not factors.a.numpy().any()
+
+
 def test_under_bfloat16_the_factors_are_taken_in_float32_from_the_bfloat16_inputs():
     """mixed_bfloat16: the layers compute in bfloat16, the factors and decompositions are
     float32 (the variables' type), and one fit() step's running A of the Dense layer is the

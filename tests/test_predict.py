@@ -319,13 +319,19 @@ def test_bad_prediction_inputs_end_with_one_line_and_write_nothing(trained, tmp_
     (tmp_path / "cut.segy").write_bytes(data[:len(data) // 3])
     trace = 240 + SHAPE[2] * 4  # a file that ends at a trace's end, half an inline short
     (tmp_path / "short.segy").write_bytes(data[:len(data) - SHAPE[1] // 2 * trace])
+    record = json.loads((trained / "model.json").read_text())  # a run scaled another way
+    (tmp_path / "rescaled").mkdir()
+    (tmp_path / "rescaled" / "model.json").write_text(json.dumps(
+        {**record, "standardization": "min-max to [0, 1]"}))
     for flags, reason in (
             ([f"--input={tmp_path / 'cut.segy'}"], "not a readable 3D SEG-Y volume"),
             ([f"--input={tmp_path / 'short.segy'}"], "not a readable 3D SEG-Y volume"),
             ([f"--input={tmp_path / 'survey.segy'}", "--window=10"],
              "--window=10: --model=unet3d_small divides its input's extents by 4"),
             ([f"--input={tmp_path / 'survey.segy'}", f"--model_dir={tmp_path}"],
-             "no model.json")):
+             "no model.json"),
+            ([f"--input={tmp_path / 'survey.segy'}", f"--model_dir={tmp_path / 'rescaled'}"],
+             "its inputs were scaled 'min-max to [0, 1]', which this version cannot repeat")):
         model_dir = [] if any(flag.startswith("--model_dir") for flag in flags) else [
             f"--model_dir={trained}"]
         result = run(predict_command(*model_dir, *flags, f"--output_dir={tmp_path / 'out'}"),

@@ -7,9 +7,11 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import (PYTHON, error_lines, horovodrun, mpirun, read_log, run, run_study,
-                      train_command)
+from conftest import (PYTHON, error_lines, horovodrun, mpirun, read_log, run, run_concurrently,
+                      run_study, train_command)
+from input_pipeline import seismic
 from test_fault_tolerance import resumed_after_a_signal_mid_epoch
+from test_predict import predict_command
 from test_train import checkpoint_values
 
 import tensorflow as tf
@@ -102,8 +104,8 @@ def test_training_on_slabs_ends_with_one_processs_weights_and_checkpoints_cross_
     """At a global batch of 4 with the experiment's loss, 8 epochs: P=2 on 2 processes ends
     with one process's weights and Adam's moments (1e-10) and logs its loss and exact
     validation scores; one process's checkpoint after epoch 6 resumed by P=2 x R=2 on 4
-    processes, and a P=2 checkpoint after epoch 6 resumed by one process, end there too (one
-    checkpoint format). TensorBoard's slices of the P=2 run are the whole volume's."""
+    processes, and a P=2 checkpoint after epoch 6 resumed by one process that recomputes its
+    levels, end there too (one checkpoint format). TensorBoard's slices of the P=2 run are the whole volume's."""
     epochs = "--epochs=8"
     _train(tmp_path / "one", 1, epochs)
     _train(tmp_path / "slabs", 2, epochs, "--spatial_parts=2")
@@ -112,7 +114,7 @@ def test_training_on_slabs_ends_with_one_processs_weights_and_checkpoints_cross_
         for path in (tmp_path / run_dir / "checkpoints").glob("epoch-[78].*"):
             path.unlink()  # as if the run had stopped after epoch 6 of its 8
     hybrid = _train(tmp_path / "one_then_hybrid", 4, epochs, "--spatial_parts=2")
-    resumed = _train(tmp_path / "slabs_then_one", 1, epochs)
+    resumed = _train(tmp_path / "slabs_then_one", 1, epochs, "--recompute")
     for resumed_run in (hybrid, resumed):
         assert "Epoch 7/8" in resumed_run.stdout and "Epoch 6/8" not in resumed_run.stdout
 
@@ -149,7 +151,7 @@ def test_slabs_compose_with_accumulation_steps(tmp_path):
 def test_init_checkpoint_starts_slabs_from_another_runs_weights(tmp_path):
     """A one-process run's checkpoint initializes a P=2 run (--init_checkpoint reads it into
     a Keras clone of the slab's model): at LR 0 its one step leaves the weights where they
-    started, which are the checkpoint's, exactly."""
+    started, which are the checkpoint's, exactly; app.predict applies the P=2 run."""
     once = ["--epochs=1", "--warmup_epochs=0"]
     _train(tmp_path / "start", 1, *once)
     _train(tmp_path / "slabs", 2, *once, "--spatial_parts=2", "--learning_rate=0",
@@ -160,6 +162,17 @@ def test_init_checkpoint_starts_slabs_from_another_runs_weights(tmp_path):
     assert start.keys() == slabs.keys() and len(start) == 22  # 11 kernels and biases
     for name in start:
         np.testing.assert_array_equal(slabs[name], start[name], err_msg=name)
+    # app.predict restores the slabs' checkpoint into the whole model (a layout that did not
+    # match would end it with MismatchError) and predicts as from the one-process run's
+    np.save(tmp_path / "survey.npy", seismic.synthetic_survey(16, [7, 1, 0]).seismic)
+
+    def predicted(run_dir):
+        run(predict_command(f"--model_dir={tmp_path / run_dir}",
+                            f"--input={tmp_path / 'survey.npy'}",
+                            f"--output_dir={tmp_path / run_dir / 'predicted'}"))
+        return np.load(tmp_path / run_dir / "predicted" / "probability.npy")
+    from_start, from_slabs = run_concurrently(predicted, ("start", "slabs"))
+    np.testing.assert_array_equal(from_slabs, from_start)
 
 
 @pytest.mark.distributed

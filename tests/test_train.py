@@ -236,7 +236,9 @@ EXPERIMENT_RUNS = [
     ("cifar10_resnet20", ["--batch_size=8"]),
     ("faultseg3d", ["--volume_size=16", "--num_volumes=2"]),
     ("seismic_faults_cpu", ["--volume_size=16", "--patch_size=16", "--num_volumes=4"]),
-    ("seismic_facies_sections", ["--volume_size=16", "--num_volumes=4"]),
+    # a target of mean IoU any model reaches: the run stops after its first of 2 epochs
+    ("seismic_facies_sections", ["--volume_size=16", "--num_volumes=4", "--epochs=2",
+                                 "--target_accuracy=1e-6"]),
 ]
 
 
@@ -281,6 +283,8 @@ def test_every_experiment_runs_from_its_flagfile(case, experiment_runs):
         assert {"iou", "dice", "val_iou", "val_dice"} <= set(results["final_metrics"])
     if experiment == "seismic_facies_sections":
         assert {"pixel_accuracy", "val_fw_iou"} <= set(results["final_metrics"])
+        assert results["headline_metric"] == "val_mean_iou"
+        assert results["target_reached"]["epoch"] == 1
 
 
 BAD_FLAGS = [
