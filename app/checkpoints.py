@@ -228,11 +228,71 @@ def _tf_keras_keys(layer, prefix):
             yield weight, f"{prefix}/{weight.name}"
 
 
+# An optimizer whose state is not the same on every rank (the sharded optimizer's pieces,
+# K-FAC's decompositions kept by their gradient workers) saves and restores through a twin
+# that holds all of it as one process's optimizer would, so that checkpoints are the same
+# whatever the placement and the number of processes: it `stands_aside`, has a
+# `gathered_twin(keep)` for a save, a `whole_twin()` to restore into, and takes a twin's
+# state (`take_state(twin)`).
+
+
+@contextlib.contextmanager
+def whole_state(checkpoint, keep):
+    """For the block's duration, the optimizer `checkpoint` saves holds the whole state on
+    the rank that `keep`s it: one that stands aside gives way to its gathered twin. Yields
+    that optimizer (None on the other ranks of one that stands aside). Every rank calls it,
+    as the gathering is collective; any other optimizer is its own."""
+    optimizer = checkpoint.optimizer
+    if not getattr(optimizer, "stands_aside", False):
+        yield optimizer
+        return
+    twin = optimizer.gathered_twin(keep)
+    if not keep:
+        yield None
+        return
+    with _standing_in(checkpoint, optimizer, twin):
+        yield twin
+
+
+@contextlib.contextmanager
+def restored_whole_state(checkpoint, variables):
+    """Around a restore of `checkpoint`, whose optimizer state is the whole one: an optimizer
+    that stands aside gives way to its whole twin, built on `variables` (the model's
+    trainable ones), while the block restores, then takes its part of what the twin
+    restored. Nothing for any other optimizer."""
+    optimizer = checkpoint.optimizer
+    if not optimizer.built:  # a K-FAC optimizer knows where its state goes once built
+        optimizer.build(variables)
+    if not getattr(optimizer, "stands_aside", False):
+        yield
+        return
+    twin = optimizer.whole_twin()
+    with _standing_in(checkpoint, optimizer, twin):
+        yield
+    optimizer.take_state(twin)
+
+
+@contextlib.contextmanager
+def _standing_in(checkpoint, optimizer, twin):
+    """`twin` where `checkpoint` holds `optimizer`: as its optimizer, and as its model's,
+    which a Keras 3 model that compiled it tracks too."""
+    holders = [holder for holder in (checkpoint, checkpoint.model)
+               if getattr(holder, "optimizer", None) is optimizer]
+    for holder in holders:
+        holder.optimizer = twin
+    try:
+        yield
+    finally:
+        for holder in holders:
+            holder.optimizer = optimizer
+
+
 def save_mid_epoch(checkpoint_manager, epochs, steps, saves=True,
                    whole_state=contextlib.nullcontext):
     """Writes epoch-N-step-S (after N epochs and S steps) beside the epoch checkpoints where
     `saves`, and returns its path; the next epoch's save removes it. Every rank calls it,
-    inside `whole_state()` (which gathers a sharded optimizer's state)."""
+    inside `whole_state()` (which gathers an optimizer's state that is not on every rank
+    alike)."""
     path = os.path.join(checkpoint_manager.directory, checkpoint_name(epochs, steps))
     with whole_state():
         if saves:
@@ -276,9 +336,9 @@ class SaveError(RuntimeError):
 
 class SaveEveryEpoch(keras.callbacks.Callback):
     """Saves epoch-N after N epochs where `saves` (on every rank, inside `whole_state()`,
-    which gathers a sharded optimizer's state); raises SaveError naming the model_dir when
-    the save fails (the manager writes a checkpoint's files before it points its index at
-    them, so the checkpoints before stay intact)."""
+    which gathers a state that is not on every rank alike); raises SaveError naming the
+    model_dir when the save fails (the manager writes a checkpoint's files before it points
+    its index at them, so the checkpoints before stay intact)."""
 
     def __init__(self, checkpoint_manager, saves=True, whole_state=contextlib.nullcontext):
         super().__init__()

@@ -1,29 +1,60 @@
 """How the ranks share a curvature preconditioner's work (K-FAC's in app.kfac, Shampoo's in
 app.shampoo): the costly decompositions dealt over the ranks, the costliest first to the
 least loaded (KAISA's balance, Pauloski et al. 2021), each computed on its rank alone and
-broadcast from there."""
+broadcast from there; for K-FAC's gradient workers, KAISA's grid of process sets."""
 import collections
 
 from app.horovod import hvd, hvd_tensorflow, tf  # first: it sets TF_XLA_FLAGS
 
 # `average(tensors)` averages tensors over the ranks (one grouped allreduce),
-# `broadcast(tensors, roots, names)` sends each tensor from its root rank to the others; this
-# process is `rank` of `size`.
-Ranks = collections.namedtuple("Ranks", "average broadcast rank size")
-ONE_PROCESS = Ranks(lambda tensors: tensors, None, 0, 1)
+# `broadcast(tensors, roots, names)` sends each tensor from its root rank to the others,
+# `add(tensors, group, name)` sums tensors over `group` (a list of ranks: a process set that
+# process_sets made), one grouped allreduce; this process is `rank` of `size`.
+Ranks = collections.namedtuple("Ranks", "average broadcast add rank size")
+ONE_PROCESS = Ranks(lambda tensors: tensors, None, None, 0, 1)
+# The process sets of gradient-worker grids, by their ranks (hvd.init registers them)
+_PROCESS_SETS = {}
 # One decomposition: `compute()` gives its tensors, shaped and typed as the variables `into`
 # that take them, on rank `owner`, which counts it in `count` (a variable).
 Job = collections.namedtuple("Job", "name owner compute into count")
 
 
 def horovod_ranks():
-    """Horovod's ranks: one grouped allreduce for the averages, a broadcast per tensor."""
+    """Horovod's ranks: one grouped allreduce for the averages and for the sums of a group (in
+    its process set), a broadcast per tensor."""
+    def add(tensors, group, name):
+        process_set = (hvd_tensorflow.global_process_set if len(group) == hvd.size()
+                       else _PROCESS_SETS[frozenset(group)])
+        return hvd_tensorflow.grouped_allreduce(tensors, op=hvd_tensorflow.Sum, name=name,
+                                                process_set=process_set)
     return Ranks(
         lambda tensors: hvd_tensorflow.grouped_allreduce(tensors, op=hvd_tensorflow.Average,
                                                          name="curvature_average"),
         lambda tensors, roots, names: [hvd_tensorflow.broadcast(tensor, root, name=name)
                                        for tensor, root, name in zip(tensors, roots, names)],
-        hvd.rank(), hvd.size())
+        add, hvd.rank(), hvd.size())
+
+
+def grad_worker_grid(size, grad_workers):
+    """KAISA's grid of `size` ranks in `grad_workers` rows: (columns, rows), lists of ranks.
+    A layer's gradient workers are a column (they keep its decompositions, sent to them from
+    the one that computed them); every rank takes its preconditioned gradient from the
+    column's member in its own row."""
+    across = size // grad_workers
+    return ([list(range(column, size, across)) for column in range(across)],
+            [list(range(row * across, (row + 1) * across)) for row in range(grad_workers)])
+
+
+def process_sets(size, grad_workers):
+    """Horovod's process sets for the grid of `grad_workers` in `size` ranks (hvd.init's
+    process_sets; Ranks.add finds them by their ranks): its columns and rows of more than
+    one rank and fewer than all."""
+    columns, rows = grad_worker_grid(size, grad_workers)
+    found = []
+    for ranks in columns + rows:
+        if 1 < len(ranks) < size:
+            found.append(_PROCESS_SETS.setdefault(frozenset(ranks), hvd.ProcessSet(ranks)))
+    return found
 
 
 def placement(sizes, size):
@@ -35,6 +66,19 @@ def placement(sizes, size):
         rank = loads.index(min(loads))
         owners[index] = rank
         loads[rank] += sizes[index] ** 3
+    return owners
+
+
+def grouped_placement(costs, columns, size):
+    """The rank that takes each item of `costs` when an item's work must stay in one of
+    `columns` (lists of ranks): the costliest first, to the column with the least work so
+    far, and in it to the rank with the least (KAISA's constrained greedy assignment)."""
+    owners, loads = [None] * len(costs), [0] * size
+    for index in sorted(range(len(costs)), key=lambda index: -costs[index]):
+        column = min(columns, key=lambda ranks: sum(loads[rank] for rank in ranks))
+        rank = min(column, key=lambda rank: loads[rank])
+        owners[index] = rank
+        loads[rank] += costs[index]
     return owners
 
 

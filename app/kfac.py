@@ -44,7 +44,10 @@ class LayerFactors:
                                    name=f"{layer.name}_batches")
         self._inputs = None
         self.taking = None  # None (no optimizer yet): every step's
-        self.owners = {"a": 0, "g": 0}  # the ranks that decompose a and g (watch)
+        # where the optimizer's build placed its work: the ranks that decompose a and g, and
+        # the ranks that keep the decompositions and precondition it (None: all)
+        self.owners = {"a": 0, "g": 0}
+        self.holders = None
         # how many eigendecompositions of each this rank computed: where the placement put them
         self.decompositions = {name: tf.Variable(0, trainable=False,
                                                  name=f"{layer.name}_{name}_eighs")
@@ -123,8 +126,8 @@ def unsupported(layer):
 def watch(model, ranks=curvature.ONE_PROCESS):
     """{layer: LayerFactors} of `model`'s Dense and convolution layers with a trainable kernel,
     their `call` and `activation` wrapped so that every gradient taken through them adds to
-    their factors; each factor's eigendecomposition placed on one of `ranks` (placement).
-    ValueError where a layer cannot be taken (unsupported) or none can."""
+    their factors, shared over `ranks`. ValueError where a layer cannot be taken
+    (unsupported) or none can."""
     found = {}
     for layer in models.all_layers(model):
         if isinstance(layer, CURVED_LAYERS) and layer.trainable and layer.built:
@@ -142,11 +145,6 @@ def watch(model, ranks=curvature.ONE_PROCESS):
     if not found:
         raise ValueError(f"model {model.name!r} has no Dense or convolution layer with a "
                          f"trainable kernel to precondition")
-    every = [(factors, name) for factors in found.values() for name in ("a", "g")]
-    owners = curvature.placement([getattr(factors, name).shape[0] for factors, name in every],
-                                 ranks.size)
-    for (factors, name), owner in zip(every, owners):
-        factors.owners[name] = owner
     return found
 
 
@@ -184,6 +182,12 @@ def precondition(gradient, a_eigen, g_eigen, damping):
     return tf.matmul(tf.matmul(a_vectors, scaled), g_vectors, transpose_b=True)
 
 
+def _counted_decomposed(factors, factor, name):
+    """_decomposed(factor), counted in the layer's decompositions of `name`."""
+    with tf.control_dependencies([factors.decompositions[name].assign_add(1)]):
+        return _decomposed(factor)
+
+
 def _decomposed(factor):
     """[eigenvalues, eigenvectors] of `factor`; the eigenvalues no lower than 0 (rounding can
     put a zero one just below)."""
@@ -198,7 +202,7 @@ def layer_gradient(layer, kernel_gradient, bias_gradient=None):
 
 
 def preconditioning(optimizer, damping=0.003, factor_decay=0.95, factor_steps=1,
-                    inverse_steps=1, kl_clip=None):
+                    inverse_steps=1, kl_clip=None, grad_workers=None):
     """`optimizer` (a Keras 3 optimizer) made to precondition the gradients of the watched
     layers (watch) with K-FAC before its own update: the same class with Preconditioning
     before it, so that its learning rate, momentum and slots stay its own (Horovod's LR
@@ -207,39 +211,99 @@ def preconditioning(optimizer, damping=0.003, factor_decay=0.95, factor_steps=1,
     updates' batches record none); every `inverse_steps` their eigendecompositions are
     taken anew. `kl_clip` (None or 0: off) scales the preconditioned gradients down so that
     the step's lr^2 <preconditioned, gradient>, summed over the layers, is at most it (Ba et
-    al. 2017's KL clipping, KAISA's default 0.001)."""
+    al. 2017's KL clipping, KAISA's default 0.001). `grad_workers` (KAISA's): how many ranks
+    keep each layer's decompositions and precondition its gradient, which they broadcast to
+    the others; None or all of them (communication-optimal): every rank preconditions every
+    layer; 1 (memory-optimal): one rank a layer."""
     cls = type(f"KFAC{type(optimizer).__name__}", (Preconditioning, type(optimizer)), {})
     return cls.from_config({**optimizer.get_config(), "kfac_damping": damping,
                             "kfac_factor_decay": factor_decay,
                             "kfac_factor_steps": factor_steps,
-                            "kfac_inverse_steps": inverse_steps, "kfac_kl_clip": kl_clip})
+                            "kfac_inverse_steps": inverse_steps, "kfac_kl_clip": kl_clip,
+                            "kfac_grad_workers": grad_workers})
+
+
+# A layer's decompositions, each part's shape from its factor's: [n, n] vectors, [n] values
+DECOMPOSITIONS = (("a_vectors", "a", 2), ("a_values", "a", 1), ("g_vectors", "g", 2),
+                  ("g_values", "g", 1))
 
 
 class Preconditioning(curvature.Configured):
     """The K-FAC half of preconditioning()'s class (before the base optimizer's in the MRO):
-    its hyperparameters in the config; the running factors and eigendecompositions its
-    variables, so that checkpoints and broadcasts hold them (`curvature`: LayerFactors ->
-    {name: variable})."""
+    its hyperparameters in the config; the running factors its variables, and so are the
+    eigendecompositions where every rank keeps them all (`curvature`: LayerFactors ->
+    {name: variable}), so that checkpoints and Horovod's broadcast hold them.
+
+    With fewer gradient workers than ranks, a rank keeps only its layers' decompositions,
+    apart from the optimizer's variables (`kept_apart`), and the checkpoints are those of
+    every rank keeping all of them, whatever the placement: for the moment of a save the
+    optimizer stands aside (`stands_aside`) for its `gathered_twin`, which keeps them all on
+    the saving rank, and a restore goes through a `whole_twin` whose state it takes
+    (`take_state`), as the sharded optimizer does (app.parallel.sharded_optimizer)."""
 
     HYPERPARAMETERS = ("kfac_damping", "kfac_factor_decay", "kfac_factor_steps",
-                       "kfac_inverse_steps", "kfac_kl_clip")
-    UNTRACKED = {"curvature": dict}
+                       "kfac_inverse_steps", "kfac_kl_clip", "kfac_grad_workers")
+    # _grid: (column, row) of KAISA's grid this rank is in, with fewer gradient workers
+    UNTRACKED = {"curvature": dict, "kept_apart": list, "_whole": bool, "_grid": tuple}
 
     def build(self, variables):
         super().build(variables)
+        layers = []
         for variable in variables:
             factors = getattr(variable, "kfac_factors", None)
-            if factors is None or factors in self.curvature:
-                continue
-            factors.taking = self._takes_factors
-            self.curvature[factors] = {
-                name: self.add_variable(shape, dtype=factors.a.dtype,
-                                        name=f"{factors.layer.name}_kfac_{name}")
-                for name, shape in (("a", factors.a.shape), ("g", factors.g.shape),
-                                    ("a_vectors", factors.a.shape),
-                                    ("a_values", factors.a.shape[:1]),
-                                    ("g_vectors", factors.g.shape),
-                                    ("g_values", factors.g.shape[:1]))}
+            if factors is not None and factors not in self.curvature and factors not in layers:
+                layers.append(factors)
+        if layers and not self._whole:  # a whole twin keeps the placement it stands in for
+            self._place(layers)
+        for factors in layers:
+            if not self._whole:  # the optimizer that trains: its update count
+                factors.taking = self._takes_factors
+            name, dtype = factors.layer.name, factors.a.dtype
+            state = self.curvature[factors] = {
+                key: self.add_variable(getattr(factors, key).shape, dtype=dtype,
+                                       name=f"{name}_kfac_{key}") for key in ("a", "g")}
+            for key, factor, rank in DECOMPOSITIONS:
+                shape = getattr(factors, factor).shape[:rank]
+                if self._whole or factors.holders is None:
+                    state[key] = self.add_variable(shape, dtype=dtype, name=f"{name}_kfac_{key}")
+                    continue
+                # Every rank builds the same graph (Horovod names the gradients' allreduces
+                # by their place in it): a rank that does not keep a layer's decompositions
+                # has them empty, of a shape left open.
+                kept = factors.ranks.rank in factors.holders
+                state[key] = tf.Variable(tf.zeros(shape if kept else [0] * rank, dtype),
+                                         trainable=False, shape=tf.TensorShape(None),
+                                         name=f"{name}_kfac_{key}")
+                self.kept_apart.append(state[key])
+
+    def _place(self, layers):
+        """Where each layer's work goes on its ranks: with every rank a gradient worker, each
+        factor's decomposition dealt on its own (curvature.placement); with fewer, KAISA's
+        grid: a layer's two to one rank (both are needed where it is preconditioned),
+        constrained to a column, whose ranks keep them."""
+        ranks = layers[0].ranks
+        workers = self.kfac_grad_workers or ranks.size
+        if workers == ranks.size:
+            every = [(factors, name) for factors in layers for name in ("a", "g")]
+            owners = curvature.placement(
+                [getattr(factors, name).shape[0] for factors, name in every], ranks.size)
+            for (factors, name), owner in zip(every, owners):
+                factors.owners[name] = owner
+            return
+        columns, rows = curvature.grad_worker_grid(ranks.size, workers)
+        owners = curvature.grouped_placement(
+            [factors.a.shape[0] ** 3 + factors.g.shape[0] ** 3 for factors in layers],
+            columns, ranks.size)
+        self._grid = (next(column for column in columns if ranks.rank in column),
+                      next(row for row in rows if ranks.rank in row))
+        for factors, owner in zip(layers, owners):
+            factors.owners = {"a": owner, "g": owner}
+            factors.holders = next(column for column in columns if owner in column)
+
+    @property
+    def stands_aside(self):
+        """Whether checkpoints need a twin: a rank keeps only its layers' decompositions."""
+        return any(factors.holders is not None for factors in self.curvature)
 
     def apply(self, grads, trainable_variables):
         grads, variables = list(grads), list(trainable_variables)
@@ -271,16 +335,38 @@ class Preconditioning(curvature.Configured):
                                    + tf.cast(1 - decay, batch.dtype) * batch)
 
     def _update_inverses(self):
-        """Each factor's eigendecomposition on the rank placement gave it, then sent to
-        every rank (KAISA's communication-optimal placement: every rank preconditions every
-        layer)."""
-        jobs = [curvature.Job(f"kfac_{factors.layer.name}_{name}", factors.owners[name],
-                              lambda factor=state[name]: _decomposed(factor),
-                              [state[f"{name}_values"], state[f"{name}_vectors"]],
-                              factors.decompositions[name])
-                for factors, state in self.curvature.items() for name in ("a", "g")]
-        if jobs:
+        """Each factor's eigendecomposition on the rank the placement gave it, then sent to
+        the ranks that keep it: every rank (communication-optimal) or the layer's column of
+        gradient workers."""
+        if not self.curvature:
+            return
+        if not self.stands_aside:
+            jobs = [curvature.Job(f"kfac_{factors.layer.name}_{name}", factors.owners[name],
+                                  lambda factor=state[name]: _decomposed(factor),
+                                  [state[f"{name}_values"], state[f"{name}_vectors"]],
+                                  factors.decompositions[name])
+                    for factors, state in self.curvature.items() for name in ("a", "g")]
             curvature.run_on_owners(jobs, next(iter(self.curvature)).ranks)
+            return
+        # A rank decomposes its layers' factors and gives zeros of the others', which the
+        # layer's column (its gradient workers: one grouped sum) adds up exactly; the
+        # ranks out of the column give, and keep, empty ones.
+        found = []
+        for factors, state in self.curvature.items():
+            owner = tf.constant(factors.owners["a"] == factors.ranks.rank)
+            for name in ("a", "g"):
+                found += tf.cond(owner, lambda factors=factors, name=name: _counted_decomposed(
+                    factors, self.curvature[factors][name], name),
+                    lambda state=state, name=name: [tf.zeros_like(state[f"{name}_values"]),
+                                                    tf.zeros_like(state[f"{name}_vectors"])])
+        column, _ = self._grid
+        if len(column) > 1:
+            found = next(iter(self.curvature)).ranks.add(found, column, "kfac_decompositions")
+        values = iter(found)
+        for state in self.curvature.values():
+            for name in ("a", "g"):
+                state[f"{name}_values"].assign(next(values))
+                state[f"{name}_vectors"].assign(next(values))
 
     def _preconditioned(self, grads, variables):
         by_layer = {}
@@ -296,10 +382,19 @@ class Preconditioning(curvature.Configured):
             kernel = grads[where["kernel"]]
             bias = grads[where["bias"]] if "bias" in where else None
             gradient = layer_gradient(factors.layer, kernel, bias)
-            found[factors] = (gradient, precondition(
-                gradient, (state["a_values"], state["a_vectors"]),
-                (state["g_values"], state["g_vectors"]),
-                tf.constant(self.kfac_damping, kernel.dtype)))  # not tf.cast: via float32
+            damping = tf.constant(self.kfac_damping, kernel.dtype)  # not tf.cast: via float32
+
+            def preconditioned(gradient=gradient, state=state, damping=damping):
+                return precondition(gradient, (state["a_values"], state["a_vectors"]),
+                                    (state["g_values"], state["g_vectors"]), damping)
+            if factors.holders is None:
+                found[factors] = (gradient, preconditioned())
+                continue
+            # another rank of the row preconditions it and sends it here (_received)
+            result = tf.cond(tf.constant(factors.ranks.rank in factors.holders),
+                             preconditioned, lambda gradient=gradient: tf.zeros_like(gradient))
+            found[factors] = (gradient, tf.ensure_shape(result, gradient.shape))
+        found = self._received(found)
         scale = self._kl_clip_scale(found.values()) if found and self.kfac_kl_clip else None
         for factors, (_, result) in found.items():
             where, kernel = by_layer[factors], grads[by_layer[factors]["kernel"]]
@@ -310,6 +405,19 @@ class Preconditioning(curvature.Configured):
                 grads[where["bias"]] = result[rows]
         return grads
 
+    def _received(self, found):
+        """`found` ({factors: (gradient, preconditioned)}) with each layer's preconditioned
+        gradient from the gradient worker in this rank's row, where there are fewer workers
+        than ranks: one grouped sum over the row, to which that worker gives its result and
+        the others zeros (exact)."""
+        if not self._grid or not found:
+            return found
+        _, row = self._grid
+        received = next(iter(found)).ranks.add([result for _, result in found.values()], row,
+                                               "kfac_preconditioned")
+        return {factors: (gradient, value)
+                for (factors, (gradient, _)), value in zip(found.items(), received)}
+
     def _kl_clip_scale(self, gradients_and_results):
         """min(1, sqrt(kl_clip / (lr^2 sum <preconditioned, gradient>))), in float64."""
         learning_rate = tf.cast(self.learning_rate, tf.float64)
@@ -318,3 +426,47 @@ class Preconditioning(curvature.Configured):
         bound = tf.constant(self.kfac_kl_clip, tf.float64)
         return tf.minimum(tf.constant(1.0, tf.float64),
                           tf.sqrt(bound / (learning_rate ** 2 * product)))
+
+    def whole_twin(self):
+        """This optimizer with every decomposition an optimizer variable, as where every rank
+        keeps them all: its class from its config, built on the same variables (its state
+        zeros), in the same placement."""
+        twin = type(self).from_config(self.get_config())
+        twin._whole = True
+        twin.build(self._trainable_variables)
+        return twin
+
+    def gathered_twin(self, keep):
+        """On the rank that `keep`s it, the whole twin holding this optimizer's state: its
+        variables', and each decomposition broadcast from the rank that computed it, one at
+        a time; None on the others. Every rank calls it."""
+        twin = self.whole_twin() if keep else None
+        if keep:
+            twin.take_variables(self)
+        for factors, state in self.curvature.items():
+            for key, factor, rank in DECOMPOSITIONS:
+                value = (state[key] if factors.ranks.rank == factors.owners[factor] else
+                         tf.zeros(getattr(factors, factor).shape[:rank], factors.a.dtype))
+                [value] = factors.ranks.broadcast([tf.convert_to_tensor(value)],
+                                                  [factors.owners[factor]],
+                                                  [f"kfac_gathered_{factors.layer.name}_{key}"])
+                if keep:
+                    twin.curvature[factors][key].assign(value)
+        return twin
+
+    def take_state(self, twin):
+        """Takes the state of `twin`, a whole twin: its variables, and the decompositions of
+        the layers this rank keeps."""
+        self.take_variables(twin)
+        for factors, state in self.curvature.items():
+            if factors.holders is None or factors.ranks.rank in factors.holders:
+                for key, _, _ in DECOMPOSITIONS:
+                    state[key].assign(twin.curvature[factors][key])
+
+    def take_variables(self, other):
+        """Assigns each of this optimizer's variables the value of `other`'s of its path, where
+        it has one (a whole twin has the decompositions as variables besides)."""
+        by_path = {variable.path: variable for variable in other.variables}
+        for variable in self.variables:
+            if variable.path in by_path:
+                variable.assign(by_path[variable.path])

@@ -30,13 +30,15 @@ class Optimizer:
     decay is inside its update (else the model gets it as an L2 loss), and the names of each
     variable's slots in the checkpoints of the project's tf_keras version, in the order the
     Keras 3 optimizer makes them (app.convert_checkpoint). A preconditioner instead has
-    `precondition(base optimizer, **settings)` and maybe `watch(model)`, called first."""
+    `precondition(base optimizer, **settings)`, maybe `watch(model)`, called first, and
+    maybe `process_sets(world_size, **settings)`, Horovod's that it communicates in."""
     build: Callable
     description: str
     decay_inside: bool = False
     tf_keras_slots: tuple = ()
     precondition: Callable = None
     watch: Callable = None
+    process_sets: Callable = None
 
 
 OPTIMIZERS = {
@@ -56,7 +58,9 @@ OPTIMIZERS = {
         tf_keras_slots=("m", "v")),
     "kfac": Optimizer(None, "K-FAC (Martens and Grosse; distributed as KAISA) preconditioning "
                       "--base_optimizer", precondition=kfac.preconditioning,
-                      watch=lambda model: kfac.watch(model, curvature.horovod_ranks())),
+                      watch=lambda model: kfac.watch(model, curvature.horovod_ranks()),
+                      process_sets=lambda world_size, grad_workers=None, **_:
+                      curvature.process_sets(world_size, grad_workers or world_size)),
     "shampoo": Optimizer(None, "Shampoo (Gupta et al.; distributed as Anil et al.) "
                          "preconditioning --base_optimizer", precondition=lambda base, **settings:
                          shampoo.preconditioning(base, ranks=curvature.horovod_ranks(),
@@ -89,6 +93,16 @@ LOSS_SCALE_VARIABLES = ("dynamic_scale", "step_counter")
 OWN_VARIABLES = ("iteration", "learning_rate", *LOSS_SCALE_VARIABLES)
 
 
+def state_elements(optimizer):
+    """The elements of the optimizer's state on this rank (a sharded optimizer's slots of its
+    pieces, `all_variables`; K-FAC's decompositions it keeps apart), without the iteration
+    count and the learning rate."""
+    variables = [*getattr(optimizer, "all_variables", optimizer.variables),
+                 *getattr(optimizer, "kept_apart", ())]
+    return sum(int(tf.size(variable)) for variable in variables  # K-FAC's: shapes left open
+               if variable.name not in OWN_VARIABLES)
+
+
 def build(name, learning_rate, momentum=0.0, weight_decay=0.0, base=None, settings=None):
     """The optimizer `name` of OPTIMIZERS; `weight_decay` is used by those that decay inside
     their update only; a preconditioner's is `base` preconditioned with `settings` (a dict
@@ -109,6 +123,15 @@ def watch(name, model):
     inputs and output gradients); nothing for the others."""
     if OPTIMIZERS[name].watch is not None:
         OPTIMIZERS[name].watch(model)
+
+
+def process_sets(name, world_size, settings):
+    """The process sets optimizer `name` with `settings` communicates in on `world_size`
+    processes, which hvd.init must register (K-FAC's gradient workers' grid); none for
+    the others."""
+    if OPTIMIZERS[name].process_sets is None:
+        return []
+    return OPTIMIZERS[name].process_sets(world_size, **settings)
 
 
 def l2_loss_weight_decay(name, weight_decay, base=None):

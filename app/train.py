@@ -26,7 +26,7 @@ import input_pipeline
 import models
 from app import (arithmetic, callbacks, checkpoints, cli, devices, horovod, optimizers,
                  preemption, results, summaries, watchdog)
-from app.parallel import kinds, pipeline_plan, sharded_optimizer, sync_batch_norm
+from app.parallel import kinds, pipeline_plan, sync_batch_norm
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
@@ -72,10 +72,17 @@ def init_horovod_and_devices(parallel):
         os.environ["HOROVOD_TIMELINE"] = os.path.join(FLAGS.model_dir, "timeline.json")
     if FLAGS.jit_compile:  # XLA compiles the step's ops around Horovod's (app.horovod)
         tf.config.optimizer.set_jit("autoclustering")
+    world_size = cli.world_size_from_environment()
     try:
-        arguments = parallel.init_arguments(cli.world_size_from_environment())
+        arguments = parallel.init_arguments(world_size)
     except arithmetic.FlagError as error:
         cli.fail(error)
+    # K-FAC's gradient workers meet in process sets of their own (the kinds of parallelism
+    # with process sets of theirs refuse preconditioners)
+    curvature_sets = optimizers.process_sets(FLAGS.optimizer, world_size,
+                                             app_flags.preconditioner_settings())
+    if curvature_sets:
+        arguments["process_sets"] = curvature_sets
     # Horovod: initialize Horovod.
     with devices.threads_started_at_lowest_priority(parallel.deprioritize_horovod_threads()):
         hvd.init(**arguments)
@@ -180,9 +187,10 @@ def build_and_restore(parallel, source, resume):
     if resumed:
         with checkpoint_refused(f"--model_dir={FLAGS.model_dir}"):
             parallel.check_checkpoints(FLAGS.model_dir)
-            # a sharded optimizer keeps its rank's pieces of the restored whole state
-            with sharded_optimizer.restored_whole_state(manager.checkpoint,
-                                                        model.trainable_variables):
+            # a sharded optimizer keeps its rank's pieces of the restored whole state, K-FAC
+            # the decompositions its rank keeps
+            with checkpoints.restored_whole_state(manager.checkpoint,
+                                                  model.trainable_variables):
                 checkpoints.restore(manager, resume.epoch, resume.saved_step)
     elif hvd.rank() == 0:
         parallel.record_layout(FLAGS.model_dir)
@@ -251,7 +259,7 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
     return results.summary(
         history, initial_epoch, time_to_accuracy.reached,
         results.gathered(throughput, voxels_per_example(run.train_source),
-                         sharded_optimizer.slot_elements(run.trainer.optimizer)),
+                         optimizers.state_elements(run.trainer.optimizer)),
         experiment=FLAGS.experiment, world_size=hvd.size(), batch_size=batch,
         headline_metric=f"val_{headline}" if headline else None,
         **run.parallel.results(), global_batch_size=global_batch, learning_rate=scaled_lr,
@@ -341,8 +349,9 @@ def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_stat
     found.append(callbacks.StopOnNonFiniteLoss(hvd.allgather, span.steps_per_epoch))
     # Horovod: warm up the learning rate, then schedule it.
     found += schedule
-    # the optimizer's whole state for a save (a sharded one's gathered from every rank)
-    whole_state = functools.partial(sharded_optimizer.whole_state,
+    # the optimizer's whole state for a save (a sharded one's, or K-FAC's decompositions,
+    # gathered from every rank)
+    whole_state = functools.partial(checkpoints.whole_state,
                                     run.checkpoint_manager.checkpoint, where.saves)
     if not (FLAGS.benchmark or elastic_state):  # after the schedule: its checkpoint holds the
         found.append(preemption.StopOnSignal(  # optimizer's own momentum

@@ -83,11 +83,15 @@ def test_one_processs_weights_on_2_and_4_processes_each_decomposition_on_its_ran
     ranks: every rank ends with one process's weights to 1e-10 in float64. Each
     decomposition (K-FAC's factors', Shampoo's roots') is computed at every step on the
     rank curvature.placement gives it, alone (counted on every rank), and broadcast from
-    there. K-FAC's ranks each on their own batch factors (not averaged) part from it."""
+    there. K-FAC's ranks each on their own batch factors (not averaged) part from it. With
+    1 and 2 gradient workers of 4 ranks (KAISA's memory-optimal and hybrid placements) too:
+    a layer's two decompositions on the rank curvature.grouped_placement gives it, kept by
+    the ranks of its column only, which precondition it for the others."""
     worker = os.path.join(REPO, "tests", "workers", "preconditioner_check.py")
     cases = {"1": (1, []), "2": (2, []), "4": (4, [])}
     if name == "kfac":
-        cases["2-alone"] = (2, ["alone"])
+        cases.update({"2-alone": (2, ["alone"]), "4-workers-1": (4, ["workers=1"]),
+                      "4-workers-2": (4, ["workers=2"])})
 
     def train(case):
         processes, extra = cases[case]
@@ -97,40 +101,62 @@ def test_one_processs_weights_on_2_and_4_processes_each_decomposition_on_its_ran
         return [np.load(tmp_path / case / f"rank-{rank}.npz") for rank in range(processes)]
     found = dict(zip(cases, run_concurrently(train, list(cases))))
     [one] = found["1"]
-    for case in ("2", "4"):
+    for case in set(cases) - {"1", "2-alone"}:
         for rank_weights in found[case]:
             for key in one:
                 np.testing.assert_allclose(rank_weights[key], one[key], rtol=0, atol=1e-10,
                                            err_msg=f"{case} processes, {key}")
     if name == "kfac":
         assert max(np.abs(found["2-alone"][0][key] - one[key]).max() for key in one) > 1e-3
-    for case in ("2", "4"):
+    for case in set(cases) - {"1", "2-alone"}:
         processes = len(found[case])
         counts = [json.loads((tmp_path / case / f"decompositions-{rank}.json").read_text())
                   for rank in range(processes)]
-        owners = {job: owner for job, (owner, _, _) in counts[0].items()}
-        assert all({job: owner for job, (owner, _, _) in ranks.items()} == owners
+        owners = {job: owner for job, (owner, _, _, _) in counts[0].items()}
+        assert all({job: owner for job, (owner, _, _, _) in ranks.items()} == owners
                    for ranks in counts)
-        sizes = [size for _, _, size in counts[0].values()]
-        assert list(owners.values()) == curvature.placement(sizes, processes)
-        assert set(owners.values()) == set(range(processes))  # every rank has work
         for rank, ranks in enumerate(counts):
-            assert {job: done for job, (_, done, _) in ranks.items()} == {
+            assert {job: done for job, (_, done, _, _) in ranks.items()} == {
                 job: 3 if owner == rank else 0 for job, owner in owners.items()}
+        orders = {job: order for job, (_, _, order, _) in counts[0].items()}
+        if "workers" not in case:
+            assert list(owners.values()) == curvature.placement(list(orders.values()),
+                                                                processes)
+            assert set(owners.values()) == set(range(processes))  # every rank has work
+            continue
+        columns, _ = curvature.grad_worker_grid(processes, int(case.split("-")[-1]))
+        layers = list(dict.fromkeys(job.split("/")[0] for job in owners))
+        assert [owners[f"{layer}/a"] for layer in layers] == curvature.grouped_placement(
+            [orders[f"{layer}/a"] ** 3 + orders[f"{layer}/g"] ** 3 for layer in layers],
+            columns, processes)
+        for job, owner in owners.items():
+            assert owners[job.split("/")[0] + "/g"] == owner
+            column = next(ranks for ranks in columns if owner in ranks)
+            assert [ranks[job][3] for ranks in counts] == [  # vectors and values
+                orders[job] * (orders[job] + 1) if rank in column else 0
+                for rank in range(processes)], (case, job)
 
 
 def test_the_placement_deals_the_costliest_first_to_the_least_loaded_rank():
     assert curvature.placement([19, 3, 49, 4], 4) == [1, 3, 0, 2]  # each alone
     assert curvature.placement([19, 3, 49, 4], 2) == [1, 1, 0, 1]  # 49^3 outweighs the rest
     assert curvature.placement([5, 5, 5], 2) == [0, 1, 0]  # ties to the lowest rank
+    # KAISA's grid of 8 ranks in 2 rows: 4 columns of 2 gradient workers, rows of 4 receivers
+    columns, rows = curvature.grad_worker_grid(8, 2)
+    assert columns == [[0, 4], [1, 5], [2, 6], [3, 7]] and rows == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # a column at a time (the least loaded), in it the least loaded rank
+    assert curvature.grouped_placement([9, 8, 7, 6, 5], [[0, 2], [1, 3]], 4) == [0, 1, 3, 2, 2]
 
 
 # app.train's runs of each: the rounds of (name, extra flags), 2 at a time
 APP_TRAIN_ROUNDS = {
-    "kfac": ([("np1", []), ("np2", ["-np", "2"])],
+    # K-FAC's 2-process runs with 1 gradient worker (memory-optimal) save through the
+    # gathered twin; the resume of the comm-optimal run restores into one
+    "kfac": ([("np1", []), ("np2", ["-np", "2", "--kfac_grad_workers=1"])],
              [("accumulated", ["--accumulation_steps=2", "--steps_per_epoch=2"]),
               ("resumed", ["-np", "2", "--epochs=3"])],
-             [("resumed", []), ("momentum", ["--optimizer=momentum"])]),
+             [("resumed", ["-np", "2", "--kfac_grad_workers=1"]),
+              ("momentum", ["--optimizer=momentum"])]),
     "shampoo": ([("np1", []), ("np2", ["-np", "2"])],
                 [("resumed", ["-np", "2", "--epochs=3"])],
                 [("resumed", [])]),
@@ -157,9 +183,10 @@ def test_app_train_ends_as_one_process_on_two_accumulated_or_resumed_elsewhere(n
                                                                               tmp_path):
     """--optimizer=kfac|shampoo through app.train: the integrity runs' digits CNN (float64,
     a global batch of 128) for 6 updates at a constant LR, decompositions every 4. On 2
-    processes; on 2 for 3 epochs, resumed on one (between two decompositions: the
-    checkpoint's are used); for K-FAC also on one accumulating 2 batches of 64 (the factors
-    the mean of the batches'): each ends with one process's weights, momentum and
+    processes; on 2 for 3 epochs, resumed (between two decompositions: the checkpoint's are
+    used) on one (Shampoo) or on 2 with K-FAC's one gradient worker a layer, which also
+    trained the whole 2-process run; for K-FAC also on one accumulating 2 batches of 64
+    (the factors the mean of the batches'): each ends with one process's weights, momentum and
     curvature state to 1e-10 (of the tensor's largest element where that is above 1). The
     decompositions checkpointed after the 5th update are those of its factors or
     statistics, which moved after. K-FAC's weights are not momentum SGD's."""

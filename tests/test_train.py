@@ -313,6 +313,8 @@ BAD_FLAGS = [
      "--shampoo_grafting=adagrad: is --optimizer=shampoo's, not --optimizer=kfac's"),
     ("digits_cnn", ["--optimizer=kfac", "--kfac_damping=0"],
      "--kfac_damping=0.0: must be above 0"),
+    ("digits_cnn", ["--optimizer=kfac", "--kfac_grad_workers=2"],
+     "--kfac_grad_workers=2: must divide the 1 processes"),
     ("digits_cnn", ["--recompute", "--sync_batch_norm"],
      "--sync_batch_norm=True: is not supported with --pipeline_stages"),
     ("cifar10_resnet20", ["--data_dir=/does/not/exist"], "--data_dir"),

@@ -85,6 +85,11 @@ def define_preconditioner_flags():
                        "Bound on lr^2 <preconditioned gradient, gradient> of a step, by which "
                        "the preconditioned gradients are scaled down (0: none).",
                        lower_bound=0.0)
+    flags.DEFINE_integer("kfac_grad_workers", None,
+                         "Ranks that keep each layer's eigendecompositions and precondition "
+                         "its gradient, which they broadcast to the others (KAISA's gradient "
+                         "workers; must divide the processes): all, the default, "
+                         "communication-optimal, down to 1, memory-optimal.", lower_bound=1)
     flags.DEFINE_integer("shampoo_block_size", 128,
                          "Largest side of the blocks a weight matrix is cut into, each with its "
                          "own preconditioners.", lower_bound=1)
@@ -106,7 +111,7 @@ DEFINES = (define_batch_flags, define_learning_rate_flags, define_optimizer_flag
 # Each preconditioner's flags (--base_optimizer is theirs together).
 PRECONDITIONER_FLAGS = {
     "kfac": ("kfac_damping", "kfac_factor_decay", "kfac_factor_steps", "kfac_inverse_steps",
-             "kfac_kl_clip"),
+             "kfac_kl_clip", "kfac_grad_workers"),
     "shampoo": ("shampoo_block_size", "shampoo_beta2", "shampoo_epsilon", "shampoo_root_steps",
                 "shampoo_grafting")}
 ABOVE_ZERO, BELOW_ONE = ("kfac_damping", "shampoo_epsilon"), ("kfac_factor_decay",)
@@ -116,15 +121,14 @@ def check(world_size):
     """The length of training and the LR are given; the warmup ends before the last epoch, and
     the step schedule's epochs fall within training. (The batch is checked against the
     processes with the kind of parallelism, which divides it.)"""
-    del world_size
     require("epochs", "learning_rate")
     if FLAGS.warmup_epochs and FLAGS.warmup_epochs >= FLAGS.epochs:
         raise invalid("warmup_epochs", f"must be shorter than --epochs={FLAGS.epochs}")
     decay_epochs()
-    check_preconditioner()
+    check_preconditioner(world_size)
 
 
-def check_preconditioner():
+def check_preconditioner(world_size):
     """A preconditioner's flags only with it (set to other than their defaults), values that
     divide by nothing refused; and a preconditioner only where its curvature means what it
     should: not with the optimizer state sharded, the model cut in stages or parts (a rank
@@ -152,6 +156,8 @@ def check_preconditioner():
     for name, set_ in refused.items():
         if set_:
             raise invalid(name, f"is not supported with --optimizer={FLAGS.optimizer}")
+    if FLAGS.optimizer == "kfac" and world_size % (FLAGS.kfac_grad_workers or world_size):
+        raise invalid("kfac_grad_workers", f"must divide the {world_size} processes")
     for name in PRECONDITIONER_FLAGS[FLAGS.optimizer]:
         if name in ABOVE_ZERO and FLAGS[name].value == 0:  # a factor's eigenvalues can be 0
             raise invalid(name, "must be above 0: it keeps the inverse of a singular matrix finite")

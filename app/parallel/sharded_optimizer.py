@@ -27,18 +27,15 @@ gradient pieces, and `agree_on_overflow` makes every rank's pieces non-finite wh
 rank's are, so that all of them skip the step.
 
 Checkpoints are the unsharded optimizer's, whatever N: for the moment of a save,
-`whole_state` puts in the sharded optimizer's place (in the checkpoint, and in the model that
-compiled it) its unsharded twin, an optimizer of the wrapped class built on the model's
-variables, holding the state gathered from every rank's pieces on the saving rank; around a
-restore, `restored_whole_state` has the checkpoint restore into such a twin, then cuts its
-state into this rank's pieces.
+checkpoints.whole_state puts in the sharded optimizer's place (in the checkpoint, and in the
+model that compiled it) its unsharded twin, an optimizer of the wrapped class built on the
+model's variables, holding the state gathered from every rank's pieces on the saving rank;
+around a restore, checkpoints.restored_whole_state has the checkpoint restore into such a
+twin, then cuts its state into this rank's pieces.
 """
-import contextlib
-
 import numpy as np
 
 from app.horovod import hvd_tensorflow, keras, tf
-from app import optimizers
 
 
 def piece_bounds(elements, rank, size):
@@ -70,66 +67,6 @@ def shard(optimizer, gradients_too=False, accumulation_steps=1,
     sharded.shard_over(process_set, gradients_too, accumulation_steps, compression,
                        agree_on_overflow)
     return sharded
-
-
-@contextlib.contextmanager
-def whole_state(checkpoint, keep):
-    """For the block's duration, the optimizer `checkpoint` saves holds the whole state, as
-    the unsharded optimizer does, on the rank that `keep`s it: a sharded optimizer stands
-    aside for its unsharded twin, its state gathered from every rank's pieces. Yields that
-    optimizer (None on the other ranks of a sharded one). Every rank calls it, as the
-    gathering is collective; an optimizer that is not sharded is its own."""
-    optimizer = checkpoint.optimizer
-    if not isinstance(optimizer, ShardedState):
-        yield optimizer
-        return
-    twin = optimizer.gathered_twin(keep)
-    if not keep:
-        yield None
-        return
-    with _standing_in(checkpoint, optimizer, twin):
-        yield twin
-
-
-@contextlib.contextmanager
-def restored_whole_state(checkpoint, variables):
-    """Around a restore of `checkpoint`, whose optimizer state is the unsharded one: a
-    sharded optimizer stands aside for its unsharded twin built on `variables` (the model's
-    trainable ones) while the block restores, then keeps this rank's pieces of what the twin
-    restored. Nothing for an optimizer that is not sharded."""
-    optimizer = checkpoint.optimizer
-    if not isinstance(optimizer, ShardedState):
-        yield
-        return
-    optimizer.build(variables)
-    twin = optimizer.unsharded_twin()
-    with _standing_in(checkpoint, optimizer, twin):
-        yield
-    optimizer.take_state(twin)
-
-
-@contextlib.contextmanager
-def _standing_in(checkpoint, optimizer, twin):
-    """`twin` where `checkpoint` holds `optimizer`: as its optimizer, and as its model's,
-    which a Keras 3 model that compiled it tracks too."""
-    holders = [holder for holder in (checkpoint, checkpoint.model)
-               if getattr(holder, "optimizer", None) is optimizer]
-    for holder in holders:
-        holder.optimizer = twin
-    try:
-        yield
-    finally:
-        for holder in holders:
-            holder.optimizer = optimizer
-
-
-def slot_elements(optimizer):
-    """The elements of the optimizer's state on this rank (its slots: a sharded optimizer's
-    for its pieces), without the iteration count and the learning rate."""
-    variables = (optimizer.all_variables if isinstance(optimizer, ShardedState)
-                 else optimizer.variables)
-    return sum(int(np.prod(variable.shape)) for variable in variables
-               if variable.path.split("/")[-1] not in optimizers.OWN_VARIABLES)
 
 
 class Pieces:
@@ -183,7 +120,10 @@ class ShardedState:
     rank holds alike (the iteration count, the learning rate, a loss scale), which Horovod's
     broadcast sends, and `all_variables` add this rank's own slots. The pieces are copied
     from the weights at each update, so that whatever set the weights (a restore,
-    --init_checkpoint, Horovod's broadcast) holds for them too."""
+    --init_checkpoint, Horovod's broadcast) holds for them too. Its checkpoints are the
+    unsharded optimizer's: it `stands_aside` for a twin (checkpoints.whole_state)."""
+
+    stands_aside = True
 
     def shard_over(self, process_set, gradients_too, accumulation_steps, compression,
                    agree_on_overflow):
@@ -283,7 +223,7 @@ class ShardedState:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def unsharded_twin(self):
+    def whole_twin(self):
         """This optimizer unsharded: its wrapped class, from its config, built on the whole
         variables (its state zeros)."""
         twin = self.unsharded_class.from_config(self.get_config())
@@ -294,7 +234,7 @@ class ShardedState:
         """On the rank that `keep`s it, the unsharded twin holding this optimizer's state:
         each slot allgathered from every rank's pieces, one at a time; None on the others.
         Every rank calls it."""
-        twin = self.unsharded_twin() if keep else None
+        twin = self.whole_twin() if keep else None
         wholes = twin.variables if keep else [None] * len(self.all_variables)
         # Both classes built the same variables in the same order, the twin's whole.
         for variable, whole in zip(self.all_variables, wholes, strict=True):

@@ -3,11 +3,14 @@ steps of a fixed global batch through Keras' fit() by momentum SGD preconditione
 (app.kfac) or Shampoo (app.shampoo, blocks of 16) inside Horovod's DistributedOptimizer,
 each rank on its share of every batch. K-FAC's batch factors are averaged over the ranks
 in one grouped allreduce (or, with `alone`, not at all); each decomposition (K-FAC's
-factors', Shampoo's roots') is computed on the rank curvature.placement gives it. Writes
+factors', Shampoo's roots') is computed on the rank its placement gives it; with
+`workers=W`, K-FAC's layers are preconditioned by W gradient workers each. Writes
 OUT_DIR/rank-R.npz, the weights after the steps, and OUT_DIR/decompositions-R.json: {name:
-[its owner, the decompositions this rank computed of it, its matrix's order]}.
+[its owner, the decompositions this rank computed of it, its matrix's order, the elements
+of its decomposition this rank keeps]}.
 
-    mpirun -np N python tests/workers/preconditioner_check.py OUT_DIR kfac|shampoo [alone]
+    mpirun -np N python tests/workers/preconditioner_check.py OUT_DIR kfac|shampoo \
+        [alone|workers=W]
 """
 import json
 import os
@@ -15,36 +18,47 @@ import sys
 
 import numpy as np
 
-from app.horovod import hvd, keras  # first: it sets TF_XLA_FLAGS
+from app.horovod import hvd, keras, tf  # first: it sets TF_XLA_FLAGS
 
-from app import curvature, kfac, shampoo
+from app import cli, curvature, kfac, shampoo
 
 STEPS, GLOBAL_BATCH = 3, 8
 
 
-def preconditioned(model, name, alone):
+def preconditioned(model, name, alone, grad_workers):
     """Momentum SGD preconditioned by `name`, and a function of the optimizer trained (a copy
-    of it: Horovod's) giving {decomposition: (owner, count variable, order)}."""
+    of it: Horovod's) giving {decomposition: (owner, count variable, order, elements
+    kept)}."""
     ranks = curvature.horovod_ranks()
     if alone:
         ranks = ranks._replace(average=lambda tensors: tensors)
     base = keras.optimizers.SGD(0.1, momentum=0.9)
     if name == "kfac":
         watched = kfac.watch(model, ranks)
-        return kfac.preconditioning(base, damping=0.03, factor_decay=0.5), lambda _: {
-            f"{layer.name}/{factor}": (owner, factors.decompositions[factor],
-                                       getattr(factors, factor).shape[0])
-            for layer, factors in watched.items() for factor, owner in factors.owners.items()}
+
+        def kept(trained, factors, factor):
+            return sum(int(tf.size(variable)) for key, variable in
+                       trained.curvature[factors].items() if key.startswith(f"{factor}_"))
+        return (kfac.preconditioning(base, damping=0.03, factor_decay=0.5,
+                                     grad_workers=grad_workers),
+                lambda trained: {
+                    f"{layer.name}/{factor}": (owner, factors.decompositions[factor],
+                                               getattr(factors, factor).shape[0],
+                                               kept(trained, factors, factor))
+                    for layer, factors in watched.items()
+                    for factor, owner in factors.owners.items()})
     return (shampoo.preconditioning(base, block_size=16, root_steps=1, ranks=ranks),
             lambda trained: {block[f"{side}_name"]: (block[f"{side}_owner"],
                                                      trained.roots_computed[block[f"{side}_name"]],
-                                                     block[side].shape[0])
+                                                     block[side].shape[0], None)
                              for state in trained.preconditioned.values() for block in state
                              for side in ("left", "right")})
 
 
-def main(out_dir, name, alone):
-    hvd.init()
+def main(out_dir, name, option):
+    grad_workers = int(option[len("workers="):]) if option.startswith("workers=") else None
+    world_size = cli.world_size_from_environment()
+    hvd.init(process_sets=curvature.process_sets(world_size, grad_workers or world_size))
     keras.config.set_floatx("float64")
     keras.mixed_precision.set_global_policy("float64")
     keras.utils.set_random_seed(5)
@@ -52,7 +66,7 @@ def main(out_dir, name, alone):
     x = keras.layers.Conv2D(3, 3, activation="tanh")(inputs)
     outputs = keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(x))
     model = keras.Model(inputs, outputs)
-    optimizer, counts = preconditioned(model, name, alone)
+    optimizer, counts = preconditioned(model, name, option == "alone", grad_workers)
     model.compile(hvd.DistributedOptimizer(optimizer), "sparse_categorical_crossentropy",
                   jit_compile=False)
     random = np.random.RandomState(0)
@@ -67,9 +81,10 @@ def main(out_dir, name, alone):
     np.savez(os.path.join(out_dir, f"rank-{hvd.rank()}.npz"),
              *[weight.numpy() for weight in model.weights])
     with open(os.path.join(out_dir, f"decompositions-{hvd.rank()}.json"), "w") as out:
-        json.dump({key: [owner, int(count.numpy()), order]
-                   for key, (owner, count, order) in counts(model.optimizer).items()}, out)
+        json.dump({key: [owner, int(count.numpy()), order, kept]
+                   for key, (owner, count, order, kept) in counts(model.optimizer).items()},
+                  out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], len(sys.argv) > 3 and sys.argv[3] == "alone")
+    main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")

@@ -19,7 +19,7 @@ import numpy as np
 
 from app.horovod import hvd, keras, tf  # first: it sets TF_XLA_FLAGS
 
-from app import horovod, optimizers
+from app import checkpoints, horovod, optimizers
 from app.parallel import sharded_optimizer
 
 LEARNING_RATES = {"momentum": 0.05, "adam": 0.01, "lamb": 0.01, "lars": 1.0, "novograd": 0.05}
@@ -97,10 +97,10 @@ def main(out_dir, settings, names):
             reference, reference_optimizer, reference_moved = train(
                 name, False, accumulation_steps=accumulation_steps)
             net, optimizer, moved = train(name, True, gradients_too, accumulation_steps)
-            elements = sharded_optimizer.slot_elements(optimizer)
+            elements = optimizers.state_elements(optimizer)
             expected_slots = slots(reference, reference_optimizer)
             checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer)
-            with sharded_optimizer.whole_state(checkpoint, keep=True) as whole:
+            with checkpoints.whole_state(checkpoint, keep=True) as whole:
                 assert checkpoint.optimizer is whole  # what a save in the block saves
                 found_slots = slots(net, whole)
             assert checkpoint.optimizer is optimizer
@@ -113,8 +113,8 @@ def main(out_dir, settings, names):
                 "iterations": [int(optimizer.iterations.numpy()),
                                int(reference_optimizer.iterations.numpy())],
                 "slot_elements": elements,
-                "slot_elements_after_save": sharded_optimizer.slot_elements(optimizer),
-                "unsharded_slot_elements": sharded_optimizer.slot_elements(reference_optimizer),
+                "slot_elements_after_save": optimizers.state_elements(optimizer),
+                "unsharded_slot_elements": optimizers.state_elements(reference_optimizer),
                 "slot_variables": len(expected_slots)}
     with open(os.path.join(out_dir, f"rank-{hvd.rank()}.json"), "w") as out:
         json.dump(cases, out, indent=1)
