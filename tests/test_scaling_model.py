@@ -53,6 +53,21 @@ def test_sharded_state_moves_an_allreduces_bytes_and_hides_only_the_reduce_scatt
     assert best > plain_best
 
 
+def test_curvature_traffic_follows_the_gradients_spread_over_its_steps():
+    """K-FAC's factors allreduced every 2 updates and their eigenvectors broadcast every 10
+    (each over a ring of 16): added whole, with and without overlap, each over its interval;
+    nothing on one process."""
+    network = (1e-5, 1e9)
+    flat = dict(per_node=1, network=network, node_network=network, cycle=0.0)
+    plain = scaling_model.step_seconds(0.3, 200 * MB, 16, **flat)
+    kfac = scaling_model.Curvature(40 * MB, 2, 40 * MB, 10)
+    extra = (scaling_model.ring_allreduce_seconds(40 * MB, 16, *network) / 2
+             + (15 * 1e-5 + 40 * MB / 1e9) / 10)
+    assert scaling_model.step_seconds(0.3, 200 * MB, 16, **flat, curvature=kfac) == \
+        pytest.approx((plain[0] + extra, plain[1] + extra))
+    assert scaling_model.step_seconds(0.3, 200 * MB, 1, **flat, curvature=kfac) == (0.3, 0.3)
+
+
 def test_horovods_published_efficiencies_fall_inside_the_predicted_range(tmp_path):
     """Horovod's paper at 512 GPUs: inside the range; NVIDIA's ResNet-50 in one NVLink
     server: below the model, which counts only the allreduce there."""

@@ -26,11 +26,19 @@ Weak scaling (the batch per process stays): a step on p processes is the one-pro
   pass goes on, and the updated weights allgathered (its second half) after the update,
   which nothing hides; Horovod's reducescatter and allgather are flat rings over all the
   processes (no hierarchical form).
+- curvature (--curvature_allreduce_mb, --curvature_broadcast_mb: app.kfac, app.shampoo):
+  after the gradients, nothing left to hide it behind: K-FAC allreduces its factors every
+  --kfac_factor_steps updates and broadcasts each factor's eigenvectors (the factors' size)
+  from the rank that decomposed it every --kfac_inverse_steps; Shampoo broadcasts its roots
+  (each block's two sides squared) every --shampoo_root_steps. A broadcast of B bytes,
+  pipelined along a ring: (p-1) latencies and B over each link. Each is spread over the
+  steps between two of them.
 
 A model, not a measurement: it leaves out stragglers, the network's congestion, the data
 pipeline and the allreduce's own compute. BENCHMARKS.md compares it with runs here and with
 published figures. Writes scaling_model.md, .csv and .json to --out_dir.
 """
+import collections
 import json
 import math
 import os
@@ -93,6 +101,32 @@ def ring_half_seconds(size_bytes, processes, per_node, network, node_network):
                                   *(node_network if inside else network)) / 2
 
 
+def broadcast_seconds(size_bytes, processes, latency, bandwidth):
+    """A broadcast of `size_bytes` to `processes`, pipelined along a ring of links of
+    `latency` s and `bandwidth` bytes/s."""
+    if processes == 1:
+        return 0.0
+    return (processes - 1) * latency + size_bytes / bandwidth
+
+
+# A curvature preconditioner's traffic: `allreduce_bytes` every `allreduce_steps` updates
+# and `broadcast_bytes` every `broadcast_steps` (NO_CURVATURE: a first-order optimizer's)
+Curvature = collections.namedtuple(
+    "Curvature", "allreduce_bytes allreduce_steps broadcast_bytes broadcast_steps")
+NO_CURVATURE = Curvature(0, 1, 0, 1)
+
+
+def curvature_seconds(curvature, processes, per_node, network, node_network, hierarchical):
+    """`curvature`'s traffic per step on `processes`, spread over the steps between."""
+    inside = processes <= per_node
+    allreduce = allreduce_seconds(curvature.allreduce_bytes, processes, per_node, network,
+                                  node_network, hierarchical) if curvature.allreduce_bytes else 0
+    broadcast = broadcast_seconds(curvature.broadcast_bytes, processes,
+                                  *(node_network if inside else network)) \
+        if curvature.broadcast_bytes else 0
+    return allreduce / curvature.allreduce_steps + broadcast / curvature.broadcast_steps
+
+
 def allreduce_seconds(size_bytes, processes, per_node, network, node_network, hierarchical):
     """One buffer's allreduce over `processes`, `per_node` to a node, flat over `network` or
     hierarchical (inside the node over `node_network`, across nodes over `network`)."""
@@ -106,9 +140,11 @@ def allreduce_seconds(size_bytes, processes, per_node, network, node_network, hi
 
 
 def step_seconds(compute, gradient_bytes, processes, per_node, network, node_network,
-                 hierarchical=False, fusion_bytes=64 * MB, cycle=0.001, sharded=False):
+                 hierarchical=False, fusion_bytes=64 * MB, cycle=0.001, sharded=False,
+                 curvature=NO_CURVATURE):
     """(step without overlap, step with the best overlap) on `processes`, in seconds;
-    `sharded`: reduce-scatter during the backward pass, allgather after the update."""
+    `sharded`: reduce-scatter during the backward pass, allgather after the update;
+    `curvature`: a preconditioner's traffic after the gradients'."""
     if processes == 1:
         return compute, compute
     buffers = max(1, math.ceil(gradient_bytes / fusion_bytes))
@@ -126,18 +162,20 @@ def step_seconds(compute, gradient_bytes, processes, per_node, network, node_net
     hidden = max(communication - BACKWARD_SHARE * compute, last_buffer)
     # the weights' allgather moves what the reduce-scatter moved, after the update
     allgather = communication if sharded else 0.0
-    return (compute + communication + allgather + coordination,
-            compute + hidden + allgather + coordination)
+    after = allgather + coordination + curvature_seconds(
+        curvature, processes, per_node, network, node_network, hierarchical)
+    return compute + communication + after, compute + hidden + after
 
 
 def predict(compute, gradient_bytes, batch, per_node, network, node_network, hierarchical,
-            fusion_bytes, cycle, most=1024, sharded=False):
+            fusion_bytes, cycle, most=1024, sharded=False, curvature=NO_CURVATURE):
     """Rows for 1, 2, 4, ... `most` processes: images/s and efficiency, no overlap and best."""
     rows = []
     processes = 1
     while processes <= most:
         worst, best = step_seconds(compute, gradient_bytes, processes, per_node, network,
-                                   node_network, hierarchical, fusion_bytes, cycle, sharded)
+                                   node_network, hierarchical, fusion_bytes, cycle, sharded,
+                                   curvature)
         rows.append({"processes": processes, "nodes": math.ceil(processes / per_node),
                      "step_ms_no_overlap": 1000 * worst, "step_ms_overlap": 1000 * best,
                      "images_per_sec_no_overlap": processes * batch / worst,
@@ -211,6 +249,15 @@ def main(argv=None):
     parser.add_argument("--sharded", action="store_true",
                         help="optimizer state sharded (--shard_optimizer_state): the "
                              "gradients reduce-scattered, the weights allgathered")
+    parser.add_argument("--curvature_allreduce_mb", type=float, default=0.0,
+                        help="MiB a curvature preconditioner allreduces (K-FAC: its factors)")
+    parser.add_argument("--curvature_allreduce_steps", type=int, default=1,
+                        help="updates between two (K-FAC: --kfac_factor_steps)")
+    parser.add_argument("--curvature_broadcast_mb", type=float, default=0.0,
+                        help="MiB a curvature preconditioner broadcasts (K-FAC: its factors' "
+                             "eigenvectors, the factors' size; Shampoo: its roots)")
+    parser.add_argument("--curvature_broadcast_steps", type=int, default=1,
+                        help="updates between two (--kfac_inverse_steps, --shampoo_root_steps)")
     parser.add_argument("--fusion_mb", type=float, default=64.0,
                         help="HOROVOD_FUSION_THRESHOLD in MiB")
     parser.add_argument("--cycle_ms", type=float, default=1.0, help="HOROVOD_CYCLE_TIME")
@@ -230,6 +277,11 @@ def main(argv=None):
     if args.sharded and args.hierarchical:
         parser.error("--sharded: Horovod's reducescatter and allgather have no hierarchical "
                      "form; leave out --hierarchical")
+    if min(args.curvature_allreduce_steps, args.curvature_broadcast_steps) < 1 or min(
+            args.curvature_allreduce_mb, args.curvature_broadcast_mb) < 0:
+        parser.error("--curvature_*_steps: at least 1; --curvature_*_mb: not negative")
+    curvature = Curvature(args.curvature_allreduce_mb * MB, args.curvature_allreduce_steps,
+                          args.curvature_broadcast_mb * MB, args.curvature_broadcast_steps)
     settings = dict(network=NETWORKS[args.network], node_network=NETWORKS[args.node_network],
                     hierarchical=args.hierarchical, fusion_bytes=args.fusion_mb * MB,
                     cycle=args.cycle_ms / 1000)
@@ -249,7 +301,8 @@ def main(argv=None):
     if min(compute, gradient_bytes, batch) <= 0:
         parser.error("--step_ms, --gradient_mb and --batch: must be positive")
     rows = predict(compute, gradient_bytes, batch, args.processes_per_node,
-                   most=args.max_processes, sharded=args.sharded, **settings)
+                   most=args.max_processes, sharded=args.sharded, curvature=curvature,
+                   **settings)
     notes = []
     for threshold in (0.9, 0.8):
         worst = first_below(rows, threshold, "efficiency_no_overlap")
@@ -260,7 +313,8 @@ def main(argv=None):
              f"{gradient_bytes / MB:.1f} MiB of gradients, batch {batch}, "
              f"{args.processes_per_node} per node, {args.network}"
              f"{' (hierarchical, ' + args.node_network + ' inside)' if args.hierarchical else ''}"
-             f"{'; optimizer state sharded' if args.sharded else ''}")
+             f"{'; optimizer state sharded' if args.sharded else ''}"
+             f"{_curvature_title(curvature) if curvature != NO_CURVATURE else ''}")
     columns = [("processes", lambda row: str(row["processes"])),
                ("nodes", lambda row: str(row["nodes"])),
                ("images/s (no overlap - overlap)",
@@ -269,6 +323,12 @@ def main(argv=None):
                ("efficiency", lambda row: f"{row['efficiency_no_overlap']:.0%} - "
                                           f"{row['efficiency_overlap']:.0%}")]
     harness.write_study(stem, rows, columns, title, notes)
+
+
+def _curvature_title(curvature):
+    return (f"; curvature: {curvature.allreduce_bytes / MB:g} MiB allreduced every "
+            f"{curvature.allreduce_steps}, {curvature.broadcast_bytes / MB:g} MiB broadcast "
+            f"every {curvature.broadcast_steps} steps")
 
 
 def compare_with_published(stem):

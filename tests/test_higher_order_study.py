@@ -1,0 +1,59 @@
+"""app.studies.higher_order_study: each run's steps and seconds to the target read from its
+own log, each optimizer's best LR chosen by the seeds that reach the target (by hand), a
+table and a PNG."""
+import csv
+import json
+
+import pytest
+from matplotlib import image
+
+from app.studies import higher_order_study
+from conftest import read_log, run_study
+
+
+def test_the_best_lr_is_the_one_whose_seeds_reach_the_target_in_fewest_steps():
+    def run(learning_rate, steps, score):
+        return {"learning_rate": learning_rate, "reached": steps is not None, "steps": steps,
+                "epochs": steps and steps // 10, "seconds": steps and steps / 5.0,
+                "score": score, "seconds_per_step": 0.2, "state_elements_per_rank": 7,
+                "curve": [(1.0, score)]}
+    # 0.1: both seeds reach it (median 30 steps); 0.2: one seed does, in 10; 0.4: none
+    runs = [run(0.1, 20, 0.9), run(0.1, 40, 0.91), run(0.2, 10, 0.95), run(0.2, None, 0.3),
+            run(0.4, None, 0.8), run(0.4, None, 0.85)]
+    best = higher_order_study.best_setting(runs)
+    assert (best["learning_rate"], best["reached"], best["seeds"]) == (0.1, 2, 2)
+    assert (best["median_steps"], best["steps_range"], best["median_epochs"]) == (30, "20-40", 3)
+    assert best["median_seconds"] == 6.0 and best["median_score"] == pytest.approx(0.905)
+    # where no LR reaches it: the best median score
+    assert higher_order_study.best_setting(runs[4:] + [run(0.8, None, 0.5)])[
+        "learning_rate"] == 0.4
+
+
+@pytest.mark.distributed
+def test_the_study_reads_each_runs_time_to_target_from_its_log(tmp_path):
+    target = 0.5
+    stdout, rows = run_study(
+        tmp_path, "app.studies.higher_order_study", "higher_order.csv",
+        "--flagfile=configs/digits_cnn.cfg", "-np", "1", "--optimizers=momentum,kfac",
+        "--global_batches=128", "--lr_grid=2", "--seeds=1", "--epochs=3",
+        f"--target={target}", "--warmup_epochs=0", "--validation_steps=2")
+    assert [row["optimizer"] for row in rows] == ["momentum", "kfac"]
+    with open(tmp_path / "higher_order_runs.csv") as table:
+        runs = list(csv.DictReader(table))
+    assert len(runs) == 2
+    for found in runs:
+        log = read_log(tmp_path / found["run"])
+        results = json.loads((tmp_path / found["run"] / "results.json").read_text())
+        first = next((int(row["epoch"]) + 1 for row in log
+                      if float(row["val_accuracy"]) >= target), None)
+        assert found["reached"] == str(first is not None)
+        if first is not None:  # the run stopped at the epoch that reached it
+            assert len(log) == first and int(found["epochs"]) == first
+            assert int(found["steps"]) == first * results["steps_per_epoch"]
+            assert float(found["seconds"]) == pytest.approx(float(log[-1]["wall_seconds"]))
+        assert float(found["score"]) == float(log[-1]["val_accuracy"])
+    for row, found in zip(rows, runs, strict=True):  # each optimizer's one run, summarized
+        assert (row["learning_rate"], row["median_score"]) == (found["learning_rate"],
+                                                               found["score"])
+        assert int(row["reached"]) == (found["reached"] == "True")
+    assert "target 0.5" in stdout and image.imread(tmp_path / "time_to_target.png").shape[0] > 200
