@@ -105,7 +105,8 @@ def test_training_on_slabs_ends_with_one_processs_weights_and_checkpoints_cross_
     with one process's weights and Adam's moments (1e-10) and logs its loss and exact
     validation scores; one process's checkpoint after epoch 6 resumed by P=2 x R=2 on 4
     processes, and a P=2 checkpoint after epoch 6 resumed by one process that recomputes its
-    levels, end there too (one checkpoint format). TensorBoard's slices of the P=2 run are the whole volume's."""
+    levels, end there too (one checkpoint format). TensorBoard's slices of the P=2 run are
+    the whole volume's."""
     epochs = "--epochs=8"
     _train(tmp_path / "one", 1, epochs)
     _train(tmp_path / "slabs", 2, epochs, "--spatial_parts=2")
