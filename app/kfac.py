@@ -6,10 +6,12 @@ example; the gradient preconditioned by (A + d I)^-1 grad (G + d I)^-1 through t
 eigendecompositions, with the damping on the eigenvalues' products (as KAISA, Pauloski et
 al. 2021). `--optimizer=kfac` (app.optimizers) is `preconditioning()` of the base optimizer.
 
-Distributed as KAISA's communication-optimal placement: the batch factors averaged over the
-ranks (one grouped allreduce), each factor's eigendecomposition on one rank (the costliest
-first, to the least loaded) and broadcast to the others, every rank preconditioning every
-layer.
+Distributed as KAISA: the batch factors averaged over the ranks (one grouped allreduce);
+with every rank a gradient worker (communication-optimal), each factor's eigendecomposition
+on one rank (the costliest first, to the least loaded) and broadcast to the others, every
+rank preconditioning every layer; with fewer (`grad_workers`), KAISA's grid: a layer's
+decompositions kept by its column of gradient workers only, which precondition it for
+their rows.
 
 The factors come from the layers as they are: `watch` wraps each layer's `call` (to keep its
 inputs) and its `activation` (to see the gradient of its pre-activations in the backward
@@ -283,12 +285,15 @@ class Preconditioning(curvature.Configured):
         constrained to a column, whose ranks keep them."""
         ranks = layers[0].ranks
         workers = self.kfac_grad_workers or ranks.size
+        if ranks.size % workers:
+            raise ValueError(f"{workers} gradient workers do not divide the {ranks.size} ranks")
         if workers == ranks.size:
             every = [(factors, name) for factors in layers for name in ("a", "g")]
             owners = curvature.placement(
                 [getattr(factors, name).shape[0] for factors, name in every], ranks.size)
             for (factors, name), owner in zip(every, owners):
                 factors.owners[name] = owner
+                factors.holders = None  # every rank (a placement made before may say fewer)
             return
         columns, rows = curvature.grad_worker_grid(ranks.size, workers)
         owners = curvature.grouped_placement(
@@ -442,7 +447,8 @@ class Preconditioning(curvature.Configured):
         a time; None on the others. Every rank calls it."""
         twin = self.whole_twin() if keep else None
         if keep:
-            twin.take_variables(self)
+            for whole, own in twin.shared_variables(self):
+                whole.assign(own)
         for factors, state in self.curvature.items():
             for key, factor, rank in DECOMPOSITIONS:
                 value = (state[key] if factors.ranks.rank == factors.owners[factor] else
@@ -455,18 +461,19 @@ class Preconditioning(curvature.Configured):
         return twin
 
     def take_state(self, twin):
-        """Takes the state of `twin`, a whole twin: its variables, and the decompositions of
-        the layers this rank keeps."""
-        self.take_variables(twin)
+        """Takes the state of `twin`, a whole twin: the variables both have, and the
+        decompositions of the layers this rank keeps."""
+        for whole, own in twin.shared_variables(self):
+            own.assign(whole)
         for factors, state in self.curvature.items():
             if factors.holders is None or factors.ranks.rank in factors.holders:
                 for key, _, _ in DECOMPOSITIONS:
                     state[key].assign(twin.curvature[factors][key])
 
-    def take_variables(self, other):
-        """Assigns each of this optimizer's variables the value of `other`'s of its path, where
-        it has one (a whole twin has the decompositions as variables besides)."""
-        by_path = {variable.path: variable for variable in other.variables}
-        for variable in self.variables:
-            if variable.path in by_path:
-                variable.assign(by_path[variable.path])
+    def shared_variables(self, apart):
+        """(this whole twin's variable, `apart`'s) pairs of the variables both have, in the
+        order both were built in: all of `apart`'s, which keeps its decompositions apart."""
+        decompositions = {id(state[key]) for state in self.curvature.values()
+                          for key, _, _ in DECOMPOSITIONS}
+        return zip([variable for variable in self.variables
+                    if id(variable) not in decompositions], apart.variables, strict=True)

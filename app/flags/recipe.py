@@ -87,7 +87,7 @@ def define_preconditioner_flags():
                        lower_bound=0.0)
     flags.DEFINE_integer("kfac_grad_workers", None,
                          "Ranks that keep each layer's eigendecompositions and precondition "
-                         "its gradient, which they broadcast to the others (KAISA's gradient "
+                         "its gradient, which they send to the others (KAISA's gradient "
                          "workers; must divide the processes): all, the default, "
                          "communication-optimal, down to 1, memory-optimal.", lower_bound=1)
     flags.DEFINE_integer("shampoo_block_size", 128,
