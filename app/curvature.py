@@ -16,7 +16,7 @@ ONE_PROCESS = Ranks(lambda tensors: tensors, None, None, 0, 1)
 _PROCESS_SETS = {}
 # One decomposition: `compute()` gives its tensors, shaped and typed as the variables `into`
 # that take them, on rank `owner`, which counts it in `count` (a variable).
-Job = collections.namedtuple("Job", "name owner compute into count")
+Job = collections.namedtuple("Job", "owner compute into count")
 
 
 def horovod_ranks():
@@ -83,11 +83,12 @@ def grouped_placement(costs, columns, size):
 
 
 def run_on_owners(jobs, ranks):
-    """Each job computed on its owner and its tensors assigned on every rank. The graph is
-    the same on every rank (a tf.cond on the rank picks the work; Horovod names its
-    collectives by their place in the graph), and all the jobs come before all the
-    broadcasts: a broadcast ordered before a computation another rank waits for would
-    deadlock the two."""
+    """Each job computed on its owner and its tensors assigned on every rank, all of them
+    in one grouped sum over the ranks, to which the owner gives its job's tensors and the
+    others zeros (exact). The graph is the same on every rank (a tf.cond on the rank picks
+    the work; Horovod names its collectives by their place in the graph). One request, not
+    a broadcast per tensor: Shampoo's many roots, each broadcast alone, deadlocked two
+    ranks on the Fashion-MNIST CNN (each waiting in a different broadcast)."""
     found = []
     for job in jobs:
         found += tf.cond(tf.equal(tf.constant(ranks.rank), job.owner),
@@ -95,9 +96,7 @@ def run_on_owners(jobs, ranks):
                          lambda job=job: [tf.zeros(variable.shape, variable.dtype)
                                           for variable in job.into])
     if ranks.size > 1 and jobs:
-        found = ranks.broadcast(found, [job.owner for job in jobs for _ in job.into],
-                                [f"{job.name}_{index}" for job in jobs
-                                 for index in range(len(job.into))])
+        found = ranks.add(found, list(range(ranks.size)), "curvature_decompositions")
     tensors = iter(found)
     for job in jobs:
         for variable in job.into:

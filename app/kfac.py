@@ -346,7 +346,7 @@ class Preconditioning(curvature.Configured):
         if not self.curvature:
             return
         if not self.stands_aside:
-            jobs = [curvature.Job(f"kfac_{factors.layer.name}_{name}", factors.owners[name],
+            jobs = [curvature.Job(factors.owners[name],
                                   lambda factor=state[name]: _decomposed(factor),
                                   [state[f"{name}_values"], state[f"{name}_vectors"]],
                                   factors.decompositions[name])

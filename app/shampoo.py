@@ -124,7 +124,7 @@ class Preconditioning(curvature.Configured):
                         block[side].assign(beta2 * block[side] + (1 - beta2) * product)
 
     def _update_roots(self):
-        jobs = [curvature.Job(block[f"{side}_name"], block[f"{side}_owner"],
+        jobs = [curvature.Job(block[f"{side}_owner"],
                               lambda statistic=block[side]: [
                                   inverse_fourth_root(statistic, self.shampoo_epsilon)],
                               [block[f"{side}_root"]], self.roots_computed[block[f"{side}_name"]])
