@@ -82,21 +82,23 @@ def grouped_placement(costs, columns, size):
     return owners
 
 
-def run_on_owners(jobs, ranks):
-    """Each job computed on its owner and its tensors assigned on every rank, all of them
-    in one grouped sum over the ranks, to which the owner gives its job's tensors and the
-    others zeros (exact). The graph is the same on every rank (a tf.cond on the rank picks
-    the work; Horovod names its collectives by their place in the graph). One request, not
-    a broadcast per tensor: Shampoo's many roots, each broadcast alone, deadlocked two
-    ranks on the Fashion-MNIST CNN (each waiting in a different broadcast)."""
+def run_on_owners(jobs, ranks, group=None):
+    """Each job computed on its owner and its tensors assigned on the ranks of `group` (a
+    list of ranks; None: all), all of them in one grouped sum over the group, to which the
+    owner gives its job's tensors and the others zeros shaped as their own variables
+    (exact; empty where a rank keeps none). The graph is the same on every rank (a tf.cond
+    on the rank picks the work; Horovod names its collectives by their place in the
+    graph). One request, not a broadcast per tensor: Shampoo's many roots, each broadcast
+    alone, deadlocked two ranks on the Fashion-MNIST CNN (each waiting in a different
+    broadcast)."""
+    group = list(range(ranks.size)) if group is None else group
     found = []
     for job in jobs:
         found += tf.cond(tf.equal(tf.constant(ranks.rank), job.owner),
                          lambda job=job: _counted(job),
-                         lambda job=job: [tf.zeros(variable.shape, variable.dtype)
-                                          for variable in job.into])
-    if ranks.size > 1 and jobs:
-        found = ranks.add(found, list(range(ranks.size)), "curvature_decompositions")
+                         lambda job=job: [tf.zeros_like(variable) for variable in job.into])
+    if len(group) > 1 and jobs:
+        found = ranks.add(found, group, "curvature_decompositions")
     tensors = iter(found)
     for job in jobs:
         for variable in job.into:

@@ -184,12 +184,6 @@ def precondition(gradient, a_eigen, g_eigen, damping):
     return tf.matmul(tf.matmul(a_vectors, scaled), g_vectors, transpose_b=True)
 
 
-def _counted_decomposed(factors, factor, name):
-    """_decomposed(factor), counted in the layer's decompositions of `name`."""
-    with tf.control_dependencies([factors.decompositions[name].assign_add(1)]):
-        return _decomposed(factor)
-
-
 def _decomposed(factor):
     """[eigenvalues, eigenvectors] of `factor`; the eigenvalues no lower than 0 (rounding can
     put a zero one just below)."""
@@ -345,33 +339,15 @@ class Preconditioning(curvature.Configured):
         gradient workers."""
         if not self.curvature:
             return
-        if not self.stands_aside:
-            jobs = [curvature.Job(factors.owners[name],
-                                  lambda factor=state[name]: _decomposed(factor),
-                                  [state[f"{name}_values"], state[f"{name}_vectors"]],
-                                  factors.decompositions[name])
-                    for factors, state in self.curvature.items() for name in ("a", "g")]
-            curvature.run_on_owners(jobs, next(iter(self.curvature)).ranks)
-            return
-        # A rank decomposes its layers' factors and gives zeros of the others', which the
-        # layer's column (its gradient workers: one grouped sum) adds up exactly; the
-        # ranks out of the column give, and keep, empty ones.
-        found = []
-        for factors, state in self.curvature.items():
-            owner = tf.constant(factors.owners["a"] == factors.ranks.rank)
-            for name in ("a", "g"):
-                found += tf.cond(owner, lambda factors=factors, name=name: _counted_decomposed(
-                    factors, self.curvature[factors][name], name),
-                    lambda state=state, name=name: [tf.zeros_like(state[f"{name}_values"]),
-                                                    tf.zeros_like(state[f"{name}_vectors"])])
-        column, _ = self._grid
-        if len(column) > 1:
-            found = next(iter(self.curvature)).ranks.add(found, column, "kfac_decompositions")
-        values = iter(found)
-        for state in self.curvature.values():
-            for name in ("a", "g"):
-                state[f"{name}_values"].assign(next(values))
-                state[f"{name}_vectors"].assign(next(values))
+        # With fewer gradient workers, a rank keeps only its column's layers' decompositions
+        # (the others empty): the column sums them.
+        jobs = [curvature.Job(factors.owners[name],
+                              lambda factor=state[name]: _decomposed(factor),
+                              [state[f"{name}_values"], state[f"{name}_vectors"]],
+                              factors.decompositions[name])
+                for factors, state in self.curvature.items() for name in ("a", "g")]
+        curvature.run_on_owners(jobs, next(iter(self.curvature)).ranks,
+                                self._grid[0] if self._grid else None)
 
     def _preconditioned(self, grads, variables):
         by_layer = {}
