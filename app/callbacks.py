@@ -6,6 +6,8 @@ import numpy as np
 import keras
 import tensorflow as tf
 
+from app import cli
+
 
 def learning_rate_schedule(hvd, scaled_lr, *, reference_lr, warmup_epochs, schedule, epochs,
                            steps_per_epoch, decay_epochs=(), decay_factor=0.1):
@@ -210,7 +212,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             return
         local = self._first_bad_step or (epoch + 1) * self.steps_per_epoch
         first = int(np.min(self.gather(tf.constant([local], tf.int64))))
-        raise NonFiniteLoss(f"the loss became {float(logs['loss'])} at step {first} "
+        raise NonFiniteLoss(f"{cli.DIVERGED} {float(logs['loss'])} at step {first} "
                             f"(epoch {epoch + 1}, step {first - epoch * self.steps_per_epoch}); "
                             f"the checkpoints keep the epochs before it")
 

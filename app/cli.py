@@ -10,6 +10,8 @@ import time
 USAGE_ERROR = 2  # a flag or file that cannot run: refused before any work
 RUN_ERROR = 1  # a run that failed on its way (damaged data, a full disk, divergence)
 PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal, checkpointed; run again
+# How a RUN_ERROR line of a diverged run begins (after "error: "): the studies tell it apart
+DIVERGED = "the loss became"
 
 
 def argument_parser(module, description, epilog=None):

@@ -82,6 +82,17 @@ def grouped_placement(costs, columns, size):
     return owners
 
 
+def eigh(matrix):
+    """tf.linalg.eigh's (eigenvalues, eigenvectors) of a symmetric `matrix`; all NaN when
+    it holds a NaN or an infinity, where eigh itself raises: a diverging run then ends
+    with the loss, in one line (app.callbacks.StopOnNonFiniteLoss), not with a traceback."""
+    finite = tf.reduce_all(tf.math.is_finite(matrix))
+    values, vectors = tf.linalg.eigh(
+        tf.where(finite, matrix, tf.eye(tf.shape(matrix)[0], dtype=matrix.dtype)))
+    nan = tf.constant(float("nan"), matrix.dtype)
+    return tf.where(finite, values, nan), tf.where(finite, vectors, nan)
+
+
 def run_on_owners(jobs, ranks, group=None):
     """Each job computed on its owner and its tensors assigned on the ranks of `group` (a
     list of ranks; None: all), all of them in one grouped sum over the group, to which the

@@ -187,7 +187,7 @@ def precondition(gradient, a_eigen, g_eigen, damping):
 def _decomposed(factor):
     """[eigenvalues, eigenvectors] of `factor`; the eigenvalues no lower than 0 (rounding can
     put a zero one just below)."""
-    values, vectors = tf.linalg.eigh(factor)
+    values, vectors = curvature.eigh(factor)
     return [tf.maximum(values, 0.0), vectors]
 
 

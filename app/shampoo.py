@@ -33,7 +33,7 @@ def blocks(rows, columns, block_size):
 def inverse_fourth_root(statistic, epsilon):
     """(statistic + epsilon x its largest eigenvalue x I)^-1/4, from its eigendecomposition in
     float64 (the eigenvalues no lower than 0: rounding can put a zero one just below)."""
-    values, vectors = tf.linalg.eigh(tf.cast(statistic, tf.float64))
+    values, vectors = curvature.eigh(tf.cast(statistic, tf.float64))
     values = tf.maximum(values, 0.0)
     ridge = epsilon * tf.maximum(tf.reduce_max(values), tf.constant(1e-30, tf.float64))
     root = tf.matmul(vectors * (values + ridge) ** -0.25, vectors, transpose_b=True)

@@ -89,6 +89,17 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(np.array_equal(before[name], after[name]) for name in before)
 
 
+def test_a_diverging_curvature_optimizer_stops_in_one_line(tmp_path):
+    """K-FAC's and Shampoo's eigendecompositions of statistics gone NaN (taken every step
+    here; K-FAC's KL clip, which bounds even this LR's step, off) give NaN, not eigh's error:
+    the run ends at the loss, as any other."""
+    for flags in (["--optimizer=kfac", "--kfac_inverse_steps=1", "--kfac_kl_clip=0"],
+                  ["--optimizer=shampoo", "--shampoo_root_steps=1"]):
+        fails_with(train_command(*DIGITS, *flags, "--epochs=1", "--learning_rate=1e12",
+                                 f"--model_dir={tmp_path / flags[0][12:]}"),
+                   1, "the loss became nan", "epoch 1")
+
+
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     run(train_command(*DIGITS, "--epochs=1", f"--model_dir={tmp_path}"))
     fails_with(train_command(*DIGITS, "--epochs=2", "--model=mlp", f"--model_dir={tmp_path}"),

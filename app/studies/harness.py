@@ -13,12 +13,23 @@ import sys
 from app import cli
 
 
-def run_app_train(model_dir, launch_args, train_args):
-    """app.train through app.launch, into `model_dir`; the results.json it wrote."""
-    check([sys.executable, "-m", "app.launch", *launch_args, *train_args,
-           f"--model_dir={model_dir}"], model_dir)
+def run_app_train(model_dir, launch_args, train_args, divergence_ok=False):
+    """app.train through app.launch, into `model_dir`; the results.json it wrote. With
+    `divergence_ok` a run whose loss became NaN or infinite (app.train's one line and exit
+    code) gives None instead of ending the study: an LR too large is a study's finding."""
+    result = check([sys.executable, "-m", "app.launch", *launch_args, *train_args,
+                    f"--model_dir={model_dir}"], model_dir,
+                   tolerated=lambda result: divergence_ok and diverged(result))
+    if result.returncode:
+        return None
     with open(os.path.join(model_dir, "results.json")) as results:
         return json.load(results)
+
+
+def diverged(result):
+    """Whether an ended app.train (a CompletedProcess) stopped because its loss diverged."""
+    return (result.returncode == cli.RUN_ERROR
+            and f"app.train: error: {cli.DIVERGED} " in result.stderr)
 
 
 # A run under a memory limit may hang instead of failing (OpenBLAS retries a failed
@@ -73,13 +84,15 @@ def run_benchmark(model_dir, processes, train_args, launch_args):
                          [*train_args, "--benchmark"])
 
 
-def check(command, name):
-    """Runs `command`; a failure ends the study with the command and the end of its stderr."""
+def check(command, name, tolerated=lambda result: False):
+    """Runs `command`; its CompletedProcess. A failure ends the study with the command and
+    the end of its stderr, unless `tolerated(result)`."""
     result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
+    if result.returncode and not tolerated(result):
         sys.exit(cli.error_line(f"{name} failed with exit code {result.returncode} "
                                 f"({' '.join(command)}):\n"
                                 f"{(result.stderr or result.stdout)[-3000:]}"))
+    return result
 
 
 def study_parser(module, doc):

@@ -20,9 +20,11 @@ to it with their range, the seconds per step, and the optimizer state per rank);
 higher_order_runs.csv (every run); and time_to_target.png (the best LRs' curves).
 """
 import csv
+import math
 import os
 import statistics
 
+from app import arithmetic
 from app.studies import harness
 
 # Each optimizer's flags, its LR at --reference_batch_size and how it scales with the batch
@@ -31,26 +33,42 @@ OPTIMIZERS = {
     "lars": (["--optimizer=lars", "--momentum=0.9"], 1.0, "sqrt"),
     "lamb": (["--optimizer=lamb", "--momentum=0"], 0.004, "sqrt"),
     "kfac": (["--optimizer=kfac", "--momentum=0.9"], 0.1, "linear"),
-    "shampoo": (["--optimizer=shampoo", "--momentum=0.9"], 0.1, "linear"),
+    # a quarter of momentum's: at 0.1 (0.4 at batch 1024) the Fashion-MNIST CNN diverged
+    "shampoo": (["--optimizer=shampoo", "--momentum=0.9"], 0.025, "linear"),
 }
-COLUMNS = ("optimizer", "global_batch", "learning_rate", "reached", "seeds",
+COLUMNS = ("optimizer", "global_batch", "learning_rate", "reached", "diverged", "seeds",
            "median_steps", "steps_range", "median_epochs", "median_seconds",
            "seconds_range", "median_score", "seconds_per_step", "state_elements_per_rank")
 
 
+def given_learning_rate(optimizer, factor):
+    """The --learning_rate of `optimizer`'s runs at `factor` of the grid (as its flag says)."""
+    return float(f"{OPTIMIZERS[optimizer][1] * factor:g}")
+
+
 def run_flags(optimizer, global_batch, factor, seed, args):
-    flags, learning_rate, scaling = OPTIMIZERS[optimizer]
+    flags, _, scaling = OPTIMIZERS[optimizer]
     return [*flags, f"--global_batch_size={global_batch}",
-            f"--learning_rate={learning_rate * factor:g}", f"--lr_scaling={scaling}",
+            f"--learning_rate={given_learning_rate(optimizer, factor):g}",
+            f"--lr_scaling={scaling}",
             f"--reference_batch_size={args.reference_batch_size}",
             f"--warmup_epochs={args.warmup_epochs}", f"--epochs={args.epochs}",
             f"--target_accuracy={args.target}", f"--seed={seed}"]
 
 
-def measure(run_dir, flags, args, train_args):
-    """One run to the target or the epoch budget: its row, with its curve."""
-    results = harness.run_app_train(run_dir, ["-np", str(args.processes)],
-                                    [*train_args, *flags])
+def measure(run_dir, optimizer, global_batch, factor, seed, args, train_args):
+    """One run to the target, the epoch budget or its divergence: its row, with its curve."""
+    results = harness.run_app_train(
+        run_dir, ["-np", str(args.processes)],
+        [*train_args, *run_flags(optimizer, global_batch, factor, seed, args)],
+        divergence_ok=True)
+    if results is None:
+        return {"global_batch": global_batch, "diverged": True, "reached": False,
+                "learning_rate": arithmetic.scaled_learning_rate(
+                    given_learning_rate(optimizer, factor), global_batch,
+                    args.reference_batch_size, OPTIMIZERS[optimizer][2]),
+                "epochs": None, "steps": None, "seconds": None, "score": None,
+                "seconds_per_step": None, "state_elements_per_rank": None, "curve": []}
     metric = results["headline_metric"]
     with open(os.path.join(run_dir, "training_log.csv")) as log:
         epochs = list(csv.DictReader(log))
@@ -58,6 +76,7 @@ def measure(run_dir, flags, args, train_args):
     return {
         "global_batch": results["global_batch_size"],
         "learning_rate": results["learning_rate"],
+        "diverged": False,
         "reached": reached is not None,
         "epochs": reached["epoch"] if reached else None,
         "steps": reached["epoch"] * results["steps_per_epoch"] if reached else None,
@@ -72,22 +91,33 @@ def measure(run_dir, flags, args, train_args):
 
 def best_setting(runs):
     """Of one optimizer's runs at one batch (grouped by LR), the LR's summary row whose seeds
-    reach the target in the fewest median steps, or end with the best median score."""
+    reach the target in the fewest median steps, or end with the best median score (a
+    diverged run scores below any other; an LR all of whose seeds diverged, below all)."""
     summaries = []
     for learning_rate in sorted({run["learning_rate"] for run in runs}):
         seeds = [run for run in runs if run["learning_rate"] == learning_rate]
         reached = [run for run in seeds if run["reached"]]
+        finished = [run for run in seeds if not run["diverged"]]
+        median_score = statistics.median(_score(run) for run in seeds)
         summaries.append({
-            "learning_rate": learning_rate, "reached": len(reached), "seeds": len(seeds),
+            "learning_rate": learning_rate, "reached": len(reached),
+            "diverged": len(seeds) - len(finished), "seeds": len(seeds),
             **_median_and_range(reached, "steps"), **_median_and_range(reached, "seconds"),
             "median_epochs": (statistics.median(run["epochs"] for run in reached)
                               if reached else None),
-            "median_score": statistics.median(run["score"] for run in seeds),
-            "seconds_per_step": statistics.median(run["seconds_per_step"] for run in seeds),
-            "state_elements_per_rank": seeds[0]["state_elements_per_rank"],
-            "curve": max(seeds, key=lambda run: run["score"])["curve"]})
+            "median_score": None if median_score == -math.inf else median_score,
+            "seconds_per_step": (statistics.median(run["seconds_per_step"] for run in finished)
+                                 if finished else None),
+            "state_elements_per_rank": (finished[0]["state_elements_per_rank"] if finished
+                                        else None),
+            "curve": max(seeds, key=_score)["curve"]})
     return min(summaries, key=lambda row: (-row["reached"], row["median_steps"] or 0,
-                                           -row["median_score"]))
+                                           -_score({"score": row["median_score"]})))
+
+
+def _score(run):
+    """A run's final score, -inf where there is none (it diverged)."""
+    return -math.inf if run["score"] is None else run["score"]
 
 
 def _median_and_range(runs, key):
@@ -140,8 +170,8 @@ def main(argv=None):
                 for seed in seeds:
                     name = f"{optimizer}-{batch}bs-{factor:g}x-seed{seed}"
                     runs.append({"run": name, "optimizer": optimizer, **measure(
-                        os.path.join(args.out_dir, name),
-                        run_flags(optimizer, batch, factor, seed, args), args, train_args)})
+                        os.path.join(args.out_dir, name), optimizer, batch, factor, seed, args,
+                        train_args)})
             every_run += runs
             best = best_setting(runs)
             rows.append({"optimizer": optimizer, "global_batch": batch, **best})
