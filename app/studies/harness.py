@@ -146,6 +146,15 @@ def write_table(stem, rows, csv_columns, markdown_columns, title=None, notes=())
     return markdown
 
 
+def plain_columns(columns):
+    """write_table's markdown columns for `columns` (keys of the rows) as they are, floats to
+    4 significant digits."""
+    def cell(column):
+        return lambda row: (f"{row[column]:.4g}" if isinstance(row[column], float)
+                            else str(row[column]))
+    return [(column, cell(column)) for column in columns]
+
+
 def write_study(stem, rows, markdown_columns, title, notes=(), **fields):
     """Writes a study's table (write_table, every column in the CSV) and STEM.json (the title,
     `fields` and the rows), prints the table, and says where they went."""

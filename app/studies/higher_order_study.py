@@ -186,13 +186,8 @@ def main(argv=None):
              f"processes, {os.cpu_count()} cores, target {args.target:g}, "
              f"{args.epochs} epochs at most, seeds {args.seeds}, LR x {args.lr_grid}")
 
-    def shown(column):
-        def cell(row):
-            value = row[column]
-            return f"{value:.4g}" if isinstance(value, float) else str(value)
-        return column, cell
     harness.write_study(os.path.join(args.out_dir, "higher_order"), rows,
-                        [shown(column) for column in COLUMNS], title,
+                        harness.plain_columns(COLUMNS), title,
                         notes=["Steps and seconds to the target: medians over the seeds that "
                                "reached it, at each optimizer's best LR of the grid."])
     from app.studies import figures  # matplotlib only once there is something to draw
