@@ -1,7 +1,8 @@
 """How the ranks share a curvature preconditioner's work (K-FAC's in app.kfac, Shampoo's in
 app.shampoo): the costly decompositions dealt over the ranks, the costliest first to the
 least loaded (KAISA's balance, Pauloski et al. 2021), each computed on its rank alone and
-broadcast from there; for K-FAC's gradient workers, KAISA's grid of process sets."""
+summed from there to the ranks that keep it; for K-FAC's gradient workers, KAISA's grid of
+process sets."""
 import collections
 
 from app.horovod import hvd, hvd_tensorflow, tf  # first: it sets TF_XLA_FLAGS

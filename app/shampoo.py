@@ -12,7 +12,7 @@ Distributed: the gradients reaching the optimizer are the same on every rank (Ho
 average, or Adasum's), so every rank keeps the same statistics without a message; the
 inverse roots, the costly part, are dealt over the ranks (app.curvature: the costliest
 first, to the least loaded), each computed on its rank alone every `root_steps` updates
-and broadcast from there.
+and summed from there to every rank (the others give zeros).
 """
 from app.horovod import tf  # first: it sets TF_XLA_FLAGS
 

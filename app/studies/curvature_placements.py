@@ -24,7 +24,7 @@ run.
 import os
 import statistics
 
-from app.studies import harness, timeline
+from app.studies import harness
 
 # A tensor's kind by a part of its name: app.curvature's and app.kfac's collectives, and
 # Horovod's DistributedOptimizer's (every other allreduce of a step)
@@ -54,9 +54,9 @@ def measure(run_dir, flags, args, train_args):
         run_dir, ["-np", str(args.processes)],
         [*train_args, *flags, "--benchmark", "--timeline", "--epochs=1", "--warmup_epochs=0",
          f"--steps_per_epoch={args.steps}", f"--warmup_steps={args.warmup_steps}"])
-    sent = [item for item in timeline.collectives(os.path.join(run_dir, "timeline.json"))
+    sent = [item for item in harness.timeline_collectives(os.path.join(run_dir, "timeline.json"))
             if item.collective == "ALLREDUCE"]
-    by_kind = timeline.bytes_by_kind(sent, KINDS)
+    by_kind = harness.bytes_by_kind(sent, KINDS)
     steps = results["steps_per_epoch"] * results["epochs_completed"]
     return {"ms_per_step": 1000 * results["global_batch_size"] / results["images_per_sec"],
             "state_elements_per_rank": max(results["optimizer_state_elements_by_rank"]),
