@@ -8,10 +8,10 @@ al. 2021). `--optimizer=kfac` (app.optimizers) is `preconditioning()` of the bas
 
 Distributed as KAISA: the batch factors averaged over the ranks (one grouped allreduce);
 with every rank a gradient worker (communication-optimal), each factor's eigendecomposition
-on one rank (the costliest first, to the least loaded) and broadcast to the others, every
-rank preconditioning every layer; with fewer (`grad_workers`), KAISA's grid: a layer's
-decompositions kept by its column of gradient workers only, which precondition it for
-their rows.
+on one rank (the costliest first, to the least loaded) and summed from there to the others
+(app.curvature.run_on_owners), every rank preconditioning every layer; with fewer
+(`grad_workers`), KAISA's grid: a layer's decompositions kept by its column of gradient
+workers only, which precondition it for their rows.
 
 The factors come from the layers as they are: `watch` wraps each layer's `call` (to keep its
 inputs) and its `activation` (to see the gradient of its pre-activations in the backward

@@ -26,9 +26,9 @@ import statistics
 
 from app.studies import harness
 
-# A tensor's kind by a part of its name: app.curvature's and app.kfac's collectives, and
-# Horovod's DistributedOptimizer's (every other allreduce of a step)
-KINDS = {"factors": "curvature_average", "decompositions": "curvature_decompositions",
+# A tensor's kind by a part of its name: app.curvature's and app.kfac's collectives; every
+# other allreduce of a step is the gradients' (Horovod's DistributedOptimizer's)
+KINDS = {"factor": "curvature_average", "decomposition": "curvature_decompositions",
          "preconditioned": "kfac_preconditioned"}
 COLUMNS = ("configuration", "ms_per_step", "ms_range", "state_elements_per_rank",
            "peak_memory_mb", "gradient_mb_per_step", "factor_mb_per_step",
@@ -61,10 +61,8 @@ def measure(run_dir, flags, args, train_args):
     return {"ms_per_step": 1000 * results["global_batch_size"] / results["images_per_sec"],
             "state_elements_per_rank": max(results["optimizer_state_elements_by_rank"]),
             "peak_memory_mb": max(results["peak_memory_mb_by_rank"]),
-            **{f"{kind}_mb_per_step": by_kind.get(name, 0) / steps / MB
-               for kind, name in (("gradient", "other"), ("factor", "factors"),
-                                  ("decomposition", "decompositions"),
-                                  ("preconditioned", "preconditioned"))},
+            "gradient_mb_per_step": by_kind.get("other", 0) / steps / MB,
+            **{f"{kind}_mb_per_step": by_kind.get(kind, 0) / steps / MB for kind in KINDS},
             "total_mb_per_step": sum(by_kind.values()) / steps / MB}
 
 
