@@ -45,7 +45,8 @@ def test_the_study_reads_each_runs_time_to_target_from_its_log(tmp_path):
         tmp_path, "app.studies.higher_order_study", "higher_order.csv",
         "--flagfile=configs/digits_cnn.cfg", "-np", "1", "--optimizers=momentum,kfac",
         "--global_batches=128", "--lr_grid=2,1e12", "--seeds=1", "--epochs=3",
-        f"--target={target}", "--warmup_epochs=0", "--validation_steps=2")
+        f"--target={target}", "--warmup_epochs=0", "--validation_steps=2",
+        "--kfac_damping", "0.3")
     assert [row["optimizer"] for row in rows] == ["momentum", "kfac"]
     with open(tmp_path / "higher_order_runs.csv") as table:
         runs = list(csv.DictReader(table))
@@ -60,6 +61,9 @@ def test_the_study_reads_each_runs_time_to_target_from_its_log(tmp_path):
         assert float(found["learning_rate"]) == pytest.approx(
             higher_order_study.OPTIMIZERS[found["optimizer"]][1] * 1e12 * 128 / 256)
     runs = [found for found in runs if found not in gone]
+    for found in runs:  # K-FAC's flag went to its runs only (momentum's would refuse it)
+        damping = 0.3 if found["optimizer"] == "kfac" else 0.003
+        assert f"--kfac_damping={damping}\n" in (tmp_path / found["run"] / "flags.cfg").read_text()
     for found in runs:
         log = read_log(tmp_path / found["run"])
         results = json.loads((tmp_path / found["run"] / "results.json").read_text())

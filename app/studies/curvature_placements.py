@@ -19,7 +19,8 @@ rank 0 writes the timeline: with fewer gradient workers than ranks, it counts it
 column's decompositions and its own row's gradients, as every rank's own share.
 
 Writes curvature_placements.md, .csv and .json to --out_dir; other arguments go to every
-run.
+run, K-FAC's and Shampoo's own flags (--kfac_*, --shampoo_*, --base_optimizer) to their
+runs only.
 """
 import os
 import statistics
@@ -37,22 +38,23 @@ MB = 2 ** 20
 
 
 def configurations(args):
-    """{name: flags} of the runs: the base optimizer, K-FAC at each number of gradient
-    workers, Shampoo."""
-    found = {"base optimizer": []}
+    """{name: (optimizer, flags)} of the runs: the base optimizer, K-FAC at each number of
+    gradient workers, Shampoo."""
+    found = {"base optimizer": (None, [])}
     for workers in args.grad_workers:
         label = ("all" if workers == args.processes else "1" if workers == 1
                  else f"{workers}") + " gradient workers"
-        found[f"K-FAC, {label}"] = ["--optimizer=kfac", f"--kfac_grad_workers={workers}"]
-    found["Shampoo"] = ["--optimizer=shampoo"]
+        found[f"K-FAC, {label}"] = ("kfac", ["--optimizer=kfac",
+                                             f"--kfac_grad_workers={workers}"])
+    found["Shampoo"] = ("shampoo", ["--optimizer=shampoo"])
     return found
 
 
-def measure(run_dir, flags, args, train_args):
+def measure(run_dir, optimizer, flags, args, train_args):
     """One benchmark run's figures: ms per step, memory, bytes per step by kind."""
     results = harness.run_app_train(
         run_dir, ["-np", str(args.processes)],
-        [*train_args, *flags, "--benchmark", "--timeline", "--epochs=1", "--warmup_epochs=0",
+        [*harness.arguments_for(optimizer, train_args), *flags, "--benchmark", "--timeline", "--epochs=1", "--warmup_epochs=0",
          f"--steps_per_epoch={args.steps}", f"--warmup_steps={args.warmup_steps}"])
     sent = [item for item in harness.timeline_collectives(os.path.join(run_dir, "timeline.json"))
             if item.collective == "ALLREDUCE"]
@@ -99,9 +101,9 @@ def main(argv=None):
     found = configurations(args)
     runs = {name: [] for name in found}
     for repeat in range(args.repeats):
-        for number, (name, flags) in enumerate(found.items()):
+        for number, (name, (optimizer, flags)) in enumerate(found.items()):
             runs[name].append(measure(os.path.join(args.out_dir, f"r{repeat}-c{number}"),
-                                      flags, args, train_args))
+                                      optimizer, flags, args, train_args))
     rows = [summarized(name, measured) for name, measured in runs.items()]
     title = (f"{' '.join(train_args) or 'the default experiment'}: {args.processes} "
              f"processes, {os.cpu_count()} cores, {args.steps} steps, {args.repeats} rounds")

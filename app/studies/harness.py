@@ -129,6 +129,29 @@ def whole_numbers(parser, name, text):
     return values
 
 
+# app.train's flags (by their start) that only these --optimizer values take; it refuses
+# them with any other
+OPTIMIZER_FLAGS = {"kfac": ("--kfac_", "--base_optimizer"),
+                   "shampoo": ("--shampoo_", "--base_optimizer")}
+
+
+def arguments_for(optimizer, train_args):
+    """`train_args` without the flags (--name=value or --name value) that --optimizer=
+    `optimizer` does not take, so that one study command can set K-FAC's damping beside
+    runs of other optimizers."""
+    own = OPTIMIZER_FLAGS.get(optimizer, ())
+    foreign = tuple({start for starts in OPTIMIZER_FLAGS.values() for start in starts} - set(own))
+    kept, skip_value = [], False
+    for argument in train_args:
+        if skip_value:
+            skip_value = False
+        elif argument.startswith(foreign):
+            skip_value = "=" not in argument
+        else:
+            kept.append(argument)
+    return kept
+
+
 def write_table(stem, rows, csv_columns, markdown_columns, title=None, notes=()):
     """Writes a study's table: `rows` (dicts) to STEM.csv, the values of `csv_columns` in
     full, and to STEM.md, a markdown table under `# title` of `markdown_columns`, each

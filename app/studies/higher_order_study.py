@@ -6,7 +6,8 @@ and run with several seeds, on N processes:
     python -m app.studies.higher_order_study --flagfile=configs/fashion_mnist_cnn.cfg \\
         --global_batches=1024,4096 --target=0.85 --epochs=10 --seeds=1,2
 
-Every run is an app.train through app.launch (other arguments go to every run) that stops
+Every run is an app.train through app.launch (other arguments go to every run, K-FAC's and
+Shampoo's own, --kfac_*, --shampoo_* and --base_optimizer, to theirs only) that stops
 at --target on the experiment's headline metric (validation accuracy; a segmentation's
 IoU). Each optimizer's LR is given at --reference_batch_size and scaled to the global batch
 by its usual rule (linear for momentum, K-FAC and Shampoo, whose base is momentum SGD;
@@ -60,7 +61,8 @@ def measure(run_dir, optimizer, global_batch, factor, seed, args, train_args):
     """One run to the target, the epoch budget or its divergence: its row, with its curve."""
     results = harness.run_app_train(
         run_dir, ["-np", str(args.processes)],
-        [*train_args, *run_flags(optimizer, global_batch, factor, seed, args)],
+        [*harness.arguments_for(optimizer, train_args),
+         *run_flags(optimizer, global_batch, factor, seed, args)],
         divergence_ok=True)
     if results is None:
         return {"global_batch": global_batch, "diverged": True, "reached": False,
