@@ -1,151 +1,44 @@
-"""Applies a trained segmentation model to a whole survey, larger than its training patches:
-sliding windows with overlap whose seams are blended (MONAI's sliding-window inference is
-the reference behaviour: its Gaussian importance map, sigma 1/8 of the window), the survey's
-inlines dealt out across the ranks under mpirun.
+"""Applies a run of app.train to new data, as its task does (app.tasks: what app.predict writes
+for it). Segmentation (app.survey_prediction): a whole survey, larger than the training
+patches, by sliding windows whose seams are blended, the inlines dealt out across the ranks.
 
     python -m app.predict --model_dir=runs/seismic_faults_cpu --input=survey.segy \\
         --output_dir=runs/survey_faults
     mpirun -np 4 python -m app.predict --model_dir=... --input=survey.npy --output_dir=...
 
-The model is the run's own record (MODEL_DIR/model.json: which model, its inputs and
-outputs, how its inputs were scaled) and its latest checkpoint. The survey is scaled as the
-run's inputs were (input_pipeline.seismic.survey_scaling, from a sample of its amplitudes that
-every rank reads alike), and a window reaching past its end is filled by reflecting the
-survey, as if it went on, not by zeros, which a model reads as an edge. Each rank predicts
-the windows over its own range of inlines, reading only the inlines those need (a shared
-filesystem), and writes its rows of OUTPUT_DIR/probability.npy (float32 [inlines,
-crosslines, samples], and [..., classes] for several classes); rank 0 then writes
-probability.segy for a SEG-Y input (its geometry and headers; several classes: the most
-probable one), slices.png (the middle inline, crossline and time slice) and prediction.json
-(what was done to the survey: its scaling and padding, the windows).
+The model is the run's own record (MODEL_DIR/model.json: which model and task, its inputs
+and outputs, how its inputs were scaled) and its latest checkpoint.
 """
-import itertools
-import json
 import os
 
-from app.horovod import hvd_tensorflow as hvd, tf  # first: it sets TF_XLA_FLAGS
+from app import horovod  # noqa: F401 (first: it sets TF_XLA_FLAGS)
 
-import numpy as np
 from absl import app, flags
 
-import models
-from app import checkpoints, cli, slices
+from app import checkpoints, cli, survey_prediction, tasks
 from app import flags as app_flags
-from input_pipeline import seismic, volumes
+from input_pipeline import seismic
 
 FLAGS = flags.FLAGS
-BLENDS = ("gaussian", "constant")
 
 
 def define_flags():
     flags.DEFINE_string("model_dir", None, "The run of app.train whose model predicts.",
                         required=True)
-    flags.DEFINE_string("input", None, "The survey: a SEG-Y file, or a NumPy .npy of "
-                        "[inlines, crosslines, samples].", required=True)
+    flags.DEFINE_string("input", None, "What to predict for, as the run's task takes it: "
+                        "segmentation's survey, a SEG-Y file or a NumPy .npy of [inlines, "
+                        "crosslines, samples].", required=True)
     flags.DEFINE_string("output_dir", None, "Where the prediction goes.", required=True)
+    # segmentation's (app.survey_prediction)
     flags.DEFINE_integer("window", None, "The windows' side (default: the run's patches); "
                          "the model's down-sampling must divide it.", lower_bound=4)
     flags.DEFINE_float("overlap", 0.25, "The share of a window its neighbour overlaps.",
                        lower_bound=0.0, upper_bound=0.9)
-    flags.DEFINE_enum("blend", "gaussian", list(BLENDS),
+    flags.DEFINE_enum("blend", "gaussian", list(survey_prediction.BLENDS),
                       "How overlapping windows are weighted: a Gaussian importance map "
                       "(centres count most, seams fade) or alike.")
     flags.DEFINE_integer("windows_per_batch", 4, "Windows each forward pass takes.",
                          lower_bound=1)
-
-
-def window_starts(extent, window, overlap):
-    """Where the windows of one axis start: every window * (1 - overlap), the last at the
-    end; one window where the axis is no longer than a window (filled by reflection)."""
-    if extent <= window:
-        return [0]
-    step = max(1, int(window * (1 - overlap)))
-    starts = list(range(0, extent - window + 1, step))
-    return starts if starts[-1] == extent - window else [*starts, extent - window]
-
-
-def importance(window, spatial, blend):
-    """The weight of each voxel of a window: MONAI's Gaussian (sigma window / 8, highest
-    at the centre, never 0) or 1."""
-    if blend == "constant":
-        return np.ones((window,) * spatial)
-    centre, sigma = (window - 1) / 2, window / 8
-    line = np.exp(-((np.arange(window) - centre) ** 2) / (2 * sigma ** 2))
-    weights = line
-    for _ in range(spatial - 1):
-        weights = np.multiply.outer(weights, line)
-    return np.maximum(weights / weights.max(), 1e-3)
-
-
-def reflected(indices, extent):
-    """`indices` along an axis of `extent`, those past its end mirrored back into it (as
-    numpy's `reflect` padding, repeated for indices more than an extent past it)."""
-    if extent == 1:
-        return np.zeros_like(indices)
-    period = 2 * (extent - 1)
-    folded = np.asarray(indices) % period
-    return np.where(folded < extent, folded, period - folded)
-
-
-def sliding_window(predict, read_rows, shape, window, rows, write_rows, *, overlap=0.25,
-                   blend="gaussian", windows_per_batch=4):
-    """Writes the blended prediction of rows [rows[0], rows[1]) along axis 0 of a volume of
-    `shape`: write_rows(first row, [rows, ..., outputs] float64) once the rows are final.
-    `predict` maps windows [n, w, ..., 1] to [n, w, ..., outputs]; `read_rows(start, stop)`
-    gives the volume's rows [start, stop) (float32). Every window that overlaps the rows is
-    predicted, whatever other rows another rank predicts, so that every voxel adds up the
-    same windows in the same order on any number of ranks. Held at a time: a window's rows
-    of the volume and the sums of the rows its windows cover."""
-    first, last = rows
-    if first >= last:
-        return
-    spatial = len(shape)
-    starts = [window_starts(extent, window, overlap) for extent in shape]
-    row_starts = [start for start in starts[0] if start < last and start + window > first]
-    corners = list(itertools.product(*starts[1:]))
-    weights = importance(window, spatial, blend)
-    total = weight = None  # the sums of rows [done, ...)
-    done = first
-    for index, row_start in enumerate(row_starts):
-        row_indices = reflected(np.arange(row_start, row_start + window), shape[0])
-        block = read_rows(row_indices.min(), row_indices.max() + 1)[
-            row_indices - row_indices.min()]
-        for axis in range(1, spatial):
-            block = np.take(block, reflected(np.arange(max(shape[axis], window)),
-                                             shape[axis]), axis=axis)
-        outputs = []
-        for batch in range(0, len(corners), windows_per_batch):
-            places = [tuple(slice(start, start + window) for start in corner)
-                      for corner in corners[batch:batch + windows_per_batch]]
-            windows = np.stack([block[(slice(None), *place)] for place in places])
-            outputs += zip(places, np.asarray(predict(windows[..., None]), np.float64))
-        cover = slice(max(row_start, done), min(row_start + window, last, shape[0]))
-        if total is None:
-            total = np.zeros((0, *shape[1:], outputs[0][1].shape[-1]))
-            weight = np.zeros((0, *shape[1:]))
-        grow = cover.stop - done - len(total)
-        if grow > 0:
-            total = np.concatenate([total, np.zeros((grow, *total.shape[1:]))])
-            weight = np.concatenate([weight, np.zeros((grow, *weight.shape[1:]))])
-        window_rows = slice(cover.start - row_start, cover.stop - row_start)
-        sums_rows = slice(cover.start - done, cover.stop - done)
-        for place, output in outputs:
-            inside = tuple(slice(part.start, min(part.stop, extent))
-                           for part, extent in zip(place, shape[1:]))
-            cut = tuple(slice(0, part.stop - part.start) for part in inside)
-            total[(sums_rows, *inside)] += (output * weights[..., None])[(window_rows, *cut)]
-            weight[(sums_rows, *inside)] += weights[(window_rows, *cut)]
-        final = row_starts[index + 1] if index + 1 < len(row_starts) else last
-        final = min(max(final, done), last)
-        if final > done:
-            write_rows(done, total[:final - done] / weight[:final - done, ..., None])
-            total, weight, done = total[final - done:], weight[final - done:], final
-
-
-def rows_of_rank(extent, rank, size):
-    """This rank's range of rows along axis 0: as equal as they come, in rank order."""
-    bounds = np.linspace(0, extent, size + 1).round().astype(int)
-    return int(bounds[rank]), int(bounds[rank + 1])
 
 
 class RunRecordError(ValueError):
@@ -167,9 +60,10 @@ def run_model(model_dir):
     if record["standardization"] not in (None, seismic.STANDARDIZATION):
         raise RunRecordError(f"its inputs were scaled '{record['standardization']}', which this "
                              f"version cannot repeat (it scales '{seismic.STANDARDIZATION}')")
-    if record["task"] != "segmentation":
-        raise RunRecordError(f"trained --model={record['model']}, a {record['task']} "
-                             f"model; app.predict applies segmentation models")
+    task = tasks.TASKS.get(record["task"])
+    if task is None or task.predict is None:
+        raise RunRecordError(f"trained --model={record['model']}, a {record['task']} model; "
+                             f"app.predict applies {tasks.with_predict()}")
     epochs, steps, _ = checkpoints.latest(model_dir)
     if not epochs and not steps:
         raise RunRecordError("no checkpoint to predict with")
@@ -182,146 +76,7 @@ def main(_):
         record, checkpoint = run_model(FLAGS.model_dir)
     except (RunRecordError, checkpoints.NoIntactCheckpointError) as error:
         cli.fail(f"--model_dir={FLAGS.model_dir}: {error}")
-    builder = models.builder(record["model"])
-    window = FLAGS.window or record["input_shape"][0]
-    if record["model"].endswith(".keras") and window != record["input_shape"][0]:
-        cli.fail(f"--window={window}: --model={record['model']} takes windows of "
-                 f"{record['input_shape'][0]} only, as it was saved")
-    if window % builder.downsampling:
-        cli.fail(f"--window={window}: --model={record['model']} divides its input's extents "
-                 f"by {builder.downsampling}")
-    try:
-        survey = volumes.Survey(FLAGS.input)
-    except volumes.VolumeError as error:
-        cli.fail(f"--input: {error}")
-
-    hvd.init()
-    if record["precision"] == "float64":
-        models.use_float64()
-    spatial = len(record["input_shape"]) - 1  # a model of sections: 2
-    try:
-        model = models.build(record["model"], (window,) * spatial + (1,),
-                             record["num_outputs"])
-        checkpoints.initialize_from(model, checkpoint)
-    except models.user.UserModelError as error:
-        cli.fail(f"--model_dir={FLAGS.model_dir}: --model={record['model']}: {error}")
-    except (checkpoints.MismatchError, checkpoints.WrittenByTfKerasError) as error:
-        cli.fail(f"--model_dir={FLAGS.model_dir}: {error}", cli.RUN_ERROR)
-    scaling = (seismic.survey_scaling(survey.sample(seismic.SCALING_SAMPLE_VALUES))
-               if record["standardization"] else None)
-    prepared = _agree(lambda: _create_outputs(survey.shape, record["num_outputs"]))
-    if prepared:
-        cli.fail(f"--output_dir={FLAGS.output_dir}: {prepared}", cli.RUN_ERROR)
-    predict_own_rows(model, survey, scaling, window, spatial)
-    hvd.allreduce(tf.constant(0), name="rows_written")  # every rank's rows are on disk
-    if hvd.rank() == 0:
-        write_beside(survey, scaling, window)
-    survey.close()
-
-
-def predict_own_rows(model, survey, scaling, window, spatial):
-    """This rank's inlines of OUTPUT_DIR/probability.npy, predicted by sliding windows (a
-    model of sections: inline by inline)."""
-    infer = tf.function(lambda windows: model(windows, training=False), reduce_retracing=True)
-    probability = np.load(os.path.join(FLAGS.output_dir, "probability.npy"), mmap_mode="r+")
-
-    def writer(inline=None):
-        """write_rows for the volume's rows, or for one inline's."""
-        def write_rows(start, sums):
-            place = np.s_[start:start + len(sums)] if inline is None else np.s_[
-                inline, start:start + len(sums)]
-            probability[place] = sums.reshape(probability[place].shape)
-        return write_rows
-
-    first, last = rows_of_rank(survey.shape[0], hvd.rank(), hvd.size())
-    options = dict(overlap=FLAGS.overlap, blend=FLAGS.blend,
-                   windows_per_batch=FLAGS.windows_per_batch)
-    predict = lambda windows: infer(tf.constant(windows, tf.float32)).numpy()  # noqa: E731
-    if spatial == 3:
-        sliding_window(predict, lambda start, stop: scaled(survey.inlines(start, stop), scaling),
-                       survey.shape, window, (first, last), writer(), **options)
-    else:
-        for inline in range(first, last):
-            section = scaled(survey.inlines(inline, inline + 1)[0], scaling)
-            sliding_window(predict, lambda start, stop: section[start:stop], section.shape,
-                           window, (0, section.shape[0]), writer(inline), **options)
-    probability.flush()
-
-
-def scaled(rows, scaling):
-    return rows if scaling is None else scaling.apply(rows)
-
-
-def middle_planes(inline, shape):
-    """slices.middle_slices of the volume of `shape` whose inline i is inline(i), read an
-    inline at a time."""
-    middle = [extent // 2 for extent in shape]
-    crossline, time_slice = np.zeros((shape[0], shape[2])), np.zeros(shape[:2])
-    for index in range(shape[0]):
-        rows = inline(index)
-        crossline[index], time_slice[index] = rows[middle[1]], rows[:, middle[2]]
-        if index == middle[0]:
-            middle_inline = rows
-    return [("inline", middle_inline), ("crossline", crossline), ("time slice", time_slice)]
-
-
-def _agree(prepare):
-    """Rank 0's prepare() (an error message, or "" when it went well), on every rank, so
-    that no rank waits for a rank 0 that failed."""
-    message = ""
-    if hvd.rank() == 0:
-        message = prepare()
-    return hvd.broadcast_object(message, root_rank=0, name="outputs_created")
-
-
-def _create_outputs(shape, num_outputs):
-    """OUTPUT_DIR/probability.npy of `shape`, for the ranks to fill; "" or why it failed."""
-    try:
-        os.makedirs(FLAGS.output_dir, exist_ok=True)
-        np.lib.format.open_memmap(
-            os.path.join(FLAGS.output_dir, "probability.npy"), mode="w+", dtype=np.float32,
-            shape=shape + ((num_outputs,) if num_outputs > 1 else ())).flush()
-    except OSError as error:
-        return cli.first_line(error)
-    return ""
-
-
-def write_beside(survey, scaling, window):
-    """probability.segy (a SEG-Y input's geometry), slices.png and prediction.json beside
-    probability.npy, holding an inline at a time (and the slices)."""
-    output_dir = FLAGS.output_dir
-    probability = np.load(os.path.join(output_dir, "probability.npy"), mmap_mode="r")
-    most_probable = (lambda rows: rows) if probability.ndim == 3 else (
-        lambda rows: rows.argmax(-1))
-    written = ["probability.npy"]
-    if not FLAGS.input.endswith(".npy"):
-        volumes.write_like(FLAGS.input, os.path.join(output_dir, "probability.segy"),
-                           lambda inline: most_probable(probability[inline]))
-        written.append("probability.segy")
-    seismic_planes = middle_planes(lambda i: scaled(survey.inlines(i, i + 1)[0], scaling),
-                                   survey.shape)
-    predicted_planes = middle_planes(lambda i: most_probable(probability[i]), survey.shape)
-    with open(os.path.join(output_dir, "slices.png"), "wb") as png:
-        png.write(slices.figure_png(slices.columns(seismic_planes,
-                                                   prediction=predicted_planes)))
-    written.append("slices.png")
-    padded = [axis for axis, extent in enumerate(survey.shape) if extent < window]
-    done = {"input": os.path.abspath(FLAGS.input), "shape": list(survey.shape),
-            "scaling": ({"standardization": seismic.STANDARDIZATION,
-                         **vars(scaling)} if scaling else "none: the run's inputs were not "
-                        "scaled"),
-            "padding": {"mode": "reflect", "axes_shorter_than_a_window": padded},
-            "window": window, "overlap": FLAGS.overlap, "blend": FLAGS.blend,
-            "model_dir": os.path.abspath(FLAGS.model_dir), "ranks": hvd.size()}
-    with open(os.path.join(output_dir, "prediction.json"), "w") as described:
-        json.dump(done, described, indent=2)
-    written.append("prediction.json")
-    what = (f"scaled (clip {scaling.low:.4g}..{scaling.high:.4g}, centre {scaling.centre:.4g}, "
-            f"scale {scaling.scale:.4g})" if scaling else "not scaled")
-    padding = (f"axes {padded} shorter than the {window}-voxel window filled by reflection"
-               if padded else "no padding")
-    print(f"{FLAGS.input} -> {output_dir}: {', '.join(written)}; survey {survey.shape} "
-          f"{what}; {padding}")
+    tasks.TASKS[record["task"]].predict(record, checkpoint, FLAGS)
 
 
 def run():

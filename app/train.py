@@ -12,7 +12,6 @@ of app.parallel.kinds's object, which the recipe asks and never branches on.
 import collections
 import contextlib
 import functools
-import math
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from absl import app
 import input_pipeline
 import models
 from app import (arithmetic, callbacks, checkpoints, cli, devices, horovod, optimizers,
-                 preemption, results, summaries, watchdog)
+                 preemption, results, summaries, tasks, watchdog)
 from app.parallel import kinds, pipeline_plan, sync_batch_norm
 from app import flags as app_flags
 
@@ -174,8 +173,9 @@ def build_and_restore(parallel, source, resume):
                                  app_flags.preconditioner_settings())
     # Horovod: wrap the optimizer in hvd.DistributedOptimizer (fit() scales its LR).
     trainer, optimizer = parallel.trainer(model, optimizer, source.num_outputs)
-    models.compile_for_task(trainer, optimizer, source.task, FLAGS.steps_per_execution,
-                            FLAGS.segmentation_loss, parallel.example_sum)
+    tasks.compile_for(trainer, optimizer, source.task, source.num_outputs,
+                      tasks.LossOptions(FLAGS.segmentation_loss, parallel.example_sum),
+                      FLAGS.steps_per_execution)
     trainer.run_eagerly = parallel.runs_eagerly
     manager = checkpoints.manager(model, optimizer, FLAGS.model_dir,
                                   parallel.checkpoint_folder(parallel.place(hvd.rank(),
@@ -238,7 +238,7 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
               flush=True)
     throughput = callbacks.Throughput(run.parallel.images_per_rank(batch), hvd.size(),
                                       FLAGS.warmup_steps)
-    headline = models.headline_metric(run.train_source.task, run.train_source.num_outputs)
+    headline = tasks.headline(run.train_source.task, run.train_source.num_outputs)
     time_to_accuracy = callbacks.TimeToAccuracy(FLAGS.target_accuracy, headline,
                                                 FLAGS.time_budget,
                                                 lambda value: hvd.broadcast(value, 0))
@@ -258,7 +258,8 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
             verbose=(1 if progress_bar else 2) if hvd.rank() == 0 else 0)
     return results.summary(
         history, initial_epoch, time_to_accuracy.reached,
-        results.gathered(throughput, voxels_per_example(run.train_source),
+        results.gathered(throughput, tasks.voxels_per_example(run.train_source.task,
+                                                           run.train_source.feature_shape),
                          optimizers.state_elements(run.trainer.optimizer)),
         experiment=FLAGS.experiment, world_size=hvd.size(), batch_size=batch,
         headline_metric=f"val_{headline}" if headline else None,
@@ -372,11 +373,11 @@ def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_stat
             profile_steps=arithmetic.profile_steps(FLAGS.profile_steps))
         found.append(keras.callbacks.CSVLogger(
             os.path.join(FLAGS.model_dir, "training_log.csv"), append=span.first_epoch > 0))
-    if run.train_source.task == "segmentation" and where.replica == 0 and not FLAGS.benchmark:
-        # a validation volume's slices, put together by its replica's ranks, drawn by rank 0
-        found.append(summaries.ValidationSlices(
-            FLAGS.model_dir if hvd.rank() == 0 else None, *next(iter(validation_data.unbatch())),
-            run.parallel.whole_examples))
+    shows = tasks.TASKS[run.train_source.task].epoch_callbacks
+    if shows and where.replica == 0 and not FLAGS.benchmark:
+        # a validation example, put together by its replica's ranks, drawn by rank 0
+        found += shows(FLAGS.model_dir if hvd.rank() == 0 else None,
+                       next(iter(validation_data.unbatch())), run.parallel.whole_examples)
     if elastic_state is not None:  # last: a commit that meets a change of workers ends fit()
         found += [callbacks.UpdateEpochState(elastic_state),
                   hvd.elastic.CommitStateCallback(elastic_state, FLAGS.commit_steps)]
@@ -408,13 +409,6 @@ def failures_end_the_run(run):
         print(f"{cli.program()}: rank {hvd.rank()}: stopped, as Horovod was shut down by "
               f"another rank's failure", file=sys.stderr, flush=True)
         sys.exit(cli.RUN_ERROR)
-
-
-def voxels_per_example(source):
-    """A segmentation example's voxels (None for other tasks)."""
-    if source.task != "segmentation":
-        return None
-    return math.prod(source.feature_shape[:-1])
 
 
 def write_run_record(source):

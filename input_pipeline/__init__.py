@@ -42,7 +42,7 @@ class Dataset:
     description: str
     needs_data_dir: bool = False
     images: bool = True  # input_pipeline.to_tfrecord can write it as image shards
-    task: str = "classification"  # or regression, or segmentation (one label per voxel)
+    task: str = "classification"  # a name of app.tasks' table (its sources' task)
 
 
 _TFDS_SPLITS = {"train": "train", "validation": "test"}

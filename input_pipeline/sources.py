@@ -29,7 +29,7 @@ class Source:
     decode: Callable = lambda *record: record
     prepare: Optional[Callable] = None  # deterministic and costly: before the cache
     augment: Optional[Callable] = None
-    task: str = "classification"  # or "regression"
+    task: str = "classification"  # a name of app.tasks' table
     skip_errors: bool = False  # drop records that fail to read or decode
     damaged: tuple = ()  # RecordCount of each file read only up to its damage
     input_scaling: Optional[tuple] = None  # (scale, offset) per channel: the model's first layer

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from models import segmentation, user
+from models import user
 from models.cnn import pooled_cnn, small_cnn
 from models.dense import float_dtype, linear, mlp
 from models.normalization import FusedBatchNormalization
@@ -30,7 +30,7 @@ class Builder(collections.namedtuple(
         "Builder", "blocks description task downsampling example_dataset recomputes",
         defaults=("classification", 1, "synthetic", False))):
     """A model: `blocks(num_outputs, normalization=...)` gives its list of blocks; `task`,
-    what it predicts (classification, regression, or segmentation: one label per voxel);
+    what it predicts (a name of app.tasks' table: classification, regression, segmentation);
     `downsampling`, by how much it divides its input's spatial extents (which must be
     divisible by it); `example_dataset`, a generated data set of the inputs it takes (the
     benchmarks'); `recomputes`, whether `blocks(..., recompute=True)` recomputes parts of
@@ -83,21 +83,22 @@ def builder(name):
 
 def build(name, input_shape, num_outputs, normalization=FusedBatchNormalization,
           seed=None, first_block=0, last_block=None, input_scaling=None, recompute=False,
-          task=None):
+          task=None, output_shape=None):
     """Returns the uncompiled Keras model `name` on inputs of `input_shape`, or the stage of
     it that runs blocks first_block to last_block (exclusive; None: to the end), which takes
     the tensor block `first_block` takes; its random initial weights from `seed` (None: from
     Keras' random state as it is). `input_scaling`, (scale, offset) per channel, makes the
     first layer normalize the inputs (the data source's, e.g. ImageNet's statistics);
     `recompute`, for a model that `recomputes`, recomputes parts of it in the backward
-    pass. A user's model is checked against `task` (if given), and returned as it is
+    pass. A user's model is checked to give `output_shape` per example (if given: what
+    `task`, its name, needs: app.tasks.output_shape), and returned as it is
     where nothing goes before it. Raises user.UserModelError for a user's model that
     cannot be had or does not fit."""
     if seed is not None:
         keras.utils.set_random_seed(seed)
     if user.is_user_model(name):
         return _user_stage(name, input_shape, num_outputs, first_block, last_block,
-                           input_scaling, task)
+                           input_scaling, task, output_shape)
     extra = {"recompute": True} if recompute else {}
     blocks = builder(name).blocks(num_outputs, normalization=normalization, **extra)
     stage = range(len(blocks))[first_block:last_block]
@@ -117,12 +118,13 @@ def build(name, input_shape, num_outputs, normalization=FusedBatchNormalization,
                        name=name if whole else f"{name}_blocks_{stage.start}_{stage.stop}")
 
 
-def _user_stage(name, input_shape, num_outputs, first_block, last_block, input_scaling, task):
+def _user_stage(name, input_shape, num_outputs, first_block, last_block, input_scaling,
+                task, output_shape):
     """build()'s for a user's model: the model as it is, or its layers between two of its
     crossings (the stage holds only their weights; the others go with the whole model)."""
     model = user.load(name, input_shape, num_outputs)
-    if task:
-        user.check_outputs(model, task, input_shape, num_outputs)
+    if output_shape:
+        user.check_outputs(model, output_shape, task)
     whole = (first_block, last_block) == (0, None)
     if not whole:
         crossings = user.crossings(model)
@@ -182,38 +184,6 @@ def forward_flops(model, input_shape):
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
     return tf.compat.v1.profiler.profile(graph=graph, cmd="op", options=options).total_float_ops
-
-
-def compile_for_task(model, optimizer, task, steps_per_execution=1,
-                     segmentation_loss="balanced_crossentropy", example_sum=None):
-    """Compiles with the loss and metrics of `task`: classification (softmax outputs, integer
-    labels: cross-entropy and accuracy), regression (MSE and MAE) or segmentation (a label
-    per voxel: `segmentation_loss`, one of segmentation.LOSSES, and the confusion counts'
-    scores; `example_sum`, segmentation.loss's, where the model sees parts of examples)."""
-    if task == "regression":
-        loss, metrics = "mse", ["mae"]
-    elif task == "segmentation":
-        loss = segmentation.loss(segmentation_loss, example_sum)
-        metrics = [segmentation.ConfusionCounts(model.output_shape[-1])]
-    else:
-        loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
-    # No XLA around the whole step: Horovod's allreduce in it has no XLA kernel on CPUs (and
-    # Keras 3's "auto" would compile it on GPUs); --jit_compile clusters around it instead.
-    model.compile(optimizer, loss=loss, metrics=metrics, steps_per_execution=steps_per_execution,
-                  jit_compile=False)
-
-
-def headline_metric(task, num_outputs):
-    """The metric of compile_for_task's that says how good a model of `task` with
-    `num_outputs` outputs is (what --target_accuracy reaches): classification's accuracy, a
-    one-output segmentation's (faults) IoU of its positive class, a segmentation's of
-    several classes (facies) mean IoU; None for regression, whose errors have no target to
-    reach from below."""
-    if task == "regression":
-        return None
-    if task == "segmentation":
-        return "iou" if num_outputs == 1 else "mean_iou"
-    return "accuracy"
 
 
 def add_weight_decay(model, weight_decay):

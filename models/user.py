@@ -91,15 +91,14 @@ def _saved(path, input_shape):
     return model
 
 
-def check_outputs(model, task, input_shape, num_outputs):
-    """Raises UserModelError unless `model`'s outputs are what `task` needs: a segmentation
-    model's, `num_outputs` per voxel of the input; the other tasks', `num_outputs`."""
+def check_outputs(model, wanted, task):
+    """Raises UserModelError unless `model` gives one output of shape `wanted` per example,
+    as `task` (its name) needs (app.tasks.output_shape)."""
     if len(model.outputs) != 1:
         raise UserModelError(f"has {len(model.outputs)} outputs; the project trains models "
                              f"of one")
     found = tuple(model.output_shape[1:])
-    wanted = ((*tuple(input_shape)[:-1], num_outputs) if task == "segmentation"
-              else (num_outputs,))
+    wanted = tuple(wanted)
     if found != wanted:
         kind = ("one output per voxel" if len(found) > 1 else "outputs per example")
         raise UserModelError(f"gives {kind} of shape {_shape(found)}; a {task} data set of "

@@ -180,5 +180,5 @@ def test_a_regression_refuses_a_target_accuracy(tmp_path):
                                "--target_accuracy=0.5", f"--model_dir={tmp_path / 'linear'}"),
                  check=False)
     assert result.returncode == 2 and error_lines(result) == [
-        "app.train: error: --target_accuracy=0.5: --dataset=linear is a regression, whose "
-        "errors (MSE, MAE) have no accuracy to reach"], result.stderr[-2000:]
+        "app.train: error: --target_accuracy=0.5: --dataset=linear is a regression data "
+        "set, with no headline metric to reach"], result.stderr[-2000:]

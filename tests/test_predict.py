@@ -10,7 +10,7 @@ import segyio
 from conftest import PYTHON, error_lines, mpirun, run, train_command
 
 import input_pipeline
-from app import predict
+from app import survey_prediction
 from input_pipeline import seismic, volumes
 
 SHAPE = (24, 20, 16)
@@ -104,9 +104,9 @@ def predicted_rows(predict_windows, volume, window, size=1, **options):
     def write_rows(start, rows):
         found[start:start + len(rows)] = rows
     for rank in range(size):
-        predict.sliding_window(predict_windows, lambda start, stop: volume[start:stop],
-                               volume.shape, window, predict.rows_of_rank(len(volume), rank, size),
-                               write_rows, **options)
+        survey_prediction.sliding_window(
+            predict_windows, lambda start, stop: volume[start:stop], volume.shape, window,
+            survey_prediction.rows_of_rank(len(volume), rank, size), write_rows, **options)
     return found
 
 
@@ -156,8 +156,8 @@ def test_a_survey_shorter_than_a_window_is_filled_by_reflection_not_zeros():
     volume = 3000 + np.random.default_rng(2).normal(size=(5, 9, 3))
     found = predicted_rows(plane_jumps, volume, 8)
     assert np.abs(found).max() < 10  # the survey's own jumps; zeros would give ~3000
-    assert predict.reflected(np.arange(8), 3).tolist() == [0, 1, 2, 1, 0, 1, 2, 1]
-    assert predict.reflected(np.arange(3), 1).tolist() == [0, 0, 0]
+    assert survey_prediction.reflected(np.arange(8), 3).tolist() == [0, 1, 2, 1, 0, 1, 2, 1]
+    assert survey_prediction.reflected(np.arange(3), 1).tolist() == [0, 0, 0]
 
 
 def test_a_rank_reads_a_window_of_rows_at_a_time_and_only_near_its_own():
@@ -167,8 +167,8 @@ def test_a_rank_reads_a_window_of_rows_at_a_time_and_only_near_its_own():
     def read_rows(start, stop):
         reads.append((start, stop))
         return volume[start:stop]
-    predict.sliding_window(voxelwise, read_rows, volume.shape, 8, (10, 30),
-                           lambda start, rows: writes.append((start, len(rows))))
+    survey_prediction.sliding_window(voxelwise, read_rows, volume.shape, 8, (10, 30),
+                                     lambda start, rows: writes.append((start, len(rows))))
     assert max(stop - start for start, stop in reads) <= 8
     assert min(start for start, _ in reads) >= 10 - 8 and max(stop for _, stop in reads) <= 30 + 8
     # its rows are written as they are final, in order, each once
@@ -178,11 +178,12 @@ def test_a_rank_reads_a_window_of_rows_at_a_time_and_only_near_its_own():
 
 
 def test_windows_cover_every_axis():
-    assert predict.window_starts(20, 8, 0.25) == [0, 6, 12]
-    assert predict.window_starts(16, 8, 0.0) == [0, 8]
-    assert predict.window_starts(5, 8, 0.25) == [0]
-    assert predict.rows_of_rank(5, 0, 1) == (0, 5)
-    assert [predict.rows_of_rank(2, rank, 3) for rank in range(3)] == [(0, 1), (1, 1), (1, 2)]
+    assert survey_prediction.window_starts(20, 8, 0.25) == [0, 6, 12]
+    assert survey_prediction.window_starts(16, 8, 0.0) == [0, 8]
+    assert survey_prediction.window_starts(5, 8, 0.25) == [0]
+    assert survey_prediction.rows_of_rank(5, 0, 1) == (0, 5)
+    assert [survey_prediction.rows_of_rank(2, rank, 3) for rank in range(3)] == [
+        (0, 1), (1, 1), (1, 2)]
 
 
 TINY_RUN = ["--flagfile=configs/seismic_faults_cpu.cfg", "--patch_size=16", "--epochs=1",

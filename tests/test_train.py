@@ -380,12 +380,12 @@ def evaluate(model_dir, epoch, source, datasets):
     """(loss, accuracy) of the cnn checkpointed after `epoch`, evaluated in this process on
     the examples of all `datasets` (of `source`) together."""
     import models
-    from app import optimizers
+    from app import optimizers, tasks
     model = models.build("cnn", source.feature_shape, source.num_outputs,
                          input_scaling=source.input_scaling)
     tf.train.Checkpoint(model=model).restore(
         os.path.join(model_dir, "checkpoints", f"epoch-{epoch}")).expect_partial()
-    models.compile_for_task(model, optimizers.build("sgd", 0.1), source.task)
+    tasks.compile_for(model, optimizers.build("sgd", 0.1), source.task, source.num_outputs)
     examples = datasets[0]
     for dataset in datasets[1:]:
         examples = examples.concatenate(dataset)

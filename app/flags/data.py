@@ -6,6 +6,7 @@ from absl import flags
 
 import input_pipeline
 from models import segmentation
+from app import tasks
 from app.flags.common import FLAGS, invalid
 
 
@@ -57,7 +58,7 @@ def check(world_size):
     dataset = input_pipeline.DATASETS[FLAGS.dataset]
     if dataset.needs_data_dir and not FLAGS.data_dir:
         raise invalid("data_dir", f"is required by --dataset={FLAGS.dataset}")
-    if dataset.task == "segmentation" and not dataset.needs_data_dir and (
+    if tasks.TASKS[dataset.task].per_voxel and not dataset.needs_data_dir and (
             FLAGS.patch_size or 0) > FLAGS.volume_size:
         raise invalid("patch_size", f"is larger than the volumes (--volume_size="
                                     f"{FLAGS.volume_size})")

@@ -8,6 +8,7 @@ from absl import flags
 
 import input_pipeline
 import models
+from app import tasks
 from app.experiments import EXPERIMENTS
 from app.flags.common import FLAGS, choices, invalid, require
 from app.flags.recipe import BATCH_FLAGS
@@ -55,13 +56,14 @@ DEFINES = (define_experiment_flags,)
 
 
 def check(world_size):
-    """The model and data set are given, and the model's task is the data set's."""
+    """The model and data set are given, and the model predicts as the data set's task needs
+    (per voxel or per example; a user's model tells once it is built)."""
     del world_size
     require("model", "dataset")
     model, dataset = models.builder(FLAGS.model), input_pipeline.DATASETS[FLAGS.dataset]
     if models.user.is_user_model(FLAGS.model):  # its outputs tell, once it is built
         check_user_model()
-    elif (model.task == "segmentation") != (dataset.task == "segmentation"):
+    elif tasks.TASKS[model.task].per_voxel != tasks.TASKS[dataset.task].per_voxel:
         raise invalid("model", f"is a {model.task} model, --dataset={FLAGS.dataset} a "
                                f"{dataset.task} data set")
 

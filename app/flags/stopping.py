@@ -3,6 +3,7 @@ their flags and checks."""
 from absl import flags
 
 import input_pipeline
+from app import tasks
 from app.flags.common import FLAGS, invalid
 
 
@@ -10,10 +11,8 @@ def define_stopping_flags():
     """Ending training early."""
     flags.DEFINE_float("target_accuracy", None,
                        "End training after the first epoch whose validation headline metric "
-                       "(over all the ranks' examples) reaches this: val_accuracy for "
-                       "classification; for segmentation val_iou (the positive class's, one "
-                       "output: faults) or val_mean_iou (several classes: facies); not for "
-                       "regression. results.json names it (headline_metric).",
+                       "(over all the ranks' examples) reaches this, by the data set's task: "
+                       f"{tasks.headlines()}. results.json names it (headline_metric).",
                        lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_float("time_budget", None,
                        "End training after the epoch in which this many seconds of training "
@@ -41,7 +40,7 @@ def check(world_size):
     del world_size
     if FLAGS.target_accuracy is not None and FLAGS.benchmark:
         raise invalid("target_accuracy", "needs validation, which --benchmark leaves out")
-    if FLAGS.target_accuracy is not None and input_pipeline.DATASETS[
-            FLAGS.dataset].task == "regression":
-        raise invalid("target_accuracy", f"--dataset={FLAGS.dataset} is a regression, "
-                                         f"whose errors (MSE, MAE) have no accuracy to reach")
+    task = input_pipeline.DATASETS[FLAGS.dataset].task
+    if FLAGS.target_accuracy is not None and not tasks.TASKS[task].headline:
+        raise invalid("target_accuracy", f"--dataset={FLAGS.dataset} is a {task} data set, "
+                                         f"with no headline metric to reach")

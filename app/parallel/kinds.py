@@ -10,7 +10,7 @@ callback broadcasts the initial state, and where a rank's checkpoints go. A new 
 new class here and an entry in KINDS.
 """
 import models
-from app import checkpoints, cli, devices, horovod, optimizers
+from app import checkpoints, cli, devices, horovod, optimizers, tasks
 from app.arithmetic import FlagError, batch_sizes
 from app.horovod import hvd
 from app.parallel import pipeline, pipeline_plan, sharded_optimizer, spatial
@@ -18,6 +18,12 @@ from app.parallel import pipeline, pipeline_plan, sharded_optimizer, spatial
 # Where a rank sits: its pipeline stage (of `stages`) and its data-parallel replica (of
 # `replicas`); plain data parallelism has one stage.
 Position = pipeline_plan.Position
+
+
+def outputs_of_task(source):
+    """models.build's check of a user's model: the outputs `source`'s task needs."""
+    return dict(task=source.task, output_shape=tasks.output_shape(
+        source.task, source.feature_shape, source.num_outputs))
 
 
 class DataParallel:
@@ -83,7 +89,7 @@ class DataParallel:
         return models.build(self.flags.model, source.feature_shape, source.num_outputs,
                             normalization, seed=self.flags.seed,
                             input_scaling=source.input_scaling, recompute=self.flags.recompute,
-                            task=source.task)
+                            **outputs_of_task(source))
 
     def trainer(self, model, optimizer, num_outputs):
         """(what fit() trains, its optimizer): here the model itself, with Horovod's
@@ -219,7 +225,7 @@ class PipelineParallel(DataParallel):
         return models.build(self.flags.model, source.feature_shape, source.num_outputs,
                             normalization, seed=self.flags.seed, first_block=first_block,
                             last_block=last_block, input_scaling=source.input_scaling,
-                            task=source.task)
+                            **outputs_of_task(source))
 
     def trainer(self, model, optimizer, num_outputs):
         """(this rank's PipelinedStage around `model`, the optimizer, its state sharded

@@ -54,8 +54,9 @@ def measure(run_dir, optimizer, flags, args, train_args):
     """One benchmark run's figures: ms per step, memory, bytes per step by kind."""
     results = harness.run_app_train(
         run_dir, ["-np", str(args.processes)],
-        [*harness.arguments_for(optimizer, train_args), *flags, "--benchmark", "--timeline", "--epochs=1", "--warmup_epochs=0",
-         f"--steps_per_epoch={args.steps}", f"--warmup_steps={args.warmup_steps}"])
+        [*harness.arguments_for(optimizer, train_args), *flags, "--benchmark", "--timeline",
+         "--epochs=1", "--warmup_epochs=0", f"--steps_per_epoch={args.steps}",
+         f"--warmup_steps={args.warmup_steps}"])
     sent = [item for item in harness.timeline_collectives(os.path.join(run_dir, "timeline.json"))
             if item.collective == "ALLREDUCE"]
     by_kind = harness.bytes_by_kind(sent, KINDS)

@@ -15,7 +15,7 @@ from absl import app
 
 import input_pipeline
 import models
-from app import arithmetic, callbacks, cli, devices, optimizers
+from app import arithmetic, callbacks, cli, devices, optimizers, tasks
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
@@ -76,8 +76,8 @@ def main(_):
         optimizer = optimizers.loss_scaled(
             optimizers.build(FLAGS.optimizer, app_flags.scaled_learning_rate(global_batch),
                              FLAGS.momentum), FLAGS.mixed_precision)
-        models.compile_for_task(model, optimizer, source.task, FLAGS.steps_per_execution,
-                                FLAGS.segmentation_loss)
+        tasks.compile_for(model, optimizer, source.task, source.num_outputs,
+                          tasks.LossOptions(FLAGS.segmentation_loss), FLAGS.steps_per_execution)
     throughput = callbacks.Throughput(batch, size, FLAGS.warmup_steps)
     if cluster:
         fit_on_workers(model, strategy, dataset, steps_per_epoch, throughput)
