@@ -1,0 +1,142 @@
+"""The topology data: random load cases on a box of hexahedra, SIMP's design for each
+(input_pipeline.simp), and the voxel arrays a network learns the design from (Rade et al.
+2021's inputs: the loads, the supports, the volume fraction and the strain energy of the
+uniform design).
+
+A load case is deterministic by its seed: one face of the box supported (the whole face,
+or a rectangle of it), one to three loads on the other faces, each at one node or spread
+along a line of nodes, in a random direction, of magnitude 1, and a volume fraction
+drawn from [0.2, 0.5].
+"""
+import dataclasses
+
+import numpy as np
+
+from input_pipeline import simp
+
+VOLUME_FRACTIONS = (0.2, 0.5)
+MAX_LOADS = 3
+# The inputs' channels, in order
+CHANNELS = ("load_x", "load_y", "load_z", "support", "volume_fraction", "log_strain_energy")
+
+
+class LoadCaseError(ValueError):
+    """A load case that cannot be: a load or support outside the box, a volume fraction
+    outside (0, 1), a box that is not held."""
+
+
+@dataclasses.dataclass
+class LoadCase:
+    """`shape`, elements along x, y, z; `forces` [nodes..., 3] and `fixed` [nodes..., 3]
+    (boolean) on the nodes' grid, one larger along each axis; `volume_fraction`."""
+    shape: tuple
+    forces: np.ndarray
+    fixed: np.ndarray
+    volume_fraction: float
+
+    def __post_init__(self):
+        nodes = tuple(extent + 1 for extent in self.shape)
+        for name in ("forces", "fixed"):
+            if getattr(self, name).shape != nodes + (3,):
+                raise LoadCaseError(f"{name} of shape {getattr(self, name).shape}, not the "
+                                    f"box's nodes {nodes + (3,)}")
+        if not 0 < self.volume_fraction < 1:
+            raise LoadCaseError(f"volume fraction {self.volume_fraction}: must be in (0, 1)")
+        if not self.fixed.any():
+            raise LoadCaseError("no support: the box would float")
+        if not self.forces.any():
+            raise LoadCaseError("no load")
+
+
+def _face_nodes(shape, axis, side):
+    """The index arrays (i, j, k) of the nodes of a face: `axis` at 0 or its end."""
+    nodes = [np.arange(extent + 1) for extent in shape]
+    nodes[axis] = np.array([0 if side == 0 else shape[axis]])
+    return nodes
+
+
+def random_load_case(shape, seed):
+    """The load case of `seed` on a box of `shape` elements."""
+    rng = np.random.default_rng(seed)
+    nodes = tuple(extent + 1 for extent in shape)
+    forces, fixed = np.zeros(nodes + (3,)), np.zeros(nodes + (3,), bool)
+    faces = [(axis, side) for axis in range(3) for side in (0, 1)]
+    support_axis, support_side = faces[rng.integers(6)]
+    face = _face_nodes(shape, support_axis, support_side)
+    if rng.random() < 0.5:  # a rectangle of at least half the face's nodes along each side
+        for axis in range(3):
+            if axis != support_axis:
+                length = rng.integers((len(face[axis]) + 1) // 2, len(face[axis]) + 1)
+                start = rng.integers(0, len(face[axis]) - length + 1)
+                face[axis] = face[axis][start:start + length]
+    fixed[np.ix_(*face)] = True
+    loaded = [face for face in faces if face != (support_axis, support_side)]
+    for _ in range(rng.integers(1, MAX_LOADS + 1)):
+        axis, side = loaded[rng.integers(len(loaded))]
+        place = [np.array([rng.integers(extent + 1)]) for extent in shape]
+        place[axis] = np.array([0 if side == 0 else shape[axis]])
+        if rng.random() < 0.5:  # spread along a whole line of the face
+            along = [other for other in range(3) if other != axis][rng.integers(2)]
+            place[along] = np.arange(shape[along] + 1)
+        direction = rng.normal(size=3)
+        share = direction / np.linalg.norm(direction) / np.prod([len(p) for p in place])
+        forces[np.ix_(*place)] += share
+    forces[fixed] = 0.0  # a load on a support goes straight into it
+    if not forces.any():
+        return random_load_case(shape, [seed, 1] if np.isscalar(seed) else [*seed, 1])
+    return LoadCase(tuple(shape), forces, fixed,
+                    float(rng.uniform(*VOLUME_FRACTIONS)))
+
+
+@dataclasses.dataclass
+class Example:
+    """A load case's arrays: `inputs` [x, y, z, CHANNELS] float32, `density` [x, y, z] SIMP's
+    design, `solid` its thresholded design (the volume fraction's densest elements), and
+    SIMP's compliance and iterations."""
+    inputs: np.ndarray
+    density: np.ndarray
+    solid: np.ndarray
+    compliance: float
+    iterations: int
+
+
+def element_means(case, values):
+    """[elements..., channels]: the mean of `values` [nodes..., channels] over each element's
+    eight nodes."""
+    x, y, z = case.shape
+    return sum(values[i:i + x, j:j + y, k:k + z] for i, j, k in simp.CORNERS) / 8
+
+
+def inputs_of(case):
+    """The network's inputs [x, y, z, CHANNELS]: the loads at the elements (each the mean of
+    its nodes', times 8: a point load's whole magnitude at each element it touches), the
+    share of each element's supported nodes, the volume fraction, and log10 of the strain
+    energy of the uniform design at the volume fraction, relative to its mean."""
+    grid = simp.grid_of(case.shape)
+    uniform = np.full(int(np.prod(case.shape)), case.volume_fraction)
+    displacements = simp.ElasticSolver(grid, case.fixed.ravel()).solve(
+        simp.moduli_of(uniform, 3.0), case.forces.ravel())
+    energy = simp.element_energies(grid, displacements).reshape(case.shape)
+    relative = np.log10(np.maximum(energy / energy.mean(), 1e-6))
+    return np.concatenate([
+        8 * element_means(case, case.forces),
+        element_means(case, case.fixed.any(axis=-1, keepdims=True).astype(float)),
+        np.full(case.shape + (1,), case.volume_fraction),
+        relative[..., np.newaxis]], axis=-1).astype(np.float32)
+
+
+def thresholded(density, volume_fraction):
+    """The design of `density` with the volume fraction's share of its densest elements."""
+    count = int(round(volume_fraction * density.size))
+    solid = np.zeros(density.size, bool)
+    solid[np.argsort(-density.ravel(), kind="stable")[:count]] = True
+    return solid.reshape(density.shape)
+
+
+def example(case, **simp_options):
+    """The Example of `case`: its inputs, and SIMP's design (simp.optimize's options)."""
+    design = simp.optimize(case.shape, case.forces.ravel(), case.fixed.ravel(),
+                           case.volume_fraction, **simp_options)
+    return Example(inputs_of(case), design.densities.astype(np.float32),
+                   thresholded(design.densities, case.volume_fraction), design.compliance,
+                   design.iterations)

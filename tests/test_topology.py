@@ -1,0 +1,82 @@
+"""The topology data (input_pipeline.topology): load cases deterministic by seed and what
+they hold, the inputs a network sees of them, SIMP's designs and their thresholds."""
+import numpy as np
+import pytest
+
+from input_pipeline import simp, topology
+
+
+def test_a_load_case_is_its_seeds_alone():
+    first, again, other = (topology.random_load_case((8, 6, 4), seed) for seed in (3, 3, 4))
+    for name in ("forces", "fixed"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
+    assert first.volume_fraction == again.volume_fraction
+    assert not (np.array_equal(first.forces, other.forces)
+                and np.array_equal(first.fixed, other.fixed))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_load_case_is_held_on_one_face_and_loaded_on_others(seed):
+    case = topology.random_load_case((6, 5, 4), seed)
+    assert topology.VOLUME_FRACTIONS[0] <= case.volume_fraction <= topology.VOLUME_FRACTIONS[1]
+    held = np.argwhere(case.fixed.any(axis=-1))
+    assert (held.min(axis=0) == held.max(axis=0)).any()  # all on one face
+    assert (case.fixed.all(axis=-1) == case.fixed.any(axis=-1)).all()  # all three directions
+    loaded = np.abs(case.forces).sum(axis=-1) > 0
+    assert loaded.any() and not (loaded & case.fixed.any(axis=-1)).any()
+    on_surface = np.zeros(case.forces.shape[:-1], bool)
+    on_surface[[0, -1]] = on_surface[:, [0, -1]] = on_surface[:, :, [0, -1]] = True
+    assert not (loaded & ~on_surface).any()
+    # one to three loads of magnitude 1 (less what fell on a support)
+    assert np.linalg.norm(case.forces.sum(axis=(0, 1, 2))) <= topology.MAX_LOADS + 1e-9
+
+
+def test_the_inputs_put_a_point_load_whole_on_each_element_it_touches():
+    shape = (4, 4, 4)
+    forces, fixed = np.zeros((5, 5, 5, 3)), np.zeros((5, 5, 5, 3), bool)
+    forces[4, 2, 2] = (0.0, 0.6, -0.8)  # the middle of the face x = 4
+    fixed[0] = True
+    case = topology.LoadCase(shape, forces, fixed, 0.3)
+    inputs = topology.inputs_of(case)
+    assert inputs.shape == shape + (len(topology.CHANNELS),)
+    touching = np.zeros(shape, bool)
+    touching[3, 1:3, 1:3] = True
+    np.testing.assert_allclose(inputs[touching][:, :3], [[0.0, 0.6, -0.8]] * 4, atol=1e-7)
+    assert not inputs[~touching][:, :3].any()
+    np.testing.assert_allclose(inputs[0, :, :, 3], 0.5)  # half of each element's nodes held
+    assert not inputs[1:, :, :, 3].any()
+    assert (inputs[..., 4] == np.float32(0.3)).all()
+    # the strain energy is largest where the load is, and relative to its mean
+    energy = inputs[..., 5]
+    assert energy[touching].min() > np.median(energy)
+    assert np.log10(np.mean(10.0 ** energy.astype(float))) == pytest.approx(0, abs=1e-3)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(volume_fraction=1.0), "volume fraction 1.0: must be in (0, 1)"),
+    (dict(volume_fraction=0.0), "volume fraction 0.0: must be in (0, 1)"),
+    (dict(fixed=np.zeros((5, 5, 5, 3), bool)), "no support: the box would float"),
+    (dict(forces=np.zeros((5, 5, 4, 3))), "forces of shape (5, 5, 4, 3), not the box's nodes "
+                                          "(5, 5, 5, 3)"),
+])
+def test_a_load_case_that_cannot_be_is_refused(change, words):
+    case = topology.random_load_case((4, 4, 4), 0)
+    fields = {**dict(shape=case.shape, forces=case.forces, fixed=case.fixed,
+                     volume_fraction=case.volume_fraction), **change}
+    with pytest.raises(topology.LoadCaseError) as error:
+        topology.LoadCase(**fields)
+    assert str(error.value) == words
+
+
+def test_an_example_is_simps_design_of_its_case_and_the_same_each_time():
+    case = topology.random_load_case((8, 8, 8), 5)
+    first, again = topology.example(case), topology.example(case)
+    np.testing.assert_array_equal(first.density, again.density)
+    assert first.compliance == again.compliance and first.iterations == again.iterations
+    assert first.density.mean() == pytest.approx(case.volume_fraction, abs=1e-3)
+    assert first.solid.sum() == round(case.volume_fraction * 8 ** 3)
+    assert first.density[first.solid].min() >= first.density[~first.solid].max()
+    # the design is stiffer than the uniform material of the same volume
+    uniform = simp.compliance(case.shape, case.forces.ravel(), case.fixed.ravel(),
+                              np.full(case.shape, case.volume_fraction))
+    assert first.compliance < uniform / 2
