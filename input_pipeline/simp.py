@@ -107,13 +107,15 @@ class Grid:
 class ElasticSolver:
     """K(moduli) u = f on `grid` with the unknowns `fixed` (a boolean [unknowns]) held at 0, by
     conjugate gradients to a relative residual of `tolerance`, warm-started from the last
-    solve, preconditioned by a V-cycle of `multigrid`: "geometric" (the grid halved while its
-    extents are even, trilinear interpolation, Galerkin coarse matrices: a hierarchy costs
-    two sparse products a level, so each solve gets its own) or "algebraic" (PyAMG's smoothed
-    aggregation, the rigid-body modes its near-null space: any grid); "direct" is SuperLU."""
+    solve (unless not `warm_start`), preconditioned by a V-cycle of `multigrid`:
+    "geometric" (the grid's even extents halved level by level, trilinear interpolation,
+    Galerkin coarse matrices: a hierarchy costs two sparse products a level, so each solve
+    gets its own) or "algebraic" (PyAMG's smoothed aggregation, the rigid-body modes its
+    near-null space: any grid, and where the grid cannot be halved); "direct" is SuperLU."""
 
-    def __init__(self, grid, fixed, tolerance=1e-8, multigrid="geometric"):
+    def __init__(self, grid, fixed, tolerance=1e-8, multigrid="geometric", warm_start=True):
         self.grid, self.tolerance, self.multigrid = grid, tolerance, multigrid
+        self.warm_start = warm_start
         self.free = np.flatnonzero(~fixed)
         self.interpolations = (interpolations(grid.shape, fixed) if multigrid == "geometric"
                                else None)
@@ -148,7 +150,8 @@ class ElasticSolver:
         if info:
             raise SolveError(f"conjugate gradients did not converge in {info} iterations")
         self.iterations.append(count[0])
-        self.previous = displacements[self.free] = solution
+        displacements[self.free] = solution
+        self.previous = solution if self.warm_start else None
         return displacements
 
 
@@ -245,16 +248,15 @@ class Design:
 
 
 def optimize(shape, forces, fixed, volume_fraction, *, penalty=3.0, filter_radius=1.5,
-             move=0.2, tolerance=0.01, max_iterations=200, initial=None):
+             move=0.2, tolerance=0.01, max_iterations=200, **solver_options):
     """Minimum compliance under `volume_fraction` on a grid of `shape` elements: `forces`
-    [unknowns] (the nodal loads), `fixed` [unknowns] (the supported unknowns). Starts from
-    `initial` densities (default: uniform at the volume fraction)."""
+    [unknowns] (the nodal loads), `fixed` [unknowns] (the supported unknowns), from uniform
+    densities; `solver_options`, ElasticSolver's."""
     grid = grid_of(shape)
-    solver = ElasticSolver(grid, fixed)
+    solver = ElasticSolver(grid, fixed, **solver_options)
     forward, adjoint = density_filter(filter_radius, shape)
     count = grid.element_unknowns.shape[0]
-    densities = (np.full(count, float(volume_fraction)) if initial is None
-                 else np.asarray(initial, float).ravel().copy())
+    densities = np.full(count, float(volume_fraction))
     physical, history = forward(densities), []
     for iteration in range(1, max_iterations + 1):
         displacements = solver.solve(moduli_of(physical, penalty), forces)

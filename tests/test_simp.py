@@ -3,7 +3,7 @@ theory, each solver against the others, and SIMP against Liu and Tovar's top3d."
 import numpy as np
 import pytest
 
-from input_pipeline import simp
+from input_pipeline import simp, topology
 
 
 def clamped_box(shape):
@@ -75,3 +75,21 @@ def test_simp_follows_top3ds_cantilever():
     for iteration, printed in TOP3D_PRINTED.items():
         assert design.history[iteration - 1] == pytest.approx(printed, abs=1e-4), iteration
     assert design.densities.mean() == pytest.approx(0.3, abs=1e-3)
+
+
+def test_the_solver_study_counts_each_solvers_iterations(tmp_path):
+    from conftest import run_study
+    _, rows = run_study(tmp_path, "app.studies.simp_solvers", "simp_solvers.csv", "--sides=4",
+                        "--cases=2", "--iterations=3", "--direct_sides=4")
+    assert [row["solver"] for row in rows] == list(
+        ("direct", "algebraic-cold", "algebraic-warm", "geometric-cold", "geometric-warm"))
+    cases = [topology.random_load_case((4, 4, 4), [4, number]) for number in range(2)]
+    designs = [simp.optimize(case.shape, case.forces.ravel(), case.fixed.ravel(),
+                             case.volume_fraction, max_iterations=3) for case in cases]
+    found = {row["solver"]: row for row in rows}
+    assert found["direct"]["cg_iterations_per_solve"] == ""
+    assert float(found["geometric-warm"]["cg_iterations_per_solve"]) == pytest.approx(
+        np.median([np.mean(design.solver_iterations) for design in designs]))
+    whole = [simp.optimize(case.shape, case.forces.ravel(), case.fixed.ravel(),
+                           case.volume_fraction).iterations for case in cases]
+    assert float(found["geometric-warm"]["simp_iterations_per_design"]) == np.median(whole)
