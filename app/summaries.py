@@ -102,11 +102,14 @@ class ValidationSlices(keras.callbacks.Callback):
     in TensorBoard's run `slices` (segmentation only; a run of its own, as a second writer
     in Keras' validation folder can take its event file's name)."""
 
-    def __init__(self, model_dir, seismic, label, whole_examples=lambda examples: examples):
+    def __init__(self, model_dir, seismic, label, whole_examples=lambda examples: examples,
+                 channel=0):
         """`model_dir` None: only help put the volume together (`whole_examples`: a batch of
-        this rank's parts of examples to the whole ones, a collective)."""
+        this rank's parts of examples to the whole ones, a collective); `channel`, the
+        input's channel drawn."""
         super().__init__()
         self.seismic, self.label, self.whole_examples = seismic, label, whole_examples
+        self.channel = channel
         self.writer = (tf.summary.create_file_writer(os.path.join(log_dir(model_dir), "slices"))
                        if model_dir else None)
 
@@ -117,7 +120,8 @@ class ValidationSlices(keras.callbacks.Callback):
             return
         prediction = output[..., 0] if output.shape[-1] == 1 else output.argmax(-1)
         png = slices.figure_png(slices.columns(
-            seismic[..., 0], label[..., 0] if label.ndim == output.ndim else label, prediction))
+            seismic[..., self.channel], label[..., 0] if label.ndim == output.ndim else label,
+            prediction))
         # record_if: Keras' TensorBoard callback records only every --summary_steps steps
         with self.writer.as_default(step=epoch + 1), tf.summary.record_if(True):
             tf.summary.image("slices", tf.image.decode_png(png)[tf.newaxis])

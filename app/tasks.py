@@ -8,6 +8,7 @@ import collections
 import math
 
 from app import summaries, survey_prediction
+from input_pipeline import topology
 from models import segmentation
 
 
@@ -24,6 +25,14 @@ class Task(collections.namedtuple(
     checkpoint, flag_values)`, app.predict for its runs (None: app.predict refuses them)."""
 
 
+def _voxel_loss(options):
+    return segmentation.loss(options.segmentation_loss, options.example_sum)
+
+
+def _voxel_counts(num_outputs):
+    return [segmentation.ConfusionCounts(num_outputs)]
+
+
 def _segmentation_headline(num_outputs):
     """One output (faults): the positive class's IoU; several classes (facies): mean IoU."""
     return "iou" if num_outputs == 1 else "mean_iou"
@@ -31,6 +40,12 @@ def _segmentation_headline(num_outputs):
 
 def _validation_slices(model_dir, example, whole_examples):
     return [summaries.ValidationSlices(model_dir, *example, whole_examples)]
+
+
+def _design_slices(model_dir, example, whole_examples):
+    """A validation design's slices over its strain energy: SIMP's design, the prediction."""
+    return [summaries.ValidationSlices(model_dir, *example, whole_examples,
+                                       channel=topology.CHANNELS.index("log_strain_energy"))]
 
 
 TASKS = {
@@ -46,9 +61,13 @@ TASKS = {
         "one class per voxel (one sigmoid output: faults; a softmax: facies): "
         "--segmentation_loss, voxel confusion counts (IoU; mean IoU for several classes); "
         "each epoch a validation volume's slices; app.predict applies it to a whole survey",
-        True, lambda options: segmentation.loss(options.segmentation_loss, options.example_sum),
-        lambda num_outputs: [segmentation.ConfusionCounts(num_outputs)],
-        _segmentation_headline, _validation_slices, survey_prediction.predict),
+        True, _voxel_loss, _voxel_counts, _segmentation_headline, _validation_slices,
+        survey_prediction.predict),
+    "topology": Task(
+        "a design per voxel (one sigmoid output: solid or void) from the load case's voxels "
+        "(input_pipeline.topology): --segmentation_loss, the solid's IoU; each epoch a "
+        "validation design's slices", True, _voxel_loss, _voxel_counts,
+        _segmentation_headline, _design_slices),
 }
 
 

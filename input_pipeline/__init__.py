@@ -11,7 +11,7 @@ import json
 import os
 from typing import Callable
 
-from input_pipeline import imagenet_preprocessing, seismic, sources
+from input_pipeline import imagenet_preprocessing, seismic, sources, topology
 from input_pipeline.pipeline import evaluation_dataset, shard_by_file, training_dataset
 
 __all__ = ["DATASETS", "SPLITS", "Dataset", "LoadOptions", "evaluation_dataset", "load",
@@ -43,6 +43,7 @@ class Dataset:
     needs_data_dir: bool = False
     images: bool = True  # input_pipeline.to_tfrecord can write it as image shards
     task: str = "classification"  # a name of app.tasks' table (its sources' task)
+    keeps_data: bool = False  # makes its data and keeps it in --data_dir (made if missing)
 
 
 _TFDS_SPLITS = {"train": "train", "validation": "test"}
@@ -83,6 +84,15 @@ def _surveys(target, sections=False):
             target=target, num_facies=options.num_facies, seed=options.seed,
             sections=sections)
     return load
+
+
+def _designs(split, options):
+    """SIMP's designs (input_pipeline.topology): --num_volumes for training, an eighth as
+    many (at least 2) for validation."""
+    return topology.designs(
+        split, volume_size=options.volume_size,
+        num_volumes=options.num_volumes if split == "train" else max(2, options.num_volumes // 8),
+        seed=options.seed, cache_dir=options.data_dir)
 
 
 def _own_images(split, options):
@@ -129,6 +139,9 @@ DATASETS = {
     "seismic_facies_sections": Dataset(
         _surveys("facies", sections=True), "inline sections of those surveys, facies labels",
         images=False, task="segmentation"),
+    "topology": Dataset(
+        _designs, "3D SIMP designs of random load cases on cubes of --volume_size elements, "
+        "kept in --data_dir when given", images=False, task="topology", keeps_data=True),
 }
 
 

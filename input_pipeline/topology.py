@@ -9,12 +9,24 @@ along a line of nodes, in a random direction, of magnitude 1, and a volume fract
 drawn from [0.2, 0.5].
 """
 import dataclasses
+import hashlib
+import json
+import os
+import tempfile
 
 import numpy as np
+import tensorflow as tf
 
 from input_pipeline import simp
+from input_pipeline.sources import Source
 
 VOLUME_FRACTIONS = (0.2, 0.5)
+SPLIT_IDS = {"train": 0, "validation": 1}
+# What makes a design besides its load case; a cached design is of these (and FORMAT, raised
+# whenever the generator's code changes what it makes)
+SIMP_SETTINGS = dict(penalty=3.0, filter_radius=1.5, move=0.2, tolerance=0.01,
+                     max_iterations=200)
+FORMAT = 1
 MAX_LOADS = 3
 # The inputs' channels, in order
 CHANNELS = ("load_x", "load_y", "load_z", "support", "volume_fraction", "log_strain_energy")
@@ -140,3 +152,50 @@ def example(case, **simp_options):
     return Example(inputs_of(case), design.densities.astype(np.float32),
                    thresholded(design.densities, case.volume_fraction), design.compliance,
                    design.iterations)
+
+
+def design_folder(cache_dir, side, seed, split):
+    """Where the designs of a split are kept: a folder named by a digest of everything that
+    made them, so that no run reads designs of other settings."""
+    made_of = json.dumps([FORMAT, side, seed, SPLIT_IDS[split], SIMP_SETTINGS, simp.POISSON,
+                          simp.E_VOID], sort_keys=True)
+    return os.path.join(cache_dir, f"topology-{side}-{split}-"
+                                   f"{hashlib.sha256(made_of.encode()).hexdigest()[:12]}")
+
+
+def cached_example(side, seed, split, index, cache_dir=None):
+    """(inputs, density, solid) of design `index` of a split: read from `cache_dir` if made
+    before, else made by SIMP (and kept there, written whole or not at all)."""
+    path = (os.path.join(design_folder(cache_dir, side, seed, split), f"{index}.npz")
+            if cache_dir else None)
+    if path and os.path.exists(path):
+        with np.load(path) as kept:
+            return kept["inputs"], kept["density"], kept["solid"]
+    made = example(random_load_case((side,) * 3, [seed, SPLIT_IDS[split], int(index)]),
+                   **SIMP_SETTINGS)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".npz",
+                                         delete=False) as partial:
+            np.savez(partial, inputs=made.inputs, density=made.density, solid=made.solid)
+        os.replace(partial.name, path)
+    return made.inputs, made.density, made.solid
+
+
+def designs(split, *, volume_size, num_volumes, seed=0, cache_dir=None):
+    """A sources.Source of `num_volumes` SIMP designs on cubes of `volume_size` elements,
+    made from their index in the input pipeline's parallel workers (its `prepare`, each rank
+    its own shard's), kept in `cache_dir` when given. Examples: the inputs [side^3,
+    CHANNELS] and the thresholded design [side^3, 1] (1: solid)."""
+    shape = (volume_size,) * 3
+
+    def design(index):
+        inputs, _, solid = tf.numpy_function(
+            lambda i: cached_example(volume_size, seed, split, i, cache_dir), [index],
+            [tf.float32, tf.float32, tf.bool], stateful=False)
+        return (tf.ensure_shape(inputs, shape + (len(CHANNELS),)),
+                tf.ensure_shape(tf.cast(solid, tf.float32)[..., tf.newaxis], shape + (1,)))
+
+    return Source(f"topology-{split}", num_volumes, shape + (len(CHANNELS),), 1,
+                  records=lambda: tf.data.Dataset.range(num_volumes), prepare=design,
+                  task="topology")

@@ -1,8 +1,12 @@
 """The topology data (input_pipeline.topology): load cases deterministic by seed and what
 they hold, the inputs a network sees of them, SIMP's designs and their thresholds."""
+import json
+import os
+
 import numpy as np
 import pytest
 
+from conftest import mpirun, read_log, run, train_command
 from input_pipeline import simp, topology
 
 
@@ -80,3 +84,38 @@ def test_an_example_is_simps_design_of_its_case_and_the_same_each_time():
     uniform = simp.compliance(case.shape, case.forces.ravel(), case.fixed.ravel(),
                               np.full(case.shape, case.volume_fraction))
     assert first.compliance < uniform / 2
+
+
+def test_a_design_is_kept_where_its_settings_say_and_read_back(tmp_path):
+    made = topology.cached_example(4, 7, "train", 3, str(tmp_path))
+    folder = topology.design_folder(str(tmp_path), 4, 7, "train")
+    assert sorted(os.listdir(folder)) == ["3.npz"]
+    os.utime(os.path.join(folder, "3.npz"), (0, 0))
+    read = topology.cached_example(4, 7, "train", 3, str(tmp_path))
+    for found, again in zip(made, read):
+        np.testing.assert_array_equal(found, again)
+    assert os.stat(os.path.join(folder, "3.npz")).st_mtime == 0  # read, not made again
+    others = {topology.design_folder(str(tmp_path), *settings)
+              for settings in ((4, 8, "train"), (4, 7, "validation"), (8, 7, "train"))}
+    assert folder not in others and len(others) == 3
+
+
+@pytest.mark.distributed
+def test_two_processes_make_the_designs_once_and_learn_them(tmp_path):
+    """The CPU experiment, small: the ranks make their shards' designs into --data_dir (a
+    folder that did not exist), train on them, and a second run reads them."""
+    designs = tmp_path / "designs"
+    command = [*mpirun(2), *train_command(
+        "--flagfile=configs/topology_cpu.cfg", "--volume_size=8", "--num_volumes=8",
+        "--epochs=1", "--warmup_epochs=0", f"--data_dir={designs}",
+        f"--model_dir={tmp_path / 'run'}")]
+    run(command)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["headline_metric"] == "val_iou"
+    assert 0 < float(read_log(tmp_path / "run")[-1]["val_iou"]) <= 1
+    assert sorted(path.name for path in designs.glob("*train*/*.npz")) == sorted(
+        f"{index}.npz" for index in range(8))
+    assert len(list(designs.glob("*validation*/*.npz"))) == 2
+    times = {path: path.stat().st_mtime for path in designs.glob("*/*.npz")}
+    run([*command[:-1], f"--model_dir={tmp_path / 'again'}"])
+    assert {path: path.stat().st_mtime for path in designs.glob("*/*.npz")} == times

@@ -7,7 +7,7 @@ from absl import flags
 import input_pipeline
 from models import segmentation
 from app import tasks
-from app.flags.common import FLAGS, invalid
+from app.flags.common import FLAGS, invalid, writable
 
 
 def define_data_flags():
@@ -58,6 +58,13 @@ def check(world_size):
     dataset = input_pipeline.DATASETS[FLAGS.dataset]
     if dataset.needs_data_dir and not FLAGS.data_dir:
         raise invalid("data_dir", f"is required by --dataset={FLAGS.dataset}")
+    if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
+        if not dataset.keeps_data:
+            raise invalid("data_dir", "is not a directory")
+        try:  # made by the data set, as it keeps what it makes there
+            writable(FLAGS.data_dir)
+        except flags.ValidationError as error:
+            raise invalid("data_dir", str(error)) from None
     if tasks.TASKS[dataset.task].per_voxel and not dataset.needs_data_dir and (
             FLAGS.patch_size or 0) > FLAGS.volume_size:
         raise invalid("patch_size", f"is larger than the volumes (--volume_size="

@@ -2,7 +2,6 @@
 experiment's defaults under the flagfile and the command line, and the checks that the model
 fits the data."""
 import os
-import tempfile
 
 from absl import flags
 
@@ -10,7 +9,7 @@ import input_pipeline
 import models
 from app import tasks
 from app.experiments import EXPERIMENTS
-from app.flags.common import FLAGS, choices, invalid, require
+from app.flags.common import FLAGS, choices, invalid, require, writable
 from app.flags.recipe import BATCH_FLAGS
 
 
@@ -44,9 +43,7 @@ def define_experiment_flags():
                         "Checkpoint (path prefix, e.g. OTHER_RUN/checkpoints/epoch-10) whose model "
                         "weights start a new run; the optimizer starts afresh. Ignored when "
                         "--model_dir already holds a checkpoint to resume from.")
-    flags.register_validator("data_dir", lambda folder: not folder or os.path.isdir(folder),
-                             "is not a directory")
-    flags.register_validator("model_dir", lambda folder: folder is None or _writable(folder))
+    flags.register_validator("model_dir", lambda folder: folder is None or writable(folder))
     flags.register_validator(
         "init_checkpoint", lambda path: not path or os.path.exists(path + ".index"),
         "no such checkpoint (no .index file at that prefix)")
@@ -120,19 +117,3 @@ def check_extents(source):
         raise invalid("spatial_parts", f"splits examples of {extents[0]} planes, which are "
                                        f"not divisible by {FLAGS.spatial_parts} slabs times "
                                        f"--model={FLAGS.model}'s down-sampling by {factor}")
-
-
-def _writable(folder):
-    """A run that could not save its checkpoints must not start: `folder`, or the nearest
-    folder above it that exists, must take a file. Leaves nothing behind."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise flags.ValidationError(f"{existing} is a file, not a folder")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as error:
-        raise flags.ValidationError(
-            f"{existing} is not writable ({error.strerror})") from None
-    return True
