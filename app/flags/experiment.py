@@ -35,7 +35,8 @@ def define_experiment_flags():
                         "Prepared data (TFDS data_dir, the folder of TFRecord shards, or of "
                         "Fashion-MNIST's IDX files); on a cluster, a shared filesystem. "
                         "Nothing is downloaded at training time. Without it, fashion_mnist "
-                        "reads Debian's dataset-fashion-mnist.")
+                        "reads Debian's dataset-fashion-mnist. A data set that makes its "
+                        "data (topology) keeps it here, making the folder.")
     flags.DEFINE_string("model_dir", None,
                         "Where every output of the run goes (default: runs/EXPERIMENT); a run "
                         "resumes from the latest checkpoint found here.")
