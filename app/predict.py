@@ -17,7 +17,6 @@ from absl import app, flags
 
 from app import checkpoints, cli, survey_prediction, tasks
 from app import flags as app_flags
-from input_pipeline import seismic
 
 FLAGS = flags.FLAGS
 
@@ -57,9 +56,6 @@ def run_model(model_dir):
     missing = sorted(RECORD_KEYS - set(record))
     if missing:
         raise RunRecordError(f"{checkpoints.MODEL_RECORD} lacks {', '.join(missing)}")
-    if record["standardization"] not in (None, seismic.STANDARDIZATION):
-        raise RunRecordError(f"its inputs were scaled '{record['standardization']}', which this "
-                             f"version cannot repeat (it scales '{seismic.STANDARDIZATION}')")
     task = tasks.TASKS.get(record["task"])
     if task is None or task.predict is None:
         raise RunRecordError(f"trained --model={record['model']}, a {record['task']} model; "

@@ -126,6 +126,10 @@ def predict(record, checkpoint, options):
     """Applies the run of `record` (its model, restored from `checkpoint`) to the survey
     --input, into --output_dir (`options`: app.predict's flag values): segmentation's
     app.predict."""
+    if record["standardization"] not in (None, seismic.STANDARDIZATION):
+        cli.fail(f"--model_dir={options.model_dir}: its inputs were scaled "
+                 f"'{record['standardization']}', which this version cannot repeat (it scales "
+                 f"'{seismic.STANDARDIZATION}')")
     builder = models.builder(record["model"])
     window = options.window or record["input_shape"][0]
     if record["model"].endswith(".keras") and window != record["input_shape"][0]:

@@ -67,7 +67,7 @@ TASKS = {
         "a design per voxel (one sigmoid output: solid or void) from the load case's voxels "
         "(input_pipeline.topology): --segmentation_loss, the solid's IoU; each epoch a "
         "validation design's slices", True, _voxel_loss, _voxel_counts,
-        _segmentation_headline, _design_slices),
+        lambda num_outputs: "iou", _design_slices),
 }
 
 

@@ -23,8 +23,8 @@ SPLITS = ("train", "validation")
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
     """What a loader may use besides the split: app.train's --data_dir, --image_size,
-    --seed, --skip_corrupt, and the seismic data sets' --volume_size, --patch_size,
-    --num_volumes and --num_facies."""
+    --seed, --skip_corrupt, and the generated volumes' --volume_size, --num_volumes (seismic
+    and topology), --patch_size and --num_facies (seismic)."""
     data_dir: str = None
     image_size: int = None
     seed: int = 0
@@ -44,6 +44,7 @@ class Dataset:
     images: bool = True  # input_pipeline.to_tfrecord can write it as image shards
     task: str = "classification"  # a name of app.tasks' table (its sources' task)
     keeps_data: bool = False  # makes its data and keeps it in --data_dir (made if missing)
+    patches: bool = False  # its examples are patches of --patch_size (of volumes)
 
 
 _TFDS_SPLITS = {"train": "train", "validation": "test"}
@@ -126,19 +127,20 @@ DATASETS = {
                       "python -m input_pipeline.to_tfrecord --image_folder", needs_data_dir=True),
     "seismic_faults": Dataset(
         _surveys("faults"), "synthetic seismic surveys with fault labels (FaultSeg3D's recipe), "
-        "--volume_size voxels a side, --patch_size patches", images=False, task="segmentation"),
+        "--volume_size voxels a side, --patch_size patches", images=False, task="segmentation",
+        patches=True),
     "seismic_facies": Dataset(
         _surveys("facies"), "the same surveys with --num_facies facies labels",
-        images=False, task="segmentation"),
+        images=False, task="segmentation", patches=True),
     "seismic_shards": Dataset(
         lambda split, options: seismic.survey_blocks(split, options.data_dir,
                                                      options.patch_size, options.skip_corrupt),
         "your own survey's blocks, written to --data_dir by python -m "
         "input_pipeline.to_tfrecord --seismic=VOLUME --labels=LABELS", needs_data_dir=True,
-        images=False, task="segmentation"),
+        images=False, task="segmentation", patches=True),
     "seismic_facies_sections": Dataset(
         _surveys("facies", sections=True), "inline sections of those surveys, facies labels",
-        images=False, task="segmentation"),
+        images=False, task="segmentation", patches=True),
     "topology": Dataset(
         _designs, "3D SIMP designs of random load cases on cubes of --volume_size elements, "
         "kept in --data_dir when given", images=False, task="topology", keeps_data=True),

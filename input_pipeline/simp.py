@@ -27,6 +27,7 @@ import threadpoolctl
 
 POISSON = 0.3
 E_SOLID, E_VOID = 1.0, 1e-9
+CG_TOLERANCE = 1e-8  # relative residual
 # A hexahedron's corners (i, j, k offsets along x, y, z), in the order of its 24 unknowns:
 # corner by corner, x, y and z displacement each.
 CORNERS = np.array(list(itertools.product((0, 1), repeat=3)))
@@ -87,12 +88,27 @@ class Grid:
         return np.stack(np.unravel_index(np.arange(self.unknowns // 3), self.node_shape),
                         axis=1).astype(float)
 
-    def stiffness(self, moduli):
-        """The global stiffness matrix (CSR) of elements of Young's moduli `moduli`."""
+    def stiffness(self, moduli, free=None):
+        """The global stiffness matrix (CSR) of elements of Young's moduli `moduli`, or its
+        rows and columns of the unknowns `free` (a boolean [unknowns]) alone."""
         values = (moduli[:, None] * element_stiffness().ravel()[None, :]).ravel()
         data = np.bincount(self.entry_of, weights=values, minlength=len(self.rows))
-        return scipy.sparse.csr_matrix((data, self.columns, self.indptr),
-                                       shape=(self.unknowns, self.unknowns))
+        if free is None:
+            return scipy.sparse.csr_matrix((data, self.columns, self.indptr),
+                                           shape=(self.unknowns, self.unknowns))
+        kept, indices, indptr = self._free_pattern(free.tobytes())
+        return scipy.sparse.csr_matrix((data[kept], indices, indptr),
+                                       shape=(len(indptr) - 1,) * 2)
+
+    @functools.lru_cache(maxsize=2)
+    def _free_pattern(self, free):
+        """(the pattern's entries between free unknowns, their columns and row starts among
+        the free unknowns), of `free` as bytes (hashable): worked out once per support."""
+        free = np.frombuffer(free, bool)
+        kept = np.flatnonzero(free[self.rows] & free[self.columns])
+        number = np.cumsum(free) - 1
+        rows = number[self.rows[kept]]
+        return kept, number[self.columns[kept]], np.searchsorted(rows, np.arange(free.sum() + 1))
 
     def rigid_body_modes(self, free):
         """[free unknowns, 6]: the translations and rotations, the multigrid's near-null
@@ -106,17 +122,20 @@ class Grid:
 
 class ElasticSolver:
     """K(moduli) u = f on `grid` with the unknowns `fixed` (a boolean [unknowns]) held at 0, by
-    conjugate gradients to a relative residual of `tolerance`, warm-started from the last
+    conjugate gradients to a relative residual of `cg_tolerance`, warm-started from the last
     solve (unless not `warm_start`), preconditioned by a V-cycle of `multigrid`:
     "geometric" (the grid's even extents halved level by level, trilinear interpolation,
     Galerkin coarse matrices: a hierarchy costs two sparse products a level, so each solve
     gets its own) or "algebraic" (PyAMG's smoothed aggregation, the rigid-body modes its
     near-null space: any grid, and where the grid cannot be halved); "direct" is SuperLU."""
 
-    def __init__(self, grid, fixed, tolerance=1e-8, multigrid="geometric", warm_start=True):
-        self.grid, self.tolerance, self.multigrid = grid, tolerance, multigrid
+    def __init__(self, grid, fixed, cg_tolerance=CG_TOLERANCE, multigrid="geometric",
+                 warm_start=True):
+        _one_blas_thread()
+        self.grid, self.cg_tolerance, self.multigrid = grid, cg_tolerance, multigrid
         self.warm_start = warm_start
-        self.free = np.flatnonzero(~fixed)
+        self.free_mask = ~fixed
+        self.free = np.flatnonzero(self.free_mask)
         self.interpolations = (interpolations(grid.shape, fixed) if multigrid == "geometric"
                                else None)
         if not self.interpolations:
@@ -134,25 +153,31 @@ class ElasticSolver:
 
     def solve(self, moduli, forces):
         """The displacements [unknowns] (0 at the fixed unknowns)."""
-        matrix = self.grid.stiffness(moduli)[self.free][:, self.free]
+        matrix = self.grid.stiffness(moduli, self.free_mask)
         displacements = np.zeros(self.grid.unknowns)
         if self.multigrid == "direct":
             displacements[self.free] = scipy.sparse.linalg.spsolve(matrix.tocsc(),
                                                                    forces[self.free])
             return displacements
         count = [0]
-        # one BLAS thread: the vectors are short, and the generator runs a process per core
-        with threadpoolctl.threadpool_limits(1, user_api="blas"):
-            solution, info = scipy.sparse.linalg.cg(
-                matrix, forces[self.free], x0=self.previous, rtol=self.tolerance,
-                maxiter=1000, M=self.preconditioner(matrix),
-                callback=lambda _: count.__setitem__(0, count[0] + 1))
+        solution, info = scipy.sparse.linalg.cg(
+            matrix, forces[self.free], x0=self.previous, rtol=self.cg_tolerance, maxiter=1000,
+            M=self.preconditioner(matrix),
+            callback=lambda _: count.__setitem__(0, count[0] + 1))
         if info:
             raise SolveError(f"conjugate gradients did not converge in {info} iterations")
         self.iterations.append(count[0])
         displacements[self.free] = solution
         self.previous = solution if self.warm_start else None
         return displacements
+
+
+@functools.cache
+def _one_blas_thread():
+    """NumPy's and SciPy's BLAS on one thread in a process that solves, from then on (set
+    once: the limit is the process's, and the input pipeline solves from several threads):
+    the vectors are short, and the ranks already solve side by side, one a core."""
+    threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
 def _linear_interpolation(coarse):

@@ -3,6 +3,7 @@
 (app.predict), on one rank and two."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -321,7 +322,7 @@ def test_bad_prediction_inputs_end_with_one_line_and_write_nothing(trained, tmp_
     trace = 240 + SHAPE[2] * 4  # a file that ends at a trace's end, half an inline short
     (tmp_path / "short.segy").write_bytes(data[:len(data) - SHAPE[1] // 2 * trace])
     record = json.loads((trained / "model.json").read_text())  # a run scaled another way
-    (tmp_path / "rescaled").mkdir()
+    shutil.copytree(trained, tmp_path / "rescaled")
     (tmp_path / "rescaled" / "model.json").write_text(json.dumps(
         {**record, "standardization": "min-max to [0, 1]"}))
     for flags, reason in (

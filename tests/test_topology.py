@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import mpirun, read_log, run, train_command
+from conftest import error_lines, mpirun, read_log, run, train_command
 from input_pipeline import simp, topology
 
 
@@ -24,13 +24,19 @@ def test_a_load_case_is_held_on_one_face_and_loaded_on_others(seed):
     case = topology.random_load_case((6, 5, 4), seed)
     assert topology.VOLUME_FRACTIONS[0] <= case.volume_fraction <= topology.VOLUME_FRACTIONS[1]
     held = np.argwhere(case.fixed.any(axis=-1))
-    assert (held.min(axis=0) == held.max(axis=0)).any()  # all on one face
+    face, = [axis for axis in range(3) if held[0, axis] in (0, case.shape[axis])
+             and (held[:, axis] == held[0, axis]).all()][:1]  # all on one face of the box
     assert (case.fixed.all(axis=-1) == case.fixed.any(axis=-1)).all()  # all three directions
     loaded = np.abs(case.forces).sum(axis=-1) > 0
     assert loaded.any() and not (loaded & case.fixed.any(axis=-1)).any()
     on_surface = np.zeros(case.forces.shape[:-1], bool)
     on_surface[[0, -1]] = on_surface[:, [0, -1]] = on_surface[:, :, [0, -1]] = True
     assert not (loaded & ~on_surface).any()
+    # each on a face other than the supported one (on an edge it is on both)
+    support = (face, held[0, face])
+    for node in np.argwhere(loaded):
+        assert any(node[axis] == end for axis in range(3) for end in (0, case.shape[axis])
+                   if (axis, end) != support), node
     # one to three loads of magnitude 1 (less what fell on a support)
     assert np.linalg.norm(case.forces.sum(axis=(0, 1, 2))) <= topology.MAX_LOADS + 1e-9
 
@@ -119,3 +125,16 @@ def test_two_processes_make_the_designs_once_and_learn_them(tmp_path):
     times = {path: path.stat().st_mtime for path in designs.glob("*/*.npz")}
     run([*command[:-1], f"--model_dir={tmp_path / 'again'}"])
     assert {path: path.stat().st_mtime for path in designs.glob("*/*.npz")} == times
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--patch_size=8", "--patch_size=8: --dataset=topology has no patches"),
+    ("--data_dir=configs/topology_cpu.cfg", "--data_dir=configs/topology_cpu.cfg: "),
+])
+def test_a_flag_topology_cannot_take_is_refused_in_one_line(tmp_path, flag, words):
+    result = run(train_command("--flagfile=configs/topology_cpu.cfg", "--volume_size=8",
+                               flag, f"--model_dir={tmp_path / 'run'}"), check=False)
+    assert result.returncode == 2 and len(error_lines(result)) == 1, result.stderr[-2000:]
+    assert error_lines(result)[0].startswith(f"app.train: error: {words}")
+    assert "is a file, not a folder" in error_lines(result)[0] or "patch" in flag
+    assert not (tmp_path / "run").exists()

@@ -31,13 +31,15 @@ def define_data_flags():
     flags.DEFINE_bool("deterministic", False,
                       "Deterministic ops and data order; every global batch holds the same "
                       "examples at any number of processes, so results do not depend on it.")
-    flags.DEFINE_integer("volume_size", 128, "Seismic data sets: voxels along each side of a "
-                         "generated survey (FaultSeg3D's: 128).", lower_bound=8)
+    flags.DEFINE_integer("volume_size", 128, "Generated volumes: voxels along each side of a "
+                         "seismic survey (FaultSeg3D's: 128), elements of a topology design's "
+                         "cube.", lower_bound=8)
     flags.DEFINE_integer("patch_size", None, "Seismic data sets: the side of the patches a "
                          "segmentation model trains and validates on (default: the whole "
                          "volume).", lower_bound=4)
-    flags.DEFINE_integer("num_volumes", 200, "Seismic data sets: generated training surveys "
-                         "(validation: a tenth as many, at least 2).", lower_bound=1)
+    flags.DEFINE_integer("num_volumes", 200, "Generated volumes: training surveys "
+                         "(validation: a tenth as many, at least 2) or topology designs "
+                         "(validation: an eighth).", lower_bound=1)
     flags.DEFINE_integer("num_facies", 8, "Seismic facies data sets: classes the layers are "
                          "binned into.", lower_bound=2, upper_bound=255)
     flags.DEFINE_enum("segmentation_loss", "balanced_crossentropy", list(segmentation.LOSSES),
@@ -58,13 +60,15 @@ def check(world_size):
     dataset = input_pipeline.DATASETS[FLAGS.dataset]
     if dataset.needs_data_dir and not FLAGS.data_dir:
         raise invalid("data_dir", f"is required by --dataset={FLAGS.dataset}")
-    if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
-        if not dataset.keeps_data:
-            raise invalid("data_dir", "is not a directory")
-        try:  # made by the data set, as it keeps what it makes there
+    if FLAGS.data_dir and dataset.keeps_data:
+        try:  # made by the data set if missing, as it keeps what it makes there
             writable(FLAGS.data_dir)
         except flags.ValidationError as error:
             raise invalid("data_dir", str(error)) from None
+    elif FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
+        raise invalid("data_dir", "is not a directory")
+    if FLAGS.patch_size and not dataset.patches:
+        raise invalid("patch_size", f"--dataset={FLAGS.dataset} has no patches")
     if tasks.TASKS[dataset.task].per_voxel and not dataset.needs_data_dir and (
             FLAGS.patch_size or 0) > FLAGS.volume_size:
         raise invalid("patch_size", f"is larger than the volumes (--volume_size="

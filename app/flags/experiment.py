@@ -30,7 +30,8 @@ def define_experiment_flags():
         "is none of models.BUILDERS, nor package.module:function, nor a .keras file")
     flags.DEFINE_enum("dataset", None, sorted(input_pipeline.DATASETS),
                       "Data set to train on (input_pipeline.DATASETS): "
-                      + choices(input_pipeline.DATASETS))
+                      + choices(input_pipeline.DATASETS) + " Each is of a task "
+                      "(app.tasks.TASKS): " + choices(tasks.TASKS))
     flags.DEFINE_string("data_dir", None,
                         "Prepared data (TFDS data_dir, the folder of TFRecord shards, or of "
                         "Fashion-MNIST's IDX files); on a cluster, a shared filesystem. "

@@ -1,8 +1,8 @@
 """The topology generator's solver choices measured (issue 43): SIMP on random load cases
 (input_pipeline.topology) with each linear solver, warm-started from the last iteration's
-displacements or not: seconds of CPU per SIMP iteration, conjugate-gradient iterations per
-solve, and, for the solvers given to --whole, SIMP iterations and CPU seconds per whole
-design.
+displacements or not: seconds of CPU per SIMP iteration (its solve, the final compliance's
+solve spread over them), conjugate-gradient iterations per solve, and, for the solvers given
+to --whole, SIMP iterations and CPU seconds per whole design.
 
     python -m app.studies.simp_solvers --sides=16,32 --cases=3
 
@@ -33,8 +33,11 @@ COLUMNS = ("side", "solver", "cases", "cpu_seconds_per_iteration", "cpu_range",
 def measure(case, options, iterations):
     """(CPU seconds, SIMP iterations, CG iterations per solve) of SIMP on `case`."""
     start = time.process_time()
+    settings = {**topology.SIMP_SETTINGS, "max_iterations": iterations}
+    if options["multigrid"] == "direct":
+        del settings["cg_tolerance"]
     design = simp.optimize(case.shape, case.forces.ravel(), case.fixed.ravel(),
-                           case.volume_fraction, max_iterations=iterations, **options)
+                           case.volume_fraction, **settings, **options)
     seconds = time.process_time() - start
     solves = design.solver_iterations
     return seconds, design.iterations, (statistics.mean(solves) if solves else None)
@@ -61,6 +64,7 @@ def main(argv=None):
 
     rows = []
     for side in sides:
+        simp.grid_of((side,) * 3)  # the sparsity pattern, once, before any timing
         cases = [topology.random_load_case((side,) * 3, [side, number])
                  for number in range(args.cases)]
         measured = {name: [] for name in SOLVERS}
@@ -71,7 +75,8 @@ def main(argv=None):
                 seconds, iterations, per_solve = measure(case, options, args.iterations)
                 found = {"per_iteration": seconds / iterations, "per_solve": per_solve}
                 if name in whole:
-                    found["seconds"], found["iterations"], _ = measure(case, options, 200)
+                    found["seconds"], found["iterations"], _ = measure(
+                        case, options, topology.SIMP_SETTINGS["max_iterations"])
                 measured[name].append(found)
         for name, runs in measured.items():
             if not runs:
