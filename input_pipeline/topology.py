@@ -15,6 +15,7 @@ import os
 import tempfile
 
 import numpy as np
+import scipy.ndimage
 import tensorflow as tf
 
 from input_pipeline import simp
@@ -146,6 +147,38 @@ def thresholded(density, volume_fraction):
     solid = np.zeros(density.size, bool)
     solid[np.argsort(-density.ravel(), kind="stable")[:count]] = True
     return solid.reshape(density.shape)
+
+
+def solid_compliance(case, solid):
+    """f.u of the design `solid` [shape] (boolean: solid or void) under `case`, by SIMP's
+    solver (void at SIMP's E_VOID)."""
+    return simp.compliance(case.shape, case.forces.ravel(), case.fixed.ravel(),
+                           solid.astype(float))
+
+
+def connects(case, solid):
+    """Whether the solid elements carry every loaded node to a supported one: some solid
+    element around each loaded node joins, through shared faces, a solid element around a
+    supported node."""
+    components, _ = scipy.ndimage.label(solid)  # face neighbours
+
+    def around(node):
+        """The components of the solid elements that have `node` as a corner."""
+        return set(np.unique(components[tuple(slice(max(index - 1, 0), index + 1)
+                                              for index in node)])) - {0}
+    supported = set().union(*(around(node) for node in np.argwhere(case.fixed.any(axis=-1))))
+    return all(around(node) & supported for node in np.argwhere((case.forces != 0).any(axis=-1)))
+
+
+def design_scores(case, predicted, reference):
+    """How a predicted design does on `case`: `predicted` [shape] (the solid's probability)
+    thresholded to the volume fraction, its compliance over `reference` (SIMP's thresholded
+    design's: 1 is as stiff), the share of voxels predicted solid (p > 0.5) off the volume
+    fraction, and whether it connects every load to a support."""
+    solid = thresholded(predicted, case.volume_fraction)
+    return {"compliance_ratio": solid_compliance(case, solid) / reference,
+            "volume_fraction_error": abs(float((predicted > 0.5).mean()) - case.volume_fraction),
+            "connected": connects(case, solid)}
 
 
 def example(case, **simp_options):

@@ -138,3 +138,39 @@ def test_a_flag_topology_cannot_take_is_refused_in_one_line(tmp_path, flag, word
     assert error_lines(result)[0].startswith(f"app.train: error: {words}")
     assert "is a file, not a folder" in error_lines(result)[0] or "patch" in flag
     assert not (tmp_path / "run").exists()
+
+
+def test_a_designs_compliance_is_the_hand_solution_on_one_element():
+    """One unit cube held on its face x = 0, a load at a free corner: f.u from the element's
+    own stiffness matrix, solved densely, against the design score's sparse solve."""
+    forces, fixed = np.zeros((2, 2, 2, 3)), np.zeros((2, 2, 2, 3), bool)
+    fixed[0] = True
+    forces[1, 1, 1] = (0.2, -0.5, 0.3)
+    case = topology.LoadCase((1, 1, 1), forces, fixed, 0.6)
+    free = np.flatnonzero(~fixed.ravel())  # the element's unknowns are the box's, in order
+    stiffness = simp.element_stiffness()[np.ix_(free, free)]
+    by_hand = forces.ravel()[free] @ np.linalg.solve(stiffness, forces.ravel()[free])
+    assert topology.solid_compliance(case, np.ones((1, 1, 1), bool)) == pytest.approx(
+        by_hand, rel=1e-6)
+    scores = topology.design_scores(case, np.full((1, 1, 1), 0.9), by_hand)
+    assert scores["compliance_ratio"] == pytest.approx(1, rel=1e-6)
+    assert scores["volume_fraction_error"] == pytest.approx(0.4) and scores["connected"]
+
+
+def test_a_design_connects_its_loads_to_its_supports_only_through_solid_faces():
+    shape = (4, 3, 3)
+    forces, fixed = np.zeros((5, 4, 4, 3)), np.zeros((5, 4, 4, 3), bool)
+    fixed[0] = True
+    forces[4, 1, 1] = (0, 0, -1)  # a corner of elements [3, 0:2, 0:2]
+    case = topology.LoadCase(shape, forces, fixed, 0.3)
+    bar = np.zeros(shape, bool)
+    bar[:, 0, 0] = True  # a bar of elements from the support to the load
+    assert topology.connects(case, bar)
+    gap = bar.copy()
+    gap[2, 0, 0] = False
+    assert not topology.connects(case, gap)
+    diagonal = gap.copy()
+    diagonal[2, 1, 1] = True  # joins the two halves by edges only
+    assert not topology.connects(case, diagonal)
+    stiff, broken = (topology.solid_compliance(case, design) for design in (bar, gap))
+    assert broken > 1e6 * stiff  # the load rests on the void's 1e-9
