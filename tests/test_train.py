@@ -239,6 +239,7 @@ EXPERIMENT_RUNS = [
     # a target of mean IoU any model reaches: the run stops after its first of 2 epochs
     ("seismic_facies_sections", ["--volume_size=16", "--num_volumes=4", "--epochs=2",
                                  "--target_accuracy=1e-6"]),
+    ("topology_cpu", ["--volume_size=8", "--num_volumes=4"]),
 ]
 
 
@@ -259,6 +260,8 @@ def experiment_runs(tmp_path_factory, digits_tfrecords):
                  f"--model_dir={model_dir}"]
         if experiment == "imagenet_resnet50":
             flags.append(f"--data_dir={digits_tfrecords}")
+        if experiment == "topology_cpu":  # its designs kept here, not in the flagfile's runs/
+            flags.append(f"--data_dir={model_dir / 'designs'}")
         if experiment in ("fashion_mnist_wrn", "cifar10_resnet20"):
             command = [PYTHON, "tests/workers/train_with_mock_tfds.py", *flags,
                        f"--data_dir={model_dir}"]
@@ -285,6 +288,9 @@ def test_every_experiment_runs_from_its_flagfile(case, experiment_runs):
         assert {"pixel_accuracy", "val_fw_iou"} <= set(results["final_metrics"])
         assert results["headline_metric"] == "val_mean_iou"
         assert results["target_reached"]["epoch"] == 1
+    if experiment == "topology_cpu":
+        assert results["headline_metric"] == "val_iou"
+        assert len(list((model_dir / "designs").glob("*/*.npz"))) == 4 + 2
 
 
 BAD_FLAGS = [
