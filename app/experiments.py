@@ -87,7 +87,9 @@ EXPERIMENTS = {
         dict(model="unet3d_small", dataset="topology", volume_size=16, num_volumes=128,
              batch_size=4, reference_batch_size=8, learning_rate=2e-3, lr_scaling="sqrt",
              optimizer="adam", epochs=30, warmup_epochs=2, lr_schedule="cosine",
-             segmentation_loss="balanced_crossentropy", cache="memory", shuffle_buffer=128)),
+             # a small buffer: the first epoch makes the designs, and a step must not wait
+             # for a rank's whole shard (--stall_timeout)
+             segmentation_loss="balanced_crossentropy", cache="memory", shuffle_buffer=16)),
     "linear_regression": Experiment(
         "the neuron y = w*x + b of Lab 1, fitted with minibatch SGD and MSE",
         dict(model="linear", dataset="linear", batch_size=32, reference_batch_size=32,

@@ -87,9 +87,12 @@ class StallWatchdog(keras.callbacks.Callback):
                or "no rank's process is silent (one waits for a read or a collective that "
                   "never returns)")
         live = [rank for rank in range(self.size) if rank not in silent]
+        printer = bool(live) and self.rank == live[0]
+        if not printer:  # the printer first: mpirun ends every rank at the first one's exit
+            time.sleep(2 * self.interval)
         self.fail(f"--stall_timeout={self.timeout:g}: no training progress for "
                   f"{stalled_for:.0f} s; {who}; the same command resumes from the last "
-                  f"checkpoint", print_line=bool(live) and self.rank == live[0])
+                  f"checkpoint", print_line=printer)
 
 
 def exit_process(code):
