@@ -66,7 +66,7 @@ def element_stiffness(poisson=POISSON):
 
 class Grid:
     """A box of shape[0] x shape[1] x shape[2] unit hexahedra: its elements' unknowns and the
-    sparsity pattern of its stiffness matrix (CSR), with where each element entry adds up."""
+    sparsity pattern of its stiffness matrix, with where each element entry adds up."""
 
     def __init__(self, shape):
         self.shape = tuple(shape)
@@ -80,7 +80,6 @@ class Grid:
         keys, self.entry_of = np.unique(rows.astype(np.int64) * self.unknowns + columns,
                                         return_inverse=True)
         self.rows, self.columns = np.divmod(keys, self.unknowns)
-        self.indptr = np.searchsorted(self.rows, np.arange(self.unknowns + 1))
 
     @functools.cached_property
     def node_coordinates(self):
@@ -88,27 +87,22 @@ class Grid:
         return np.stack(np.unravel_index(np.arange(self.unknowns // 3), self.node_shape),
                         axis=1).astype(float)
 
-    def stiffness(self, moduli, free=None):
-        """The global stiffness matrix (CSR) of elements of Young's moduli `moduli`, or its
-        rows and columns of the unknowns `free` (a boolean [unknowns]) alone."""
-        values = (moduli[:, None] * element_stiffness().ravel()[None, :]).ravel()
-        data = np.bincount(self.entry_of, weights=values, minlength=len(self.rows))
-        if free is None:
-            return scipy.sparse.csr_matrix((data, self.columns, self.indptr),
-                                           shape=(self.unknowns, self.unknowns))
-        kept, indices, indptr = self._free_pattern(free.tobytes())
-        return scipy.sparse.csr_matrix((data[kept], indices, indptr),
-                                       shape=(len(indptr) - 1,) * 2)
-
-    @functools.lru_cache(maxsize=2)
-    def _free_pattern(self, free):
-        """(the pattern's entries between free unknowns, their columns and row starts among
-        the free unknowns), of `free` as bytes (hashable): worked out once per support."""
-        free = np.frombuffer(free, bool)
+    def free_pattern(self, free):
+        """(the pattern's entries between the unknowns `free` (a boolean [unknowns]), their
+        columns and row starts among the free unknowns): stiffness's pattern of a support."""
         kept = np.flatnonzero(free[self.rows] & free[self.columns])
         number = np.cumsum(free) - 1
         rows = number[self.rows[kept]]
         return kept, number[self.columns[kept]], np.searchsorted(rows, np.arange(free.sum() + 1))
+
+    def stiffness(self, moduli, pattern):
+        """The stiffness matrix (CSR) of elements of Young's moduli `moduli`, its rows and
+        columns of the free unknowns of `pattern` (free_pattern's) alone."""
+        values = (moduli[:, None] * element_stiffness().ravel()[None, :]).ravel()
+        data = np.bincount(self.entry_of, weights=values, minlength=len(self.rows))
+        kept, indices, indptr = pattern
+        return scipy.sparse.csr_matrix((data[kept], indices, indptr),
+                                       shape=(len(indptr) - 1,) * 2)
 
     def rigid_body_modes(self, free):
         """[free unknowns, 6]: the translations and rotations, the multigrid's near-null
@@ -134,8 +128,8 @@ class ElasticSolver:
         _one_blas_thread()
         self.grid, self.cg_tolerance, self.multigrid = grid, cg_tolerance, multigrid
         self.warm_start = warm_start
-        self.free_mask = ~fixed
-        self.free = np.flatnonzero(self.free_mask)
+        self.free = np.flatnonzero(~fixed)
+        self.pattern = grid.free_pattern(~fixed)
         self.interpolations = (interpolations(grid.shape, fixed) if multigrid == "geometric"
                                else None)
         if not self.interpolations:
@@ -153,7 +147,7 @@ class ElasticSolver:
 
     def solve(self, moduli, forces):
         """The displacements [unknowns] (0 at the fixed unknowns)."""
-        matrix = self.grid.stiffness(moduli, self.free_mask)
+        matrix = self.grid.stiffness(moduli, self.pattern)
         displacements = np.zeros(self.grid.unknowns)
         if self.multigrid == "direct":
             displacements[self.free] = scipy.sparse.linalg.spsolve(matrix.tocsc(),
@@ -283,13 +277,13 @@ def optimize(shape, forces, fixed, volume_fraction, *, penalty=3.0, filter_radiu
     count = grid.element_unknowns.shape[0]
     densities = np.full(count, float(volume_fraction))
     physical, history = forward(densities), []
+    volume_sensitivity = adjoint(np.ones(count))  # the volume is linear in the densities
     for iteration in range(1, max_iterations + 1):
         displacements = solver.solve(moduli_of(physical, penalty), forces)
         energies = element_energies(grid, displacements)
         history.append(float(forces @ displacements))
         sensitivity = adjoint(-penalty * physical ** (penalty - 1) * (E_SOLID - E_VOID)
                               * energies)
-        volume_sensitivity = adjoint(np.ones(count))
         updated = optimality_criteria(densities, sensitivity, volume_sensitivity, forward,
                                       volume_fraction, move)
         change = np.abs(updated - densities).max()
