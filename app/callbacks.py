@@ -1,5 +1,6 @@
 """Callbacks of app.train beside Horovod's own: the LR schedule and a throughput meter."""
 import math
+import operator
 import time
 
 import numpy as np
@@ -235,17 +236,19 @@ class UpdateEpochState(keras.callbacks.Callback):
 class TimeToAccuracy(keras.callbacks.Callback):
     """Adds `wall_seconds`, the training time so far, to every epoch's logs, and ends
     training after the epoch whose validation `metric` (models.headline_metric's: accuracy,
-    IoU, mean IoU) reaches `target_accuracy` or in which `time_budget` seconds ran out
+    IoU, mean IoU, a compliance ratio) reaches `target_accuracy` or in which `time_budget` seconds ran out
     (either may be None).
 
     Every rank must stop after the same epoch: the metric is the one MetricAverageCallback
     and ExactValidationMetrics leave on every rank (they must come first), and the clock is
-    rank 0's, sent to all by `broadcast`. `reached` holds (epoch, seconds) of the first
-    epoch at the target."""
+    rank 0's, sent to all by `broadcast`. `at_target(value, target)` says whether the
+    metric's value is at the target (at least it by default; at most it for an error).
+    `reached` holds (epoch, seconds) of the first epoch at the target."""
 
-    def __init__(self, target_accuracy, metric, time_budget, broadcast):
+    def __init__(self, target_accuracy, metric, time_budget, broadcast,
+                 at_target=operator.ge):
         super().__init__()
-        self.target_accuracy, self.metric = target_accuracy, metric
+        self.target_accuracy, self.metric, self.at_target = target_accuracy, metric, at_target
         self.time_budget, self.broadcast = time_budget, broadcast
         self.reached, self._started = None, None
 
@@ -257,7 +260,8 @@ class TimeToAccuracy(keras.callbacks.Callback):
         if self.time_budget is not None:
             logs["wall_seconds"] = float(self.broadcast(tf.constant(logs["wall_seconds"])))
         if (self.target_accuracy is not None and self.reached is None
-                and logs.get(f"val_{self.metric}", 0.0) >= self.target_accuracy):
+                and f"val_{self.metric}" in logs
+                and self.at_target(logs[f"val_{self.metric}"], self.target_accuracy)):
             self.reached = (epoch + 1, logs["wall_seconds"])
             self.model.stop_training = True
         if self.time_budget is not None and logs["wall_seconds"] >= self.time_budget:

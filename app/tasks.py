@@ -7,14 +7,15 @@ differs by task asks this table (docs/extending.md, "Adding an application").
 import collections
 import math
 
-from app import summaries, survey_prediction
+from app import design_evaluation, summaries, survey_prediction
 from input_pipeline import topology
 from models import segmentation
 
 
 class Task(collections.namedtuple(
-        "Task", "description per_voxel loss metrics headline epoch_callbacks predict",
-        defaults=(None, None, None))):
+        "Task", "description per_voxel loss metrics headline epoch_callbacks predict "
+                "validation_callbacks lower_is_better",
+        defaults=(None, None, None, None, False))):
     """A task: `per_voxel`, whether a label (and the model's outputs) go with each voxel of
     an input rather than with the whole example; `loss(options)`, the Keras loss
     (`options`: segmentation_loss, and example_sum where a model sees parts of examples);
@@ -22,7 +23,13 @@ class Task(collections.namedtuple(
     that says how good a model is (None: no metric of it has a target to reach from below);
     `epoch_callbacks(model_dir, example, whole_examples)`, the callbacks that show one
     validation example in TensorBoard each epoch (None: none); `predict(record,
-    checkpoint, flag_values)`, app.predict for its runs (None: app.predict refuses them)."""
+    checkpoint, flag_values)`, app.predict for its runs (None: app.predict refuses them);
+    `validation_callbacks(source, batches, where, whole_examples, gather)`, the callbacks
+    that add scores of the validation split `source` to each epoch's logs (`batches`: this
+    rank's shard of it, as Keras validates it; `where`: the rank's Position), before anything
+    reads them
+    (None: none); `lower_is_better`, whether the headline is an error to bring down to
+    --target_accuracy rather than a score to raise to it."""
 
 
 def _voxel_loss(options):
@@ -40,6 +47,12 @@ def _segmentation_headline(num_outputs):
 
 def _validation_slices(model_dir, example, whole_examples):
     return [summaries.ValidationSlices(model_dir, *example, whole_examples)]
+
+
+def _design_scores(source, batches, where, whole_examples, gather):
+    return [design_evaluation.DesignScores(
+        source.cases, source.num_examples, batches, where.replica, where.replicas,
+        whole_examples, gather, scores=where.part == 0)]
 
 
 def _design_slices(model_dir, example, whole_examples):
@@ -65,9 +78,12 @@ TASKS = {
         survey_prediction.predict),
     "topology": Task(
         "a design per voxel (one sigmoid output: solid or void) from the load case's voxels "
-        "(input_pipeline.topology): --segmentation_loss, the solid's IoU; each epoch a "
-        "validation design's slices", True, _voxel_loss, _voxel_counts,
-        lambda num_outputs: "iou", _design_slices),
+        "(input_pipeline.topology): --segmentation_loss, the solid's IoU; each epoch every "
+        "validation design's compliance over SIMP's (median, the headline: lower is better; "
+        "90th percentile), volume-fraction error and whether it connects the loads to the "
+        "supports, and a design's slices", True, _voxel_loss, _voxel_counts,
+        lambda num_outputs: "compliance_ratio", _design_slices,
+        validation_callbacks=_design_scores, lower_is_better=True),
 }
 
 
@@ -94,10 +110,16 @@ def headline(task, num_outputs):
     return found and found(num_outputs)
 
 
+def reached(task, value, target):
+    """Whether `task`'s headline metric at `value` has reached `target`."""
+    return value <= target if TASKS[task].lower_is_better else value >= target
+
+
 def headlines():
     """Each task's headline metrics, as validation reports them (--target_accuracy's help)."""
     return "; ".join(
         f"{name}: {' or '.join(sorted({'val_' + task.headline(outputs) for outputs in (1, 2)}))}"
+        f"{' (at most)' if task.lower_is_better else ''}"
         for name, task in TASKS.items() if task.headline)
 
 

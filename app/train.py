@@ -238,10 +238,11 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
               flush=True)
     throughput = callbacks.Throughput(run.parallel.images_per_rank(batch), hvd.size(),
                                       FLAGS.warmup_steps)
-    headline = tasks.headline(run.train_source.task, run.train_source.num_outputs)
-    time_to_accuracy = callbacks.TimeToAccuracy(FLAGS.target_accuracy, headline,
-                                                FLAGS.time_budget,
-                                                lambda value: hvd.broadcast(value, 0))
+    task = run.train_source.task
+    headline = tasks.headline(task, run.train_source.num_outputs)
+    time_to_accuracy = callbacks.TimeToAccuracy(
+        FLAGS.target_accuracy, headline, FLAGS.time_budget, lambda value: hvd.broadcast(value, 0),
+        lambda value, target: tasks.reached(task, value, target))
     training_callbacks = callbacks_in_horovods_order(
         run, where, span, schedule, (throughput, time_to_accuracy), elastic_state,
         validation_data)
@@ -258,11 +259,12 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
             verbose=(1 if progress_bar else 2) if hvd.rank() == 0 else 0)
     return results.summary(
         history, initial_epoch, time_to_accuracy.reached,
-        results.gathered(throughput, tasks.voxels_per_example(run.train_source.task,
-                                                           run.train_source.feature_shape),
+        results.gathered(throughput,
+                         tasks.voxels_per_example(task, run.train_source.feature_shape),
                          optimizers.state_elements(run.trainer.optimizer)),
         experiment=FLAGS.experiment, world_size=hvd.size(), batch_size=batch,
         headline_metric=f"val_{headline}" if headline else None,
+        headline_lower_is_better=tasks.TASKS[task].lower_is_better,
         **run.parallel.results(), global_batch_size=global_batch, learning_rate=scaled_lr,
         steps_per_epoch=steps_per_epoch,
         trainable_parameters=sum(v.shape.num_elements() for v in run.model.trainable_variables),
@@ -347,6 +349,12 @@ def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_stat
     # validation over all the examples evaluated, however unequal the ranks' shards
     found.append(callbacks.ExactValidationMetrics(
         lambda sums: hvd.allreduce(sums, op=hvd.Sum, name="validation_sums")))
+    scores = tasks.TASKS[run.train_source.task].validation_callbacks
+    if scores and not FLAGS.benchmark:  # the task's own scores of the whole split
+        found += scores(run.validation_source, validation_data.take(
+                            -1 if FLAGS.validation_steps is None else FLAGS.validation_steps),
+                        where, run.parallel.whole_examples,
+                        lambda rows: hvd.allgather(rows, name="validation_scores"))
     found.append(callbacks.StopOnNonFiniteLoss(hvd.allgather, span.steps_per_epoch))
     # Horovod: warm up the learning rate, then schedule it.
     found += schedule

@@ -319,8 +319,9 @@ def grid_of(shape):
     return Grid(shape)
 
 
-def compliance(shape, forces, fixed, densities, penalty=3.0):
-    """f.u of `densities` [shape] (a predicted design too), by the same solver."""
-    solver = ElasticSolver(grid_of(tuple(shape)), fixed)
+def compliance(shape, forces, fixed, densities, penalty=3.0, **solver_options):
+    """f.u of `densities` [shape] (a predicted design too), by the same solver
+    (ElasticSolver's options)."""
+    solver = ElasticSolver(grid_of(tuple(shape)), fixed, **solver_options)
     return float(forces @ solver.solve(moduli_of(np.asarray(densities, float).ravel(),
                                                  penalty), forces))

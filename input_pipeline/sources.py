@@ -37,6 +37,9 @@ class Source:
     # What made the split (input_pipeline.load's digest of the data set, split and options),
     # in a file cache's name: a cache of other data is never read.
     cache_key: str = ""
+    # The physical case of example i of the split, which its task scores predictions against
+    # (topology's load cases: app.tasks); None where there is none.
+    cases: Optional[Callable[[int], object]] = None
 
     def with_examples(self, examples):
         """This source with (feature shape, decode, augment) of its examples."""

@@ -182,3 +182,19 @@ def test_a_regression_refuses_a_target_accuracy(tmp_path):
     assert result.returncode == 2 and error_lines(result) == [
         "app.train: error: --target_accuracy=0.5: --dataset=linear is a regression data "
         "set, with no headline metric to reach"], result.stderr[-2000:]
+
+
+def test_a_target_above_one_is_refused_for_a_share_and_taken_for_a_ratio(tmp_path):
+    """An accuracy is at most 1; the topology task's compliance ratio is an error whose
+    target is at most a value above 1 (its short run stops there after one epoch)."""
+    result = run(train_command("--flagfile=configs/digits_cnn.cfg", "--target_accuracy=1.5",
+                               f"--model_dir={tmp_path / 'digits'}"), check=False)
+    assert result.returncode == 2 and error_lines(result) == [
+        "app.train: error: --target_accuracy=1.5: a classification data set's headline is a "
+        "share: at most 1"], result.stderr[-2000:]
+    run(train_command("--flagfile=configs/topology_cpu.cfg", "--volume_size=8",
+                      "--num_volumes=2", "--steps_per_epoch=1", "--epochs=3",
+                      "--warmup_epochs=0", "--target_accuracy=1e9",
+                      f"--data_dir={tmp_path / 'designs'}", f"--model_dir={tmp_path / 'run'}"))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["target_reached"]["epoch"] == 1 and results["epochs_completed"] == 1

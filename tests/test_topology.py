@@ -117,8 +117,13 @@ def test_two_processes_make_the_designs_once_and_learn_them(tmp_path):
         f"--model_dir={tmp_path / 'run'}")]
     run(command)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["headline_metric"] == "val_iou"
-    assert 0 < float(read_log(tmp_path / "run")[-1]["val_iou"]) <= 1
+    assert results["headline_metric"] == "val_compliance_ratio"
+    assert results["headline_lower_is_better"]
+    last = read_log(tmp_path / "run")[-1]
+    assert 0 < float(last["val_iou"]) <= 1
+    assert 0 < float(last["val_compliance_ratio"]) <= float(last["val_compliance_ratio_p90"])
+    assert 0 <= float(last["val_connected"]) <= 1
+    assert 0 <= float(last["val_volume_fraction_error"]) < 1
     assert sorted(path.name for path in designs.glob("*train*/*.npz")) == sorted(
         f"{index}.npz" for index in range(8))
     assert len(list(designs.glob("*validation*/*.npz"))) == 2
@@ -174,3 +179,43 @@ def test_a_design_connects_its_loads_to_its_supports_only_through_solid_faces():
     assert not topology.connects(case, diagonal)
     stiff, broken = (topology.solid_compliance(case, design) for design in (bar, gap))
     assert broken > 1e6 * stiff  # the load rests on the void's 1e-9
+
+
+def test_the_design_scores_of_simps_own_designs_are_one_and_of_noise_worse():
+    """app.design_evaluation.DesignScores on three 4^3 designs in batches of two: a model
+    that predicts SIMP's design (given it as its input) scores a compliance ratio of 1 and
+    no volume-fraction error beyond rounding; one that predicts noise is less stiff. Its
+    logs are those the topology task's target reads (lower is better)."""
+    import keras
+    import tensorflow as tf
+    from app import callbacks, design_evaluation, tasks
+    cases = [topology.load_case(4, 0, "validation", index) for index in range(3)]
+    solids = np.stack([topology.example(case, max_iterations=20).solid for case in cases])
+    batches = tf.data.Dataset.from_tensor_slices(
+        (solids[..., np.newaxis].astype(np.float32),) * 2).batch(2)
+    noise = np.random.default_rng(0).random((4, 4, 4, 1)).astype(np.float32)
+    logs_of = {}
+    for name, predicts in {"simp": lambda design: design,
+                           "noise": lambda design: design * 0 + noise}.items():
+        model = keras.Sequential([keras.Input((4, 4, 4, 1)), keras.layers.Lambda(predicts)])
+        scores = design_evaluation.DesignScores(
+            lambda index: cases[index], 3, batches, 0, 1, lambda examples: examples,
+            lambda rows: rows)
+        scores.set_model(model)
+        logs_of[name] = {"val_loss": 0.0}
+        scores.on_epoch_end(0, logs_of[name])
+    simp_logs, noise_logs = logs_of["simp"], logs_of["noise"]
+    assert simp_logs["val_compliance_ratio"] == pytest.approx(1, rel=1e-12)
+    assert simp_logs["val_compliance_ratio_p90"] == pytest.approx(1, rel=1e-12)
+    assert simp_logs["val_volume_fraction_error"] < 1 / 64
+    assert simp_logs["val_connected"] == np.mean([topology.connects(case, solid)
+                                                  for case, solid in zip(cases, solids)])
+    assert noise_logs["val_compliance_ratio"] > 1.5
+    target = callbacks.TimeToAccuracy(1.2, "compliance_ratio", None, None,
+                                      lambda value, at: tasks.reached("topology", value, at))
+    for logs, stops in ((noise_logs, False), (simp_logs, True)):
+        model.stop_training = False
+        target.set_model(model)
+        target.on_train_begin()
+        target.on_epoch_end(0, logs)
+        assert model.stop_training is stops and (target.reached is not None) is stops

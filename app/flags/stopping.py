@@ -13,7 +13,7 @@ def define_stopping_flags():
                        "End training after the first epoch whose validation headline metric "
                        "(over all the ranks' examples) reaches this, by the data set's task: "
                        f"{tasks.headlines()}. results.json names it (headline_metric).",
-                       lower_bound=0.0, upper_bound=1.0)
+                       lower_bound=0.0)
     flags.DEFINE_float("time_budget", None,
                        "End training after the epoch in which this many seconds of training "
                        "(rank 0's clock, from the first step) have passed.", lower_bound=0.0)
@@ -41,6 +41,10 @@ def check(world_size):
     if FLAGS.target_accuracy is not None and FLAGS.benchmark:
         raise invalid("target_accuracy", "needs validation, which --benchmark leaves out")
     task = input_pipeline.DATASETS[FLAGS.dataset].task
-    if FLAGS.target_accuracy is not None and not tasks.TASKS[task].headline:
+    if FLAGS.target_accuracy is None:
+        return
+    if not tasks.TASKS[task].headline:
         raise invalid("target_accuracy", f"--dataset={FLAGS.dataset} is a {task} data set, "
                                          f"with no headline metric to reach")
+    if FLAGS.target_accuracy > 1 and not tasks.TASKS[task].lower_is_better:
+        raise invalid("target_accuracy", f"a {task} data set's headline is a share: at most 1")
