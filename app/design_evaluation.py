@@ -1,10 +1,17 @@
 """The topology task's physics: predicted designs scored by the finite-element solver that
 made SIMP's (input_pipeline.topology.design_scores), over the validation designs in
-training."""
+training, and app.predict for a load case file."""
+import io
+import json
+import os
+import time
+
 import keras
 import numpy as np
 import tensorflow as tf
 
+import models
+from app import checkpoints, cli
 from input_pipeline import topology
 
 # The validation logs DesignScores adds; the first is the topology task's headline
@@ -63,3 +70,85 @@ class DesignScores(keras.callbacks.Callback):
         scores = topology.design_scores(case, design, self._references[index])
         return (scores["compliance_ratio"], scores["volume_fraction_error"],
                 float(scores["connected"]))
+
+
+def predict(record, checkpoint, options):
+    """Applies the run of `record` (its model, restored from `checkpoint`) to the load case
+    file --input (input_pipeline.topology.read_load_case), into --output_dir: topology's
+    app.predict. Writes density.npy (float32 [x, y, z], the solid's probability), design.npy
+    (the design thresholded to the volume fraction), design.png, and prediction.json (the
+    design's compliance, volume fraction and whether it connects the loads to the supports;
+    with --simp, SIMP's design of the case too, beside it, and the ratio of the
+    compliances). One process: a design is one forward pass."""
+    import models
+    from app import checkpoints, cli
+    try:
+        case = topology.read_load_case(options.input)
+    except topology.LoadCaseError as error:
+        cli.fail(f"--input={options.input}: {error}")
+    builder = models.builder(record["model"])
+    if any(extent % builder.downsampling for extent in case.shape):
+        cli.fail(f"--input={options.input}: a box of {list(case.shape)} elements; "
+                 f"--model={record['model']} divides each extent by {builder.downsampling}")
+    if record["precision"] == "float64":
+        models.use_float64()
+    try:
+        model = models.build(record["model"], case.shape + (len(topology.CHANNELS),),
+                             record["num_outputs"])
+        checkpoints.initialize_from(model, checkpoint)
+    except models.user.UserModelError as error:
+        cli.fail(f"--model_dir={options.model_dir}: --model={record['model']}: {error}")
+    except (checkpoints.MismatchError, checkpoints.WrittenByTfKerasError) as error:
+        cli.fail(f"--model_dir={options.model_dir}: {error}", cli.RUN_ERROR)
+    started = time.perf_counter()
+    density = model(topology.inputs_of(case)[np.newaxis], training=False)[0, ..., 0]
+    density = np.asarray(density, np.float32)
+    seconds = time.perf_counter() - started
+    solid = topology.thresholded(density, case.volume_fraction)
+    found = {"input": options.input, "shape": list(case.shape),
+             "volume_fraction": case.volume_fraction, "prediction_seconds": seconds,
+             "compliance": topology.solid_compliance(case, solid),
+             "volume_fraction_predicted": float((density > 0.5).mean()),
+             "connected": bool(topology.connects(case, solid))}
+    designs = [("predicted", solid)]
+    if options.simp:
+        started = time.perf_counter()
+        simp_design = topology.example(case, **topology.SIMP_SETTINGS)
+        found.update(simp_seconds=time.perf_counter() - started,
+                     simp_iterations=simp_design.iterations,
+                     simp_compliance=topology.solid_compliance(case, simp_design.solid))
+        found["compliance_ratio"] = found["compliance"] / found["simp_compliance"]
+        designs.append(("SIMP's", simp_design.solid))
+    try:
+        os.makedirs(options.output_dir, exist_ok=True)
+        np.save(os.path.join(options.output_dir, "density.npy"), density)
+        np.save(os.path.join(options.output_dir, "design.npy"), solid)
+        with open(os.path.join(options.output_dir, "design.png"), "wb") as figure:
+            figure.write(design_png(case, designs))
+        with open(os.path.join(options.output_dir, "prediction.json"), "w") as written:
+            json.dump(found, written, indent=2)
+    except OSError as error:
+        cli.fail(f"--output_dir={options.output_dir}: {error}", cli.RUN_ERROR)
+    print(json.dumps(found))
+
+
+def design_png(case, designs):
+    """PNG bytes of `designs` [(title, solid [x, y, z])] of `case` side by side in 3D, the
+    supported nodes grey and the loaded ones red."""
+    import matplotlib  # only where a figure is drawn
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure = plt.figure(figsize=(4 * len(designs), 4))
+    for column, (title, solid) in enumerate(designs, 1):
+        axis = figure.add_subplot(1, len(designs), column, projection="3d")
+        axis.voxels(solid, facecolors="#4c72b0", edgecolor="#2a3f66", linewidth=0.2)
+        for nodes, colour in ((case.fixed.any(-1), "grey"), ((case.forces != 0).any(-1), "red")):
+            axis.scatter(*np.nonzero(nodes), color=colour, s=4, depthshade=False)
+        axis.set_title(title, fontsize=9)
+        axis.set_box_aspect(case.shape)
+        axis.set_axis_off()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    plt.close(figure)
+    return buffer.getvalue()

@@ -1,10 +1,13 @@
 """Applies a run of app.train to new data, as its task does (app.tasks: what app.predict writes
 for it). Segmentation (app.survey_prediction): a whole survey, larger than the training
 patches, by sliding windows whose seams are blended, the inlines dealt out across the ranks.
+Topology (app.design_evaluation): a load case file's design, and with --simp SIMP's beside it.
 
     python -m app.predict --model_dir=runs/seismic_faults_cpu --input=survey.segy \\
         --output_dir=runs/survey_faults
     mpirun -np 4 python -m app.predict --model_dir=... --input=survey.npy --output_dir=...
+    python -m app.predict --model_dir=runs/topology_cpu --simp \\
+        --input=configs/load_cases/cantilever_32x16x16.json --output_dir=runs/cantilever
 
 The model is the run's own record (MODEL_DIR/model.json: which model and task, its inputs
 and outputs, how its inputs were scaled) and its latest checkpoint.
@@ -26,7 +29,8 @@ def define_flags():
                         required=True)
     flags.DEFINE_string("input", None, "What to predict for, as the run's task takes it: "
                         "segmentation's survey, a SEG-Y file or a NumPy .npy of [inlines, "
-                        "crosslines, samples].", required=True)
+                        "crosslines, samples]; topology's load case file (JSON: "
+                        "docs/topology.md).", required=True)
     flags.DEFINE_string("output_dir", None, "Where the prediction goes.", required=True)
     # segmentation's (app.survey_prediction)
     flags.DEFINE_integer("window", None, "The windows' side (default: the run's patches); "
@@ -38,6 +42,15 @@ def define_flags():
                       "(centres count most, seams fade) or alike.")
     flags.DEFINE_integer("windows_per_batch", 4, "Windows each forward pass takes.",
                          lower_bound=1)
+    # topology's (app.design_evaluation)
+    flags.DEFINE_bool("simp", False, "Also run SIMP on the load case: its design beside the "
+                      "prediction, its compliance and the ratio of the prediction's to it.")
+
+
+# The flags of one task's predictions: refused for the others' runs, where they would do
+# nothing
+TASK_FLAGS = {"segmentation": ("window", "overlap", "blend", "windows_per_batch"),
+              "topology": ("simp",)}
 
 
 class RunRecordError(ValueError):
@@ -72,6 +85,11 @@ def main(_):
         record, checkpoint = run_model(FLAGS.model_dir)
     except (RunRecordError, checkpoints.NoIntactCheckpointError) as error:
         cli.fail(f"--model_dir={FLAGS.model_dir}: {error}")
+    for task, names in TASK_FLAGS.items():
+        given = [name for name in names if FLAGS[name].present]
+        if given and task != record["task"]:
+            cli.fail(f"--{given[0]}: applies to {task} runs; --model_dir={FLAGS.model_dir} "
+                     f"is a {record['task']} run")
     tasks.TASKS[record["task"]].predict(record, checkpoint, FLAGS)
 
 

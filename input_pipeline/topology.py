@@ -63,6 +63,73 @@ class LoadCase:
             raise LoadCaseError("no load")
 
 
+def read_load_case(path):
+    """The LoadCase of a load case file (JSON; docs/topology.md):
+
+        {"shape": [32, 16, 16], "volume_fraction": 0.3,
+         "supports": [{"from": [0, 0, 0], "to": [0, 16, 16]}],
+         "loads": [{"from": [32, 8, 0], "to": [32, 8, 16], "force": [0, 0, -1]}]}
+
+    `shape`, elements along x, y, z; a support holds the nodes of the box of node indices
+    from `from` to `to` (both included; `to` defaults to `from`) in its `directions` ("xyz"
+    by default); a load's `force` is spread evenly over its box's nodes. Raises
+    LoadCaseError naming what is wrong."""
+    try:
+        with open(path) as file:
+            spec = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoadCaseError(f"not a load case file: {error}") from None
+    if not isinstance(spec, dict) or not {"shape", "volume_fraction", "supports",
+                                          "loads"} <= set(spec):
+        raise LoadCaseError("a load case file holds shape, volume_fraction, supports and loads")
+    shape = spec["shape"]
+    if (not isinstance(shape, list) or len(shape) != 3
+            or not all(isinstance(extent, int) and extent > 0 for extent in shape)):
+        raise LoadCaseError(f"shape {shape}: three whole numbers of elements, above 0")
+    nodes = tuple(extent + 1 for extent in shape)
+    forces, fixed = np.zeros(nodes + (3,)), np.zeros(nodes + (3,), bool)
+    for number, support in enumerate(_entries(spec, "supports"), 1):
+        box = _node_box(support, shape, f"support {number}")
+        directions = support.get("directions", "xyz")
+        if not directions or set(directions) - set("xyz"):
+            raise LoadCaseError(f"support {number}: directions {directions!r}, of x, y, z")
+        for direction in set(directions):
+            fixed[box + ("xyz".index(direction),)] = True
+    for number, load in enumerate(_entries(spec, "loads"), 1):
+        box = _node_box(load, shape, f"load {number}")
+        force = load.get("force")
+        if (not isinstance(force, list) or len(force) != 3
+                or not all(isinstance(value, (int, float)) for value in force)):
+            raise LoadCaseError(f"load {number}: force {force}, three numbers")
+        forces[box] += np.array(force, float) / forces[box][..., 0].size
+    volume_fraction = spec["volume_fraction"]
+    if not isinstance(volume_fraction, (int, float)):
+        raise LoadCaseError(f"volume fraction {volume_fraction!r}: a number in (0, 1)")
+    return LoadCase(tuple(shape), forces, fixed, float(volume_fraction))
+
+
+def _entries(spec, key):
+    if not isinstance(spec[key], list) or not all(isinstance(entry, dict)
+                                                  for entry in spec[key]):
+        raise LoadCaseError(f"{key}: a list of boxes of nodes ({{\"from\": [i, j, k], ...}})")
+    return spec[key]
+
+
+def _node_box(entry, shape, name):
+    """The slices of the nodes from entry["from"] to entry["to"], both included."""
+    first, last = entry.get("from"), entry.get("to", entry.get("from"))
+    for corner in (first, last):
+        if (not isinstance(corner, list) or len(corner) != 3
+                or not all(isinstance(index, int) for index in corner)):
+            raise LoadCaseError(f"{name}: a node is three whole numbers, not {corner}")
+        if not all(0 <= index <= extent for index, extent in zip(corner, shape)):
+            raise LoadCaseError(f"{name}: node {corner} is outside the box's nodes "
+                                f"{[[0, extent] for extent in shape]}")
+    if any(start > stop for start, stop in zip(first, last)):
+        raise LoadCaseError(f"{name}: from {first} is past to {last}")
+    return tuple(slice(start, stop + 1) for start, stop in zip(first, last))
+
+
 def _face_nodes(shape, axis, side):
     """The index arrays (i, j, k) of the nodes of a face: `axis` at 0 or its end."""
     nodes = [np.arange(extent + 1) for extent in shape]

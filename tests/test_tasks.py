@@ -73,5 +73,5 @@ def test_a_registered_task_is_found_by_the_flags_training_its_record_and_predict
                    f"--output_dir={tmp_path / 'refused'}"], check=False)
     assert refused.returncode == 2 and error_lines(refused, "app.predict") == [
         f"app.predict: error: --model_dir={model_dir}: trained --model=mlp, a parity model; "
-        f"app.predict applies segmentation models"], refused.stderr[-2000:]
+        f"app.predict applies segmentation, topology models"], refused.stderr[-2000:]
     assert not (tmp_path / "refused").exists()

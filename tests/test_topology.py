@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import error_lines, mpirun, read_log, run, train_command
+from conftest import PYTHON, error_lines, mpirun, read_log, run, train_command
 from input_pipeline import simp, topology
 
 
@@ -219,3 +219,70 @@ def test_the_design_scores_of_simps_own_designs_are_one_and_of_noise_worse():
         target.on_train_begin()
         target.on_epoch_end(0, logs)
         assert model.stop_training is stops and (target.reached is not None) is stops
+
+
+@pytest.fixture(scope="module")
+def topology_run(tmp_path_factory):
+    """A topology run of one step on 8^3 designs: a model to predict with."""
+    folder = tmp_path_factory.mktemp("topology")
+    run(train_command("--flagfile=configs/topology_cpu.cfg", "--volume_size=8",
+                      "--num_volumes=2", "--epochs=1", "--steps_per_epoch=1",
+                      "--warmup_epochs=0", f"--data_dir={folder / 'designs'}",
+                      f"--model_dir={folder / 'run'}"))
+    return folder / "run"
+
+
+def write_case(path, **changes):
+    """A load case file: a 16 x 8 x 8 cantilever held at x = 0, loaded down along its tip's
+    bottom edge (any entry replaced by `changes`)."""
+    path.write_text(json.dumps({
+        "shape": [16, 8, 8], "volume_fraction": 0.3,
+        "supports": [{"from": [0, 0, 0], "to": [0, 8, 8]}],
+        "loads": [{"from": [16, 0, 0], "to": [16, 8, 0], "force": [0, 0, -1]}], **changes}))
+    return path
+
+
+def test_predict_designs_for_a_load_case_file_and_compares_with_simp(topology_run, tmp_path):
+    """app.predict on a box the run was not trained on: the design is the density's
+    thresholded to the volume fraction, its compliance the solver's, over SIMP's."""
+    out = tmp_path / "predicted"
+    result = run([PYTHON, "-m", "app.predict", f"--model_dir={topology_run}", "--simp",
+                  f"--input={write_case(tmp_path / 'case.json')}", f"--output_dir={out}"])
+    found = json.loads((out / "prediction.json").read_text())
+    assert json.loads(result.stdout.splitlines()[-1]) == found
+    case = topology.read_load_case(tmp_path / "case.json")
+    density, design = np.load(out / "density.npy"), np.load(out / "design.npy")
+    assert density.shape == design.shape == (16, 8, 8) and design.sum() == round(0.3 * 16 * 64)
+    assert (design == topology.thresholded(density, 0.3)).all()
+    assert found["compliance"] == pytest.approx(topology.solid_compliance(case, design),
+                                                rel=1e-9)
+    assert found["compliance_ratio"] == pytest.approx(
+        found["compliance"] / found["simp_compliance"], rel=1e-12)
+    assert found["simp_iterations"] > 1 and found["compliance_ratio"] > 0
+    assert (out / "design.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("changes, flag, words", [
+    ({"loads": [{"from": [17, 0, 0], "force": [0, 0, -1]}]}, "--input",
+     "load 1: node [17, 0, 0] is outside the box's nodes [[0, 16], [0, 8], [0, 8]]"),
+    ({"volume_fraction": 1.2}, "--input", "volume fraction 1.2: must be in (0, 1)"),
+    ({"supports": []}, "--input", "no support: the box would float"),
+    ({"shape": [10, 8, 8]}, "--input", "a box of [10, 8, 8] elements; --model=unet3d_small "
+                                       "divides each extent by 4"),
+    ({}, "--window=8", "applies to segmentation runs; --model_dir="),
+])
+def test_predict_refuses_a_load_case_that_cannot_be_in_one_line(topology_run, tmp_path, changes,
+                                                                 flag, words):
+    case = write_case(tmp_path / "case.json", **changes)
+    if changes.get("shape"):  # the rest fits it
+        case = write_case(tmp_path / "case.json", shape=[10, 8, 8], loads=[
+            {"from": [10, 0, 0], "force": [0, 0, -1]}])
+    extra = [] if flag == "--input" else [flag]
+    result = run([PYTHON, "-m", "app.predict", f"--model_dir={topology_run}", f"--input={case}",
+                  f"--output_dir={tmp_path / 'out'}", *extra], check=False)
+    lines = error_lines(result, "app.predict")
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    prefix = f"app.predict: error: --input={case}: " if flag == "--input" else (
+        f"app.predict: error: {flag.split('=')[0]}: ")
+    assert lines[0].startswith(prefix) and words in lines[0], lines[0]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
