@@ -90,6 +90,23 @@ EXPERIMENTS = {
              # a small buffer: the first epoch makes the designs, and a step must not wait
              # for a rank's whole shard (--stall_timeout)
              segmentation_loss="balanced_crossentropy", cache="memory", shuffle_buffer=16)),
+    "topology_gpu64": Experiment(
+        "topology optimization at 64^3 for GPUs: FaultSeg3D's 3D U-Net on SIMP's designs of "
+        "1024 random load cases (made once by the ranks' CPU cores; minutes per design: "
+        "docs/topology.md)",
+        dict(model="unet3d", dataset="topology", volume_size=64, num_volumes=1024,
+             batch_size=2, reference_batch_size=8, learning_rate=1e-3, lr_scaling="sqrt",
+             optimizer="adam", epochs=60, warmup_epochs=3, lr_schedule="cosine",
+             segmentation_loss="balanced_crossentropy", cache="memory", shuffle_buffer=16)),
+    "topology_gpu128": Experiment(
+        "topology optimization at 128^3 for GPUs: the 3D residual U-Net, one design per GPU "
+        "with batch norm synchronized over all of them; add --spatial_parts=2 where a GPU "
+        "cannot hold a design's activations",
+        dict(model="resunet3d", dataset="topology", volume_size=128, num_volumes=256,
+             batch_size=1, reference_batch_size=8, learning_rate=1e-3, lr_scaling="sqrt",
+             optimizer="adam", epochs=80, warmup_epochs=5, lr_schedule="cosine",
+             sync_batch_norm=True, segmentation_loss="balanced_crossentropy",
+             cache="memory", shuffle_buffer=8)),
     "linear_regression": Experiment(
         "the neuron y = w*x + b of Lab 1, fitted with minibatch SGD and MSE",
         dict(model="linear", dataset="linear", batch_size=32, reference_batch_size=32,

@@ -22,6 +22,7 @@ from models.cnn import pooled_cnn, small_cnn
 from models.dense import float_dtype, linear, mlp
 from models.normalization import FusedBatchNormalization
 from models.resnet import resnet20, resnet50, resnet56, wide_resnet16_10
+from models.resunet import resunet3d, resunet3d_small
 from models.unet import unet2d, unet2d_small, unet3d, unet3d_small
 
 
@@ -50,6 +51,10 @@ BUILDERS = {
                       "segmentation", 8, "seismic_faults", True),
     "unet3d_small": Builder(unet3d_small, "a 3D U-Net of 8-16-32 filters, for CPUs",
                             "segmentation", 4, "seismic_faults", True),
+    "resunet3d": Builder(resunet3d, "a 3D residual U-Net (Zhang et al.'s ResUNet), "
+                         "16-32-64-128 filters, batch norm", "segmentation", 8, "topology"),
+    "resunet3d_small": Builder(resunet3d_small, "a 3D residual U-Net of 8-16-32 filters, "
+                               "for CPUs", "segmentation", 4, "topology"),
     "unet2d": Builder(unet2d, "the 2D U-Net for sections, 16-32-64-128 filters",
                       "segmentation", 8, "seismic_facies_sections", True),
     "unet2d_small": Builder(unet2d_small, "a 2D U-Net of 8-16-32 filters, for CPUs",

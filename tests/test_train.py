@@ -240,6 +240,8 @@ EXPERIMENT_RUNS = [
     ("seismic_facies_sections", ["--volume_size=16", "--num_volumes=4", "--epochs=2",
                                  "--target_accuracy=1e-6"]),
     ("topology_cpu", ["--volume_size=8", "--num_volumes=4"]),
+    ("topology_gpu64", ["--volume_size=8", "--num_volumes=2", "--batch_size=1"]),
+    ("topology_gpu128", ["--volume_size=8", "--num_volumes=2"]),
 ]
 
 
@@ -260,7 +262,7 @@ def experiment_runs(tmp_path_factory, digits_tfrecords):
                  f"--model_dir={model_dir}"]
         if experiment == "imagenet_resnet50":
             flags.append(f"--data_dir={digits_tfrecords}")
-        if experiment == "topology_cpu":  # its designs kept here, not in the flagfile's runs/
+        if experiment.startswith("topology"):  # its designs kept here, not the flagfile's
             flags.append(f"--data_dir={model_dir / 'designs'}")
         if experiment in ("fashion_mnist_wrn", "cifar10_resnet20"):
             command = [PYTHON, "tests/workers/train_with_mock_tfds.py", *flags,
@@ -274,7 +276,7 @@ def experiment_runs(tmp_path_factory, digits_tfrecords):
 @pytest.mark.parametrize("case", range(len(EXPERIMENT_RUNS)),
                          ids=[experiment for experiment, _ in EXPERIMENT_RUNS])
 def test_every_experiment_runs_from_its_flagfile(case, experiment_runs):
-    experiment = EXPERIMENT_RUNS[case][0]
+    experiment, extra = EXPERIMENT_RUNS[case]
     result, model_dir = experiment_runs[case]
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((model_dir / "results.json").read_text())
@@ -288,9 +290,12 @@ def test_every_experiment_runs_from_its_flagfile(case, experiment_runs):
         assert {"pixel_accuracy", "val_fw_iou"} <= set(results["final_metrics"])
         assert results["headline_metric"] == "val_mean_iou"
         assert results["target_reached"]["epoch"] == 1
-    if experiment == "topology_cpu":
-        assert results["headline_metric"] == "val_iou"
-        assert len(list((model_dir / "designs").glob("*/*.npz"))) == 4 + 2
+    if experiment.startswith("topology"):
+        assert results["headline_metric"] == "val_compliance_ratio"
+        assert {"val_iou", "val_compliance_ratio_p90", "val_connected"} <= set(
+            results["final_metrics"])
+        trained = int(extra[1].removeprefix("--num_volumes="))
+        assert len(list((model_dir / "designs").glob("*/*.npz"))) == trained + 2
 
 
 BAD_FLAGS = [
