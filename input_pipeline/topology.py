@@ -276,11 +276,30 @@ def load_case(side, seed, split, index):
 def cached_example(side, seed, split, index, cache_dir=None):
     """(inputs, density, solid) of design `index` of a split: read from `cache_dir` if made
     before, else made by SIMP (and kept there, written whole or not at all)."""
-    path = (os.path.join(design_folder(cache_dir, side, seed, split), f"{index}.npz")
-            if cache_dir else None)
+    path = _kept_path(side, seed, split, index, cache_dir)
     if path and os.path.exists(path):
         with np.load(path) as kept:
             return kept["inputs"], kept["density"], kept["solid"]
+    return _made(side, seed, split, index, path)
+
+
+def keep_example(side, seed, split, index, cache_dir):
+    """Makes design `index` of a split into `cache_dir` unless it is kept there already;
+    whether it made it (app.make_designs)."""
+    path = _kept_path(side, seed, split, index, cache_dir)
+    if os.path.exists(path):
+        return False
+    _made(side, seed, split, index, path)
+    return True
+
+
+def _kept_path(side, seed, split, index, cache_dir):
+    return (os.path.join(design_folder(cache_dir, side, seed, split), f"{int(index)}.npz")
+            if cache_dir else None)
+
+
+def _made(side, seed, split, index, path):
+    """(inputs, density, solid) of design `index`, made by SIMP, kept in `path` if given."""
     made = example(load_case(side, seed, split, index), **SIMP_SETTINGS)
     if path:
         _keep(path, inputs=made.inputs, density=made.density, solid=made.solid)

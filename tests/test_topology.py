@@ -310,3 +310,26 @@ def test_the_cpu_experiment_trains_alike_on_1_and_2_processes_in_float64(tmp_pat
     assert len(one) >= 20 and one.keys() == two.keys()
     for name in one:
         np.testing.assert_allclose(two[name], one[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.distributed
+def test_designs_made_ahead_by_make_designs_are_those_training_reads(tmp_path):
+    """app.make_designs on 2 processes makes each split's designs once, dealt by index; a
+    training run of the same flags reads them and makes none; a data set of no designs is
+    refused in one line."""
+    small = ["--flagfile=configs/topology_cpu.cfg", "--volume_size=8", "--num_volumes=4",
+             f"--data_dir={tmp_path / 'designs'}"]
+    made = run([*mpirun(2), PYTHON, "-m", "app.make_designs", *small])
+    assert sorted(line.split(": made ")[1].split(" designs")[0] for line in
+                  made.stdout.splitlines() if ": made " in line) == ["3", "3"], made.stdout
+    designs = sorted((tmp_path / "designs").glob("*/*.npz"))
+    assert len(designs) == 4 + 2
+    times = {path: path.stat().st_mtime_ns for path in designs}
+    run(train_command(*small, "--epochs=1", "--steps_per_epoch=1", "--warmup_epochs=0",
+                      f"--model_dir={tmp_path / 'run'}"))
+    assert {path: path.stat().st_mtime_ns for path in designs} == times
+    refused = run([PYTHON, "-m", "app.make_designs", "--flagfile=configs/digits_cnn.cfg"],
+                  check=False)
+    assert refused.returncode == 2 and error_lines(refused, "app.make_designs") == [
+        "app.make_designs: error: --dataset=digits: is not a data set of designs "
+        "(--dataset=topology)"], refused.stderr[-2000:]
