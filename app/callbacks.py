@@ -235,9 +235,9 @@ class UpdateEpochState(keras.callbacks.Callback):
 
 class TimeToAccuracy(keras.callbacks.Callback):
     """Adds `wall_seconds`, the training time so far, to every epoch's logs, and ends
-    training after the epoch whose validation `metric` (models.headline_metric's: accuracy,
-    IoU, mean IoU, a compliance ratio) reaches `target_accuracy` or in which `time_budget` seconds ran out
-    (either may be None).
+    training after the epoch whose validation `metric` (app.tasks' headline: accuracy, IoU,
+    mean IoU, a compliance ratio) reaches `target_accuracy` or in which `time_budget`
+    seconds ran out (either may be None).
 
     Every rank must stop after the same epoch: the metric is the one MetricAverageCallback
     and ExactValidationMetrics leave on every rank (they must come first), and the clock is

@@ -80,8 +80,6 @@ def predict(record, checkpoint, options):
     design's compliance, volume fraction and whether it connects the loads to the supports;
     with --simp, SIMP's design of the case too, beside it, and the ratio of the
     compliances). One process: a design is one forward pass."""
-    import models
-    from app import checkpoints, cli
     try:
         case = topology.read_load_case(options.input)
     except topology.LoadCaseError as error:

@@ -81,7 +81,8 @@ TASKS = {
         "(input_pipeline.topology): --segmentation_loss, the solid's IoU; each epoch every "
         "validation design's compliance over SIMP's (median, the headline: lower is better; "
         "90th percentile), volume-fraction error and whether it connects the loads to the "
-        "supports, and a design's slices; app.predict designs for a load case file", True, _voxel_loss, _voxel_counts,
+        "supports, and a design's slices; app.predict designs for a load case file", True,
+        _voxel_loss, _voxel_counts,
         lambda num_outputs: "compliance_ratio", _design_slices, design_evaluation.predict,
         validation_callbacks=_design_scores, lower_is_better=True),
 }
