@@ -41,7 +41,7 @@ def main(_):
     for split in input_pipeline.SPLITS:
         source = input_pipeline.load(FLAGS.dataset, split, **app_flags.load_options())
         for index in range(rank, source.num_examples, size):
-            made += topology.keep_example(FLAGS.volume_size, FLAGS.seed, split, index,
+            made += topology.keep_example(FLAGS.volume_size, topology.SEED, split, index,
                                           FLAGS.data_dir)
     print(f"{cli.program()}: rank {rank}: made {made} designs of {FLAGS.volume_size}^3 in "
           f"{time.perf_counter() - started:.0f} s into {FLAGS.data_dir}", flush=True)

@@ -30,6 +30,9 @@ SPLIT_IDS = {"train": 0, "validation": 1}
 SIMP_SETTINGS = dict(penalty=3.0, filter_radius=1.5, move=0.2, tolerance=0.01,
                      max_iterations=100, cg_tolerance=1e-5)
 FORMAT = 1
+# The load cases' seed: the designs are one data set for every run, whatever its --seed (which
+# seeds the network, the order and the augmentation, and would remake costly designs)
+SEED = 42
 MAX_LOADS = 3
 # The inputs' channels, in order
 CHANNELS = ("load_x", "load_y", "load_z", "support", "volume_fraction", "log_strain_energy")
@@ -324,7 +327,7 @@ def _keep(path, **arrays):
             os.unlink(partial.name)
 
 
-def designs(split, *, volume_size, num_volumes, seed=0, cache_dir=None):
+def designs(split, *, volume_size, num_volumes, seed=SEED, cache_dir=None):
     """A sources.Source of `num_volumes` SIMP designs on cubes of `volume_size` elements,
     made from their index in the input pipeline's parallel workers (its `prepare`, each rank
     its own shard's), kept in `cache_dir` when given. Examples: the inputs [side^3,
