@@ -325,8 +325,8 @@ def test_designs_made_ahead_by_make_designs_are_those_training_reads(tmp_path):
     designs = sorted((tmp_path / "designs").glob("*/*.npz"))
     assert len(designs) == 4 + 2
     times = {path: path.stat().st_mtime_ns for path in designs}
-    run(train_command(*small, "--epochs=1", "--steps_per_epoch=1", "--warmup_epochs=0", "--seed=7",
-                      f"--model_dir={tmp_path / 'run'}"))
+    run(train_command(*small, "--epochs=1", "--steps_per_epoch=1", "--warmup_epochs=0",
+                      "--seed=7", f"--model_dir={tmp_path / 'run'}"))
     assert {path: path.stat().st_mtime_ns for path in designs} == times
     refused = run([PYTHON, "-m", "app.make_designs", "--flagfile=configs/digits_cnn.cfg"],
                   check=False)
