@@ -315,8 +315,8 @@ def test_the_cpu_experiment_trains_alike_on_1_and_2_processes_in_float64(tmp_pat
 @pytest.mark.distributed
 def test_designs_made_ahead_by_make_designs_are_those_training_reads(tmp_path):
     """app.make_designs on 2 processes makes each split's designs once, dealt by index; a
-    training run of the same flags (at another --seed) reads them and makes none; a data set of no designs is
-    refused in one line."""
+    training run of the same flags (at another --seed) reads them and makes none; a data set
+    of no designs is refused in one line."""
     small = ["--flagfile=configs/topology_cpu.cfg", "--volume_size=8", "--num_volumes=4",
              f"--data_dir={tmp_path / 'designs'}"]
     made = run([*mpirun(2), PYTHON, "-m", "app.make_designs", *small])
