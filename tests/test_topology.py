@@ -292,24 +292,30 @@ def test_predict_refuses_a_load_case_that_cannot_be_in_one_line(topology_run, tm
 @pytest.mark.distributed
 def test_the_cpu_experiment_trains_alike_on_1_and_2_processes_in_float64(tmp_path):
     """The topology experiment's recipe, small, in float64 at a global batch of 4: 1 and 2
-    processes end with the same weights, and log the same design scores though the 2
-    processes split the 3 validation designs 2 and 1 (DesignScores gathers them by design)."""
+    processes, as data-parallel replicas or as the two slabs of every design
+    (--spatial_parts=2, the largest resolutions' way), end with the same weights and log the
+    same design scores: 2 replicas split the 3 validation designs 2 and 1 (DesignScores
+    gathers them by design), 2 slabs put each design together before scoring it."""
     small = ["--flagfile=configs/topology_cpu.cfg", "--volume_size=8", "--num_volumes=24",
              "--global_batch_size=4", "--epochs=4", "--steps_per_epoch=1", "--warmup_epochs=1",
              "--deterministic", "--float64", f"--data_dir={tmp_path / 'designs'}"]
-    for processes in (1, 2):
-        command = train_command(*small, f"--model_dir={tmp_path / str(processes)}")
-        run([*mpirun(processes), *command] if processes > 1 else command)
-    logs = [read_log(tmp_path / str(processes)) for processes in (1, 2)]
-    assert len(logs[0]) == len(logs[1]) == 4
-    for key in ("loss", "val_loss", "val_iou", "val_compliance_ratio",
-                "val_compliance_ratio_p90", "val_volume_fraction_error", "val_connected"):
-        for one, two in zip(*logs):
-            assert float(two[key]) == pytest.approx(float(one[key]), rel=1e-10), key
-    one, two = (checkpoint_values(tmp_path / str(p), 4, "model/") for p in (1, 2))
-    assert len(one) >= 20 and one.keys() == two.keys()
-    for name in one:
-        np.testing.assert_allclose(two[name], one[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    runs = {"1": [], "2": [], "slabs": ["--spatial_parts=2"]}
+    for name, extra in runs.items():
+        command = train_command(*small, *extra, f"--model_dir={tmp_path / name}")
+        run([*mpirun(2), *command] if name != "1" else command)
+    logs = {name: read_log(tmp_path / name) for name in runs}
+    weights = {name: checkpoint_values(tmp_path / name, 4, "model/") for name in runs}
+    assert len(logs["1"]) == 4 and len(weights["1"]) >= 20
+    for name in ("2", "slabs"):
+        assert len(logs[name]) == 4 and weights[name].keys() == weights["1"].keys()
+        for key in ("loss", "val_loss", "val_iou", "val_compliance_ratio",
+                    "val_compliance_ratio_p90", "val_volume_fraction_error", "val_connected"):
+            for one, other in zip(logs["1"], logs[name]):
+                assert float(other[key]) == pytest.approx(float(one[key]), rel=1e-10), (
+                    name, key)
+        for weight, value in weights["1"].items():
+            np.testing.assert_allclose(weights[name][weight], value, rtol=1e-10, atol=1e-12,
+                                       err_msg=f"{name}: {weight}")
 
 
 @pytest.mark.distributed
