@@ -27,8 +27,7 @@ class Task(collections.namedtuple(
     `validation_callbacks(source, batches, where, whole_examples, gather)`, the callbacks
     that add scores of the validation split `source` to each epoch's logs (`batches`: this
     rank's shard of it, as Keras validates it; `where`: the rank's Position), before anything
-    reads them
-    (None: none); `lower_is_better`, whether the headline is an error to bring down to
+    reads them (None: none); `lower_is_better`, whether the headline is an error to bring down to
     --target_accuracy rather than a score to raise to it."""
 
 
