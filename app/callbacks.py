@@ -1,6 +1,5 @@
 """Callbacks of app.train beside Horovod's own: the LR schedule and a throughput meter."""
 import math
-import operator
 import time
 
 import numpy as np
@@ -242,11 +241,11 @@ class TimeToAccuracy(keras.callbacks.Callback):
     Every rank must stop after the same epoch: the metric is the one MetricAverageCallback
     and ExactValidationMetrics leave on every rank (they must come first), and the clock is
     rank 0's, sent to all by `broadcast`. `at_target(value, target)` says whether the
-    metric's value is at the target (at least it by default; at most it for an error).
+    metric's value is at the target (app.tasks.reached: at least it, or at most it for an
+    error).
     `reached` holds (epoch, seconds) of the first epoch at the target."""
 
-    def __init__(self, target_accuracy, metric, time_budget, broadcast,
-                 at_target=operator.ge):
+    def __init__(self, target_accuracy, metric, time_budget, broadcast, at_target):
         super().__init__()
         self.target_accuracy, self.metric, self.at_target = target_accuracy, metric, at_target
         self.time_budget, self.broadcast = time_budget, broadcast

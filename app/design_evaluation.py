@@ -12,48 +12,47 @@ import tensorflow as tf
 
 import models
 from app import checkpoints, cli
-from input_pipeline import topology
-
-# The validation logs DesignScores adds; the first is the topology task's headline
-SCORES = ("compliance_ratio", "compliance_ratio_p90", "volume_fraction_error", "connected")
+from input_pipeline import simp, topology
 
 
 class DesignScores(keras.callbacks.Callback):
     """Each epoch with validation, every validation design predicted by the model and scored
     on its load case (`cases`, index -> topology.LoadCase): its compliance over that of
     SIMP's thresholded design (the median and the 90th percentile: `val_compliance_ratio`,
-    `val_compliance_ratio_p90`), the volume-fraction error (the mean) and the share of
-    designs whose solid connects every load to a support (`val_connected`).
+    `val_compliance_ratio_p90`; infinite where the solver fails on it), the volume-fraction
+    error (the mean) and the share of designs whose solid connects every load to a support
+    (`val_connected`).
 
-    `batches` are this rank's shard of the `num_examples` designs, in order: design
-    `replica`, `replica` + `replicas`, ... (input_pipeline's sharding by example), from its
-    start again where --validation_steps repeats it; `whole_examples` puts together
-    the parts of a spatial group (a collective), whose first rank (`scores`) scores them.
-    The ranks' scores are gathered with `gather` (hvd.allgather) by design, so that every
-    rank logs the same values, those of the whole split at any number of processes. Put it
-    before whatever reads the logs (the target, the CSV and TensorBoard writers)."""
+    `batches` are this rank's shard of the designs, in order: design `replica`, `replica` +
+    `replicas`, ... (input_pipeline's sharding by example); `whole_examples` puts together
+    the parts of a spatial group (a collective), whose first rank (`scores`) scores them,
+    calling `progressed()` after each (the stall watchdog's mark: a solve at 128^3 takes
+    a minute). The ranks' scores are gathered with `gather` (hvd.allgather) by design, so
+    that every rank logs the same values, those of the whole split at any number of
+    processes. Put it before whatever reads the logs (the target, the CSV and TensorBoard
+    writers)."""
 
-    def __init__(self, cases, num_examples, batches, replica, replicas, whole_examples, gather,
-                 scores=True):
+    def __init__(self, cases, batches, replica, replicas, whole_examples, gather, scores=True,
+                 progressed=lambda: None):
         super().__init__()
         self.cases, self.batches, self.whole_examples = cases, batches, whole_examples
-        self.shard = list(range(replica, num_examples, replicas))
-        self.gather, self.scores = gather, scores
+        self.replica, self.replicas, self.gather = replica, replicas, gather
+        self.scores, self.progressed = scores, progressed
         self._references = {}  # design -> SIMP's design's compliance, solved once
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or not any(name.startswith("val_") for name in logs):
             return  # no validation this epoch
-        rows, position = [], 0
+        rows, index = [], self.replica
         for inputs, labels in self.batches:
             predicted = self.whole_examples(self.model(inputs, training=False)).numpy()
             solids = self.whole_examples(labels).numpy()
             for design, solid in zip(predicted[..., 0], solids[..., 0]):
-                index = self.shard[position % len(self.shard)]
                 if self.scores:
                     rows.append([index, *self._scored(index, design.astype(np.float64),
                                                       solid > 0.5)])
-                position += 1
+                    self.progressed()
+                index += self.replicas
         # rows of (design, ratio, error, connected), in the designs' order on every rank
         gathered = self.gather(tf.constant(np.reshape(rows, (-1, 4)), tf.float64)).numpy()
         ratio, error, connected = gathered[np.argsort(gathered[:, 0])][:, 1:].T
@@ -67,7 +66,10 @@ class DesignScores(keras.callbacks.Callback):
         case = self.cases(index)
         if index not in self._references:
             self._references[index] = topology.solid_compliance(case, reference_solid)
-        scores = topology.design_scores(case, design, self._references[index])
+        try:
+            scores = topology.design_scores(case, design, self._references[index])
+        except simp.SolveError:  # a design the solver cannot solve carries nothing
+            return np.inf, topology.volume_fraction_error(case, design), 0.0
         return (scores["compliance_ratio"], scores["volume_fraction_error"],
                 float(scores["connected"]))
 
@@ -80,6 +82,9 @@ def predict(record, checkpoint, options):
     design's compliance, volume fraction and whether it connects the loads to the supports;
     with --simp, SIMP's design of the case too, beside it, and the ratio of the
     compliances). One process: a design is one forward pass."""
+    if cli.world_size_from_environment() > 1:
+        cli.fail(f"a topology run's design is one forward pass: run app.predict on one "
+                 f"process, not {cli.world_size_from_environment()}")
     try:
         case = topology.read_load_case(options.input)
     except topology.LoadCaseError as error:
@@ -98,8 +103,13 @@ def predict(record, checkpoint, options):
         cli.fail(f"--model_dir={options.model_dir}: --model={record['model']}: {error}")
     except (checkpoints.MismatchError, checkpoints.WrittenByTfKerasError) as error:
         cli.fail(f"--model_dir={options.model_dir}: {error}", cli.RUN_ERROR)
+    try:
+        inputs = topology.inputs_of(case)
+    except simp.SolveError:
+        cli.fail(f"--input={options.input}: the supports do not hold the box (it would move "
+                 f"or turn as a whole under the loads)")
     started = time.perf_counter()
-    density = model(topology.inputs_of(case)[np.newaxis], training=False)[0, ..., 0]
+    density = model(inputs[np.newaxis], training=False)[0, ..., 0]
     density = np.asarray(density, np.float32)
     seconds = time.perf_counter() - started
     solid = topology.thresholded(density, case.volume_fraction)

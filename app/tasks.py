@@ -20,14 +20,15 @@ class Task(collections.namedtuple(
     an input rather than with the whole example; `loss(options)`, the Keras loss
     (`options`: segmentation_loss, and example_sum where a model sees parts of examples);
     `metrics(num_outputs)`, Keras' metrics; `headline(num_outputs)`, the name of the one
-    that says how good a model is (None: no metric of it has a target to reach from below);
+    that says how good a model is (None: no metric of it has a target to reach);
     `epoch_callbacks(model_dir, example, whole_examples)`, the callbacks that show one
     validation example in TensorBoard each epoch (None: none); `predict(record,
     checkpoint, flag_values)`, app.predict for its runs (None: app.predict refuses them);
-    `validation_callbacks(source, batches, where, whole_examples, gather)`, the callbacks
-    that add scores of the validation split `source` to each epoch's logs (`batches`: this
-    rank's shard of it, as Keras validates it; `where`: the rank's Position), before anything
-    reads them (None: none); `lower_is_better`, whether the headline is an error to bring down to
+    `validation_callbacks(source, batches, where, whole_examples, gather, progressed)`, the
+    callbacks that add scores of the whole validation split `source` to each epoch's logs
+    (`batches`: this rank's shard of it; `where`: the rank's Position; `progressed()`: marks
+    progress for the stall watchdog), before anything reads them (None: none; a task with
+    them refuses --validation_steps); `lower_is_better`, whether the headline is an error to bring down to
     --target_accuracy rather than a score to raise to it."""
 
 
@@ -48,10 +49,12 @@ def _validation_slices(model_dir, example, whole_examples):
     return [summaries.ValidationSlices(model_dir, *example, whole_examples)]
 
 
-def _design_scores(source, batches, where, whole_examples, gather):
+def _design_scores(source, batches, where, whole_examples, gather, progressed):
+    """Every validation design scored by its compliance (the first of a spatial group's
+    ranks scores the designs the group put together)."""
     return [design_evaluation.DesignScores(
-        source.cases, source.num_examples, batches, where.replica, where.replicas,
-        whole_examples, gather, scores=where.part == 0)]
+        source.cases, batches, where.replica, where.replicas, whole_examples, gather,
+        scores=where.part == 0, progressed=progressed)]
 
 
 def _design_slices(model_dir, example, whole_examples):

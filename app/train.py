@@ -336,11 +336,12 @@ def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_stat
     """The callbacks of fit(), in Horovod's order, each for the reason beside it; `meters`:
     the throughput and the time to accuracy."""
     throughput = meters[0]
-    found = []
+    found, progressed = [], lambda: None
     if FLAGS.stall_timeout:  # ends the job, naming the silent ranks, when one stalls
         found.append(watchdog.StallWatchdog(
             FLAGS.stall_timeout, os.path.join(FLAGS.model_dir, "heartbeats"), hvd.rank(),
             hvd.size(), watchdog.exit_process(cli.RUN_ERROR)))
+        progressed = found[-1].progressed
     if elastic_state is None:  # elastic: the state's sync broadcasts
         # Horovod: broadcast rank 0's initial variables to every rank.
         found.append(run.parallel.broadcast_callback())
@@ -351,10 +352,9 @@ def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_stat
         lambda sums: hvd.allreduce(sums, op=hvd.Sum, name="validation_sums")))
     scores = tasks.TASKS[run.train_source.task].validation_callbacks
     if scores and not FLAGS.benchmark:  # the task's own scores of the whole split
-        found += scores(run.validation_source, validation_data.take(
-                            -1 if FLAGS.validation_steps is None else FLAGS.validation_steps),
-                        where, run.parallel.whole_examples,
-                        lambda rows: hvd.allgather(rows, name="validation_scores"))
+        found += scores(run.validation_source, validation_data, where,
+                        run.parallel.whole_examples,
+                        lambda rows: hvd.allgather(rows, name="validation_scores"), progressed)
     found.append(callbacks.StopOnNonFiniteLoss(hvd.allgather, span.steps_per_epoch))
     # Horovod: warm up the learning rate, then schedule it.
     found += schedule

@@ -86,29 +86,40 @@ def read_load_case(path):
                                           "loads"} <= set(spec):
         raise LoadCaseError("a load case file holds shape, volume_fraction, supports and loads")
     shape = spec["shape"]
-    if (not isinstance(shape, list) or len(shape) != 3
-            or not all(isinstance(extent, int) and extent > 0 for extent in shape)):
+    if not _numbers(shape, int) or not all(extent > 0 for extent in shape):
         raise LoadCaseError(f"shape {shape}: three whole numbers of elements, above 0")
     nodes = tuple(extent + 1 for extent in shape)
     forces, fixed = np.zeros(nodes + (3,)), np.zeros(nodes + (3,), bool)
     for number, support in enumerate(_entries(spec, "supports"), 1):
         box = _node_box(support, shape, f"support {number}")
         directions = support.get("directions", "xyz")
-        if not directions or set(directions) - set("xyz"):
+        if not isinstance(directions, str) or not directions or set(directions) - set("xyz"):
             raise LoadCaseError(f"support {number}: directions {directions!r}, of x, y, z")
         for direction in set(directions):
             fixed[box + ("xyz".index(direction),)] = True
     for number, load in enumerate(_entries(spec, "loads"), 1):
         box = _node_box(load, shape, f"load {number}")
         force = load.get("force")
-        if (not isinstance(force, list) or len(force) != 3
-                or not all(isinstance(value, (int, float)) for value in force)):
+        if not _numbers(force, (int, float)):
             raise LoadCaseError(f"load {number}: force {force}, three numbers")
         forces[box] += np.array(force, float) / forces[box][..., 0].size
+    forces[fixed] = 0.0  # a load on a support goes straight into it
     volume_fraction = spec["volume_fraction"]
-    if not isinstance(volume_fraction, (int, float)):
+    if not _number(volume_fraction, (int, float)):
         raise LoadCaseError(f"volume fraction {volume_fraction!r}: a number in (0, 1)")
     return LoadCase(tuple(shape), forces, fixed, float(volume_fraction))
+
+
+def _number(value, kinds):
+    """Whether `value` is a finite number of `kinds` (JSON's true and false, Python's bools,
+    are not numbers here; its NaN and Infinity are not finite)."""
+    return isinstance(value, kinds) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _numbers(values, kinds):
+    """Whether `values` is a list of three _number()s."""
+    return (isinstance(values, list) and len(values) == 3
+            and all(_number(value, kinds) for value in values))
 
 
 def _entries(spec, key):
@@ -122,8 +133,7 @@ def _node_box(entry, shape, name):
     """The slices of the nodes from entry["from"] to entry["to"], both included."""
     first, last = entry.get("from"), entry.get("to", entry.get("from"))
     for corner in (first, last):
-        if (not isinstance(corner, list) or len(corner) != 3
-                or not all(isinstance(index, int) for index in corner)):
+        if not _numbers(corner, int):
             raise LoadCaseError(f"{name}: a node is three whole numbers, not {corner}")
         if not all(0 <= index <= extent for index, extent in zip(corner, shape)):
             raise LoadCaseError(f"{name}: node {corner} is outside the box's nodes "
@@ -248,8 +258,13 @@ def design_scores(case, predicted, reference):
     fraction, and whether it connects every load to a support."""
     solid = thresholded(predicted, case.volume_fraction)
     return {"compliance_ratio": solid_compliance(case, solid) / reference,
-            "volume_fraction_error": abs(float((predicted > 0.5).mean()) - case.volume_fraction),
+            "volume_fraction_error": volume_fraction_error(case, predicted),
             "connected": connects(case, solid)}
+
+
+def volume_fraction_error(case, predicted):
+    """How far the share of voxels predicted solid (p > 0.5) is from the volume fraction."""
+    return abs(float((predicted > 0.5).mean()) - case.volume_fraction)
 
 
 def example(case, **simp_options):

@@ -258,7 +258,10 @@ def experiment_runs(tmp_path_factory, digits_tfrecords):
     def run_experiment(case):
         experiment, extra = case
         model_dir = tmp_path_factory.mktemp(experiment)
-        flags = [f"--flagfile=configs/{experiment}.cfg", *SHORT, *extra,
+        short = SHORT
+        if experiment.startswith("topology"):  # its scores take every validation design
+            short = [flag for flag in SHORT if not flag.startswith("--validation_steps")]
+        flags = [f"--flagfile=configs/{experiment}.cfg", *short, *extra,
                  f"--model_dir={model_dir}"]
         if experiment == "imagenet_resnet50":
             flags.append(f"--data_dir={digits_tfrecords}")
@@ -294,7 +297,8 @@ def test_every_experiment_runs_from_its_flagfile(case, experiment_runs):
         assert results["headline_metric"] == "val_compliance_ratio"
         assert {"val_iou", "val_compliance_ratio_p90", "val_connected"} <= set(
             results["final_metrics"])
-        trained = int(extra[1].removeprefix("--num_volumes="))
+        trained = next(int(flag.split("=")[1]) for flag in extra
+                       if flag.startswith("--num_volumes="))
         assert len(list((model_dir / "designs").glob("*/*.npz"))) == trained + 2
 
 

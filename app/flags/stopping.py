@@ -36,11 +36,15 @@ DEFINES = (define_stopping_flags,)
 
 
 def check(world_size):
-    """A target needs validation, and a headline metric to reach."""
+    """A target needs validation, and a headline metric to reach; a task that scores the
+    whole validation split, all of it."""
     del world_size
     if FLAGS.target_accuracy is not None and FLAGS.benchmark:
         raise invalid("target_accuracy", "needs validation, which --benchmark leaves out")
     task = input_pipeline.DATASETS[FLAGS.dataset].task
+    if FLAGS.validation_steps is not None and tasks.TASKS[task].validation_callbacks:
+        raise invalid("validation_steps", f"a {task} data set's scores take every validation "
+                                          f"example each epoch")
     if FLAGS.target_accuracy is None:
         return
     if not tasks.TASKS[task].headline:

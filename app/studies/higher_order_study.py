@@ -25,7 +25,7 @@ import math
 import os
 import statistics
 
-from app import arithmetic
+from app import arithmetic, cli
 from app.studies import harness
 
 # Each optimizer's flags, its LR at --reference_batch_size and how it scales with the batch
@@ -72,6 +72,9 @@ def measure(run_dir, optimizer, global_batch, factor, seed, args, train_args):
                 "epochs": None, "steps": None, "seconds": None, "score": None,
                 "seconds_per_step": None, "state_elements_per_rank": None, "curve": []}
     metric = results["headline_metric"]
+    if results.get("headline_lower_is_better"):  # its best LR would be the worst
+        cli.fail(f"{metric} is an error, lower is better: app.studies.topology_study compares "
+                 f"optimizers on it")
     with open(os.path.join(run_dir, "training_log.csv")) as log:
         epochs = list(csv.DictReader(log))
     reached = results["target_reached"]
