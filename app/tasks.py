@@ -28,8 +28,8 @@ class Task(collections.namedtuple(
     callbacks that add scores of the whole validation split `source` to each epoch's logs
     (`batches`: this rank's shard of it; `where`: the rank's Position; `progressed()`: marks
     progress for the stall watchdog), before anything reads them (None: none; a task with
-    them refuses --validation_steps); `lower_is_better`, whether the headline is an error to bring down to
-    --target_accuracy rather than a score to raise to it."""
+    them refuses --validation_steps); `lower_is_better`, whether the headline is an error
+    to bring down to --target_accuracy rather than a score to raise to it."""
 
 
 def _voxel_loss(options):
