@@ -103,13 +103,8 @@ def predict(record, checkpoint, options):
         cli.fail(f"--model_dir={options.model_dir}: --model={record['model']}: {error}")
     except (checkpoints.MismatchError, checkpoints.WrittenByTfKerasError) as error:
         cli.fail(f"--model_dir={options.model_dir}: {error}", cli.RUN_ERROR)
-    try:
-        inputs = topology.inputs_of(case)
-    except simp.SolveError:
-        cli.fail(f"--input={options.input}: the supports do not hold the box (it would move "
-                 f"or turn as a whole under the loads)")
     started = time.perf_counter()
-    density = model(inputs[np.newaxis], training=False)[0, ..., 0]
+    density = model(topology.inputs_of(case)[np.newaxis], training=False)[0, ..., 0]
     density = np.asarray(density, np.float32)
     seconds = time.perf_counter() - started
     solid = topology.thresholded(density, case.volume_fraction)

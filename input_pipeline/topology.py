@@ -62,6 +62,11 @@ class LoadCase:
             raise LoadCaseError(f"volume fraction {self.volume_fraction}: must be in (0, 1)")
         if not self.fixed.any():
             raise LoadCaseError("no support: the box would float")
+        # held unknowns that stop every translation and rotation of the box as a whole
+        held = simp.grid_of(tuple(self.shape)).rigid_body_modes(self.fixed.ravel())
+        if np.linalg.matrix_rank(held) < 6:
+            raise LoadCaseError("the supports do not hold the box: it could move or turn as "
+                                "a whole")
         if not self.forces.any():
             raise LoadCaseError("no load")
 
@@ -87,26 +92,29 @@ def read_load_case(path):
         raise LoadCaseError("a load case file holds shape, volume_fraction, supports and loads")
     shape = spec["shape"]
     if not _numbers(shape, int) or not all(extent > 0 for extent in shape):
-        raise LoadCaseError(f"shape {shape}: three whole numbers of elements, above 0")
+        raise LoadCaseError(f"shape {json.dumps(shape)}: three whole numbers of elements, "
+                            f"above 0")
     nodes = tuple(extent + 1 for extent in shape)
     forces, fixed = np.zeros(nodes + (3,)), np.zeros(nodes + (3,), bool)
     for number, support in enumerate(_entries(spec, "supports"), 1):
         box = _node_box(support, shape, f"support {number}")
         directions = support.get("directions", "xyz")
         if not isinstance(directions, str) or not directions or set(directions) - set("xyz"):
-            raise LoadCaseError(f"support {number}: directions {directions!r}, of x, y, z")
+            raise LoadCaseError(f"support {number}: directions {json.dumps(directions)}, "
+                                f"of x, y, z")
         for direction in set(directions):
             fixed[box + ("xyz".index(direction),)] = True
     for number, load in enumerate(_entries(spec, "loads"), 1):
         box = _node_box(load, shape, f"load {number}")
         force = load.get("force")
         if not _numbers(force, (int, float)):
-            raise LoadCaseError(f"load {number}: force {force}, three numbers")
+            raise LoadCaseError(f"load {number}: force {json.dumps(force)}, three numbers")
         forces[box] += np.array(force, float) / forces[box][..., 0].size
     forces[fixed] = 0.0  # a load on a support goes straight into it
     volume_fraction = spec["volume_fraction"]
     if not _number(volume_fraction, (int, float)):
-        raise LoadCaseError(f"volume fraction {volume_fraction!r}: a number in (0, 1)")
+        raise LoadCaseError(f"volume fraction {json.dumps(volume_fraction)}: a number in "
+                            f"(0, 1)")
     return LoadCase(tuple(shape), forces, fixed, float(volume_fraction))
 
 
@@ -134,7 +142,8 @@ def _node_box(entry, shape, name):
     first, last = entry.get("from"), entry.get("to", entry.get("from"))
     for corner in (first, last):
         if not _numbers(corner, int):
-            raise LoadCaseError(f"{name}: a node is three whole numbers, not {corner}")
+            raise LoadCaseError(f"{name}: a node is three whole numbers, not "
+                                f"{json.dumps(corner)}")
         if not all(0 <= index <= extent for index, extent in zip(corner, shape)):
             raise LoadCaseError(f"{name}: node {corner} is outside the box's nodes "
                                 f"{[[0, extent] for extent in shape]}")
