@@ -310,6 +310,22 @@ def _saving(checkpoint_manager, path, save):
                         f"checkpoints before it are intact") from None
 
 
+def prediction_model(record, input_shape, checkpoint, model_dir):
+    """app.predict's model: that of the run of `record` (its model.json) on inputs of
+    `input_shape`, its weights from `checkpoint`; one line and out where it cannot be had."""
+    import models  # here: app.train's checkpoints need no model table
+    if record["precision"] == "float64":
+        models.use_float64()
+    try:
+        model = models.build(record["model"], input_shape, record["num_outputs"])
+        initialize_from(model, checkpoint)
+    except models.user.UserModelError as error:
+        cli.fail(f"--model_dir={model_dir}: --model={record['model']}: {error}")
+    except (MismatchError, WrittenByTfKerasError) as error:
+        cli.fail(f"--model_dir={model_dir}: {error}", cli.RUN_ERROR)
+    return model
+
+
 def initialize_from(model, path):
     """Starts `model` from the model weights of another run's checkpoint, and nothing else:
     they are read into an uncompiled twin, whose weights are then copied (restoring into

@@ -93,16 +93,8 @@ def predict(record, checkpoint, options):
     if any(extent % builder.downsampling for extent in case.shape):
         cli.fail(f"--input={options.input}: a box of {list(case.shape)} elements; "
                  f"--model={record['model']} divides each extent by {builder.downsampling}")
-    if record["precision"] == "float64":
-        models.use_float64()
-    try:
-        model = models.build(record["model"], case.shape + (len(topology.CHANNELS),),
-                             record["num_outputs"])
-        checkpoints.initialize_from(model, checkpoint)
-    except models.user.UserModelError as error:
-        cli.fail(f"--model_dir={options.model_dir}: --model={record['model']}: {error}")
-    except (checkpoints.MismatchError, checkpoints.WrittenByTfKerasError) as error:
-        cli.fail(f"--model_dir={options.model_dir}: {error}", cli.RUN_ERROR)
+    model = checkpoints.prediction_model(record, case.shape + (len(topology.CHANNELS),),
+                                         checkpoint, options.model_dir)
     started = time.perf_counter()
     density = model(topology.inputs_of(case)[np.newaxis], training=False)[0, ..., 0]
     density = np.asarray(density, np.float32)

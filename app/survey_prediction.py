@@ -144,17 +144,9 @@ def predict(record, checkpoint, options):
         cli.fail(f"--input: {error}")
 
     hvd.init()
-    if record["precision"] == "float64":
-        models.use_float64()
     spatial = len(record["input_shape"]) - 1  # a model of sections: 2
-    try:
-        model = models.build(record["model"], (window,) * spatial + (1,),
-                             record["num_outputs"])
-        checkpoints.initialize_from(model, checkpoint)
-    except models.user.UserModelError as error:
-        cli.fail(f"--model_dir={options.model_dir}: --model={record['model']}: {error}")
-    except (checkpoints.MismatchError, checkpoints.WrittenByTfKerasError) as error:
-        cli.fail(f"--model_dir={options.model_dir}: {error}", cli.RUN_ERROR)
+    model = checkpoints.prediction_model(record, (window,) * spatial + (1,), checkpoint,
+                                         options.model_dir)
     scaling = (seismic.survey_scaling(survey.sample(seismic.SCALING_SAMPLE_VALUES))
                if record["standardization"] else None)
     prepared = _agree(lambda: _create_outputs(survey.shape, record["num_outputs"],

@@ -117,6 +117,16 @@ def add_budget_arguments(parser, what, sizes, out_dir):
                         help="where the runs, the table and the figure go")
 
 
+def known_names(parser, name, text, table):
+    """The comma-separated names of option --`name`'s `text`, each a key of `table`; a usage
+    error naming the unknown ones otherwise."""
+    names = text.split(",")
+    unknown = [found for found in names if found not in table]
+    if unknown:
+        parser.error(f"--{name}: unknown {', '.join(unknown)}; of {', '.join(table)}")
+    return names
+
+
 def whole_numbers(parser, name, text):
     """The positive whole numbers of option --`name`'s comma-separated `text`; a usage error
     otherwise."""

@@ -153,10 +153,7 @@ def main(argv=None):
     parser.add_argument("--out_dir", default="runs/higher_order_study",
                         help="where the runs, the tables and the figure go")
     args, train_args = parser.parse_known_args(argv)
-    optimizers = args.optimizers.split(",")
-    unknown = [name for name in optimizers if name not in OPTIMIZERS]
-    if unknown:
-        parser.error(f"--optimizers: unknown {', '.join(unknown)}; of {', '.join(OPTIMIZERS)}")
+    optimizers = harness.known_names(parser, "optimizers", args.optimizers, OPTIMIZERS)
     batches = harness.whole_numbers(parser, "global_batches", args.global_batches)
     seeds = harness.whole_numbers(parser, "seeds", args.seeds)
     try:

@@ -153,10 +153,8 @@ def main(argv=None):
                         help="where the runs, the table and the figure go")
     args, train_args = parser.parse_known_args(argv)
     planned = runs(args)
-    chosen = args.runs.split(",") if args.runs else list(planned)
-    unknown = [name for name in chosen if name not in planned]
-    if unknown:
-        parser.error(f"--runs: unknown {', '.join(unknown)}; one of {', '.join(planned)}")
+    chosen = harness.known_names(parser, "runs", args.runs, planned) if args.runs else list(
+        planned)
     if args.time_budget <= 0 or min(args.processes, args.small_batch, args.large_batch) < 1:
         parser.error("--time_budget, -np and the batch sizes must be positive")
     os.makedirs(args.out_dir, exist_ok=True)

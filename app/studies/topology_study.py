@@ -92,10 +92,7 @@ def main(argv=None):
     parser.add_argument("--out_dir", default="runs/topology_study",
                         help="where the runs and the table go")
     args, train_args = parser.parse_known_args(argv)
-    variants = args.variants.split(",")
-    unknown = [name for name in variants if name not in VARIANTS]
-    if unknown:
-        parser.error(f"--variants: unknown {', '.join(unknown)}; of {', '.join(VARIANTS)}")
+    variants = harness.known_names(parser, "variants", args.variants, VARIANTS)
     seeds = harness.whole_numbers(parser, "seeds", args.seeds)
     try:
         factors = [float(value) for value in args.lr_grid.split(",")]
