@@ -24,7 +24,7 @@ from absl import app
 import input_pipeline
 import models
 from app import (arithmetic, callbacks, checkpoints, cli, devices, horovod, optimizers,
-                 preemption, results, summaries, tasks, watchdog)
+                 precision, preemption, results, summaries, tasks, watchdog)
 from app.parallel import kinds, pipeline_plan, sync_batch_norm
 from app import flags as app_flags
 
@@ -34,9 +34,9 @@ SKIP_CORRUPT_HINT = "(--skip_corrupt reads up to the damage)"
 # at (elastic runs restart at their epoch's start), the global batch it was trained with.
 Resume = collections.namedtuple("Resume", "epoch saved_step step global_batch")
 # What fit() trains: this rank's model (checkpointed) and what fit() runs (the model, or its
-# pipeline stage), with its data and threads.
-Run = collections.namedtuple(
-    "Run", "parallel model trainer checkpoint_manager train_source validation_source threads")
+# pipeline stage), with its data, threads and precision (app.precision.Choice).
+Run = collections.namedtuple("Run", "parallel model trainer checkpoint_manager train_source "
+                                    "validation_source threads precision")
 # The steps fit() runs: from step `first_step` of `first_epoch`, at the global batch.
 Span = collections.namedtuple("Span", "first_epoch first_step steps_per_epoch global_batch")
 
@@ -45,6 +45,7 @@ def main(_):
     started = time.perf_counter()
     parallel = kinds.choose(FLAGS)
     threads = init_horovod_and_devices(parallel)
+    computes_in = choose_precision()
     resume = resume_point(parallel)
     if resume.epoch >= FLAGS.epochs:
         if hvd.rank() == 0:
@@ -53,7 +54,7 @@ def main(_):
     train_source, validation_source = data_sources()
     model, trainer, checkpoint_manager = build_and_restore(parallel, train_source, resume)
     run = Run(parallel, model, trainer, checkpoint_manager, train_source, validation_source,
-              threads)
+              threads, computes_in)
     if FLAGS.elastic:
         # Horovod: elastic training restarts fit() from the last commit of this state.
         run_results = fit_elastically(
@@ -95,6 +96,21 @@ def init_horovod_and_devices(parallel):
         cli.fail("--adasum: needs Horovod's MPI controller (mpirun, srun, or horovodrun "
                  "--mpi); this run uses Gloo")
     return threads
+
+
+def choose_precision():
+    """The type this run computes in (app.precision: by default bfloat16 where every rank's
+    processor computes it), made Keras' policy and printed once. Elastic workers make no
+    collective call before hvd.elastic.run: each looks at its own processor."""
+    here = precision.this_process()
+    ranks = [here] if FLAGS.elastic else horovod.hvd_tensorflow.allgather_object(here)
+    choice = precision.choose(FLAGS.mixed_precision, FLAGS.float64, ranks,
+                              saved_model=FLAGS.model.endswith(".keras"))
+    precision.apply(choice)
+    if hvd.rank() == 0:
+        print(f"{cli.program()}: computing in {choice.policy or 'the saved types'}: "
+              f"{choice.reason}")
+    return choice
 
 
 def resume_point(parallel):
@@ -140,10 +156,6 @@ def data_sources():
 def build_and_restore(parallel, source, resume):
     """(this rank's model, what fit() trains, its checkpoint manager), from the same seed on
     every rank, restored from `resume`'s checkpoint or --init_checkpoint's weights."""
-    if FLAGS.mixed_precision:  # float16/bfloat16 compute, float32 variables
-        keras.mixed_precision.set_global_policy(f"mixed_{FLAGS.mixed_precision}")
-    elif FLAGS.float64:
-        models.use_float64()
     normalization = (sync_batch_norm.SyncBatchNormalization if FLAGS.sync_batch_norm
                      else models.FusedBatchNormalization)
     try:
@@ -268,7 +280,8 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
         **run.parallel.results(), global_batch_size=global_batch, learning_rate=scaled_lr,
         steps_per_epoch=steps_per_epoch,
         trainable_parameters=sum(v.shape.num_elements() for v in run.model.trainable_variables),
-        precision=keras.mixed_precision.global_policy().name)
+        precision=run.precision.policy or run.model.dtype_policy.name,
+        precision_reason=run.precision.reason)
 
 
 def batch_sizes(parallel, where, source, trained_global_batch):

@@ -75,8 +75,8 @@ def check_user_model():
                                          f"layers; build them as Horovod's "
                                          f"SyncBatchNormalization in it instead")
     if FLAGS.model.endswith(".keras"):
-        for name in ("mixed_precision", "float64"):
-            if FLAGS[name].value:
+        for name, kept in (("mixed_precision", "auto"), ("float64", False)):
+            if FLAGS[name].value != kept:
                 raise invalid(name, f"the layers of --model={FLAGS.model} keep the types they "
                                     f"were saved with; give --model=package.module:function "
                                     f"to build them anew")

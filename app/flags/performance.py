@@ -8,9 +8,13 @@ from app.flags.common import FLAGS, invalid
 
 def define_performance_flags():
     """Precision, compilation and threads."""
-    flags.DEFINE_enum("mixed_precision", None, ["float16", "bfloat16"],
-                      "Compute in this type, keep the variables in float32 (Keras' mixed "
-                      "precision); float16 adds dynamic loss scaling around Horovod's optimizer.")
+    flags.DEFINE_enum("mixed_precision", "auto", ["auto", "float32", "bfloat16", "float16"],
+                      "The type layers compute in; the variables stay float32 (Keras' mixed "
+                      "precision). auto: bfloat16 where every rank's processor computes it "
+                      "natively (a CPU with AMX or AVX512_BF16, a GPU of compute capability 8.0 "
+                      "and above), float32 elsewhere; float16 (dynamic loss scaling around "
+                      "Horovod's optimizer) only when asked. The choice and its reason go to "
+                      "stdout and results.json.")
     flags.DEFINE_bool("float64", False,
                       "Compute and keep the variables in float64 (slower than float32): for "
                       "telling runs that differ by float32 rounding alone, such "
@@ -66,6 +70,6 @@ def check(world_size):
     """The profiled steps are a range; one precision at a time."""
     del world_size
     arithmetic.profile_steps(FLAGS.profile_steps)
-    if FLAGS.float64 and FLAGS.mixed_precision:
+    if FLAGS.float64 and FLAGS.mixed_precision != "auto":
         raise invalid("float64", f"computes in float64, --mixed_precision="
                                  f"{FLAGS.mixed_precision} in another type: choose one")

@@ -15,7 +15,7 @@ from absl import app
 
 import input_pipeline
 import models
-from app import arithmetic, callbacks, cli, devices, optimizers, tasks
+from app import arithmetic, callbacks, cli, devices, optimizers, precision, tasks
 from app import flags as app_flags
 
 FLAGS = app_flags.FLAGS
@@ -65,8 +65,9 @@ def main(_):
     steps_per_epoch = arithmetic.steps_per_epoch(request, source.num_examples, global_batch,
                                                  FLAGS.steps_per_epoch)
     keras.utils.set_random_seed(FLAGS.seed)
-    if FLAGS.mixed_precision:  # as app.train computes
-        keras.mixed_precision.set_global_policy(f"mixed_{FLAGS.mixed_precision}")
+    # as app.train computes (each worker looks at its own processor)
+    precision.apply(precision.choose(FLAGS.mixed_precision, FLAGS.float64,
+                                     [precision.this_process()]))
     dataset = input_pipeline.training_dataset(
         source, rank=rank, size=size, batch_size=batch, steps_per_epoch=steps_per_epoch,
         seed=FLAGS.seed, shuffle_buffer=FLAGS.shuffle_buffer, cache=FLAGS.cache)

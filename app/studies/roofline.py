@@ -112,7 +112,7 @@ def main(argv=None):
                 "--flagfile=configs/digits_cnn.cfg", *benchmark_data(name, size)[0],
                 f"--model={name}", f"--batch_size={batch}", "--epochs=1", "--warmup_epochs=0",
                 f"--steps_per_epoch={args.steps}", f"--warmup_steps={args.warmup_steps}",
-                *([f"--mixed_precision={precision}"] if precision != "float32" else []),
+                f"--mixed_precision={precision}",
                 *train_args], [])
             achieved = results["images_per_sec"] * flops
             rows.append({"model": name, "image_size": size,

@@ -1,0 +1,87 @@
+"""Which type a run computes in. `--mixed_precision=auto` (the default) takes bfloat16 where
+the processor computes it natively: CPUs with AMX or AVX512_BF16, GPUs of compute capability
+8.0 and above (bfloat16 tensor cores); float32 elsewhere, where bfloat16 is converted to
+float32 to compute and runs 5-10x slower (BENCHMARKS.md, "Precision chosen by the hardware").
+float16 is taken only when asked: it needs loss scaling, and CPUs compute it in software."""
+import collections
+
+import keras
+
+# The CPU flags (/proc/cpuinfo) of bfloat16 arithmetic, the first a CPU has named.
+BFLOAT16_CPU_FLAGS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512_BF16"))
+BFLOAT16_GPU_CAPABILITY = (8, 0)  # Ampere (A100) and newer
+# What one process computes on: its CPU's flags, and its GPU's compute capability (None
+# without a GPU).
+Hardware = collections.namedtuple("Hardware", "cpu_flags gpu_capability")
+# The Keras policy a run computes in, and why it was chosen.
+Choice = collections.namedtuple("Choice", "policy reason")
+
+
+def cpu_flags(cpuinfo):
+    """The flags of the first processor in the text of /proc/cpuinfo."""
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def this_process():
+    """The Hardware this process computes on (its GPU: the first TensorFlow sees, once the
+    local rank's is pinned)."""
+    import tensorflow as tf
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = cpu_flags(cpuinfo.read())
+    gpus = tf.config.get_visible_devices("GPU")
+    capability = (tuple(tf.config.experimental.get_device_details(gpus[0])
+                        .get("compute_capability", (0, 0))) if gpus else None)
+    return Hardware(flags, capability)
+
+
+def computes_bfloat16(hardware):
+    """(whether `hardware` computes bfloat16 natively, the reason: the CPU flag, or the
+    GPU's compute capability)."""
+    if hardware.gpu_capability is not None:
+        major, minor = hardware.gpu_capability
+        if tuple(hardware.gpu_capability) >= BFLOAT16_GPU_CAPABILITY:
+            return True, f"the GPU's compute capability {major}.{minor} has bfloat16 tensor cores"
+        return False, (f"the GPU's compute capability {major}.{minor} has no bfloat16 tensor "
+                       f"cores (8.0 and above have)")
+    for flag, unit in BFLOAT16_CPU_FLAGS:
+        if flag in hardware.cpu_flags:
+            return True, f"the CPU computes bfloat16 with {unit} (flag {flag})"
+    return False, ("the CPU has neither AMX (amx_bf16) nor AVX512_BF16 (avx512_bf16): it "
+                   "would convert bfloat16 to float32 to compute")
+
+
+def choose(requested, float64, hardware_of_ranks, saved_model=False):
+    """The Choice for --mixed_precision=`requested` (auto, float32, bfloat16, float16) and
+    --float64, on the Hardware of every rank: auto takes bfloat16 only where every rank
+    computes it, so that all ranks compute alike. A saved model's layers keep the types
+    they were saved with (policy None)."""
+    if saved_model:
+        return Choice(None, "a saved model's layers keep the types they were saved with")
+    if float64:
+        return Choice("float64", "--float64")
+    if requested != "auto":
+        policy = "float32" if requested == "float32" else f"mixed_{requested}"
+        return Choice(policy, f"--mixed_precision={requested}")
+    answers = [computes_bfloat16(hardware) for hardware in hardware_of_ranks]
+    lacking = [rank for rank, (native, _) in enumerate(answers) if not native]
+    if not lacking:
+        return Choice("mixed_bfloat16", f"auto: {answers[0][1]}")
+    rank = lacking[0]
+    where = f"rank {rank}: " if len(answers) > 1 else ""
+    return Choice("float32", f"auto: {where}{answers[rank][1]}")
+
+
+def apply(choice):
+    """Makes `choice` Keras' global policy, for the layers built after; float64 also as
+    Keras' float type (models.use_float64)."""
+    if choice.policy is None:
+        return
+    if choice.policy == "float64":
+        import models
+        models.use_float64()
+    else:
+        keras.mixed_precision.set_global_policy(choice.policy)
