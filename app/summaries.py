@@ -35,6 +35,13 @@ def callbacks(model_dir, *, flag_values, every_steps, steps_per_epoch, global_ba
     ]
 
 
+def profiler(model_dir, profile_steps):
+    """A benchmark's callback: the profiler's trace of `profile_steps` (START, END) under
+    MODEL_DIR/tensorboard, and nothing else."""
+    return keras.callbacks.TensorBoard(log_dir(model_dir), profile_batch=tuple(profile_steps),
+                                       write_graph=False, write_steps_per_second=False)
+
+
 class EpochsRecordedTensorBoard(keras.callbacks.TensorBoard):
     """Keras' TensorBoard callback, its epoch scalars recorded: Keras 3 writes them under the
     last batch's record_if, which drops them unless the epoch's steps are a multiple of

@@ -394,6 +394,9 @@ def callbacks_in_horovods_order(run, where, span, schedule, meters, elastic_stat
             profile_steps=arithmetic.profile_steps(FLAGS.profile_steps))
         found.append(keras.callbacks.CSVLogger(
             os.path.join(FLAGS.model_dir, "training_log.csv"), append=span.first_epoch > 0))
+    if hvd.rank() == 0 and FLAGS.benchmark and FLAGS.profile_steps:  # its trace alone
+        found.append(summaries.profiler(FLAGS.model_dir,
+                                        arithmetic.profile_steps(FLAGS.profile_steps)))
     shows = tasks.TASKS[run.train_source.task].epoch_callbacks
     if shows and where.replica == 0 and not FLAGS.benchmark:
         # a validation example, put together by its replica's ranks, drawn by rank 0

@@ -73,7 +73,6 @@ def test_benchmark_mode_on_two_processes_reports_every_rank_and_writes_a_timelin
     assert results["images_per_sec"] == pytest.approx(sum(by_rank))
     assert results["images_per_sec_per_process"] == pytest.approx(sum(by_rank) / 2)
     assert results["images_per_sec_spread"] >= 0 and results["val_loss"] is None
-    assert results["precision"] == "float32"
     # At most every core busy (twice that: the ranks' clocks are read at slightly other times)
     assert 0 < results["cpu_ms_per_image"] < 2 * 1000 * os.cpu_count() / results["images_per_sec"]
     assert json.loads(result.stdout.strip().splitlines()[-1])["images_per_sec"] == \
@@ -197,6 +196,7 @@ def test_the_flops_of_a_model_are_counted_from_its_layers():
 
 
 def test_roofline_study_tables_what_its_runs_measured(tmp_path):
+    from app.studies import roofline
     run([PYTHON, "-m", "app.studies.roofline", "--runs=cnn:8:32", "--precisions=float32,bfloat16",
          "--steps=6", "--warmup_steps=2", f"--out_dir={tmp_path}"])
     found = json.loads((tmp_path / "roofline.json").read_text())
@@ -208,7 +208,62 @@ def test_roofline_study_tables_what_its_runs_measured(tmp_path):
             row["images_per_sec"] * row["gflop_per_image"])
         assert 0 < row["of_peak"] == pytest.approx(row["achieved_gflops"] / row["peak_gflops"])
         assert row["of_peak"] < 1  # a run faster than the processor's peak is a counting error
-    assert "| cnn | 8x8 | 32 | mixed_bfloat16 |" in (tmp_path / "roofline.md").read_text()
+        # what the kernels delivered in this precision, measured, beside the nominal peak
+        kernels = found["kernel_gflops"][precision]
+        assert set(kernels) == set(roofline.KERNELS) and min(kernels.values()) > 0
+        assert row["kernel_gflops"] == max(kernels.values())
+        assert row["of_kernels"] == pytest.approx(row["achieved_gflops"] / row["kernel_gflops"])
+    table = (tmp_path / "roofline.md").read_text()
+    assert "| cnn | 8x8 | 32 | mixed_bfloat16 |" in table
+    assert "Kernels, GFLOP/s on " in table and "matmul 2048x2048: float32 " in table
+
+
+@pytest.mark.parametrize("op_type, op_name, kind", [
+    ("_MklNativeConv2DBackpropFilterWithBias",
+     "StatefulPartitionedCall/gradient_tape/cnn_1/conv2d_1_2/convolution/Conv2DBackpropFilter",
+     "convolutions and matrix products"),
+    ("_MklNativeFusedMatMul", "StatefulPartitionedCall/cnn_1/dense_1/Relu",
+     "convolutions and matrix products"),
+    ("Cast", "StatefulPartitionedCall/cnn_1/dense_1/Cast/Cast", "casts"),
+    ("_MklNativeFusedBatchNormGradV3", "StatefulPartitionedCall/gradient_tape/resnet20_1/"
+     "batch_normalization_1/FusedBatchNormGradV3", "batch norm"),
+    ("ResourceApplyKerasMomentum", "StatefulPartitionedCall/momentum_sgd/"
+     "ResourceApplyKerasMomentum_4", "optimizer update"),
+    ("Sqrt", "StatefulPartitionedCall/adam/Sqrt_9", "optimizer update"),
+    ("AssignSubVariableOp", "StatefulPartitionedCall/adam/AssignSubVariableOp_4",
+     "optimizer update"),
+    ("", "StatefulPartitionedCall/PartitionedCall/DistributedAdam_Allreduce/cond_4/then/_92/"
+     "DistributedAdam_Allreduce/cond_4/HorovodAllreduce_grads_4_0", "Horovod"),
+    ("Dataset", "Iterator::Root::Prefetch::MapAndBatch", "input pipeline"),
+    ("ReluGrad", "StatefulPartitionedCall/gradient_tape/cnn_1/conv2d_1/ReluGrad",
+     "element-wise and the rest")])
+def test_each_op_of_a_trace_counts_to_its_kind(op_type, op_name, kind):
+    """Op types and names as TensorFlow's profiler recorded them in app.train's steps (on
+    two processes with Adam, the last but one: Horovod's asynchronous op has no type)."""
+    from app.studies import step_profile
+    assert step_profile.kind_of(op_type, op_name) == kind
+
+
+def test_the_step_profile_study_tables_where_each_precisions_step_goes(tmp_path):
+    """The digits CNN in float32 and bfloat16: each kind's milliseconds per step from the
+    trace (the convolutions and the optimizer's update in both, casts only where the layers
+    compute in bfloat16 from float32 weights), the untraced step times, their ratio."""
+    from app.studies import step_profile
+    run([PYTHON, "-m", "app.studies.step_profile", "--runs=cnn:8:32",
+         "--precisions=float32,bfloat16", "--steps=6", "--warmup_steps=2",
+         "--profiled_steps=2", "--rounds=1", f"--out_dir={tmp_path}"])
+    rows = json.loads((tmp_path / "step_profile.json").read_text())["rows"]
+    assert [row["precision"] for row in rows] == ["float32", "mixed_bfloat16"]
+    for row in rows:
+        assert row["convolutions and matrix products ms"] > 0
+        assert row["optimizer update ms"] > 0 and row["Horovod ms"] == 0  # one process
+        assert row["step_ms_min"] == row["step_ms"] == row["step_ms_max"] > 0
+        results = json.loads((tmp_path / f"cnn-8-32-{row['precision'].split('_')[-1]}-plain-"
+                                          f"round0" / "results.json").read_text())
+        assert row["step_ms"] == pytest.approx(1000 * 32 / results["images_per_sec"])
+        assert {f"{kind} ms" for kind, _, _ in step_profile.KINDS} <= set(row)
+    assert rows[1]["casts ms"] > rows[0]["casts ms"]
+    assert rows[1]["speedup"] == pytest.approx(rows[0]["step_ms"] / rows[1]["step_ms"])
 
 
 def test_the_keras_reference_computes_in_the_precision_it_is_given(tmp_path):

@@ -156,7 +156,7 @@ def test_sharding_composes_with_spatial_groups_and_float16_loss_scaling(tmp_path
     # float32 is every low-precision run's reference; sharded stage 1 and 2 are the same
     # arithmetic (tested above in float64), so one float32 run serves both stages
     accumulated = ["--accumulation_steps=2"]
-    runs = {"float32": [*accumulated, "--shard_optimizer_state"],
+    runs = {"float32": ["--mixed_precision=float32", *accumulated, "--shard_optimizer_state"],
             "float16": ["--mixed_precision=float16", *accumulated, "--shard_gradients"],
             "bfloat16": ["--mixed_precision=bfloat16", *accumulated, "--shard_optimizer_state"]}
     runs["fp16_allreduce"] = [*runs["float16"], "--fp16_allreduce"]
@@ -166,8 +166,8 @@ def test_sharding_composes_with_spatial_groups_and_float16_loss_scaling(tmp_path
         for name, flags in runs.items()])
     for name, flags in runs.items():
         results = json.loads((tmp_path / name / "results.json").read_text())
-        assert results["precision"] == ("float32" if name == "float32" else flags[0].replace(
-            "--mixed_precision=", "mixed_"))
+        assert results["precision"] == flags[0].replace(
+            "--mixed_precision=", "" if name == "float32" else "mixed_")
         assert results["optimizer_state_sharding"] == (2 if "--shard_gradients" in flags else 1)
     # Each logged loss within the compute type's unit roundoff of float32's (2^-11 for
     # float16, 2^-8 for bfloat16; measured: 4.7e-5 and 2.7e-4 of it after 12 updates)

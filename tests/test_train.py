@@ -320,6 +320,8 @@ BAD_FLAGS = [
      "--microbatches=5: must divide the batch of 32 per replica"),
     ("digits_cnn", ["--float64", "--mixed_precision=bfloat16"],
      "--float64=True: computes in float64, --mixed_precision=bfloat16 in another type"),
+    ("digits_cnn", ["--float64", "--mixed_precision=float32"],
+     "--float64=True: computes in float64, --mixed_precision=float32 in another type"),
     ("digits_cnn", ["--kfac_damping=0.1"],
      "--kfac_damping=0.1: is --optimizer=kfac's, not --optimizer=momentum's"),
     ("digits_cnn", ["--optimizer=kfac", "--shard_optimizer_state"],

@@ -44,8 +44,8 @@ def define_benchmark_flags():
     """Throughput measurement."""
     flags.DEFINE_bool("benchmark", False,
                       "Measure training throughput: no validation, checkpoints, resume or "
-                      "TensorBoard; images/s per process and in total on stdout and in "
-                      "results.json.")
+                      "TensorBoard (but --profile_steps' trace); images/s per process and in "
+                      "total on stdout and in results.json.")
     flags.DEFINE_integer("warmup_steps", 10,
                          "Training steps left out of the throughput (tracing, first allreduces, "
                          "pipeline fill).", lower_bound=0)

@@ -16,13 +16,15 @@ import sys
 from app import cli
 
 
-def run_app_train(model_dir, launch_args, train_args, divergence_ok=False):
-    """app.train through app.launch, into `model_dir`; the results.json it wrote. With
-    `divergence_ok` a run whose loss became NaN or infinite (app.train's one line and exit
-    code) gives None instead of ending the study: an LR too large is a study's finding."""
+def run_app_train(model_dir, launch_args, train_args, divergence_ok=False, environment=None):
+    """app.train through app.launch, into `model_dir`, with `environment`'s variables added;
+    the results.json it wrote. With `divergence_ok` a run whose loss became NaN or infinite
+    (app.train's one line and exit code) gives None instead of ending the study: an LR too
+    large is a study's finding."""
     result = check([sys.executable, "-m", "app.launch", *launch_args, *train_args,
                     f"--model_dir={model_dir}"], model_dir,
-                   tolerated=lambda result: divergence_ok and diverged(result))
+                   tolerated=lambda result: divergence_ok and diverged(result),
+                   environment=environment)
     if result.returncode:
         return None
     with open(os.path.join(model_dir, "results.json")) as results:
@@ -81,16 +83,17 @@ def _kill_session(process):
     process.wait()
 
 
-def run_benchmark(model_dir, processes, train_args, launch_args):
+def run_benchmark(model_dir, processes, train_args, launch_args, environment=None):
     """`app.train --benchmark` on `processes` processes; its results."""
     return run_app_train(model_dir, ["-np", str(processes), *launch_args],
-                         [*train_args, "--benchmark"])
+                         [*train_args, "--benchmark"], environment=environment)
 
 
-def check(command, name, tolerated=lambda result: False):
-    """Runs `command`; its CompletedProcess. A failure ends the study with the command and
-    the end of its stderr, unless `tolerated(result)`."""
-    result = subprocess.run(command, capture_output=True, text=True)
+def check(command, name, tolerated=lambda result: False, environment=None):
+    """Runs `command` with `environment`'s variables added; its CompletedProcess. A failure
+    ends the study with the command and the end of its stderr, unless `tolerated(result)`."""
+    result = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, **(environment or {})})
     if result.returncode and not tolerated(result):
         sys.exit(cli.error_line(f"{name} failed with exit code {result.returncode} "
                                 f"({' '.join(command)}):\n"

@@ -12,16 +12,22 @@ the activations and of the weights, each about a forward pass). The peak is core
 FLOPs per cycle and core, from the CPU's flags in /proc/cpuinfo: 64 in float32 with AVX-512
 and 32 with AVX2 (two fused multiply-add units), and in bfloat16 1024 with AMX, 128 with
 AVX512_BF16, otherwise the float32 figure (the CPU converts bfloat16 to float32 to compute).
-It is a nominal figure: turbo and the clock drop of wide vector units move it. Writes
+It is a nominal figure: turbo and the clock drop of wide vector units move it, and so does
+whether TensorFlow's kernels use the units. So the study also measures what the processor
+delivers, on the threads a run's one process has: a 2048x2048 matrix product and a 3x3
+convolution of 64 to 64 channels on a 16x56x56 batch (ResNet-50's first stage), in each
+precision, and sets each model's step against the faster of the two as well. Writes
 roofline.md, .csv and .json to --out_dir; other arguments go to every run.
 """
 import os
+import statistics
+import time
 
-import app.horovod  # noqa: F401  (first: it sets TF_XLA_FLAGS)
+from app.horovod import tf  # first: it sets TF_XLA_FLAGS
 
 import input_pipeline
 import models
-from app import launch
+from app import devices, launch
 from app.studies import harness
 
 PRECISIONS = ("float32", "bfloat16")
@@ -29,6 +35,35 @@ PRECISIONS = ("float32", "bfloat16")
 VECTOR_UNITS = (("amx_bf16", 64, 1024), ("avx512_bf16", 64, 128), ("avx512f", 64, 64),
                 ("avx2", 32, 32))
 SCALAR_FLOPS_PER_CYCLE = 8  # SSE: 4 floats, multiply and add
+
+
+# name: (the operands' shapes, the kernel, its FLOPs)
+KERNELS = {
+    "matmul 2048x2048": ([[2048, 2048], [2048, 2048]], tf.linalg.matmul, 2 * 2048 ** 3),
+    "conv 3x3 64->64, 16x56x56": (
+        [[16, 56, 56, 64], [3, 3, 64, 64]],
+        lambda images, kernel: tf.nn.conv2d(images, kernel, strides=1, padding="SAME"),
+        2 * 16 * 56 * 56 * 3 * 3 * 64 * 64)}
+KERNEL_SECONDS = 0.25  # of each timed repeat
+
+
+def kernel_gflops(name, precision, repeats=5):
+    """GFLOP/s of KERNELS[name] in `precision` (float32, bfloat16 inputs and outputs): the
+    median of `repeats` timings, each of as many calls as take KERNEL_SECONDS."""
+    shapes, kernel, flops = KERNELS[name]
+    operands = [tf.cast(tf.random.stateless_normal(shape, seed=[index, 0]), precision)
+                for index, shape in enumerate(shapes)]
+    compiled = tf.function(kernel)
+    start = time.perf_counter()
+    compiled(*operands).numpy()  # traced, oneDNN's primitive made
+    calls = max(1, round(KERNEL_SECONDS / (time.perf_counter() - start)))
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            compiled(*operands)
+        rates.append(calls * flops / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
 
 
 def benchmark_data(model_name, size):
@@ -103,6 +138,10 @@ def main(argv=None):
 
     with open("/proc/cpuinfo") as cpuinfo:
         peaks, unit = cpu_peak(cpuinfo.read(), launch.usable_cores())
+    # the threads of the runs' one process, before TensorFlow's runtime starts
+    devices.set_cpu_threads(devices.cpu_threads(1))
+    kernels = {precision: {name: kernel_gflops(name, precision) for name in KERNELS}
+               for precision in precisions}
     rows = []
     for name, size, batch in runs:
         flops = training_flops_per_example(name, size)
@@ -121,13 +160,20 @@ def main(argv=None):
                          "images_per_sec": results["images_per_sec"],
                          "achieved_gflops": achieved / 1e9,
                          "peak_gflops": peaks[precision] / 1e9,
-                         "of_peak": achieved / peaks[precision]})
+                         "of_peak": achieved / peaks[precision],
+                         "kernel_gflops": max(kernels[precision].values()),
+                         "of_kernels": achieved / 1e9 / max(kernels[precision].values())})
     title = (f"Training FLOP/s against the peak of {launch.usable_cores()} cores "
              f"({unit}: {peaks['float32'] / 1e9:.0f} GFLOP/s float32, "
              f"{peaks['bfloat16'] / 1e9:.0f} bfloat16), one process")
     notes = ([] if peaks["bfloat16"] > peaks["float32"] else
              ["This CPU has no bfloat16 arithmetic: bfloat16 runs convert to float32 to "
               "compute, so their peak is float32's."])
+    measured = "; ".join(f"{name}: " + ", ".join(f"{precision} {kernels[precision][name]:.0f}"
+                                                  for precision in precisions)
+                         for name in KERNELS)
+    notes.append(f"Kernels, GFLOP/s on {devices.cpu_threads(1)} threads (median of 5): "
+                 f"{measured}.")
     columns = [("model", lambda row: row["model"]),
                ("example", lambda row: row["example"]),
                ("batch", lambda row: str(row["batch"])),
@@ -136,9 +182,11 @@ def main(argv=None):
                ("images/s", lambda row: f"{row['images_per_sec']:.1f}"),
                ("GFLOP/s", lambda row: f"{row['achieved_gflops']:.1f}"),
                ("peak GFLOP/s", lambda row: f"{row['peak_gflops']:.0f}"),
-               ("of peak", lambda row: f"{row['of_peak']:.1%}")]
+               ("of peak", lambda row: f"{row['of_peak']:.1%}"),
+               ("kernels' GFLOP/s", lambda row: f"{row['kernel_gflops']:.0f}"),
+               ("of kernels'", lambda row: f"{row['of_kernels']:.1%}")]
     harness.write_study(os.path.join(args.out_dir, "roofline"), rows, columns, title, notes,
-                        peak_unit=unit)
+                        peak_unit=unit, kernel_gflops=kernels)
 
 
 if __name__ == "__main__":
