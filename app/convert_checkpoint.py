@@ -43,6 +43,8 @@ def main(_):
     if not os.path.isfile(run_flags):
         cli.fail(f"--from_dir={from_dir}: no flags.cfg (not a model_dir of app.train)")
     FLAGS(["convert_checkpoint", f"--flagfile={run_flags}"], known_only=True)
+    if not FLAGS["mixed_precision"].present:  # a run from before --mixed_precision=auto, when
+        FLAGS.mixed_precision = "float32"     # float32 was the default: it resumes in float32
     if optimizers.preconditions(FLAGS.optimizer):
         cli.fail(f"--from_dir={from_dir}: trained with --optimizer={FLAGS.optimizer}, which "
                  f"pipeline stages cannot take")

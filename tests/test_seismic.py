@@ -219,7 +219,8 @@ def test_the_unet_learns_faults_beyond_what_chance_gives_and_stops_at_its_target
     fault segmentation the target is the validation IoU, which results.json names."""
     surveys = ["--flagfile=configs/seismic_faults_cpu.cfg", "--volume_size=24",
                "--patch_size=16", "--num_volumes=16", "--global_batch_size=4", "--epochs=10",
-               "--steps_per_epoch=12", "--warmup_epochs=1", "--deterministic"]
+               "--steps_per_epoch=12", "--warmup_epochs=1", "--deterministic",
+               "--mixed_precision=float32"]  # bfloat16 beside it: test_precision.py
     run(train_command(*surveys, f"--model_dir={tmp_path / 'whole'}"))
     validation = input_pipeline.load("seismic_faults", "validation", volume_size=24,
                                      patch_size=16, num_volumes=16, seed=42)

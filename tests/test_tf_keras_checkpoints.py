@@ -58,6 +58,9 @@ def test_a_converted_tf_keras_checkpoint_computes_what_tf_keras_did(converted, n
     reference = np.load(f"{DATA}/{name}/reference.npz")
     np.testing.assert_allclose(model_outputs(converted[name], 1, reference["input"]),
                                reference["outputs"], rtol=1e-5, atol=1e-6)
+    # it resumes in the type it was trained in: float32, the default then, unless asked
+    trained_in = "float16" if name == "mlp_float16" else "float32"
+    assert f"--mixed_precision={trained_in}\n" in (converted[name] / "flags.cfg").read_text()
     if name in RESUMED:
         np.testing.assert_allclose(model_outputs(converted[name], 2, reference["input"]),
                                    reference["resumed_outputs"], rtol=1e-4, atol=1e-5)

@@ -46,8 +46,8 @@ def measure(run_dir, flags, args, row):
                                     [f"--flagfile={args.flagfile}", *flags],
                                     divergence_ok=True)
     if results is None:
-        return {**row, "epochs": None, "seconds": None, "ms_per_step": None,
-                **{score: None for score in SCORES}}
+        return {**row, "learning_rate": None, "epochs": None, "seconds": None,
+                "ms_per_step": None, **{score: None for score in SCORES}}
     with open(os.path.join(run_dir, "training_log.csv")) as log:
         last = list(csv.DictReader(log))[-1]
     return {**row, "learning_rate": results["learning_rate"],
