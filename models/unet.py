@@ -15,11 +15,14 @@ FAULTSEG3D_WIDTHS = (16, 32, 64, 128)
 
 
 class MaxPooling3D(keras.layers.Layer):
-    """Max pooling by 2 along each spatial axis, as the maximum of neighbouring planes axis
-    by axis, because TensorFlow's MaxPool3D has no float64 kernel (the exactness tests
-    train in float64); the extents must be even, as the U-Net's are."""
+    """Max pooling by 2 along each spatial axis: TensorFlow's MaxPool3D (oneDNN's kernel on
+    CPUs), and in float64, which it has no kernel for (the exactness tests), the maximum of
+    neighbouring planes axis by axis, whose slices cost as much as the U-Net's convolutions
+    (BENCHMARKS.md); the extents must be even, as the U-Net's are."""
 
     def call(self, inputs):
+        if inputs.dtype != tf.float64:
+            return tf.nn.max_pool3d(inputs, ksize=2, strides=2, padding="VALID")
         pooled = inputs
         for axis in (1, 2, 3):
             even, odd = ([slice(None)] * 5 for _ in range(2))
