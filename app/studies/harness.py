@@ -203,6 +203,35 @@ def write_study(stem, rows, markdown_columns, title, notes=(), **fields):
     print(f"wrote {stem}.md, .csv and .json")
 
 
+def benchmark_data(model_name, size):
+    """(app.train's data flags, the source) of the generated data `model_name` trains on
+    (its Builder's example_dataset): images, or surveys, of `size` a side."""
+    import input_pipeline
+    import models
+    dataset = models.BUILDERS[model_name].example_dataset
+    options = dict(image_size=size, volume_size=size, num_volumes=8)
+    flags = [f"--dataset={dataset}", f"--image_size={size}", f"--volume_size={size}",
+             "--num_volumes=8", "--cache=memory"]
+    return flags, input_pipeline.load(dataset, "train", **options)
+
+
+def example_extent(model_name, size):
+    """An example's spatial extent, as 32x32 or 32x32x32."""
+    return "x".join(map(str, benchmark_data(model_name, size)[1].feature_shape[:-1]))
+
+
+def parse_runs(text):
+    """[(model, image size, batch)] of MODEL:IMAGE_SIZE:BATCH,..."""
+    import models
+    runs = []
+    for entry in text.split(","):
+        name, size, batch = entry.split(":")
+        if name not in models.BUILDERS or int(size) < 8 or int(batch) < 1:
+            raise ValueError(entry)
+        runs.append((name, int(size), int(batch)))
+    return runs
+
+
 def free_port():
     """A TCP port on localhost that nothing listens on now."""
     with socket.socket() as probe:

@@ -25,7 +25,6 @@ import time
 
 from app.horovod import tf  # first: it sets TF_XLA_FLAGS
 
-import input_pipeline
 import models
 from app import devices, launch
 from app.studies import harness
@@ -66,26 +65,11 @@ def kernel_gflops(name, precision, repeats=5):
     return statistics.median(rates)
 
 
-def benchmark_data(model_name, size):
-    """(app.train's data flags, the source) of the generated data `model_name` trains on
-    (its Builder's example_dataset): images, or surveys, of `size` a side."""
-    dataset = models.BUILDERS[model_name].example_dataset
-    options = dict(image_size=size, volume_size=size, num_volumes=8)
-    flags = [f"--dataset={dataset}", f"--image_size={size}", f"--volume_size={size}",
-             "--num_volumes=8", "--cache=memory"]
-    return flags, input_pipeline.load(dataset, "train", **options)
-
-
 def training_flops_per_example(model_name, image_size):
     """Forward and backward FLOPs of one example of `image_size` through `model_name`."""
-    _, source = benchmark_data(model_name, image_size)
+    _, source = harness.benchmark_data(model_name, image_size)
     model = models.build(model_name, source.feature_shape, source.num_outputs)
     return 3 * models.forward_flops(model, source.feature_shape)
-
-
-def example_extent(model_name, size):
-    """An example's spatial extent, as 32x32 or 32x32x32."""
-    return "x".join(map(str, benchmark_data(model_name, size)[1].feature_shape[:-1]))
 
 
 def cpu_peak(cpuinfo, cores):
@@ -104,17 +88,6 @@ def cpu_peak(cpuinfo, cores):
     return {"float32": peak, "bfloat16": peak}, "sse"
 
 
-def parse_runs(text):
-    """[(model, image size, batch)] of MODEL:IMAGE_SIZE:BATCH,..."""
-    runs = []
-    for entry in text.split(","):
-        name, size, batch = entry.split(":")
-        if name not in models.BUILDERS or int(size) < 8 or int(batch) < 1:
-            raise ValueError(entry)
-        runs.append((name, int(size), int(batch)))
-    return runs
-
-
 def main(argv=None):
     parser = harness.study_parser("app.studies.roofline", __doc__)
     parser.add_argument("--runs", default="resnet20:32:64,resnet50:224:16",
@@ -126,7 +99,7 @@ def main(argv=None):
     parser.add_argument("--out_dir", default="runs/roofline", help="where the runs go")
     args, train_args = parser.parse_known_args(argv)
     try:
-        runs = parse_runs(args.runs)
+        runs = harness.parse_runs(args.runs)
     except ValueError as error:
         parser.error(f"--runs: {error} is not MODEL:IMAGE_SIZE:BATCH (a model of "
                      f"{', '.join(models.BUILDERS)}, a size of at least 8, a positive batch)")
@@ -148,14 +121,14 @@ def main(argv=None):
         for precision in precisions:
             run_dir = os.path.join(args.out_dir, f"{name}-{size}-{batch}-{precision}")
             results = harness.run_benchmark(run_dir, 1, [
-                "--flagfile=configs/digits_cnn.cfg", *benchmark_data(name, size)[0],
+                "--flagfile=configs/digits_cnn.cfg", *harness.benchmark_data(name, size)[0],
                 f"--model={name}", f"--batch_size={batch}", "--epochs=1", "--warmup_epochs=0",
                 f"--steps_per_epoch={args.steps}", f"--warmup_steps={args.warmup_steps}",
                 f"--mixed_precision={precision}",
                 *train_args], [])
             achieved = results["images_per_sec"] * flops
             rows.append({"model": name, "image_size": size,
-                         "example": example_extent(name, size), "batch": batch,
+                         "example": harness.example_extent(name, size), "batch": batch,
                          "precision": results["precision"], "gflop_per_image": flops / 1e9,
                          "images_per_sec": results["images_per_sec"],
                          "achieved_gflops": achieved / 1e9,

@@ -27,7 +27,7 @@ import statistics
 
 import app.horovod  # noqa: F401  (first: it sets TF_XLA_FLAGS)
 
-from app.studies import harness, roofline
+from app.studies import harness
 
 # A setting: the environment variables and app.train flags it adds.
 Setting = collections.namedtuple("Setting", "environment flags")
@@ -109,7 +109,7 @@ def main(argv=None):
     parser.add_argument("--out_dir", default="runs/step_profile", help="where the runs go")
     args, train_args = parser.parse_known_args(argv)
     try:
-        runs = roofline.parse_runs(args.runs)
+        runs = harness.parse_runs(args.runs)
     except ValueError as error:
         parser.error(f"--runs: {error} is not MODEL:IMAGE_SIZE:BATCH")
     precisions = harness.known_names(parser, "precisions", args.precisions,
@@ -128,7 +128,7 @@ def main(argv=None):
     def train(configuration, run_dir, extra):
         (name, size, batch), precision, setting = configuration
         return harness.run_benchmark(run_dir, 1, [
-            "--flagfile=configs/digits_cnn.cfg", *roofline.benchmark_data(name, size)[0],
+            "--flagfile=configs/digits_cnn.cfg", *harness.benchmark_data(name, size)[0],
             f"--model={name}", f"--batch_size={batch}", "--epochs=1", "--warmup_epochs=0",
             f"--steps_per_epoch={args.steps}", f"--warmup_steps={args.warmup_steps}",
             f"--mixed_precision={precision}", *SETTINGS[setting].flags, *extra, *train_args],
@@ -160,7 +160,7 @@ def main(argv=None):
         baseline = statistics.median(step_ms[(configuration[0], precisions[0], settings[0])])
         median = statistics.median(step_ms[configuration])
         policy, by_kind, top = profiles[configuration]
-        rows.append({"model": name, "example": roofline.example_extent(name, size),
+        rows.append({"model": name, "example": harness.example_extent(name, size),
                      "batch": batch, "precision": policy, "setting": setting,
                      "step_ms": median, "step_ms_min": min(step_ms[configuration]),
                      "step_ms_max": max(step_ms[configuration]),
