@@ -17,13 +17,18 @@ Hardware = collections.namedtuple("Hardware", "cpu_flags gpu_capability")
 Choice = collections.namedtuple("Choice", "policy reason")
 
 
-def cpu_flags(cpuinfo):
-    """The flags of the first processor in the text of /proc/cpuinfo."""
+def first_processor(cpuinfo):
+    """{field: value} of the first processor in the text of /proc/cpuinfo."""
+    fields = {}
     for line in cpuinfo.splitlines():
         name, _, value = line.partition(":")
-        if name.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+        fields.setdefault(name.strip(), value.strip())
+    return fields
+
+
+def cpu_flags(cpuinfo):
+    """The flags of the first processor in the text of /proc/cpuinfo."""
+    return frozenset(first_processor(cpuinfo).get("flags", "").split())
 
 
 def this_process():

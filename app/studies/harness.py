@@ -2,6 +2,7 @@
 (its timeline's collectives too), its command line, and writing its tables."""
 import collections
 import csv
+import functools
 import json
 import math
 import os
@@ -203,21 +204,27 @@ def write_study(stem, rows, markdown_columns, title, notes=(), **fields):
     print(f"wrote {stem}.md, .csv and .json")
 
 
-def benchmark_data(model_name, size):
-    """(app.train's data flags, the source) of the generated data `model_name` trains on
-    (its Builder's example_dataset): images, or surveys, of `size` a side."""
+def benchmark_flags(model_name, size):
+    """app.train's data flags of the generated data `model_name` trains on (its Builder's
+    example_dataset): images, or 8 surveys, of `size` a side."""
+    import models
+    return [f"--dataset={models.BUILDERS[model_name].example_dataset}",
+            f"--image_size={size}", f"--volume_size={size}", "--num_volumes=8",
+            "--cache=memory"]
+
+
+@functools.lru_cache
+def benchmark_source(model_name, size):
+    """The source of benchmark_flags' data (made once: surveys take seconds)."""
     import input_pipeline
     import models
-    dataset = models.BUILDERS[model_name].example_dataset
-    options = dict(image_size=size, volume_size=size, num_volumes=8)
-    flags = [f"--dataset={dataset}", f"--image_size={size}", f"--volume_size={size}",
-             "--num_volumes=8", "--cache=memory"]
-    return flags, input_pipeline.load(dataset, "train", **options)
+    return input_pipeline.load(models.BUILDERS[model_name].example_dataset, "train",
+                               image_size=size, volume_size=size, num_volumes=8)
 
 
 def example_extent(model_name, size):
     """An example's spatial extent, as 32x32 or 32x32x32."""
-    return "x".join(map(str, benchmark_data(model_name, size)[1].feature_shape[:-1]))
+    return "x".join(map(str, benchmark_source(model_name, size).feature_shape[:-1]))
 
 
 def parse_runs(text):

@@ -27,6 +27,7 @@ from app.horovod import tf  # first: it sets TF_XLA_FLAGS
 
 import models
 from app import devices, launch
+from app.precision import cpu_flags, first_processor
 from app.studies import harness
 
 PRECISIONS = ("float32", "bfloat16")
@@ -67,7 +68,7 @@ def kernel_gflops(name, precision, repeats=5):
 
 def training_flops_per_example(model_name, image_size):
     """Forward and backward FLOPs of one example of `image_size` through `model_name`."""
-    _, source = harness.benchmark_data(model_name, image_size)
+    source = harness.benchmark_source(model_name, image_size)
     model = models.build(model_name, source.feature_shape, source.num_outputs)
     return 3 * models.forward_flops(model, source.feature_shape)
 
@@ -75,12 +76,8 @@ def training_flops_per_example(model_name, image_size):
 def cpu_peak(cpuinfo, cores):
     """{precision: nominal peak FLOP/s} of `cores` cores of the CPU /proc/cpuinfo describes,
     and the flag it was taken from."""
-    fields = {}
-    for line in cpuinfo.splitlines():
-        name, _, value = line.partition(":")
-        fields.setdefault(name.strip(), value.strip())  # the first processor's
-    flags = set(fields["flags"].split())
-    hertz = float(fields["cpu MHz"]) * 1e6
+    flags = cpu_flags(cpuinfo)
+    hertz = float(first_processor(cpuinfo)["cpu MHz"]) * 1e6
     for flag, float32, bfloat16 in VECTOR_UNITS:
         if flag in flags:
             return {"float32": cores * hertz * float32, "bfloat16": cores * hertz * bfloat16}, flag
@@ -111,8 +108,8 @@ def main(argv=None):
 
     with open("/proc/cpuinfo") as cpuinfo:
         peaks, unit = cpu_peak(cpuinfo.read(), launch.usable_cores())
-    # the threads of the runs' one process, before TensorFlow's runtime starts
-    devices.set_cpu_threads(devices.cpu_threads(1))
+    threads = devices.cpu_threads(1)  # the runs' one process's
+    devices.set_cpu_threads(threads)  # before TensorFlow's runtime starts
     kernels = {precision: {name: kernel_gflops(name, precision) for name in KERNELS}
                for precision in precisions}
     rows = []
@@ -121,7 +118,7 @@ def main(argv=None):
         for precision in precisions:
             run_dir = os.path.join(args.out_dir, f"{name}-{size}-{batch}-{precision}")
             results = harness.run_benchmark(run_dir, 1, [
-                "--flagfile=configs/digits_cnn.cfg", *harness.benchmark_data(name, size)[0],
+                "--flagfile=configs/digits_cnn.cfg", *harness.benchmark_flags(name, size),
                 f"--model={name}", f"--batch_size={batch}", "--epochs=1", "--warmup_epochs=0",
                 f"--steps_per_epoch={args.steps}", f"--warmup_steps={args.warmup_steps}",
                 f"--mixed_precision={precision}",
@@ -145,7 +142,7 @@ def main(argv=None):
     measured = "; ".join(f"{name}: " + ", ".join(f"{precision} {kernels[precision][name]:.0f}"
                                                   for precision in precisions)
                          for name in KERNELS)
-    notes.append(f"Kernels, GFLOP/s on {devices.cpu_threads(1)} threads (median of 5): "
+    notes.append(f"Kernels, GFLOP/s on {threads} threads (median of 5): "
                  f"{measured}.")
     columns = [("model", lambda row: row["model"]),
                ("example", lambda row: row["example"]),

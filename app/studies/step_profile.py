@@ -128,7 +128,7 @@ def main(argv=None):
     def train(configuration, run_dir, extra):
         (name, size, batch), precision, setting = configuration
         return harness.run_benchmark(run_dir, 1, [
-            "--flagfile=configs/digits_cnn.cfg", *harness.benchmark_data(name, size)[0],
+            "--flagfile=configs/digits_cnn.cfg", *harness.benchmark_flags(name, size),
             f"--model={name}", f"--batch_size={batch}", "--epochs=1", "--warmup_epochs=0",
             f"--steps_per_epoch={args.steps}", f"--warmup_steps={args.warmup_steps}",
             f"--mixed_precision={precision}", *SETTINGS[setting].flags, *extra, *train_args],
