@@ -25,34 +25,35 @@ class DesignScores(keras.callbacks.Callback):
 
     `batches` are this rank's shard of the designs, in order: design `replica`, `replica` +
     `replicas`, ... (input_pipeline's sharding by example); `whole_examples` puts together
-    the parts of a spatial group (a collective), whose first rank (`scores`) scores them,
-    calling `progressed()` after each (the stall watchdog's mark: a solve at 128^3 takes
-    a minute). The ranks' scores are gathered with `gather` (hvd.allgather) by design, so
-    that every rank logs the same values, those of the whole split at any number of
-    processes. Put it before whatever reads the logs (the target, the CSV and TensorBoard
-    writers)."""
+    the parts of a spatial group (a collective), whose `parts` ranks deal its designs out to
+    score (rank `part` of the group scores every `parts`-th, from its `part`-th), each
+    calling `progressed()` after each design it scores (the stall watchdog's mark: a solve
+    at 128^3 takes a minute, and no rank of a group waits for another's solves). The ranks'
+    scores are gathered with `gather` (hvd.allgather) by design, so that every rank logs the
+    same values, those of the whole split at any number of processes. Put it before whatever
+    reads the logs (the target, the CSV and TensorBoard writers)."""
 
-    def __init__(self, cases, batches, replica, replicas, whole_examples, gather, scores=True,
-                 progressed=lambda: None):
+    def __init__(self, cases, batches, replica, replicas, whole_examples, gather, part=0,
+                 parts=1, progressed=lambda: None):
         super().__init__()
         self.cases, self.batches, self.whole_examples = cases, batches, whole_examples
         self.replica, self.replicas, self.gather = replica, replicas, gather
-        self.scores, self.progressed = scores, progressed
+        self.part, self.parts, self.progressed = part, parts, progressed
         self._references = {}  # design -> SIMP's design's compliance, solved once
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or not any(name.startswith("val_") for name in logs):
             return  # no validation this epoch
-        rows, index = [], self.replica
+        rows, index, dealt = [], self.replica, 0
         for inputs, labels in self.batches:
             predicted = self.whole_examples(self.model(inputs, training=False)).numpy()
             solids = self.whole_examples(labels).numpy()
             for design, solid in zip(predicted[..., 0], solids[..., 0]):
-                if self.scores:
+                if dealt % self.parts == self.part:
                     rows.append([index, *self._scored(index, design.astype(np.float64),
                                                       solid > 0.5)])
                     self.progressed()
-                index += self.replicas
+                index, dealt = index + self.replicas, dealt + 1
         # rows of (design, ratio, error, connected), in the designs' order on every rank
         gathered = self.gather(tf.constant(np.reshape(rows, (-1, 4)), tf.float64)).numpy()
         ratio, error, connected = gathered[np.argsort(gathered[:, 0])][:, 1:].T

@@ -50,11 +50,11 @@ def _validation_slices(model_dir, example, whole_examples):
 
 
 def _design_scores(source, batches, where, whole_examples, gather, progressed):
-    """Every validation design scored by its compliance (the first of a spatial group's
-    ranks scores the designs the group put together)."""
+    """Every validation design scored by its compliance (a spatial group's ranks deal out
+    the designs the group put together)."""
     return [design_evaluation.DesignScores(
         source.cases, batches, where.replica, where.replicas, whole_examples, gather,
-        scores=where.part == 0, progressed=progressed)]
+        where.part, where.parts, progressed)]
 
 
 def _design_slices(model_dir, example, whole_examples):

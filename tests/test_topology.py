@@ -187,8 +187,9 @@ def test_a_design_connects_its_loads_to_its_supports_only_through_solid_faces():
 def test_the_design_scores_of_simps_own_designs_are_one_and_of_noise_worse():
     """app.design_evaluation.DesignScores on three 4^3 designs in batches of two: a model
     that predicts SIMP's design (given it as its input) scores a compliance ratio of 1 and
-    no volume-fraction error beyond rounding; one that predicts noise is less stiff. Its
-    logs are those the topology task's target reads (lower is better)."""
+    no volume-fraction error beyond rounding; one that predicts noise is less stiff. A
+    spatial group's two ranks dealing the designs out log the same. Its logs are those the
+    topology task's target reads (lower is better)."""
     import keras
     import tensorflow as tf
     from app import callbacks, design_evaluation, tasks
@@ -197,7 +198,7 @@ def test_the_design_scores_of_simps_own_designs_are_one_and_of_noise_worse():
     batches = tf.data.Dataset.from_tensor_slices(
         (solids[..., np.newaxis].astype(np.float32),) * 2).batch(2)
     noise = np.random.default_rng(0).random((4, 4, 4, 1)).astype(np.float32)
-    logs_of = {}
+    logs_of, predictors = {}, {}
     for name, predicts in {"simp": lambda design: design,
                            "noise": lambda design: design * 0 + noise}.items():
         model = keras.Sequential([keras.Input((4, 4, 4, 1)), keras.layers.Lambda(predicts)])
@@ -205,6 +206,7 @@ def test_the_design_scores_of_simps_own_designs_are_one_and_of_noise_worse():
             lambda index: cases[index], batches, 0, 1, lambda examples: examples,
             lambda rows: rows)
         scores.set_model(model)
+        predictors[name] = model
         logs_of[name] = {"val_loss": 0.0}
         scores.on_epoch_end(0, logs_of[name])
     simp_logs, noise_logs = logs_of["simp"], logs_of["noise"]
@@ -214,6 +216,27 @@ def test_the_design_scores_of_simps_own_designs_are_one_and_of_noise_worse():
     assert simp_logs["val_connected"] == np.mean([topology.connects(case, solid)
                                                   for case, solid in zip(cases, solids)])
     assert noise_logs["val_compliance_ratio"] > 1.5
+    # a spatial group of two deals the designs out: each rank scores its share, marking
+    # progress after each of its solves; gathered by design, the logs are one rank's
+    solves, shares = {0: 0, 1: 0}, {}
+
+    def gather_of(part):
+        def gather(rows):  # part 0 runs last: it sees both shares, as the allgather would
+            shares[part] = rows
+            return tf.concat(list(shares.values()), 0)
+        return gather
+
+    def progressed_of(part):
+        return lambda: solves.update({part: solves[part] + 1})
+
+    for part in (1, 0):
+        scores = design_evaluation.DesignScores(
+            lambda index: cases[index], batches, 0, 1, lambda examples: examples,
+            gather_of(part), part, 2, progressed_of(part))
+        scores.set_model(predictors["simp"])
+        group_logs = {"val_loss": 0.0}
+        scores.on_epoch_end(0, group_logs)
+    assert solves == {0: 2, 1: 1} and group_logs == simp_logs
     target = callbacks.TimeToAccuracy(1.2, "compliance_ratio", None, None,
                                       lambda value, at: tasks.reached("topology", value, at))
     for logs, stops in ((noise_logs, False), (simp_logs, True)):
