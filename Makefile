@@ -18,12 +18,16 @@ setup:
 train: setup
 	$(PYTHON) -m app.launch -np $(NP) --flagfile=configs/$(EXPERIMENT).cfg
 
+# The tests that start no MPI job run two at a time (much of each is tracing on one core), a
+# file's tests on one worker (its module fixtures made once); the distributed ones one at a
+# time, their ranks busy-polling both cores. Both parts run before the exit says either failed.
 test:
 	@bash scripts/bootstrap.sh --test
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -m "not distributed" -n 2 --dist loadfile; one=$$?; \
+	$(PYTHON) -m pytest -m distributed; two=$$?; [ $$one -eq 0 ] && [ $$two -eq 0 ]
 
 test-fast: setup
-	$(PYTHON) -m pytest -m "not distributed"
+	$(PYTHON) -m pytest -m "not distributed" -n 2 --dist loadfile
 
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host localhost --port $(PORT)

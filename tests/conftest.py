@@ -71,6 +71,19 @@ def integrity_runs(tmp_path_factory):
 
 
 CLUSTER = os.path.join(REPO, "scripts", "simulated_cluster.sh")
+_running = {"distributed": True}  # whether the test being set up or run is marked distributed
+
+
+def pytest_runtest_setup(item):
+    """Notes the test's mark before its fixtures run (they start jobs too)."""
+    _running["distributed"] = item.get_closest_marker("distributed") is not None
+
+
+def _distributed_only(launcher):
+    """`make test` runs the tests not marked distributed two at a time: one that starts an
+    MPI, horovodrun or cluster job must be marked, or its ranks would share the cores."""
+    if not _running["distributed"]:
+        pytest.fail(f"{launcher}: starts a job in a test not marked distributed")
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +92,7 @@ def cluster():
     at the end (also when a test fails)."""
     if os.geteuid() != 0:
         pytest.skip("network namespaces and SSH servers need root (CI runs as root)")
+    _distributed_only("the simulated cluster")
     run([CLUSTER, "start", "2"])
     try:
         yield
@@ -114,6 +128,7 @@ def on_node1(*command):
 
 def mpirun(num_processes):
     """mpirun's prefix for `num_processes` local processes, as root too."""
+    _distributed_only("mpirun")
     command = ["mpirun", "-np", str(num_processes), "--oversubscribe", "--bind-to", "none",
                "--mca", "mpi_yield_when_idle", "1"]
     if os.geteuid() == 0:
@@ -122,6 +137,7 @@ def mpirun(num_processes):
 
 
 def horovodrun(num_processes):
+    _distributed_only("horovodrun")
     return [HOROVODRUN, "-np", str(num_processes), "--gloo"]
 
 
@@ -133,6 +149,8 @@ def _environment(env=None):
 def run(command, timeout=TIMEOUT, check=True, env=None):
     """Runs `command` from the repository root, with `env` added to the environment; fails
     the test with its output if it fails."""
+    if "app.launch" in command:
+        _distributed_only("app.launch")
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                             env=_environment(env))
     if check and result.returncode != 0:
