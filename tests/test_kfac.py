@@ -80,7 +80,7 @@ def test_a_convolutions_factors_are_kfcs(float64, shape, stride, padding):
                                rtol=1e-12, atol=1e-15)
     kernel_rows = layer.kernel.numpy().reshape(-1, 3)  # the kernel's rows match the patches'
     np.testing.assert_allclose(rows[:, :-1] @ kernel_rows + layer.bias.numpy(),
-                               outputs.reshape(-1, 3), rtol=1e-12)
+                               outputs.reshape(-1, 3), rtol=1e-12, atol=1e-15)
 
 
 def test_every_dense_and_convolution_is_watched_inside_a_u_nets_levels():

@@ -104,6 +104,7 @@ def test_the_srun_recipe_trains_on_two_nodes(slurm, tmp_path):
         ("node1", 2), ("node2", 2)]
 
 
+@pytest.mark.distributed  # its cluster's (the fixture's)
 def test_launch_reads_the_hosts_of_an_allocation(slurm, monkeypatch):
     from app import launch
 

@@ -108,15 +108,17 @@ def test_a_saved_keras_file_trains_from_its_own_weights(tmp_path):
     ([f"--model={DIGITS_NET}", "--flagfile=configs/digits_cnn.cfg", "--sync_batch_norm"],
      f"--sync_batch_norm=True: --model={DIGITS_NET} makes its own normalization layers; "
      f"build them as Horovod's SyncBatchNormalization in it instead"),
-    ([f"--model={FAULT_NET}", "--flagfile=configs/seismic_faults_cpu.cfg",
-      "--volume_size=16", "--patch_size=16", "--num_volumes=4", "--spatial_parts=2"],
-     f"--spatial_parts=2: cannot split --model={FAULT_NET}: layer 'scaled_swish' "
-     f"(ScaledSwish) mixes the slabs (it is not a convolution, pooling, upsampling, "
-     f"normalization or voxel-wise layer)"),
-    (["--model={tmp}/two_branches.keras", "--flagfile=configs/digits_cnn.cfg",
-      "--pipeline_stages=2"],
-     "--pipeline_stages=2: --model={tmp}/two_branches.keras has 1 block (a pipeline cuts it "
-     "only where one tensor passes), so at most 1 stage"),
+    pytest.param(  # on two processes (mpirun)
+        [f"--model={FAULT_NET}", "--flagfile=configs/seismic_faults_cpu.cfg",
+         "--volume_size=16", "--patch_size=16", "--num_volumes=4", "--spatial_parts=2"],
+        f"--spatial_parts=2: cannot split --model={FAULT_NET}: layer 'scaled_swish' "
+        f"(ScaledSwish) mixes the slabs (it is not a convolution, pooling, upsampling, "
+        f"normalization or voxel-wise layer)", marks=pytest.mark.distributed),
+    pytest.param(
+        ["--model={tmp}/two_branches.keras", "--flagfile=configs/digits_cnn.cfg",
+         "--pipeline_stages=2"],
+        "--pipeline_stages=2: --model={tmp}/two_branches.keras has 1 block (a pipeline cuts "
+        "it only where one tensor passes), so at most 1 stage", marks=pytest.mark.distributed),
 ])
 def test_a_users_model_that_does_not_fit_is_refused_in_one_line(flags, error, tmp_path):
     from app.horovod import keras
