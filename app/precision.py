@@ -82,7 +82,8 @@ def choose(requested, float64, hardware_of_ranks, saved_model=False):
 
 def apply(choice):
     """Makes `choice` Keras' global policy, for the layers built after; float64 also as
-    Keras' float type (models.use_float64)."""
+    Keras' float type (models.use_float64). In bfloat16, Keras' Conv3D computes the few
+    convolutions oneDNN gets wrong in float32 (convolve_shallow_inputs_in_float32)."""
     if choice.policy is None:
         return
     if choice.policy == "float64":
@@ -90,3 +91,34 @@ def apply(choice):
         models.use_float64()
     else:
         keras.mixed_precision.set_global_policy(choice.policy)
+    if choice.policy == "mixed_bfloat16":
+        convolve_shallow_inputs_in_float32()
+
+
+def shallow_for_onednn(depth, kernel_depth, padding):
+    """Whether oneDNN's bfloat16 filter gradient (Conv3DBackpropFilterV2, TensorFlow 2.21)
+    may come out wrong for a `same` convolution of a `depth`-deep input: measured wrong
+    (values to 1e37, inf, NaN) at a depth of 2 under a 3-deep kernel and of 2-4 under a
+    5-deep one, right at 3 and at 6 (BENCHMARKS.md); below twice the kernel's depth is
+    taken as shallow, with a margin."""
+    return padding == "same" and depth is not None and depth < 2 * kernel_depth
+
+
+def convolve_shallow_inputs_in_float32():
+    """Patches Keras' Conv3D, in this process, to convolve an input shallow for oneDNN
+    (shallow_for_onednn) in float32, so that every model, the users' too, trains on right
+    gradients; such inputs are the deepest levels of small volumes, a sliver of a step."""
+    convolution_op = keras.layers.Conv3D.convolution_op
+    if getattr(convolution_op, "shallow_in_float32", False):
+        return
+
+    def convolution(layer, inputs, kernel):
+        depth = inputs.shape[1 if layer.data_format == "channels_last" else 2]
+        if inputs.dtype == "bfloat16" and shallow_for_onednn(depth, layer.kernel_size[0],
+                                                             layer.padding):
+            outputs = convolution_op(layer, keras.ops.cast(inputs, "float32"),
+                                     keras.ops.cast(kernel, "float32"))
+            return keras.ops.cast(outputs, "bfloat16")
+        return convolution_op(layer, inputs, kernel)
+    convolution.shallow_in_float32 = True
+    keras.layers.Conv3D.convolution_op = convolution

@@ -62,6 +62,45 @@ def test_what_is_asked_for_is_taken_on_any_processor(requested, float64, saved_m
     assert "auto" not in choice.reason
 
 
+def test_in_bfloat16_a_shallow_3d_convolution_trains_on_its_right_filter_gradient():
+    """oneDNN's bfloat16 filter gradient of a `same` 3x3x3 convolution over a depth of 2 is
+    wrong (to 1e37, inf: BENCHMARKS.md); under apply(bfloat16) Keras' Conv3D computes that
+    one in float32 and the gradient is float64's to bfloat16's rounding, while a deeper input
+    stays in bfloat16."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    original = keras.layers.Conv3D.convolution_op
+    try:
+        precision.apply(precision.Choice("mixed_bfloat16", "test"))
+        for depth, computed_in in ((2, tf.float32), (6, tf.bfloat16)):
+            inputs = rng.standard_normal((2, depth, 4, 4, 32))
+            inputs = tf.cast(tf.cast(inputs, tf.bfloat16), tf.float32)  # bfloat16's values
+            gradients, convolution_types = {}, {}
+            for policy in ("float64", "mixed_bfloat16"):
+                layer = keras.layers.Conv3D(32, 3, padding="same", dtype=policy)
+                layer.build(inputs.shape)
+
+                @tf.function
+                def gradient(inputs):
+                    with tf.GradientTape() as tape:
+                        loss = tf.reduce_sum(tf.cast(layer(inputs), tf.float64) ** 2 / 2)
+                    return tape.gradient(loss, layer.kernel)
+                layer.kernel.assign(tf.ones_like(layer.kernel) / 100)
+                gradients[policy] = gradient(inputs).numpy()
+                graph = gradient.get_concrete_function(inputs).graph.as_graph_def()
+                convolution_types[policy] = {tf.dtypes.as_dtype(node.attr["T"].type)
+                                             for node in graph.node if node.op == "Conv3D"}
+            exact = gradients["float64"]
+            error = np.abs(gradients["mixed_bfloat16"] - exact).max() / np.abs(exact).max()
+            assert error < 0.02, (depth, error)
+            assert convolution_types["mixed_bfloat16"] == {computed_in}, depth
+    finally:
+        keras.layers.Conv3D.convolution_op = original
+        keras.mixed_precision.set_global_policy("float32")
+
+
 @pytest.mark.distributed
 def test_the_choice_is_printed_once_and_recorded_with_its_reason(tmp_path):
     """Two processes on this machine compute in what its processor computes natively (which
