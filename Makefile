@@ -24,7 +24,7 @@ train: setup
 test:
 	@bash scripts/bootstrap.sh --test
 	$(PYTHON) -m pytest -m "not distributed" -n 2 --dist loadfile; one=$$?; \
-	$(PYTHON) -m pytest -m distributed; two=$$?; [ $$one -eq 0 ] && [ $$two -eq 0 ]
+	$(PYTHON) -m pytest -m distributed; two=$$?; exit $$(( one ? one : two ))
 
 test-fast: setup
 	$(PYTHON) -m pytest -m "not distributed" -n 2 --dist loadfile

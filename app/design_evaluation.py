@@ -28,7 +28,8 @@ class DesignScores(keras.callbacks.Callback):
     the parts of a spatial group (a collective), whose `parts` ranks deal its designs out to
     score (rank `part` of the group scores every `parts`-th, from its `part`-th), each
     calling `progressed()` after each design it scores (the stall watchdog's mark: a solve
-    at 128^3 takes a minute, and no rank of a group waits for another's solves). The ranks'
+    at 128^3 takes a minute, and every rank of a group solves its share and marks its
+    own progress, waiting for the others' at most a solve or two). The ranks'
     scores are gathered with `gather` (hvd.allgather) by design, so that every rank logs the
     same values, those of the whole split at any number of processes. Put it before whatever
     reads the logs (the target, the CSV and TensorBoard writers)."""

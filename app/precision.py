@@ -82,8 +82,10 @@ def choose(requested, float64, hardware_of_ranks, saved_model=False):
 
 def apply(choice):
     """Makes `choice` Keras' global policy, for the layers built after; float64 also as
-    Keras' float type (models.use_float64). In bfloat16, Keras' Conv3D computes the few
-    convolutions oneDNN gets wrong in float32 (convolve_shallow_inputs_in_float32)."""
+    Keras' float type (models.use_float64). Whatever the choice (a saved model keeps its
+    layers' types), Keras' Conv3D computes the few bfloat16 convolutions oneDNN gets wrong
+    in float32 (convolve_shallow_inputs_in_float32)."""
+    convolve_shallow_inputs_in_float32()
     if choice.policy is None:
         return
     if choice.policy == "float64":
@@ -91,16 +93,14 @@ def apply(choice):
         models.use_float64()
     else:
         keras.mixed_precision.set_global_policy(choice.policy)
-    if choice.policy == "mixed_bfloat16":
-        convolve_shallow_inputs_in_float32()
 
 
 def shallow_for_onednn(depth, kernel_depth, padding):
     """Whether oneDNN's bfloat16 filter gradient (Conv3DBackpropFilterV2, TensorFlow 2.21)
-    may come out wrong for a `same` convolution of a `depth`-deep input: measured wrong
-    (values to 1e37, inf, NaN) at a depth of 2 under a 3-deep kernel and of 2-4 under a
-    5-deep one, right at 3 and at 6 (BENCHMARKS.md); below twice the kernel's depth is
-    taken as shallow, with a margin."""
+    may come out wrong for a `same` convolution of a `depth`-deep input under a kernel
+    spanning `kernel_depth` planes: measured wrong (values to 1e37, inf, NaN) at a depth of
+    2 under a 3-deep kernel and of 2-4 under a 5-deep one, right at 3 and at 6
+    (BENCHMARKS.md); below twice the kernel's depth is taken as shallow, with a margin."""
     return padding == "same" and depth is not None and depth < 2 * kernel_depth
 
 
@@ -114,8 +114,8 @@ def convolve_shallow_inputs_in_float32():
 
     def convolution(layer, inputs, kernel):
         depth = inputs.shape[1 if layer.data_format == "channels_last" else 2]
-        if inputs.dtype == "bfloat16" and shallow_for_onednn(depth, layer.kernel_size[0],
-                                                             layer.padding):
+        spanned = (layer.kernel_size[0] - 1) * layer.dilation_rate[0] + 1
+        if inputs.dtype == "bfloat16" and shallow_for_onednn(depth, spanned, layer.padding):
             outputs = convolution_op(layer, keras.ops.cast(inputs, "float32"),
                                      keras.ops.cast(kernel, "float32"))
             return keras.ops.cast(outputs, "bfloat16")

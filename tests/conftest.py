@@ -1,14 +1,18 @@
 """Shared helpers. Every process a test starts runs on Keras 3: TF_USE_LEGACY_KERAS is unset
 here, before any test module loads TensorFlow."""
+import atexit
 import concurrent.futures
 import csv
 import ctypes
+import functools
 import itertools
 import os
 import pty
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TF_USE_LEGACY_KERAS", None)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -86,6 +90,22 @@ def _distributed_only(launcher):
         pytest.fail(f"{launcher}: starts a job in a test not marked distributed")
 
 
+@functools.lru_cache(maxsize=None)
+def _refusing_launchers():
+    """A folder of mpirun, horovodrun, srun and sbatch that refuse to start: first on the
+    PATH of the commands a test not marked distributed runs, so that a job started deeper
+    (a study's app.launch) fails it too."""
+    folder = tempfile.mkdtemp(prefix="not-distributed-")
+    atexit.register(shutil.rmtree, folder, True)
+    for launcher in ("mpirun", "horovodrun", "srun", "sbatch"):
+        path = os.path.join(folder, launcher)
+        with open(path, "w") as script:
+            script.write(f"#!/bin/sh\necho '{launcher}: started by a test not marked "
+                         f"distributed' >&2\nexit 97\n")
+        os.chmod(path, 0o755)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def cluster():
     """A simulated cluster of hosts node1 and node2 (scripts/simulated_cluster.sh), removed
@@ -142,8 +162,12 @@ def horovodrun(num_processes):
 
 
 def _environment(env=None):
-    """This process's environment, with `env` added and the repository on the Python path."""
-    return {**os.environ, **(env or {}), "PYTHONPATH": REPO}
+    """This process's environment, with `env` added and the repository on the Python path
+    (and, in a test not marked distributed, launchers that refuse first on the PATH)."""
+    environment = {**os.environ, **(env or {}), "PYTHONPATH": REPO}
+    if not _running["distributed"]:
+        environment["PATH"] = f"{_refusing_launchers()}:{environment.get('PATH', '')}"
+    return environment
 
 
 def run(command, timeout=TIMEOUT, check=True, env=None):

@@ -195,6 +195,7 @@ def test_the_flops_of_a_model_are_counted_from_its_layers():
         3 * 2 * 4.1e9, rel=0.01)
 
 
+@pytest.mark.distributed  # its runs go through app.launch (mpirun -np 1)
 def test_roofline_study_tables_what_its_runs_measured(tmp_path):
     from app.studies import roofline
     run([PYTHON, "-m", "app.studies.roofline", "--runs=cnn:8:32", "--precisions=float32,bfloat16",
@@ -244,6 +245,7 @@ def test_each_op_of_a_trace_counts_to_its_kind(op_type, op_name, kind):
     assert step_profile.kind_of(op_type, op_name) == kind
 
 
+@pytest.mark.distributed  # its runs go through app.launch (mpirun -np 1)
 def test_the_step_profile_study_tables_where_each_precisions_step_goes(tmp_path):
     """The digits CNN in float32 and bfloat16: each kind's milliseconds per step from the
     trace (the convolutions and the optimizer's update in both, casts only where the layers
@@ -276,6 +278,7 @@ def test_the_keras_reference_computes_in_the_precision_it_is_given(tmp_path):
     assert found["precision"] == "mixed_bfloat16" and found["images_per_sec"] > 0
 
 
+@pytest.mark.distributed  # its runs go through app.launch (mpirun -np 1)
 def test_conv3d_flops_are_counted_and_the_roofline_trains_a_unet_on_surveys(tmp_path):
     """A 3x3x3 convolution of c to k channels on an n^3 volume: 2 * 27 * c * k FLOPs per
     voxel and k for the bias; the roofline study's U-Net run measures patches/s."""
@@ -296,6 +299,7 @@ def test_conv3d_flops_are_counted_and_the_roofline_trains_a_unet_on_surveys(tmp_
     assert results["voxels_per_sec"] == pytest.approx(results["images_per_sec"] * 8 ** 3)
 
 
+@pytest.mark.distributed  # its runs go through app.launch (mpirun -np 1)
 def test_the_survey_study_tables_the_generator_against_training(tmp_path):
     run([PYTHON, "-m", "app.studies.survey_throughput", "--sizes=8", "--steps=3",
          "--warmup_steps=1", "--repeats=1", f"--out_dir={tmp_path}"])

@@ -62,7 +62,8 @@ def test_what_is_asked_for_is_taken_on_any_processor(requested, float64, saved_m
     assert "auto" not in choice.reason
 
 
-def test_in_bfloat16_a_shallow_3d_convolution_trains_on_its_right_filter_gradient():
+def test_in_bfloat16_a_shallow_3d_convolution_trains_on_its_right_filter_gradient(
+        monkeypatch):
     """oneDNN's bfloat16 filter gradient of a `same` 3x3x3 convolution over a depth of 2 is
     wrong (to 1e37, inf: BENCHMARKS.md); under apply(bfloat16) Keras' Conv3D computes that
     one in float32 and the gradient is float64's to bfloat16's rounding, while a deeper input
@@ -71,7 +72,10 @@ def test_in_bfloat16_a_shallow_3d_convolution_trains_on_its_right_filter_gradien
     import numpy as np
     import tensorflow as tf
     rng = np.random.default_rng(0)
-    original = keras.layers.Conv3D.convolution_op
+    # the patch and the policy are this process's: undone after the test
+    monkeypatch.setattr(keras.layers.Conv3D, "convolution_op",
+                        keras.layers.Conv3D.convolution_op)
+    policy = keras.mixed_precision.global_policy()
     try:
         precision.apply(precision.Choice("mixed_bfloat16", "test"))
         for depth, computed_in in ((2, tf.float32), (6, tf.bfloat16)):
@@ -97,8 +101,7 @@ def test_in_bfloat16_a_shallow_3d_convolution_trains_on_its_right_filter_gradien
             assert error < 0.02, (depth, error)
             assert convolution_types["mixed_bfloat16"] == {computed_in}, depth
     finally:
-        keras.layers.Conv3D.convolution_op = original
-        keras.mixed_precision.set_global_policy("float32")
+        keras.mixed_precision.set_global_policy(policy)
 
 
 @pytest.mark.distributed

@@ -217,7 +217,8 @@ def test_the_design_scores_of_simps_own_designs_are_one_and_of_noise_worse():
                                                   for case, solid in zip(cases, solids)])
     assert noise_logs["val_compliance_ratio"] > 1.5
     # a spatial group of two deals the designs out: each rank scores its share, marking
-    # progress after each of its solves; gathered by design, the logs are one rank's
+    # progress after each of its solves; gathered, every design once, the logs are one
+    # rank's (the noise predictor's: its designs score apart)
     solves, shares = {0: 0, 1: 0}, {}
 
     def gather_of(part):
@@ -233,10 +234,12 @@ def test_the_design_scores_of_simps_own_designs_are_one_and_of_noise_worse():
         scores = design_evaluation.DesignScores(
             lambda index: cases[index], batches, 0, 1, lambda examples: examples,
             gather_of(part), part, 2, progressed_of(part))
-        scores.set_model(predictors["simp"])
+        scores.set_model(predictors["noise"])
         group_logs = {"val_loss": 0.0}
         scores.on_epoch_end(0, group_logs)
-    assert solves == {0: 2, 1: 1} and group_logs == simp_logs
+    assert solves == {0: 2, 1: 1} and group_logs == noise_logs
+    gathered = tf.concat(list(shares.values()), 0).numpy()
+    assert sorted(gathered[:, 0]) == [0, 1, 2]
     target = callbacks.TimeToAccuracy(1.2, "compliance_ratio", None, None,
                                       lambda value, at: tasks.reached("topology", value, at))
     for logs, stops in ((noise_logs, False), (simp_logs, True)):
