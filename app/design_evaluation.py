@@ -45,16 +45,17 @@ class DesignScores(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or not any(name.startswith("val_") for name in logs):
             return  # no validation this epoch
-        rows, index, dealt = [], self.replica, 0
+        rows, dealt = [], 0  # dealt: the designs of this replica's shard so far
         for inputs, labels in self.batches:
             predicted = self.whole_examples(self.model(inputs, training=False)).numpy()
             solids = self.whole_examples(labels).numpy()
             for design, solid in zip(predicted[..., 0], solids[..., 0]):
                 if dealt % self.parts == self.part:
+                    index = self.replica + dealt * self.replicas  # in the whole split
                     rows.append([index, *self._scored(index, design.astype(np.float64),
                                                       solid > 0.5)])
                     self.progressed()
-                index, dealt = index + self.replicas, dealt + 1
+                dealt += 1
         # rows of (design, ratio, error, connected), in the designs' order on every rank
         gathered = self.gather(tf.constant(np.reshape(rows, (-1, 4)), tf.float64)).numpy()
         ratio, error, connected = gathered[np.argsort(gathered[:, 0])][:, 1:].T
