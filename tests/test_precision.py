@@ -75,7 +75,7 @@ def test_in_bfloat16_a_shallow_3d_convolution_trains_on_its_right_filter_gradien
     # the patch and the policy are this process's: undone after the test
     monkeypatch.setattr(keras.layers.Conv3D, "convolution_op",
                         keras.layers.Conv3D.convolution_op)
-    policy = keras.mixed_precision.global_policy()
+    previous_policy = keras.mixed_precision.global_policy()
     try:
         precision.apply(precision.Choice("mixed_bfloat16", "test"))
         for depth, computed_in in ((2, tf.float32), (6, tf.bfloat16)):
@@ -101,7 +101,7 @@ def test_in_bfloat16_a_shallow_3d_convolution_trains_on_its_right_filter_gradien
             assert error < 0.02, (depth, error)
             assert convolution_types["mixed_bfloat16"] == {computed_in}, depth
     finally:
-        keras.mixed_precision.set_global_policy(policy)
+        keras.mixed_precision.set_global_policy(previous_policy)
 
 
 @pytest.mark.distributed
