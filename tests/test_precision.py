@@ -20,7 +20,7 @@ def hardware(machine, gpu_capability=None):
 @pytest.mark.parametrize("machine, policy, named", [
     ("intel_xeon_8480", "mixed_bfloat16", "AMX (flag amx_bf16)"),
     ("amd_epyc_zen5", "mixed_bfloat16", "AVX512_BF16 (flag avx512_bf16)"),
-    ("amd_epyc_7b13_zen3", "float32", "neither AMX (amx_bf16) nor AVX512_BF16")])
+    ("amd_epyc_zen3", "float32", "neither AMX (amx_bf16) nor AVX512_BF16")])
 def test_auto_computes_in_bfloat16_where_the_cpu_has_bfloat16_arithmetic(machine, policy, named):
     choice = precision.choose("auto", False, [hardware(machine)])
     assert choice.policy == policy and choice.reason.startswith("auto: ")
@@ -33,7 +33,7 @@ def test_auto_computes_in_bfloat16_where_the_cpu_has_bfloat16_arithmetic(machine
 def test_on_a_gpu_its_compute_capability_decides_not_the_cpu(capability, policy):
     """A V100 (7.0) or T4 (7.5) beside an AMX CPU computes in float32; an A100 (8.0) beside
     a CPU without bfloat16, in bfloat16."""
-    cpu = "intel_xeon_8480" if policy == "float32" else "amd_epyc_7b13_zen3"
+    cpu = "intel_xeon_8480" if policy == "float32" else "amd_epyc_zen3"
     choice = precision.choose("auto", False, [hardware(cpu, capability)])
     assert choice.policy == policy
     assert f"compute capability {capability[0]}.{capability[1]}" in choice.reason
@@ -43,7 +43,7 @@ def test_auto_takes_bfloat16_only_where_every_rank_computes_it():
     """A job across two kinds of node computes alike on all ranks: in float32, naming the
     first rank without bfloat16."""
     ranks = [hardware("intel_xeon_8480"), hardware("amd_epyc_zen5"),
-             hardware("amd_epyc_7b13_zen3"), hardware("amd_epyc_7b13_zen3")]
+             hardware("amd_epyc_zen3"), hardware("amd_epyc_zen3")]
     choice = precision.choose("auto", False, ranks)
     assert choice.policy == "float32" and "auto: rank 2: the CPU has neither" in choice.reason
     assert precision.choose("auto", False, ranks[:2]).policy == "mixed_bfloat16"
@@ -56,7 +56,7 @@ def test_auto_takes_bfloat16_only_where_every_rank_computes_it():
 def test_what_is_asked_for_is_taken_on_any_processor(requested, float64, saved_model, policy):
     """float16 only when asked; bfloat16 when asked also where it is slow; --float64 over
     auto; a saved model's layers keep their types (no policy is set)."""
-    choice = precision.choose(requested, float64, [hardware("amd_epyc_7b13_zen3")],
+    choice = precision.choose(requested, float64, [hardware("amd_epyc_zen3")],
                               saved_model=saved_model)
     assert choice.policy == policy
     assert "auto" not in choice.reason
@@ -78,7 +78,9 @@ def test_in_bfloat16_a_shallow_3d_convolution_trains_on_its_right_filter_gradien
     previous_policy = keras.mixed_precision.global_policy()
     try:
         precision.apply(precision.Choice("mixed_bfloat16", "test"))
-        for depth, computed_in in ((2, tf.float32), (6, tf.bfloat16)):
+        # bfloat16's bound: oneDNN sums in float32 (0.3% off on the Zen 5); TensorFlow's Eigen
+        # kernel, on CPUs without AVX-512, sums in bfloat16 (2.7% on the Zen 3)
+        for depth, computed_in, bound in ((2, tf.float32, 0.02), (6, tf.bfloat16, 0.05)):
             inputs = rng.standard_normal((2, depth, 4, 4, 32))
             inputs = tf.cast(tf.cast(inputs, tf.bfloat16), tf.float32)  # bfloat16's values
             gradients, convolution_types = {}, {}
@@ -98,7 +100,7 @@ def test_in_bfloat16_a_shallow_3d_convolution_trains_on_its_right_filter_gradien
                                              for node in graph.node if node.op == "Conv3D"}
             exact = gradients["float64"]
             error = np.abs(gradients["mixed_bfloat16"] - exact).max() / np.abs(exact).max()
-            assert error < 0.02, (depth, error)
+            assert error < bound, (depth, error)
             assert convolution_types["mixed_bfloat16"] == {computed_in}, depth
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
