@@ -76,7 +76,7 @@ def choose(requested, float64, hardware_of_ranks, saved_model=False):
     if not lacking:
         return Choice("mixed_bfloat16", f"auto: {answers[0][1]}")
     rank = lacking[0]
-    where = f"rank {rank}: " if len(answers) > 1 else ""
+    where = f"rank {rank}: " if len(lacking) < len(answers) else ""  # named where ranks differ
     return Choice("float32", f"auto: {where}{answers[rank][1]}")
 
 

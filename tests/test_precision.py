@@ -41,12 +41,14 @@ def test_on_a_gpu_its_compute_capability_decides_not_the_cpu(capability, policy)
 
 def test_auto_takes_bfloat16_only_where_every_rank_computes_it():
     """A job across two kinds of node computes alike on all ranks: in float32, naming the
-    first rank without bfloat16."""
+    first rank without bfloat16 (none named where no rank has it)."""
     ranks = [hardware("intel_xeon_8480"), hardware("amd_epyc_zen5"),
              hardware("amd_epyc_zen3"), hardware("amd_epyc_zen3")]
     choice = precision.choose("auto", False, ranks)
     assert choice.policy == "float32" and "auto: rank 2: the CPU has neither" in choice.reason
     assert precision.choose("auto", False, ranks[:2]).policy == "mixed_bfloat16"
+    alike = precision.choose("auto", False, ranks[2:])  # no rank to name where all lack it
+    assert alike.policy == "float32" and alike.reason.startswith("auto: the CPU has neither")
 
 
 @pytest.mark.parametrize("requested, float64, saved_model, policy", [
