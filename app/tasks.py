@@ -7,6 +7,8 @@ differs by task asks this table (docs/extending.md, "Adding an application").
 import collections
 import math
 
+import keras
+
 from app import design_evaluation, summaries, survey_prediction
 from input_pipeline import topology
 from models import segmentation
@@ -104,6 +106,15 @@ def compile_for(model, optimizer, task, num_outputs, options=LossOptions(),
     model.compile(optimizer, loss=entry.loss(options),
                   metrics=entry.metrics(num_outputs),
                   steps_per_execution=steps_per_execution, jit_compile=False)
+
+
+def build_compiled_state(model, element_spec):
+    """Makes the compiled loss's and metrics' variables for batches of `element_spec` before
+    fit(), as Keras 3 does only under a tf.distribute strategy: made inside the step's first
+    trace instead, they have TensorFlow trace the whole step a second time. Only for Keras'
+    own step (a pipeline stage builds its metrics in its own)."""
+    if type(model).train_step is keras.Model.train_step:
+        model._symbolic_build(data_batch=element_spec)  # pylint: disable=protected-access
 
 
 def headline(task, num_outputs):

@@ -263,6 +263,7 @@ def fit(run, initial_epoch, initial_step, trained_global_batch, elastic_state=No
     # terminal, whose per-step work the other ranks would wait for).
     progress_bar = hvd.size() == 1 and sys.stdout.isatty() and not FLAGS.benchmark
     with failures_end_the_run(run):
+        tasks.build_compiled_state(run.trainer, train_data[0].element_spec)
         history = preemption.fit_from_step(
             run.trainer, initial_epoch, initial_step, train_data,
             steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs,

@@ -8,9 +8,11 @@ as a generated volume), `augment(features, label, seed)` adds training-only
 randomness drawn from a per-example `seed` (stateless random ops), and `task` says
 whether labels are classes or regression targets.
 """
+import contextlib
 import dataclasses
 import glob
 import os
+import zipfile
 from typing import Callable, Optional
 
 import numpy as np
@@ -64,15 +66,41 @@ def digits(split):
 
     The split is fixed: a stratified 80/20 cut with a constant seed, 1437 train and 360
     validation images, identical on every rank and every run."""
+    train_x, val_x, train_y, val_y = _digits_split(validation_share=0.2, seed=0)
+    x, y = (train_x, train_y) if split == "train" else (val_x, val_y)
+    return _in_memory(f"digits-{split}", x, y, num_outputs=10)
+
+
+def _digits_split(validation_share, seed):
+    """(train images, validation images, train labels, validation labels), kept in the user's
+    cache for this split and version of scikit-learn: importing scikit-learn costs each rank
+    of a job a second of CPU, more than all the rest of reading the digits."""
+    from importlib import metadata
+    cache = os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hvd-keras",
+        f"digits-{validation_share}-{seed}-sklearn-{metadata.version('scikit-learn')}.npz")
+    names = ("train_x", "val_x", "train_y", "val_y")
+    try:
+        with np.load(cache) as kept:
+            return tuple(kept[name] for name in names)
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):  # made again
+        pass
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     data = load_digits()
     images = (data.images / 16.0).astype("float32")[..., np.newaxis]
     labels = data.target.astype("int64")
-    train_x, val_x, train_y, val_y = train_test_split(
-        images, labels, test_size=0.2, random_state=0, stratify=labels)
-    x, y = (train_x, train_y) if split == "train" else (val_x, val_y)
-    return _in_memory(f"digits-{split}", x, y, num_outputs=10)
+    made = train_test_split(images, labels, test_size=validation_share, random_state=seed,
+                            stratify=labels)
+    partial = f"{cache}.{os.getpid()}.npz"
+    try:  # written whole, then renamed: another rank reads the whole file or none
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        np.savez(partial, **dict(zip(names, made)))
+        os.replace(partial, cache)
+    except OSError:  # an unwritable home: made again each time
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+    return tuple(made)
 
 
 def linear_arrays(num_examples, weight, bias, noise, seed):

@@ -95,6 +95,35 @@ def test_digits_split_is_fixed_and_scaled():
     np.testing.assert_array_equal(first, next(iter(again.all_records()))[0].numpy())
 
 
+def test_the_digits_kept_in_the_users_cache_are_scikit_learns_split(tmp_path, monkeypatch):
+    """The split read back from the cache, from a cache file cut short, and where the cache
+    cannot be written, is scikit-learn's stratified split itself."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    data = load_digits()
+    expected = train_test_split((data.images / 16.0).astype("float32")[..., np.newaxis],
+                                data.target.astype("int64"), test_size=0.2, random_state=0,
+                                stratify=data.target)
+
+    def loaded():
+        arrays = [sources.digits(split).all_records().batch(2000).get_single_element()
+                  for split in ("train", "validation")]
+        return [arrays[0][0], arrays[1][0], arrays[0][1], arrays[1][1]]
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for attempt in ("made", "read back", "cut short"):
+        for found, wanted in zip(loaded(), expected):
+            np.testing.assert_array_equal(found.numpy(), wanted, err_msg=attempt)
+        [kept] = (tmp_path / "hvd-keras").glob("digits-*.npz")
+        if attempt == "read back":
+            kept.write_bytes(kept.read_bytes()[:1000])
+    assert len(kept.read_bytes()) > 1000  # made again whole
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    for found, wanted in zip(loaded(), expected):
+        np.testing.assert_array_equal(found.numpy(), wanted)
+
+
 def test_synthetic_images_have_the_asked_shape_and_are_reproducible():
     source = input_pipeline.load("synthetic", "train", image_size=32)
     dataset = input_pipeline.training_dataset(source, rank=0, size=1, batch_size=4,

@@ -183,9 +183,9 @@ def test_a_signal_stops_a_spatial_run_mid_epoch_and_the_rerun_ends_as_if_uninter
     the job exits 75, and the same command resumes there and ends with the uninterrupted
     run's weights (float64, 1e-10)."""
     flags = [*SURVEYS, "--spatial_parts=2", "--model=unet3d_small", "--epochs=3",
-             "--warmup_epochs=1", "--steps_per_epoch=40", "--validation_steps=1",
+             "--warmup_epochs=1", "--steps_per_epoch=16", "--validation_steps=1",
              "--global_batch_size=2"]
-    straight, stopped = resumed_after_a_signal_mid_epoch(flags, tmp_path, 120, 40)
+    straight, stopped = resumed_after_a_signal_mid_epoch(flags, tmp_path, 120, 16)
     _assert_same_values(_checkpoint_values(stopped, 3), _checkpoint_values(straight, 3))
 
 

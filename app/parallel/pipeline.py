@@ -20,6 +20,7 @@ their own threads. Horovod's background thread then takes MPI's lock at every cy
 stages' messages wait for it: a pipelined run cycles no faster than every
 PIPELINE_CYCLE_TIME_MS, and keeps Horovod's threads at normal priority (BENCHMARKS.md).
 """
+import functools
 import os
 
 from app.parallel import sharded_optimizer
@@ -110,19 +111,21 @@ class PipelinedStage(keras.Model):
         self.metrics_built = where.last  # the other stages build theirs as the last's are
         self.passes = schedule(order, where, microbatches)
         # Compiled pieces between the messages: a tape records a tf.function as one operation
-        # and runs its compiled gradient in the backward pass.
-        self.forward = tf.function(tf.recompute_grad(self._call_training) if recompute
-                                   else self._call_training, reduce_retracing=True)
-        self.infer = tf.function(self.stage_model, reduce_retracing=True)
-        self.loss_and_metrics = tf.function(self._loss_and_metrics, reduce_retracing=True)
+        # and runs its compiled gradient in the backward pass. No AutoGraph: they branch on
+        # Python values only, which its conversion at each trace would only slow.
+        compiled = functools.partial(tf.function, reduce_retracing=True, autograph=False)
+        self.forward = compiled(tf.recompute_grad(self._call_training) if recompute
+                                else self._call_training)
+        self.infer = compiled(self.stage_model)
+        self.loss_and_metrics = compiled(self._loss_and_metrics)
         # The last stage's outputs and loss in one function, as in one process's step:
         # Keras takes a softmax's cross-entropy from its logits only where it sees the
         # softmax, and from the probabilities (other rounding) past a function's boundary.
         # Under 1F1B the last stage holds one microbatch's activations at a time, so not
         # recomputing them there costs nothing.
         self.fuses_loss = where.last and not (recompute and order == "gpipe")
-        self.forward_and_loss = tf.function(self._forward_and_loss, reduce_retracing=True)
-        self.evaluate_and_loss = tf.function(self._evaluate_and_loss, reduce_retracing=True)
+        self.forward_and_loss = compiled(self._forward_and_loss)
+        self.evaluate_and_loss = compiled(self._evaluate_and_loss)
 
     def call(self, inputs, training=None):
         return self.stage_model(inputs, training=training)
