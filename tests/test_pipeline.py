@@ -17,6 +17,7 @@ from app.horovod import tf
 import models
 
 BFLOAT16 = ["--nofloat64", "--mixed_precision=bfloat16", "--threads_per_process=1"]
+EPOCHS = 8  # of one step: digits_cnn's 2 of warmup, then its cosine
 RUNS = {  # name: (processes, flags), each after the integrity test's (conftest)
     "mlp-np1": (1, ["--model=mlp"]),
     "mlp-stages2": (2, ["--model=mlp", "--pipeline_stages=2", "--microbatches=4",
@@ -35,6 +36,8 @@ RUNS = {  # name: (processes, flags), each after the integrity test's (conftest)
     "resnet-stages2-bf16": (2, ["--model=resnet20", "--pipeline_stages=2", "--microbatches=2",
                                 *BFLOAT16]),
 }
+RUNS = {name: (processes, [f"--epochs={EPOCHS}", *flags])
+        for name, (processes, flags) in RUNS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -85,27 +88,28 @@ def test_pipelined_runs_end_with_the_weights_of_one_process(pipeline_runs, one, 
     1F1B's), S=2 x 2 replicas on 4 (CNN, recomputing, 1F1B, each stage's momentum sharded
     over its replicas and gathered into the stage's checkpoint): the stages' weights and
     momentum (and batch norm's statistics), put together, are one process's to 1e-10 after
-    the 16 steps, every step at the same LR; each stage holds only its own part of the
+    the EPOCHS steps, every step at the same LR; each stage holds only its own part of the
     model. In float64, as the integrity test: in float32 the sums' order alone parts such
     runs by 1e-4 on some CPUs (BENCHMARKS.md)."""
-    reference = by_layer(checkpoint_values(pipeline_runs[one], 16, "model/"))
-    merged = whole_model_values(pipeline_runs[pipelined], 16, stages)
+    reference = by_layer(checkpoint_values(pipeline_runs[one], EPOCHS, "model/"))
+    merged = whole_model_values(pipeline_runs[pipelined], EPOCHS, stages)
     assert merged.keys() == reference.keys()
     for name in reference:
         np.testing.assert_allclose(merged[name], reference[name], rtol=0, atol=1e-10,
                                    err_msg=name)
-    parts = [len(stage_values(pipeline_runs[pipelined], 16, stage)) for stage in range(stages)]
+    parts = [len(stage_values(pipeline_runs[pipelined], EPOCHS, stage))
+             for stage in range(stages)]
     assert sum(parts) == len(reference) and min(parts) > 0
     assert per_step_learning_rates(pipeline_runs[pipelined]) == \
         per_step_learning_rates(pipeline_runs[one])
-    moved = by_layer(checkpoint_values(pipeline_runs[one], 14, "model/"))
+    moved = by_layer(checkpoint_values(pipeline_runs[one], EPOCHS - 2, "model/"))
     assert max(np.abs(reference[name] - moved[name]).max() for name in reference) > 1e-3
 
 
 @pytest.mark.distributed
 def test_a_long_staged_run_stays_at_one_processs_rounding(tmp_path):
-    """88 steps of the CNN in 2 stages against one process, in float64 (the integrity flags,
-    warmup then cosine over 88 epochs of one step): every epoch's validation loss agrees to
+    """32 steps of the CNN in 2 stages against one process, in float64 (the integrity flags,
+    warmup then cosine over 32 epochs of one step): every epoch's validation loss agrees to
     1e-12 and the weights to 1e-12. Before the last stage took its loss in the function of
     its forward pass, Keras computed the cross-entropy from the softmax's probabilities
     there (from its logits in one process's step), and the two drifted apart to 8.5e-8 after
@@ -113,18 +117,18 @@ def test_a_long_staged_run_stays_at_one_processs_rounding(tmp_path):
     def run_case(case):
         processes, flags = case
         model_dir = tmp_path / str(processes)
-        command = train_command(*INTEGRITY_FLAGS, "--model=cnn", "--epochs=88", *flags,
+        command = train_command(*INTEGRITY_FLAGS, "--model=cnn", "--epochs=32", *flags,
                                 f"--model_dir={model_dir}")
         run([*mpirun(processes), *command] if processes > 1 else command)
         return model_dir
     one, staged = run_concurrently(run_case, [(1, []), (2, ["--pipeline_stages=2"])])
     logs = [read_log(model_dir) for model_dir in (one, staged)]
-    assert len(logs[0]) == len(logs[1]) == 88
+    assert len(logs[0]) == len(logs[1]) == 32
     for reference, found in zip(*logs):
         assert float(found["val_loss"]) == pytest.approx(float(reference["val_loss"]),
                                                          rel=1e-12, abs=0)
-    reference = by_layer(checkpoint_values(one, 88, "model/"))
-    merged = whole_model_values(staged, 88, 2)
+    reference = by_layer(checkpoint_values(one, 32, "model/"))
+    merged = whole_model_values(staged, 32, 2)
     for name in reference:
         np.testing.assert_allclose(merged[name], reference[name], rtol=0, atol=1e-12,
                                    err_msg=name)
@@ -135,12 +139,12 @@ def test_a_bfloat16_pipeline_computes_the_bits_of_one_process(pipeline_runs):
     """Mixed bfloat16 across stages (activations and their gradients sent as bfloat16): the
     ResNet-20 cut in 2 ends with exactly the weights of one process on one thread, and not
     with those of the float64 runs."""
-    reference = by_layer(checkpoint_values(pipeline_runs["resnet-np1-bf16"], 16, "model/"))
-    merged = whole_model_values(pipeline_runs["resnet-stages2-bf16"], 16, 2)
+    reference = by_layer(checkpoint_values(pipeline_runs["resnet-np1-bf16"], EPOCHS, "model/"))
+    merged = whole_model_values(pipeline_runs["resnet-stages2-bf16"], EPOCHS, 2)
     assert merged.keys() == reference.keys()
     for name in reference:
         np.testing.assert_array_equal(merged[name], reference[name], err_msg=name)
-    in_float64 = by_layer(checkpoint_values(pipeline_runs["resnet-np1-microbatches2"], 16,
+    in_float64 = by_layer(checkpoint_values(pipeline_runs["resnet-np1-microbatches2"], EPOCHS,
                                             "model/"))
     assert max(np.abs(reference[name] - in_float64[name]).max() for name in reference) > 1e-3
     with open(pipeline_runs["resnet-stages2-bf16"] / "results.json") as results:
@@ -279,11 +283,11 @@ def test_a_staged_checkpoint_converts_to_one_model_and_back_and_resumes(pipeline
     whole, staged = tmp_path / "whole", tmp_path / "staged"
     run([PYTHON, "-m", "app.convert_checkpoint", f"--from_dir={pipeline_runs['mlp-stages2']}",
          f"--to_dir={whole}", "--to_stages=1"])
-    converted = by_layer(checkpoint_values(whole, 16, "model/"))
-    merged = whole_model_values(pipeline_runs["mlp-stages2"], 16, 2)
+    converted = by_layer(checkpoint_values(whole, EPOCHS, "model/"))
+    merged = whole_model_values(pipeline_runs["mlp-stages2"], EPOCHS, 2)
     assert converted.keys() == merged.keys()
     assert all(np.array_equal(converted[name], merged[name]) for name in merged)
-    momentum = [checkpoint_values(model_dir, 16, "optimizer/_variables/", folder)
+    momentum = [checkpoint_values(model_dir, EPOCHS, "optimizer/_variables/", folder)
                 for model_dir, folder in [(whole, "checkpoints"),
                                           *((pipeline_runs["mlp-stages2"],
                                              f"checkpoints/stage-{stage}") for stage in (0, 1))]]
@@ -291,19 +295,19 @@ def test_a_staged_checkpoint_converts_to_one_model_and_back_and_resumes(pipeline
         value.shape for stage in momentum[1:] for value in stage.values()]
     assert all(np.array_equal(whole_value, stage_value) for whole_value, stage_value in zip(
         momentum[0].values(), [value for stage in momentum[1:] for value in stage.values()]))
-    assert checkpoint_values(whole, 16, "optimizer/_iterations")[
-        "optimizer/_iterations"] == 16
-    assert checkpoint_values(whole, 16, "global_batch_size")["global_batch_size"] == 128
+    assert checkpoint_values(whole, EPOCHS, "optimizer/_iterations")[
+        "optimizer/_iterations"] == EPOCHS
+    assert checkpoint_values(whole, EPOCHS, "global_batch_size")["global_batch_size"] == 128
     assert "--pipeline_stages=1" in (whole / "flags.cfg").read_text().splitlines()
 
     run([PYTHON, "-m", "app.convert_checkpoint", f"--from_dir={pipeline_runs['mlp-np1']}",
          f"--to_dir={staged}", "--to_stages=2"])
-    one = by_layer(checkpoint_values(pipeline_runs["mlp-np1"], 16, "model/"))
-    split = whole_model_values(staged, 16, 2)
+    one = by_layer(checkpoint_values(pipeline_runs["mlp-np1"], EPOCHS, "model/"))
+    split = whole_model_values(staged, EPOCHS, 2)
     assert split.keys() == one.keys() and all(np.array_equal(split[n], one[n]) for n in one)
 
-    run(train_command(f"--flagfile={whole / 'flags.cfg'}", "--epochs=17"))
-    assert (whole / "checkpoints" / "epoch-17.index").exists()
+    run(train_command(f"--flagfile={whole / 'flags.cfg'}", f"--epochs={EPOCHS + 1}"))
+    assert (whole / "checkpoints" / f"epoch-{EPOCHS + 1}.index").exists()
     refused = run([PYTHON, "-m", "app.convert_checkpoint", f"--from_dir={tmp_path}",
                    f"--to_dir={tmp_path / 'other'}"], check=False)
     assert refused.returncode == 2
@@ -316,19 +320,22 @@ def test_a_staged_checkpoint_converts_to_one_model_and_back_and_resumes(pipeline
 def test_a_staged_run_resumes_from_each_stages_last_epoch_as_if_uninterrupted(pipeline_runs,
                                                                              tmp_path):
     """The 2-stage MLP's run with its last 2 epochs' checkpoints removed: the same command
-    resumes both stages at epoch 15 and ends with the uninterrupted run's weights."""
+    resumes both stages at its epoch before last and ends with the uninterrupted run's
+    weights."""
     resumed = tmp_path / "resumed"
     shutil.copytree(pipeline_runs["mlp-stages2"], resumed)
     for stage in (0, 1):
-        for path in (resumed / "checkpoints" / f"stage-{stage}").glob("epoch-1[56].*"):
-            path.unlink()
+        for epoch in (EPOCHS - 1, EPOCHS):
+            for path in (resumed / "checkpoints" / f"stage-{stage}").glob(f"epoch-{epoch}.*"):
+                path.unlink()
     processes, flags = RUNS["mlp-stages2"]
     result = run([*mpirun(processes), *train_command(*INTEGRITY_FLAGS, *flags,
                                                      f"--model_dir={resumed}")])
-    assert "Epoch 15/16" in result.stdout and "Epoch 14/16" not in result.stdout
+    assert f"Epoch {EPOCHS - 1}/{EPOCHS}" in result.stdout
+    assert f"Epoch {EPOCHS - 2}/{EPOCHS}" not in result.stdout
     for stage in (0, 1):
-        final = stage_values(resumed, 16, stage)
-        straight = stage_values(pipeline_runs["mlp-stages2"], 16, stage)
+        final = stage_values(resumed, EPOCHS, stage)
+        straight = stage_values(pipeline_runs["mlp-stages2"], EPOCHS, stage)
         assert final.keys() == straight.keys()
         for name in straight:
             np.testing.assert_array_equal(final[name], straight[name], err_msg=name)
@@ -350,7 +357,7 @@ def test_a_resume_that_would_cut_the_model_otherwise_stops_with_one_line(pipelin
         list(bounds) for bounds in pipeline_plan.cut(blocks, 2, "flops")]}
     assert pipeline_plan.cut(blocks, 2, "parameters") != pipeline_plan.cut(blocks, 2, "flops")
     for stage in (0, 1):
-        for path in (run_dir / "checkpoints" / f"stage-{stage}").glob("epoch-16.*"):
+        for path in (run_dir / "checkpoints" / f"stage-{stage}").glob(f"epoch-{EPOCHS}.*"):
             path.unlink()
     before = sorted(path.name for path in (run_dir / "checkpoints").rglob("*"))
     processes, flags = RUNS["resnet-stages2"]

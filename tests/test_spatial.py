@@ -101,27 +101,30 @@ def _slices_image(model_dir):
 
 @pytest.mark.distributed
 def test_training_on_slabs_ends_with_one_processs_weights_and_checkpoints_cross_over(tmp_path):
-    """At a global batch of 4 with the experiment's loss, 8 epochs: P=2 on 2 processes ends
+    """At a global batch of 4 with the experiment's loss, 4 epochs: P=2 on 2 processes ends
     with one process's weights and Adam's moments (1e-10) and logs its loss and exact
-    validation scores; one process's checkpoint after epoch 6 resumed by P=2 x R=2 on 4
-    processes, and a P=2 checkpoint after epoch 6 resumed by one process that recomputes its
+    validation scores; one process's checkpoint after epoch 2 resumed by P=2 x R=2 on 4
+    processes, and a P=2 checkpoint after epoch 2 resumed by one process that recomputes its
     levels, end there too (one checkpoint format). TensorBoard's slices of the P=2 run are
     the whole volume's."""
-    epochs = "--epochs=8"
-    _train(tmp_path / "one", 1, epochs)
-    _train(tmp_path / "slabs", 2, epochs, "--spatial_parts=2")
+    epochs = "--epochs=4"
+    run_concurrently(lambda case: _train(*case), [(tmp_path / "one", 1, epochs),
+                                                  (tmp_path / "slabs", 2, epochs,
+                                                   "--spatial_parts=2")])
     for run_dir, resumed_from in (("one_then_hybrid", "one"), ("slabs_then_one", "slabs")):
         shutil.copytree(tmp_path / resumed_from, tmp_path / run_dir)
-        for path in (tmp_path / run_dir / "checkpoints").glob("epoch-[78].*"):
-            path.unlink()  # as if the run had stopped after epoch 6 of its 8
-    hybrid = _train(tmp_path / "one_then_hybrid", 4, epochs, "--spatial_parts=2")
-    resumed = _train(tmp_path / "slabs_then_one", 1, epochs, "--recompute")
+        for path in (tmp_path / run_dir / "checkpoints").glob("epoch-[34].*"):
+            path.unlink()  # as if the run had stopped after epoch 2 of its 4
+    hybrid, resumed = run_concurrently(
+        lambda case: _train(*case),
+        [(tmp_path / "one_then_hybrid", 4, epochs, "--spatial_parts=2"),
+         (tmp_path / "slabs_then_one", 1, epochs, "--recompute")])
     for resumed_run in (hybrid, resumed):
-        assert "Epoch 7/8" in resumed_run.stdout and "Epoch 6/8" not in resumed_run.stdout
+        assert "Epoch 3/4" in resumed_run.stdout and "Epoch 2/4" not in resumed_run.stdout
 
-    reference = _checkpoint_values(tmp_path / "one", 8)
+    reference = _checkpoint_values(tmp_path / "one", 4)
     for run_dir in ("slabs", "one_then_hybrid", "slabs_then_one"):
-        _assert_same_values(_checkpoint_values(tmp_path / run_dir, 8), reference)
+        _assert_same_values(_checkpoint_values(tmp_path / run_dir, 4), reference)
     one, slabs = read_log(tmp_path / "one"), read_log(tmp_path / "slabs")
     for key in ("val_iou", "val_dice", "lr"):  # from exact counts
         assert float(slabs[-1][key]) == pytest.approx(float(one[-1][key]), rel=1e-9), key
