@@ -114,7 +114,7 @@ def build_compiled_state(model, element_spec):
     trace instead, they have TensorFlow trace the whole step a second time. Only for Keras'
     own step (a pipeline stage builds its metrics in its own)."""
     if type(model).train_step is keras.Model.train_step:
-        model._symbolic_build(data_batch=element_spec)  # pylint: disable=protected-access
+        model._symbolic_build(data_batch=element_spec)  # private: what fit() calls there
 
 
 def headline(task, num_outputs):

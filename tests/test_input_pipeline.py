@@ -115,7 +115,10 @@ def test_the_digits_kept_in_the_users_cache_are_scikit_learns_split(tmp_path, mo
         for found, wanted in zip(loaded(), expected):
             np.testing.assert_array_equal(found.numpy(), wanted, err_msg=attempt)
         [kept] = (tmp_path / "hvd-keras").glob("digits-*.npz")
+        if attempt == "made":
+            written = kept.stat().st_mtime_ns
         if attempt == "read back":
+            assert kept.stat().st_mtime_ns == written  # read, not made again
             kept.write_bytes(kept.read_bytes()[:1000])
     assert len(kept.read_bytes()) > 1000  # made again whole
     (tmp_path / "not-a-folder").write_text("")
