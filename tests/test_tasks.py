@@ -75,3 +75,34 @@ def test_a_registered_task_is_found_by_the_flags_training_its_record_and_predict
         f"app.predict: error: --model_dir={model_dir}: trained --model=mlp, a parity model; "
         f"app.predict applies segmentation, topology models"], refused.stderr[-2000:]
     assert not (tmp_path / "refused").exists()
+
+
+def test_compiled_state_built_before_fit_leaves_one_trace_of_the_step():
+    """Keras 3 builds the compiled metrics inside the step's first trace where no
+    tf.distribute strategy is set (under Horovod), and their new variables have TensorFlow
+    trace the step again; app.tasks.build_compiled_state before fit() leaves one trace (the
+    Python train_step runs once per trace)."""
+    import numpy as np
+    from app.horovod import keras, tf
+    from app import tasks
+
+    data = tf.data.Dataset.from_tensor_slices(
+        (np.random.default_rng(0).normal(size=(16, 4)).astype("float32"),
+         np.arange(16) % 2)).batch(4)
+    traces = {}
+    for built in (False, True):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        model.compile(keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"], jit_compile=False)
+        model.optimizer.build(model.trainable_variables)  # as app.train does before fit()
+        if built:
+            tasks.build_compiled_state(model, data.element_spec)
+        traces[built] = 0
+        keras_step = model.train_step
+
+        def counted(batch, keras_step=keras_step, built=built):
+            traces[built] += 1
+            return keras_step(batch)
+        model.train_step = counted  # on the instance: Keras' own step, counted
+        model.fit(data, epochs=1, steps_per_epoch=2, verbose=0)
+    assert traces == {False: 2, True: 1}
