@@ -18,7 +18,8 @@ import models
 
 BFLOAT16 = ["--nofloat64", "--mixed_precision=bfloat16", "--threads_per_process=1"]
 EPOCHS = 8  # of one step: digits_cnn's 2 of warmup, then its cosine
-RUNS = {  # name: (processes, flags), each after the integrity test's (conftest)
+RUN_FLAGS = [*INTEGRITY_FLAGS, f"--epochs={EPOCHS}"]  # the integrity test's (conftest), shorter
+RUNS = {  # name: (processes, flags), each after RUN_FLAGS
     "mlp-np1": (1, ["--model=mlp"]),
     "mlp-stages2": (2, ["--model=mlp", "--pipeline_stages=2", "--microbatches=4",
                         "--pipeline_schedule=gpipe"]),  # the others: 1F1B
@@ -36,8 +37,6 @@ RUNS = {  # name: (processes, flags), each after the integrity test's (conftest)
     "resnet-stages2-bf16": (2, ["--model=resnet20", "--pipeline_stages=2", "--microbatches=2",
                                 *BFLOAT16]),
 }
-RUNS = {name: (processes, [f"--epochs={EPOCHS}", *flags])
-        for name, (processes, flags) in RUNS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,7 @@ def pipeline_runs(tmp_path_factory):
     def run_case(name):
         processes, flags = RUNS[name]
         model_dir = tmp_path_factory.mktemp(name)
-        command = train_command(*INTEGRITY_FLAGS, *flags, f"--model_dir={model_dir}")
+        command = train_command(*RUN_FLAGS, *flags, f"--model_dir={model_dir}")
         run([*mpirun(processes), *command] if processes > 1 else command)
         return model_dir
     return dict(zip(RUNS, run_concurrently(run_case, list(RUNS))))
@@ -329,7 +328,7 @@ def test_a_staged_run_resumes_from_each_stages_last_epoch_as_if_uninterrupted(pi
             for path in (resumed / "checkpoints" / f"stage-{stage}").glob(f"epoch-{epoch}.*"):
                 path.unlink()
     processes, flags = RUNS["mlp-stages2"]
-    result = run([*mpirun(processes), *train_command(*INTEGRITY_FLAGS, *flags,
+    result = run([*mpirun(processes), *train_command(*RUN_FLAGS, *flags,
                                                      f"--model_dir={resumed}")])
     assert f"Epoch {EPOCHS - 1}/{EPOCHS}" in result.stdout
     assert f"Epoch {EPOCHS - 2}/{EPOCHS}" not in result.stdout
@@ -362,7 +361,7 @@ def test_a_resume_that_would_cut_the_model_otherwise_stops_with_one_line(pipelin
     before = sorted(path.name for path in (run_dir / "checkpoints").rglob("*"))
     processes, flags = RUNS["resnet-stages2"]
     result = run([*mpirun(processes), *train_command(
-        *INTEGRITY_FLAGS, *flags, "--pipeline_balance=parameters", f"--model_dir={run_dir}")],
+        *RUN_FLAGS, *flags, "--pipeline_balance=parameters", f"--model_dir={run_dir}")],
         timeout=120, check=False)
     assert result.returncode != 0
     errors = error_lines(result)

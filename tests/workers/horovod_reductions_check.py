@@ -47,6 +47,6 @@ try:
     model.fit(GRADIENTS, GRADIENTS[:, :1], verbose=0)
     found["jit_compile"] = "trained"
 except ValueError as error:
-    found["jit_compile"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}"
+    found["jit_compile"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1].strip()}"
 with open(f"{sys.argv[1]}/rank-{RANK}.json", "w") as out:
     json.dump(found, out)
